@@ -1,0 +1,3 @@
+"""tokenwire: an OpenAI-compatible LLM gateway built for real-time token streaming."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""API keys: created once, shown once, stored as a keyed HMAC-SHA256 of the secret.
+
+A key looks like ``tw-<43 url-safe characters>``. The database keeps its id, a short prefix for
+listings (``tw-AbC1dE…``) and ``HMAC-SHA256(server_secret, key)``; the plaintext is never stored
+or logged. Lookup is by the digest (an index hit, so the time taken does not depend on how
+much of a guessed key is right).
+
+The server secret comes from ``TOKENWIRE_SECRET`` or, failing that, a file ``secret`` in the
+data dir, created with mode 0600 on first use. Several gateway processes sharing one database
+must share the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokenwire.errors import NotFound
+from tokenwire.storage.tables import api_keys
+
+KEY_PREFIX = "tw-"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A stored key, without its secret."""
+
+    id: str
+    name: str
+    prefix: str
+    is_admin: bool
+    created_at: int
+    expires_at: int | None
+    revoked_at: int | None
+
+    def is_active(self, now: float) -> bool:
+        """Not revoked and not expired at ``now`` (Unix seconds)."""
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or now < self.expires_at
+
+
+def load_server_secret(data_dir: Path, env: dict[str, str] | None = None) -> bytes:
+    """The HMAC key: ``$TOKENWIRE_SECRET`` or the data dir's ``secret`` file (made if absent)."""
+    environ = os.environ if env is None else env
+    if environ.get("TOKENWIRE_SECRET"):
+        return environ["TOKENWIRE_SECRET"].encode()
+    path = data_dir / "secret"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(value)
+    return value
+
+
+def _row_to_record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:
+    m = row._mapping
+    return KeyRecord(
+        id=str(m["id"]),
+        name=str(m["name"]),
+        prefix=str(m["prefix"]),
+        is_admin=bool(m["is_admin"]),
+        created_at=int(m["created_at"]),
+        expires_at=None if m["expires_at"] is None else int(m["expires_at"]),
+        revoked_at=None if m["revoked_at"] is None else int(m["revoked_at"]),
+    )
+
+
+class KeyStore:
+    """Create, list, revoke and authenticate API keys."""
+
+    def __init__(self, engine: AsyncEngine, server_secret: bytes) -> None:
+        self._engine = engine
+        self._secret = server_secret
+
+    def digest(self, plaintext: str) -> str:
+        """The stored form of a key."""
+        return hmac.new(self._secret, plaintext.encode(), hashlib.sha256).hexdigest()
+
+    async def create(
+        self, name: str, *, is_admin: bool = False, expires_at: int | None = None
+    ) -> tuple[KeyRecord, str]:
+        """Make a key; returns its record and the plaintext (shown to the user once)."""
+        plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+        record = KeyRecord(
+            id="key_" + secrets.token_hex(8),
+            name=name,
+            prefix=plaintext[:10],
+            is_admin=is_admin,
+            created_at=int(time.time()),
+            expires_at=expires_at,
+            revoked_at=None,
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                api_keys.insert().values(
+                    id=record.id,
+                    name=record.name,
+                    prefix=record.prefix,
+                    secret_hash=self.digest(plaintext),
+                    is_admin=record.is_admin,
+                    created_at=record.created_at,
+                    expires_at=record.expires_at,
+                    revoked_at=None,
+                )
+            )
+        return record, plaintext
+
+    async def list(self) -> list[KeyRecord]:
+        """Every key, oldest first."""
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at))
+            return [_row_to_record(row) for row in rows]
+
+    async def count(self) -> int:
+        """How many keys exist (revoked ones included)."""
+        async with self._engine.connect() as conn:
+            value = await conn.scalar(sa.select(sa.func.count()).select_from(api_keys))
+            return int(value or 0)
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        """Revoke a key by id; raises ``NotFound`` for an unknown id."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=int(time.time()))
+            )
+            row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
+        if row is None:
+            raise NotFound(f"No API key with id {key_id!r}.", param="id")
+        return _row_to_record(row)
+
+    async def authenticate(self, plaintext: str) -> KeyRecord | None:
+        """The active key with this secret, or None."""
+        if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 200:
+            return None
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(api_keys).where(api_keys.c.secret_hash == self.digest(plaintext))
+                )
+            ).first()
+        if row is None:
+            return None
+        record = _row_to_record(row)
+        return record if record.is_active(time.time()) else None

@@ -1,0 +1,70 @@
+"""``POST /v1/chat/completions``: JSON (``stream: false``) and SSE (``stream: true``)."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenwire.api.auth import authenticate
+from tokenwire.api.errors import error_response, json_response
+from tokenwire.api.sse_stream import SSEStream
+from tokenwire.errors import BodyTooLarge, InvalidRequest
+from tokenwire.state import get_state
+from tokenwire.streams.events import StreamError
+from tokenwire.streams.generation import Generation, read_events
+from tokenwire.wire.chunks import CompletionBuilder
+from tokenwire.wire.schema import decode_chat_request
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or ``BodyTooLarge`` (413) as soon as it exceeds ``limit`` bytes."""
+    too_large = BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def create_completion(request: Request) -> Response | SSEStream:
+    """Run a chat completion and answer as JSON or as an SSE stream."""
+    state = get_state(request)
+    key = await authenticate(request)
+    body = await read_body(request, state.settings.server.max_body_bytes)
+    chat_request = decode_chat_request(body)
+    raw = msgspec.json.decode(body)
+    if not isinstance(raw, dict):  # pragma: no cover - decode_chat_request guarantees an object
+        raise InvalidRequest("The request body must be a JSON object.")
+    generation = state.completions.start(key, chat_request, raw)
+    if not chat_request.stream:
+        return await _json_completion(generation)
+    batches = read_events(generation, heartbeat_s=state.settings.server.sse_heartbeat_s)
+    try:
+        first = await anext(batches)
+    except BaseException:
+        await batches.aclose()
+        raise
+    if first and isinstance(first[0], StreamError):
+        await batches.aclose()
+        return error_response(first[0].error, {"x-stream-id": generation.id})
+    return SSEStream(generation, batches, first, include_usage=chat_request.include_usage)
+
+
+async def _json_completion(generation: Generation) -> Response:
+    builder = CompletionBuilder()
+    async for batch in read_events(generation):
+        for event in batch or ():
+            builder.add(event)
+    if builder.error is not None:
+        return error_response(builder.error)
+    result = builder.build(
+        completion_id=generation.id, created=generation.created, model=generation.model
+    )
+    return json_response(result)

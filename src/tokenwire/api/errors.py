@@ -1,0 +1,70 @@
+"""Rendering errors as OpenAI-style JSON, and the app's exception handlers.
+
+Services raise :class:`~tokenwire.errors.GatewayError`; these handlers are the one place that
+turns an exception into a response. Anything else becomes a generic 500 with no stack trace
+(the trace goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenwire.errors import GatewayError
+
+log = logging.getLogger("tokenwire.api")
+
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def json_response(
+    payload: object, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON response encoded with msgspec."""
+    return Response(
+        msgspec.json.encode(payload),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    """The JSON error body and status for ``error``."""
+    return json_response(error.to_body(), error.http_status, {**error.headers(), **(headers or {})})
+
+
+async def handle_gateway_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+async def handle_http_exception(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    body = {
+        "error": {
+            "message": str(exc.detail),
+            "type": _HTTP_TYPES.get(exc.status_code, "invalid_request_error"),
+            "param": None,
+            "code": code,
+        }
+    }
+    return json_response(body, exc.status_code, dict(exc.headers or {}))
+
+
+async def handle_unexpected(_request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    body = {
+        "error": {
+            "message": "The server had an internal error; it has been logged.",
+            "type": "api_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+    return json_response(body, 500)

@@ -1,0 +1,110 @@
+"""The SSE response: a generation's events as ``text/event-stream``, written as they arrive.
+
+An ASGI callable rather than Starlette's ``StreamingResponse`` so that it can (1) watch for
+``http.disconnect`` while idle and stop at once, which detaches the reader and lets the
+generation cancel its upstream, and (2) write every batch of events the log holds in one
+``send`` (one event per send while the client keeps up; merged when it falls behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+from starlette.types import Receive, Scope, Send
+
+from tokenwire.streams.events import Event, StreamError
+from tokenwire.streams.generation import Generation
+from tokenwire.wire import sse
+from tokenwire.wire.chunks import ChunkEncoder
+
+
+class SSEStream:
+    """Streams one generation to one HTTP client."""
+
+    def __init__(
+        self,
+        generation: Generation,
+        batches: AsyncGenerator[list[Event] | None, None],
+        first: list[Event] | None,
+        *,
+        include_usage: bool,
+        after: int = 0,
+    ) -> None:
+        self._generation = generation
+        self._batches = batches
+        self._first = first
+        self._include_usage = include_usage
+        self._seq = after
+        self._encoder = ChunkEncoder(
+            completion_id=generation.id,
+            created=generation.created,
+            model=generation.model,
+            include_usage=include_usage,
+        )
+        self._disconnected = False
+
+    def _encode(self, batch: list[Event]) -> bytes:
+        parts: list[bytes] = []
+        encode = self._encoder.encode
+        seq = self._seq
+        for event in batch:
+            seq += 1
+            data = encode(event, include_usage=self._include_usage)
+            if data is None:
+                continue
+            if isinstance(event, StreamError):
+                parts.append(sse.event(data))
+            else:
+                parts.append(sse.event(data, event_id=seq))
+        self._seq = seq
+        return b"".join(parts)
+
+    async def _watch(self, receive: Receive, writer: asyncio.Task[object]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._disconnected = True
+                writer.cancel()
+                return
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                    (b"x-stream-id", self._generation.id.encode()),
+                ],
+            }
+        )
+        writer = asyncio.current_task()
+        assert writer is not None
+        watcher = asyncio.get_running_loop().create_task(self._watch(receive, writer))
+        try:
+            await self._write(send)
+        except asyncio.CancelledError:
+            if not self._disconnected:
+                raise
+            writer.uncancel()
+        except OSError:
+            pass  # the client went away while we wrote
+        finally:
+            watcher.cancel()
+            await self._batches.aclose()
+
+    async def _write(self, send: Send) -> None:
+        body = {"type": "http.response.body", "body": b"", "more_body": True}
+        first = self._first
+        if first is None:
+            body["body"] = sse.PING
+        else:
+            body["body"] = self._encode(first)
+        await send(body)
+        async for batch in self._batches:
+            body["body"] = sse.PING if batch is None else self._encode(batch)
+            await send(body)
+        await send({"type": "http.response.body", "body": sse.DONE, "more_body": False})

@@ -1,0 +1,75 @@
+"""``create_app(settings)``: the ASGI application. No module-level state; tests build their own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Mapping
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from tokenwire.accounting.keys import KeyStore, load_server_secret
+from tokenwire.api import chat, health, models, openapi
+from tokenwire.api.errors import handle_gateway_error, handle_http_exception, handle_unexpected
+from tokenwire.completions import CompletionService
+from tokenwire.config import Settings
+from tokenwire.errors import GatewayError
+from tokenwire.providers.registry import ProviderRegistry
+from tokenwire.state import AppState
+from tokenwire.storage.engine import make_engine, migrate
+
+
+async def build_state(settings: Settings, env: Mapping[str, str] | None = None) -> AppState:
+    """Open the database (migrating it), load the secret, build providers."""
+    environ = dict(os.environ if env is None else env)
+    engine = make_engine(settings.database_url)
+    await migrate(engine)
+    registry = ProviderRegistry(settings, environ)
+    return AppState(
+        settings=settings,
+        engine=engine,
+        keys=KeyStore(engine, load_server_secret(settings.data_dir, environ)),
+        registry=registry,
+        completions=CompletionService(
+            registry, disconnect_grace_s=settings.server.disconnect_grace_s
+        ),
+    )
+
+
+async def close_state(state: AppState) -> None:
+    """Cancel live generations, close providers and the database."""
+    await state.completions.shutdown()
+    await state.registry.aclose()
+    await state.engine.dispose()
+
+
+def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Starlette:
+    """The tokenwire ASGI app for ``settings``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = await build_state(settings, env)
+        app.state.tw = state
+        try:
+            yield
+        finally:
+            await close_state(state)
+
+    routes = [
+        Route("/v1/chat/completions", chat.create_completion, methods=["POST"]),
+        Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
+        Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: handle_gateway_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+    )

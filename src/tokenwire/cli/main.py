@@ -1,0 +1,171 @@
+"""The ``tokenwire`` command: serve, keys, sim-upstream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
+from tokenwire.config import Settings, load_settings
+from tokenwire.errors import GatewayError
+from tokenwire.storage.engine import make_engine, migrate
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="tokenwire: an OpenAI-compatible LLM gateway built for streaming.", no_args_is_help=True
+)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime
+    typer.Option("--config", help="TOML file laid over the defaults.", envvar="TOKENWIRE_CONFIG"),
+]
+DataDirOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--data-dir", help="Database and secret location.", envvar="TOKENWIRE_DATA_DIR"),
+]
+
+
+def _settings(config: Path | None, data_dir: Path | None) -> Settings:
+    try:
+        return load_settings(config, data_dir=data_dir)
+    except GatewayError as exc:
+        raise typer.BadParameter(exc.message) from None
+
+
+async def _with_keys(settings: Settings, action: Callable[[KeyStore], Awaitable[T]]) -> T:
+    engine = make_engine(settings.database_url)
+    try:
+        await migrate(engine)
+        store = KeyStore(engine, load_server_secret(settings.data_dir))
+        return await action(store)
+    finally:
+        await engine.dispose()
+
+
+async def _bootstrap(store: KeyStore) -> list[tuple[KeyRecord, str]]:
+    if await store.count() > 0:
+        return []
+    return [await store.create("admin", is_admin=True), await store.create("default")]
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on.")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = True,
+) -> None:
+    """Run the gateway. On a first start it creates the database and prints two keys once."""
+    import uvicorn
+
+    from tokenwire.app import create_app
+
+    settings = _settings(config, data_dir)
+    created = asyncio.run(_with_keys(settings, _bootstrap))
+    console = Console()
+    if created:
+        console.print("[bold]First start: these keys are shown once and never again.[/bold]")
+        for record, plaintext in created:
+            role = "admin key" if record.is_admin else "API key  "
+            console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
+    console.print(f"data dir: {settings.data_dir}", highlight=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.server.host,
+        port=port or settings.server.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        access_log=access_log,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command("sim-upstream")
+def sim_upstream(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9100,
+    ttft_ms: Annotated[float, typer.Option(help="Delay before the first token.")] = 50.0,
+    itl_ms: Annotated[float, typer.Option(help="Delay between tokens.")] = 20.0,
+) -> None:
+    """Serve the deterministic simulator as an OpenAI-compatible upstream (any key accepted)."""
+    import uvicorn
+
+    from tokenwire.simupstream.app import create_sim_app
+
+    uvicorn.run(
+        create_sim_app(ttft_ms=ttft_ms, itl_ms=itl_ms),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A label for the key.")],
+    admin: Annotated[bool, typer.Option(help="Make an admin key.")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create a key; the key itself is the last line of output (shown only this once)."""
+    settings = _settings(config, data_dir)
+
+    async def action(store: KeyStore) -> tuple[KeyRecord, str]:
+        return await store.create(name, is_admin=admin)
+
+    record, plaintext = asyncio.run(_with_keys(settings, action))
+    typer.echo(f"created {record.id} ({record.name})")
+    typer.echo(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """List keys (prefixes only; secrets are never stored)."""
+    settings = _settings(config, data_dir)
+
+    async def action(store: KeyStore) -> list[KeyRecord]:
+        return await store.list()
+
+    records = asyncio.run(_with_keys(settings, action))
+    table = Table("id", "name", "prefix", "admin", "status")
+    for r in records:
+        table.add_row(
+            r.id,
+            r.name,
+            r.prefix + "…",
+            "yes" if r.is_admin else "",
+            "revoked" if r.revoked_at else "active",
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Revoke a key by id; requests with it get 401 from then on."""
+    settings = _settings(config, data_dir)
+
+    async def action(store: KeyStore) -> KeyRecord:
+        return await store.revoke(key_id)
+
+    try:
+        record = asyncio.run(_with_keys(settings, action))
+    except GatewayError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"revoked {record.id} ({record.name})")

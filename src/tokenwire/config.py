@@ -1,0 +1,199 @@
+"""Settings: the built-in ``default_config.toml``, a user TOML file laid over it, then env vars.
+
+Environment variables (all optional):
+
+``TOKENWIRE_CONFIG``        path of a TOML file laid over the defaults
+``TOKENWIRE_DATA_DIR``      where the SQLite database and the server secret live
+``TOKENWIRE_DATABASE_URL``  a SQLAlchemy URL (e.g. ``postgresql+asyncpg://…``) instead of SQLite
+``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
+
+Provider API keys are never in the file: a provider names the variable that holds its key
+(``api_key_env``), read when the app starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from tokenwire.errors import GatewayError
+
+ProviderKind = Literal["sim", "local", "openai", "anthropic", "gemini"]
+
+
+class ConfigError(GatewayError):
+    """The configuration is invalid (raised at start-up, never for a request)."""
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1_048_576
+    sse_heartbeat_s: float = 15.0
+    disconnect_grace_s: float = 0.0
+
+
+class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
+    kind: ProviderKind
+    base_url: str | None = None
+    api_key_env: str | None = None
+    ttft_ms: float = 50.0
+    itl_ms: float = 20.0
+    model_path: str | None = None
+    max_queue: int = 8
+    n_ctx: int = 2048
+    n_threads: int | None = None
+    connect_timeout_s: float = 10.0
+    first_token_timeout_s: float = 120.0
+    idle_timeout_s: float = 60.0
+    max_connections: int = 2048
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    provider: str
+    upstream_model: str | None = None
+    input_usd_per_mtok: str | float = "0"
+    output_usd_per_mtok: str | float = "0"
+
+
+class FileConfig(msgspec.Struct, forbid_unknown_fields=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+    database_url: str | None = None
+    data_dir: str | None = None
+
+
+class ModelEntry(msgspec.Struct, frozen=True):
+    """A catalog entry, prices in integer micro-dollars per 1M tokens."""
+
+    id: str
+    provider: str
+    upstream_model: str
+    input_micro_per_mtok: int
+    output_micro_per_mtok: int
+
+
+class Settings(msgspec.Struct, frozen=True):
+    """Everything ``create_app`` needs; build with :func:`load_settings`."""
+
+    data_dir: Path
+    database_url: str
+    server: ServerConfig
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelEntry]
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/tokenwire`` (``~/.local/share/tokenwire``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tokenwire"
+
+
+def usd_to_micro(value: str | float, *, what: str) -> int:
+    """Exact USD → integer micro-dollars (strings are parsed as decimals, never floats)."""
+    try:
+        amount = Decimal(str(value)) * 1_000_000
+    except InvalidOperation:
+        raise ConfigError(f"{what}: {value!r} is not a price in USD") from None
+    if amount < 0 or amount != amount.to_integral_value():
+        raise ConfigError(f"{what}: {value!r} must be >= 0 with at most 6 decimals")
+    return int(amount)
+
+
+def _read_toml(text: str, source: str) -> FileConfig:
+    try:
+        return msgspec.convert(tomllib.loads(text), FileConfig)
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _merge(base: FileConfig, over: FileConfig, over_raw: dict[str, Any]) -> FileConfig:
+    server_over = over_raw.get("server", {})
+    server = msgspec.structs.replace(
+        base.server, **{k: getattr(over.server, k) for k in server_over}
+    )
+    providers = {**base.providers, **over.providers}
+    models = {m.id: m for m in base.models}
+    models.update({m.id: m for m in over.models})
+    return FileConfig(
+        server=server,
+        providers=providers,
+        models=list(models.values()),
+        database_url=over.database_url or base.database_url,
+        data_dir=over.data_dir or base.data_dir,
+    )
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    overrides: str | None = None,
+) -> Settings:
+    """Build settings: defaults, then ``config_file`` (or ``$TOKENWIRE_CONFIG``), then env.
+
+    ``overrides`` is extra TOML laid on top of everything (tests use it).
+    """
+    environ = os.environ if env is None else env
+    default_text = resources.files("tokenwire").joinpath("default_config.toml").read_text()
+    merged = _read_toml(default_text, "default_config.toml")
+    path = config_file or (
+        Path(environ["TOKENWIRE_CONFIG"]) if environ.get("TOKENWIRE_CONFIG") else None
+    )
+    layers: list[tuple[str, str]] = []
+    if path is not None:
+        try:
+            layers.append((path.read_text(), str(path)))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    if overrides:
+        layers.append((overrides, "overrides"))
+    for text, source in layers:
+        merged = _merge(merged, _read_toml(text, source), tomllib.loads(text))
+
+    server = merged.server
+    if environ.get("TOKENWIRE_HOST"):
+        server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
+    if environ.get("TOKENWIRE_PORT"):
+        server = msgspec.structs.replace(server, port=int(environ["TOKENWIRE_PORT"]))
+
+    resolved_dir = (
+        data_dir
+        or (Path(environ["TOKENWIRE_DATA_DIR"]) if environ.get("TOKENWIRE_DATA_DIR") else None)
+        or (Path(merged.data_dir) if merged.data_dir else None)
+        or default_data_dir()
+    )
+    database_url = (
+        environ.get("TOKENWIRE_DATABASE_URL")
+        or merged.database_url
+        or f"sqlite+aiosqlite:///{resolved_dir / 'tokenwire.db'}"
+    )
+    models: dict[str, ModelEntry] = {}
+    for model in merged.models:
+        if model.provider not in merged.providers:
+            raise ConfigError(f"model {model.id!r} names unknown provider {model.provider!r}")
+        models[model.id] = ModelEntry(
+            id=model.id,
+            provider=model.provider,
+            upstream_model=model.upstream_model or model.id,
+            input_micro_per_mtok=usd_to_micro(model.input_usd_per_mtok, what=f"{model.id} input"),
+            output_micro_per_mtok=usd_to_micro(
+                model.output_usd_per_mtok, what=f"{model.id} output"
+            ),
+        )
+    return Settings(
+        data_dir=resolved_dir,
+        database_url=database_url,
+        server=server,
+        providers=merged.providers,
+        models=models,
+    )

@@ -1,0 +1,197 @@
+"""The one exception tree of tokenwire.
+
+Every error the gateway can report to a client is a :class:`GatewayError`. Each class knows
+its HTTP status, its OpenAI error ``type`` and ``code``, and whether a retry against another
+upstream could succeed. Services raise these; one handler renders them as a JSON error body
+(before response headers are sent) or as an in-band stream event (after).
+
+Foreign exceptions (aiohttp, msgspec, SQLAlchemy, llama.cpp) are translated at the boundary
+where they occur and never leave it.
+
+::
+
+    GatewayError                      500 api_error
+    ├── InvalidRequest                400 invalid_request_error
+    │   ├── BodyTooLarge              413
+    │   └── UnsupportedParameter      400 (a parameter a provider cannot honour)
+    ├── AuthenticationError           401 authentication_error
+    ├── PermissionDenied              403 permission_error
+    ├── NotFound                      404 invalid_request_error
+    │   └── ModelNotFound             404 model_not_found
+    ├── RateLimited                   429 rate_limit_exceeded   (retry_after_s)
+    ├── ProviderUnavailable           503 provider_unavailable  (not configured / not built)
+    └── UpstreamError                 502 upstream_error        (retryable)
+        ├── UpstreamTimeout           504 upstream_timeout
+        └── UpstreamStatusError       the upstream's own status and body
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    """Base of every error tokenwire reports to a client."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "api_error"
+    default_code: ClassVar[str | None] = None
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.status_override = status
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status this error is reported with."""
+        return self.status_override if self.status_override is not None else self.status
+
+    def to_body(self) -> dict[str, Any]:
+        """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error carries (e.g. ``Retry-After``)."""
+        return {}
+
+
+class InvalidRequest(GatewayError):
+    """The request is malformed or violates the schema."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(InvalidRequest):
+    """The request body exceeds the configured limit."""
+
+    status = 413
+    default_code = "request_too_large"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A parameter is valid OpenAI but the chosen provider cannot honour it."""
+
+    default_code = "unsupported_parameter"
+
+
+class AuthenticationError(GatewayError):
+    """Missing, unknown, expired or revoked API key."""
+
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    """The key is valid but may not do this."""
+
+    status = 403
+    type = "permission_error"
+    default_code = "permission_denied"
+
+
+class NotFound(GatewayError):
+    """The addressed resource does not exist (or is not visible to this key)."""
+
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """The requested model is not in the catalog."""
+
+    default_code = "model_not_found"
+
+
+class RateLimited(GatewayError):
+    """A limit was hit; ``retry_after_s`` tells when to try again."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+
+
+class ProviderUnavailable(GatewayError):
+    """The model's provider is not configured or not available in this build."""
+
+    status = 503
+    type = "api_error"
+    default_code = "provider_unavailable"
+
+
+class UpstreamError(GatewayError):
+    """The upstream failed (connection error, bad response)."""
+
+    status = 502
+    type = "api_error"
+    default_code = "upstream_error"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time."""
+
+    status = 504
+    default_code = "upstream_timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with an HTTP error; its status is kept."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        error_type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, code=code, param=param)
+        self.error_type = error_type
+        self.retry_after_s = retry_after_s
+
+    @property
+    def is_retryable(self) -> bool:
+        """429 and 5xx may succeed on another attempt or deployment."""
+        return self.http_status == 429 or self.http_status >= 500
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        if self.error_type:
+            body["error"]["type"] = self.error_type
+        return body
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}

@@ -1,0 +1,243 @@
+"""Any OpenAI-compatible upstream: OpenAI, DeepSeek, vLLM, Ollama, llama.cpp server, sim-upstream.
+
+The client's original body is passed through (vendor extensions included) with the upstream
+model name, ``stream: true`` and ``stream_options.include_usage`` forced, so usage is always
+the upstream's own figure. The SSE reply is parsed incrementally into typed events.
+Connections come from one aiohttp pool per provider; closing the event iterator (a cancel or
+a client gone) closes the upstream connection at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from tokenwire.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeout
+from tokenwire.providers.base import ProviderCall
+from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
+from tokenwire.wire.sse import DONE_DATA, SSEParser
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: dict[str, Any] | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds form), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def upstream_error(
+    provider: str, status: int, body: bytes, retry_after: str | None
+) -> UpstreamStatusError:
+    """Translate an upstream's HTTP error reply into a gateway error naming the upstream."""
+    message = body[:500].decode("utf-8", "replace").strip() or "(empty body)"
+    error_type: str | None = None
+    code: str | None = None
+    param: str | None = None
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        err = parsed["error"]
+        message = str(err.get("message") or message)
+        error_type = err.get("type") if isinstance(err.get("type"), str) else None
+        code = str(err["code"]) if err.get("code") is not None else None
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+    return UpstreamStatusError(
+        f"Upstream {provider!r} answered HTTP {status}: {message}",
+        status=status,
+        error_type=error_type,
+        code=code,
+        param=param,
+        retry_after_s=parse_retry_after(retry_after),
+    )
+
+
+def chunk_events(chunk: _Chunk, provider: str) -> list[Event]:
+    """The typed events one upstream chunk carries."""
+    if chunk.error is not None:
+        message = str(chunk.error.get("message") or chunk.error)
+        raise UpstreamError(f"Upstream {provider!r} reported an error mid-stream: {message}")
+    events: list[Event] = []
+    for choice in chunk.choices:
+        delta = choice.delta
+        if delta is not None:
+            if delta.content:
+                events.append(TextDelta(delta.content))
+            for call in delta.tool_calls or ():
+                function = call.function or _Function()
+                events.append(
+                    ToolCallDelta(
+                        index=call.index,
+                        id=call.id,
+                        name=function.name,
+                        arguments=function.arguments or "",
+                    )
+                )
+        if choice.finish_reason:
+            events.append(Finish(_FINISH.get(choice.finish_reason, "stop")))
+    if chunk.usage is not None:
+        events.append(Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens))
+    return events
+
+
+class OpenAICompatProvider:
+    """Streams chat completions from an OpenAI-compatible server over HTTP."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        connect_timeout_s: float = 10.0,
+        first_token_timeout_s: float = 120.0,
+        idle_timeout_s: float = 60.0,
+        max_connections: int = 2048,
+    ) -> None:
+        self.name = name
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._first_token_s = first_token_timeout_s
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
+        )
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, auto_decompress=True
+            )
+        return self._session
+
+    def upstream_body(self, call: ProviderCall) -> dict[str, Any]:
+        """The body sent upstream: the client's, with model, streaming and usage forced."""
+        body = dict(call.raw_body)
+        body["model"] = call.upstream_model
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        return body
+
+    def stream(self, call: ProviderCall) -> AsyncIterator[Event]:
+        return self._stream(msgspec.json.encode(self.upstream_body(call)))
+
+    async def _stream(self, payload: bytes) -> AsyncIterator[Event]:
+        parser = SSEParser()
+        decode = _chunk_decoder.decode
+        name = self.name
+        response: aiohttp.ClientResponse | None = None
+        done = False
+        try:
+            pending: list[Event] = []
+            try:
+                async with asyncio.timeout(self._first_token_s):
+                    response = await self._get_session().post(
+                        self._url, data=payload, headers=self._headers
+                    )
+                    if response.status >= 400:
+                        body = await response.content.read(65536)
+                        raise upstream_error(
+                            name, response.status, body, response.headers.get("Retry-After")
+                        )
+                    # Read until the first event, so errors before it keep their HTTP status.
+                    while not pending and not done:
+                        data = await response.content.readany()
+                        if not data:
+                            break
+                        for sse in parser.feed(data):
+                            if sse.data == DONE_DATA:
+                                done = True
+                                break
+                            pending.extend(chunk_events(decode(sse.data), name))
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"Upstream {name!r} sent no token within {self._first_token_s:g} s."
+                ) from None
+            for event in pending:
+                yield event
+            while not done:
+                data = await response.content.readany()
+                if not data:
+                    break
+                for sse in parser.feed(data):
+                    if sse.data == DONE_DATA:
+                        done = True
+                        break
+                    for event in chunk_events(decode(sse.data), name):
+                        yield event
+        except GatewayError:
+            raise
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"Upstream {name!r} connection failed: {type(exc).__name__}"
+            ) from None
+        finally:
+            if response is not None:
+                if done:
+                    response.release()  # back to the pool when the body is complete
+                else:
+                    response.close()  # cancelled or failed: drop the upstream connection
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()

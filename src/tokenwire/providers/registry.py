@@ -1,0 +1,89 @@
+"""Builds one provider per configured entry and resolves a model id to its provider.
+
+A provider whose configuration cannot work here (its API-key variable unset, its kind not
+built yet, ``llama-cpp-python`` not installed) is kept as *unavailable* with a reason that
+tells the operator what to do; requests for its models get that reason as a 503.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+
+from tokenwire.config import ModelEntry, ProviderConfig, Settings
+from tokenwire.errors import ModelNotFound, ProviderUnavailable
+from tokenwire.providers.base import Provider
+from tokenwire.providers.openai_compat import OpenAICompatProvider
+from tokenwire.providers.sim import SimProvider
+
+
+def build_provider(name: str, config: ProviderConfig, env: Mapping[str, str]) -> Provider | str:
+    """The provider for ``config``, or a reason it is unavailable."""
+    if config.kind == "sim":
+        return SimProvider(name, ttft_ms=config.ttft_ms, itl_ms=config.itl_ms)
+    if config.kind == "openai":
+        api_key = env.get(config.api_key_env) if config.api_key_env else None
+        if config.api_key_env and not api_key:
+            return f"provider {name!r} is not configured: set {config.api_key_env}"
+        if not config.base_url:
+            return f"provider {name!r} is not configured: set base_url in the config file"
+        return OpenAICompatProvider(
+            name,
+            base_url=config.base_url,
+            api_key=api_key,
+            connect_timeout_s=config.connect_timeout_s,
+            first_token_timeout_s=config.first_token_timeout_s,
+            idle_timeout_s=config.idle_timeout_s,
+            max_connections=config.max_connections,
+        )
+    if config.kind == "local":
+        if importlib.util.find_spec("llama_cpp") is None:
+            return f"provider {name!r} needs llama-cpp-python: pip install 'tokenwire[local]'"
+        from tokenwire.providers.local import LocalProvider
+
+        return LocalProvider(
+            name,
+            model_path=config.model_path,
+            max_queue=config.max_queue,
+            n_ctx=config.n_ctx,
+            n_threads=config.n_threads,
+        )
+    return f"provider kind {config.kind!r} ({name!r}) is not available in this version yet"
+
+
+class ProviderRegistry:
+    """The configured providers and the model catalog."""
+
+    def __init__(self, settings: Settings, env: Mapping[str, str]) -> None:
+        self.models: dict[str, ModelEntry] = dict(settings.models)
+        self._providers: dict[str, Provider] = {}
+        self._unavailable: dict[str, str] = {}
+        for name, config in settings.providers.items():
+            built = build_provider(name, config, env)
+            if isinstance(built, str):
+                self._unavailable[name] = built
+            else:
+                self._providers[name] = built
+
+    def unavailable_reason(self, entry: ModelEntry) -> str | None:
+        """Why the model's provider cannot serve it, or None if it can."""
+        return self._unavailable.get(entry.provider)
+
+    def resolve(self, model_id: str) -> tuple[Provider, ModelEntry]:
+        """The provider and catalog entry for ``model_id``."""
+        entry = self.models.get(model_id)
+        if entry is None:
+            raise ModelNotFound(
+                f"The model {model_id!r} does not exist; GET /v1/models lists the available ones.",
+                param="model",
+            )
+        provider = self._providers.get(entry.provider)
+        if provider is None:
+            reason = self._unavailable.get(entry.provider, "provider missing")
+            raise ProviderUnavailable(f"The model {model_id!r} is unavailable: {reason}.")
+        return provider, entry
+
+    async def aclose(self) -> None:
+        """Close every provider."""
+        for provider in self._providers.values():
+            await provider.aclose()

@@ -1,0 +1,31 @@
+"""``AppState``: what request handlers share, built once per app (never a module global)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import HTTPConnection
+
+from tokenwire.accounting.keys import KeyStore
+from tokenwire.completions import CompletionService
+from tokenwire.config import Settings
+from tokenwire.providers.registry import ProviderRegistry
+
+
+@dataclass
+class AppState:
+    """Everything a request handler needs, built once per app in the lifespan."""
+
+    settings: Settings
+    engine: AsyncEngine
+    keys: KeyStore
+    registry: ProviderRegistry
+    completions: CompletionService
+
+
+def get_state(connection: HTTPConnection) -> AppState:
+    """The app state of the app serving ``connection``."""
+    state = connection.app.state.tw
+    assert isinstance(state, AppState)
+    return state

@@ -1,0 +1,58 @@
+"""Typed events that flow from providers through the stream log to the encoders.
+
+A provider yields these; a :class:`~tokenwire.streams.generation.Generation` numbers them and
+appends them to its log; the SSE and WebSocket encoders turn them into chunks. They are
+frozen msgspec Structs: cheap to build (one per token) and immutable once logged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from tokenwire.errors import GatewayError
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "cancelled"]
+
+
+class TextDelta(msgspec.Struct, frozen=True):
+    """A piece of assistant text."""
+
+    text: str
+
+
+class ToolCallDelta(msgspec.Struct, frozen=True):
+    """A fragment of a tool call, in OpenAI's streaming shape (index, then id/name/arguments)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """Token usage; ``estimated`` is true when the upstream gave no figures of its own."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Finish(msgspec.Struct, frozen=True):
+    """The completion ended normally with this finish reason."""
+
+    reason: FinishReason
+
+
+class StreamError(msgspec.Struct, frozen=True):
+    """The completion failed; ``error`` says how (status, type, code, message)."""
+
+    error: GatewayError
+
+
+Event = TextDelta | ToolCallDelta | Usage | Finish | StreamError

@@ -1,0 +1,124 @@
+"""Server-Sent Events framing, both directions, without I/O (WHATWG HTML, "server-sent events").
+
+The server side is a few byte templates; ``DONE`` (``data: [DONE]``) is defined here and only
+here. :class:`SSEParser` is an incremental parser for the client side (the OpenAI-compatible
+upstream reader, the Python SDK, tests): feed it bytes as they arrive, get whole events back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+DONE_DATA = "[DONE]"
+
+
+def event(data: bytes, *, event_id: int | None = None) -> bytes:
+    """One ``data:`` event (with an ``id:`` line when given). ``data`` must hold no newline."""
+    if event_id is None:
+        return b"data: " + data + b"\n\n"
+    return b"id: %d\ndata: %s\n\n" % (event_id, data)
+
+
+def retry(milliseconds: int) -> bytes:
+    """A ``retry:`` field telling reconnecting clients how long to wait."""
+    return b"retry: %d\n\n" % milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event: its data (lines joined by ``\\n``), type, and last event id."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+    retry: int | None = None
+
+
+class SSEParser:
+    """Incremental SSE parser: ``feed(bytes)`` returns the events completed by those bytes."""
+
+    __slots__ = ("_buffer", "_data", "_event", "_last_id", "_retry", "_started")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._event = ""
+        self._last_id: str | None = None
+        self._retry: int | None = None
+        self._started = False
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The last ``id:`` seen, as a client would send in ``Last-Event-ID``."""
+        return self._last_id
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """Parse more bytes; return every event they complete."""
+        buffer = self._buffer + chunk
+        if not self._started and buffer:
+            if buffer.startswith(b"\xef\xbb\xbf"):
+                buffer = buffer[3:]
+            self._started = True
+        events: list[SSEEvent] = []
+        if b"\r" not in buffer:  # the common case: LF line endings only
+            *lines, self._buffer = buffer.split(b"\n")
+            for raw in lines:
+                dispatched = self._line(raw.decode("utf-8", "replace"))
+                if dispatched is not None:
+                    events.append(dispatched)
+            return events
+        start = 0
+        length = len(buffer)
+        while start < length:
+            newline = buffer.find(b"\n", start)
+            carriage = buffer.find(b"\r", start, newline if newline != -1 else length)
+            if carriage != -1:
+                end = carriage
+                if carriage + 1 == length:
+                    break  # a CR at the end may be the first half of CRLF
+                step = 2 if buffer[carriage + 1 : carriage + 2] == b"\n" else 1
+            elif newline != -1:
+                end, step = newline, 1
+            else:
+                break
+            dispatched = self._line(buffer[start:end].decode("utf-8", "replace"))
+            if dispatched is not None:
+                events.append(dispatched)
+            start = end + step
+        self._buffer = buffer[start:]
+        return events
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self._last_id = value
+        elif name == "retry" and value.isdigit():
+            self._retry = int(value)
+        return None
+
+    def _dispatch(self) -> SSEEvent | None:
+        if not self._data:
+            self._event = ""
+            return None
+        result = SSEEvent(
+            data="\n".join(self._data),
+            event=self._event or "message",
+            id=self._last_id,
+            retry=self._retry,
+        )
+        self._data = []
+        self._event = ""
+        return result
