@@ -25,11 +25,28 @@ from tokenwire.wire.chunks import ChunkEncoder, CompletionBuilder
 from tokenwire.wire.schema import ChatRequest, decode_chat_request
 
 
+class SimStats:
+    """Counters a test or benchmark can read at ``GET /sim/stats``."""
+
+    def __init__(self) -> None:
+        self.active_streams = 0
+        self.completed_streams = 0
+        self.cancelled_streams = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "active_streams": self.active_streams,
+            "completed_streams": self.completed_streams,
+            "cancelled_streams": self.cancelled_streams,
+        }
+
+
 class _SimStream:
-    def __init__(self, request: ChatRequest, ttft_s: float, itl_s: float) -> None:
+    def __init__(self, request: ChatRequest, ttft_s: float, itl_s: float, stats: SimStats) -> None:
         self._request = request
         self._ttft_s = ttft_s
         self._itl_s = itl_s
+        self._stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = self._request
@@ -60,6 +77,8 @@ class _SimStream:
 
         watcher = asyncio.get_running_loop().create_task(watch())
         include_usage = request.include_usage
+        stats = self._stats
+        stats.active_streams += 1
         try:
             events = run_plan(plan(request), ttft_s=self._ttft_s, itl_s=self._itl_s)
             pending_usage: Usage | None = None
@@ -76,17 +95,18 @@ class _SimStream:
             if pending_usage is not None and include_usage:
                 tail = sse.event(encoder.usage(pending_usage))
             await send({"type": "http.response.body", "body": tail + sse.DONE, "more_body": False})
-        except asyncio.CancelledError:
-            return  # the client went away: stop generating
-        except OSError:
-            return
+            stats.completed_streams += 1
+        except (asyncio.CancelledError, OSError):
+            stats.cancelled_streams += 1  # the client went away: stop generating
         finally:
+            stats.active_streams -= 1
             watcher.cancel()
 
 
 def create_sim_app(*, ttft_ms: float, itl_ms: float) -> Starlette:
     """The sim-upstream ASGI app."""
     ttft_s, itl_s = ttft_ms / 1000, itl_ms / 1000
+    stats = SimStats()
 
     async def completions(request: Request) -> Response | _SimStream:
         try:
@@ -94,7 +114,7 @@ def create_sim_app(*, ttft_ms: float, itl_ms: float) -> Starlette:
         except GatewayError as exc:
             return error_response(exc)
         if chat.stream:
-            return _SimStream(chat, ttft_s, itl_s)
+            return _SimStream(chat, ttft_s, itl_s, stats)
         builder = CompletionBuilder()
         async for event in run_plan(plan(chat), ttft_s=ttft_s, itl_s=itl_s):
             builder.add(event)
@@ -110,9 +130,15 @@ def create_sim_app(*, ttft_ms: float, itl_ms: float) -> Starlette:
             }
         )
 
-    return Starlette(
+    async def stats_route(_request: Request) -> Response:
+        return json_response(stats.as_dict())
+
+    app = Starlette(
         routes=[
             Route("/v1/chat/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/sim/stats", stats_route, methods=["GET"]),
         ]
     )
+    app.state.stats = stats
+    return app

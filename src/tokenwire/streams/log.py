@@ -71,8 +71,8 @@ class MemoryStreamLog:
         finally:
             if not waiter.done():
                 waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
         return True
 
     def _wake(self) -> None:

@@ -155,6 +155,10 @@ def decode_chat_request(body: bytes) -> ChatRequest:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
         ) from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            "The request body is not valid UTF-8.", code="invalid_encoding"
+        ) from None
     _check_semantics(request)
     return request
 

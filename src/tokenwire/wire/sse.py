@@ -39,7 +39,7 @@ class SSEEvent:
 class SSEParser:
     """Incremental SSE parser: ``feed(bytes)`` returns the events completed by those bytes."""
 
-    __slots__ = ("_buffer", "_data", "_event", "_last_id", "_retry", "_started")
+    __slots__ = ("_buffer", "_data", "_event", "_last_id", "_retry", "_skip_lf", "_started")
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -47,6 +47,7 @@ class SSEParser:
         self._event = ""
         self._last_id: str | None = None
         self._retry: int | None = None
+        self._skip_lf = False
         self._started = False
 
     @property
@@ -57,6 +58,10 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Parse more bytes; return every event they complete."""
         buffer = self._buffer + chunk
+        if self._skip_lf and buffer:
+            self._skip_lf = False
+            if buffer.startswith(b"\n"):
+                buffer = buffer[1:]
         if not self._started and buffer:
             if buffer.startswith(b"\xef\xbb\xbf"):
                 buffer = buffer[3:]
@@ -77,8 +82,9 @@ class SSEParser:
             if carriage != -1:
                 end = carriage
                 if carriage + 1 == length:
-                    break  # a CR at the end may be the first half of CRLF
-                step = 2 if buffer[carriage + 1 : carriage + 2] == b"\n" else 1
+                    step, self._skip_lf = 1, True  # an LF may follow in the next chunk
+                else:
+                    step = 2 if buffer[carriage + 1 : carriage + 2] == b"\n" else 1
             elif newline != -1:
                 end, step = newline, 1
             else:

@@ -1,0 +1,142 @@
+"""Test helpers that ship with the package: real servers on loopback ports, in a thread.
+
+``GatewayServer`` runs the tokenwire app (uvicorn, uvloop, httptools, as ``tokenwire serve``
+does) on a free port, with a fresh database and two keys; ``SimUpstreamServer`` runs
+``tokenwire sim-upstream``. Both are context managers and work with sync clients (the
+``openai`` SDK, ``requests``, Node subprocesses) and async ones alike, since the server has
+its own thread and event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from tokenwire.accounting.keys import KeyStore, load_server_secret
+from tokenwire.app import create_app
+from tokenwire.config import Settings, load_settings
+from tokenwire.simupstream.app import create_sim_app
+from tokenwire.state import AppState
+from tokenwire.storage.engine import make_engine, migrate
+
+FAST_SIM = """
+[providers.sim]
+kind = "sim"
+ttft_ms = 0.0
+itl_ms = 1.0
+"""
+
+
+class ServerThread:
+    """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread."""
+
+    def __init__(self, app: ASGIApp, *, ws: str = "websockets-sansio") -> None:
+        self.app = app
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            loop="uvloop",
+            http="httptools",
+            ws=ws,
+            access_log=False,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = threading.Event()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("server thread died during start-up")
+            deadline.wait(0.01)
+        sockets = self._server.servers[0].sockets
+        self.port = int(sockets[0].getsockname()[1])
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=15)
+
+    def __enter__(self) -> ServerThread:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+async def _bootstrap_keys(settings: Settings, env: dict[str, str]) -> tuple[str, str]:
+    engine = make_engine(settings.database_url)
+    try:
+        await migrate(engine)
+        store = KeyStore(engine, load_server_secret(settings.data_dir, env))
+        _, admin = await store.create("admin", is_admin=True)
+        _, user = await store.create("test")
+        return admin, user
+    finally:
+        await engine.dispose()
+
+
+class GatewayServer(ServerThread):
+    """The tokenwire gateway on a free port with a fresh data dir and keys.
+
+    ``overrides`` is TOML laid over the defaults (``FAST_SIM`` makes ``sim`` instant).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        overrides: str = FAST_SIM,
+        env: dict[str, str] | None = None,
+        database_url: str | None = None,
+    ) -> None:
+        self.env = dict(env or {})
+        if database_url is not None:
+            self.env["TOKENWIRE_DATABASE_URL"] = database_url
+        self.settings = load_settings(data_dir=data_dir, env=self.env, overrides=overrides)
+        self.admin_key, self.api_key = asyncio.run(_bootstrap_keys(self.settings, self.env))
+        super().__init__(create_app(self.settings, self.env))
+
+    @property
+    def state(self) -> AppState:
+        """The running app's state (read it from tests; it lives on the server's loop)."""
+        state: Any = self.app.state.tw  # type: ignore[attr-defined]
+        assert isinstance(state, AppState)
+        return state
+
+    def __enter__(self) -> GatewayServer:
+        self.start()
+        return self
+
+
+class SimUpstreamServer(ServerThread):
+    """``tokenwire sim-upstream`` on a free port."""
+
+    def __init__(self, *, ttft_ms: float = 0.0, itl_ms: float = 1.0) -> None:
+        super().__init__(create_sim_app(ttft_ms=ttft_ms, itl_ms=itl_ms))
+
+    def __enter__(self) -> SimUpstreamServer:
+        self.start()
+        return self

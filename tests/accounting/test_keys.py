@@ -1,0 +1,62 @@
+"""API keys on SQLite and PostgreSQL: hashed at rest, authenticate, revoke."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from tokenwire.accounting.keys import KeyStore, load_server_secret
+from tokenwire.errors import NotFound
+from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.storage.tables import api_keys
+
+
+async def test_key_lifecycle(database_url: str, tmp_path: Path) -> None:
+    """A created key authenticates, is stored only as an HMAC, lists by prefix, and revokes."""
+    engine = make_engine(database_url)
+    try:
+        await migrate(engine)
+        await migrate(engine)  # idempotent
+        store = KeyStore(engine, load_server_secret(tmp_path, env={}))
+        record, plaintext = await store.create("alice")
+        assert plaintext.startswith("tw-") and len(plaintext) > 40
+        assert (await store.authenticate(plaintext)) == record
+        assert await store.authenticate(plaintext + "x") is None
+        assert await store.authenticate("not-a-key") is None
+        async with engine.connect() as conn:
+            stored = (await conn.execute(sa.select(api_keys))).mappings().all()
+        assert plaintext not in repr(stored)
+        assert stored[0]["secret_hash"] == store.digest(plaintext)
+        assert [r.prefix for r in await store.list()] == [plaintext[:10]]
+        revoked = await store.revoke(record.id)
+        assert revoked.revoked_at is not None
+        assert await store.authenticate(plaintext) is None
+        try:
+            await store.revoke("key_nope")
+        except NotFound as exc:
+            assert exc.http_status == 404
+        else:
+            raise AssertionError("revoking an unknown key must raise NotFound")
+    finally:
+        await engine.dispose()
+
+
+async def test_other_server_secret_does_not_authenticate(tmp_path: Path) -> None:
+    """A key made under one server secret does not authenticate under another."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        await migrate(engine)
+        _, plaintext = await KeyStore(engine, b"secret-one").create("bob")
+        assert await KeyStore(engine, b"secret-two").authenticate(plaintext) is None
+        assert await KeyStore(engine, b"secret-one").authenticate(plaintext) is not None
+    finally:
+        await engine.dispose()
+
+
+def test_server_secret_file_is_private_and_stable(tmp_path: Path) -> None:
+    """The secret file is created once with mode 0600; the env var takes precedence."""
+    first = load_server_secret(tmp_path, env={})
+    assert load_server_secret(tmp_path, env={}) == first
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    assert load_server_secret(tmp_path, env={"TOKENWIRE_SECRET": "s3"}) == b"s3"

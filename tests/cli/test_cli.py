@@ -1,0 +1,106 @@
+"""The tokenwire command: keys create/list/revoke on a data dir, and serve's first start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+from typer.testing import CliRunner
+
+from tokenwire.cli.main import app
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    """create prints the key last; list shows its prefix only; revoke marks it revoked."""
+    runner = CliRunner()
+    created = runner.invoke(app, ["keys", "create", "--name", "ci", "--data-dir", str(tmp_path)])
+    assert created.exit_code == 0, created.output
+    lines = created.output.strip().splitlines()
+    key = lines[-1]
+    key_id = lines[0].split()[1]
+    assert key.startswith("tw-")
+    listed = runner.invoke(app, ["keys", "list", "--data-dir", str(tmp_path)])
+    assert key[:10] in listed.output and key not in listed.output and "active" in listed.output
+    revoked = runner.invoke(app, ["keys", "revoke", key_id, "--data-dir", str(tmp_path)])
+    assert revoked.exit_code == 0 and "revoked" in revoked.output
+    assert "revoked" in runner.invoke(app, ["keys", "list", "--data-dir", str(tmp_path)]).output
+    unknown = runner.invoke(app, ["keys", "revoke", "key_missing", "--data-dir", str(tmp_path)])
+    assert unknown.exit_code == 1
+
+
+def test_keys_use_the_env_data_dir(tmp_path: Path) -> None:
+    """TOKENWIRE_DATA_DIR selects the data dir when --data-dir is absent."""
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["keys", "create", "--name", "env"], env={"TOKENWIRE_DATA_DIR": str(tmp_path)}
+    )
+    assert result.exit_code == 0
+    assert (tmp_path / "tokenwire.db").exists()
+
+
+def test_serve_first_start_prints_keys_once_and_serves(tmp_path: Path) -> None:
+    """tokenwire serve creates the database, prints an admin and an API key once, and answers."""
+    port = _free_port()
+    env = {**os.environ, "TOKENWIRE_DATA_DIR": str(tmp_path)}
+    command = [
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--no-access-log",
+    ]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        keys: dict[str, str] = {}
+        for line in proc.stdout:
+            parts = line.split()
+            if parts[:2] in (["admin", "key"], ["API", "key"]):
+                keys[parts[0]] = parts[-1]
+            if "Uvicorn running" in line:
+                break
+        assert set(keys) == {"admin", "API"}
+        models = requests.get(
+            f"http://127.0.0.1:{port}/v1/models",
+            headers={"Authorization": f"Bearer {keys['API']}"},
+            timeout=10,
+        )
+        assert models.status_code == 200
+        assert {"local", "sim"} <= {m["id"] for m in models.json()["data"]}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+    second = subprocess.Popen(
+        [*command[:-2], "--port", str(_free_port()), "--no-access-log"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert second.stdout is not None
+        seen = []
+        for line in second.stdout:
+            seen.append(line)
+            if "Uvicorn running" in line:
+                break
+        assert not any("tw-" in line for line in seen), "keys must be printed only on first start"
+    finally:
+        second.send_signal(signal.SIGINT)
+        second.wait(timeout=15)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

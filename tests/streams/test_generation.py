@@ -1,0 +1,131 @@
+"""The Generation: canonical event order, states, cancellation when readers leave, settling once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tokenwire.errors import UpstreamError
+from tokenwire.streams.events import Event, Finish, StreamError, TextDelta, Usage
+from tokenwire.streams.generation import Generation, GenerationState, read_events
+
+
+async def scripted(events: list[Event], gate: asyncio.Event | None = None) -> AsyncIterator[Event]:
+    for i, event in enumerate(events):
+        if gate is not None and i == 1:
+            await gate.wait()
+        yield event
+
+
+def make(
+    events: AsyncIterator[Event], settled: list[Generation] | None = None, grace: float = 0.0
+) -> Generation:
+    async def settle(generation: Generation) -> None:
+        if settled is not None:
+            settled.append(generation)
+
+    return Generation(
+        completion_id="chatcmpl-test",
+        model="sim",
+        events=events,
+        prompt_tokens_estimate=7,
+        disconnect_grace_s=grace,
+        on_settle=settle,
+    )
+
+
+async def collect(generation: Generation, after: int = 0) -> list[Event]:
+    out: list[Event] = []
+    async for batch in read_events(generation, after=after):
+        out.extend(batch or ())
+    return out
+
+
+async def test_log_order_is_canonical_whatever_the_provider_order() -> None:
+    """Usage before Finish from the provider still logs deltas, Finish, then Usage."""
+    settled: list[Generation] = []
+    gen = make(scripted([TextDelta("a"), Usage(3, 1), Finish("stop")]), settled)
+    gen.start()
+    events = await collect(gen)
+    assert events == [TextDelta("a"), Finish("stop"), Usage(3, 1)]
+    await gen.wait_settled()
+    assert gen.state is GenerationState.COMPLETED
+    assert settled == [gen]
+    assert gen.first_token_at is not None
+
+
+async def test_missing_finish_becomes_an_upstream_error() -> None:
+    """A provider that stops without Finish ends the log with a StreamError."""
+    gen = make(scripted([TextDelta("a")]))
+    gen.start()
+    events = await collect(gen)
+    assert isinstance(events[-1], StreamError)
+    assert isinstance(events[-1].error, UpstreamError)
+    assert gen.state is GenerationState.FAILED
+    assert gen.usage == Usage(7, 1, estimated=True)
+
+
+async def test_provider_error_before_first_token_is_logged() -> None:
+    """A GatewayError raised by the provider becomes the log's only event."""
+
+    async def failing() -> AsyncIterator[Event]:
+        raise UpstreamError("boom")
+        yield TextDelta("never")  # pragma: no cover
+
+    gen = make(failing())
+    gen.start()
+    events = await collect(gen)
+    assert len(events) == 1 and isinstance(events[0], StreamError)
+    assert events[0].error.message == "boom"
+
+
+async def test_last_reader_leaving_cancels_and_settles_once() -> None:
+    """Closing the only reader early cancels the generation: usage so far, finish 'cancelled'."""
+    gate = asyncio.Event()
+    settled: list[Generation] = []
+    gen = make(scripted([TextDelta("a"), TextDelta("b"), Finish("stop")], gate), settled)
+    gen.start()
+    reader = read_events(gen)
+    first = await anext(reader)
+    assert first == [TextDelta("a")]
+    await reader.aclose()
+    await gen.wait_settled()
+    assert gen.state is GenerationState.CANCELLED
+    assert gen.cancel_cause == "client_disconnected"
+    assert gen.log.read_after(1) == [Finish("cancelled"), Usage(7, 1, estimated=True)]
+    assert settled == [gen]
+
+
+async def test_grace_period_lets_a_reader_come_back() -> None:
+    """With a grace period, a new reader attaching in time keeps the generation alive."""
+    gate = asyncio.Event()
+    gen = make(scripted([TextDelta("a"), TextDelta("b"), Finish("stop")], gate), grace=60)
+    gen.start()
+    reader = read_events(gen)
+    await anext(reader)
+    await reader.aclose()
+    assert not gen.finished
+    second = asyncio.create_task(collect(gen, after=1))
+    await asyncio.sleep(0)
+    gate.set()
+    assert await second == [TextDelta("b"), Finish("stop"), Usage(7, 2, estimated=True)]
+    assert gen.state is GenerationState.COMPLETED
+
+
+async def test_two_readers_see_the_same_events() -> None:
+    """Readers are independent cursors over one log."""
+    gen = make(scripted([TextDelta("a"), TextDelta("b"), Usage(1, 2), Finish("length")]))
+    gen.start()
+    a, b = await asyncio.gather(collect(gen), collect(gen))
+    assert a == b == [TextDelta("a"), TextDelta("b"), Finish("length"), Usage(1, 2)]
+
+
+async def test_illegal_transition_raises() -> None:
+    """The state table refuses a move out of a terminal state."""
+    gen = make(scripted([Finish("stop")]))
+    gen.start()
+    await gen.wait_settled()
+    with pytest.raises(RuntimeError):
+        gen._move(GenerationState.STREAMING)

@@ -1,0 +1,57 @@
+"""SSE framing and the incremental parser, byte for byte."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenwire.wire import sse
+from tokenwire.wire.sse import SSEParser
+
+
+def test_event_with_and_without_id() -> None:
+    """An event is 'data: …' plus a blank line, with an 'id:' line first when given."""
+    assert sse.event(b"{}") == b"data: {}\n\n"
+    assert sse.event(b"{}", event_id=7) == b"id: 7\ndata: {}\n\n"
+    assert sse.DONE == b"data: [DONE]\n\n"
+    assert sse.retry(1500) == b"retry: 1500\n\n"
+
+
+def test_parser_handles_comments_ids_multiline_and_crlf() -> None:
+    """Comments are skipped, data lines join with newlines, CRLF and CR end lines too."""
+    parser = SSEParser()
+    events = parser.feed(b": ping\r\nid: 3\r\nevent: x\r\ndata: a\r\ndata: b\r\n\r\ndata: c\r\r")
+    assert [(e.data, e.event, e.id) for e in events] == [("a\nb", "x", "3"), ("c", "message", "3")]
+    assert parser.last_event_id == "3"
+
+
+def test_parser_waits_for_complete_events() -> None:
+    """Bytes split anywhere, even inside a CRLF, produce the same events once complete."""
+    parser = SSEParser()
+    assert parser.feed(b"data: hel") == []
+    assert parser.feed(b"lo\r") == []
+    events = parser.feed(b"\n\r\n")
+    assert [e.data for e in events] == ["hello"]
+
+
+def test_parser_strips_bom_and_single_leading_space() -> None:
+    """A leading BOM is dropped; only one space after the colon is removed."""
+    events = SSEParser().feed(b"\xef\xbb\xbfdata:  two\n\n")
+    assert [e.data for e in events] == [" two"]
+
+
+@given(
+    st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=30), max_size=8),
+    st.lists(st.integers(min_value=1, max_value=40), max_size=30),
+)
+def test_parser_is_split_invariant(payloads: list[str], cuts: list[int]) -> None:
+    """However a stream of events is cut into chunks, the parser yields the same data."""
+    stream = b"".join(sse.event(p.encode()) for p in payloads)
+    parser = SSEParser()
+    got: list[str] = []
+    position = 0
+    for cut in cuts:
+        got += [e.data for e in parser.feed(stream[position : position + cut])]
+        position += cut
+    got += [e.data for e in parser.feed(stream[position:])]
+    assert got == payloads
