@@ -5,8 +5,10 @@ from __future__ import annotations
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from tokenwire.api.auth import authenticate
+from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response, json_response
 from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import BodyTooLarge, InvalidRequest
@@ -33,7 +35,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def create_completion(request: Request) -> Response | SSEStream:
+async def create_completion(request: Request) -> Response | SSEStream | JSONCompletion:
     """Run a chat completion and answer as JSON or as an SSE stream."""
     state = get_state(request)
     key = await authenticate(request)
@@ -44,7 +46,7 @@ async def create_completion(request: Request) -> Response | SSEStream:
         raise InvalidRequest("The request body must be a JSON object.")
     generation = state.completions.start(key, chat_request, raw)
     if not chat_request.stream:
-        return await _json_completion(generation)
+        return JSONCompletion(generation)
     batches = read_events(generation, heartbeat_s=state.settings.server.sse_heartbeat_s)
     try:
         first = await anext(batches)
@@ -57,14 +59,33 @@ async def create_completion(request: Request) -> Response | SSEStream:
     return SSEStream(generation, batches, first, include_usage=chat_request.include_usage)
 
 
-async def _json_completion(generation: Generation) -> Response:
-    builder = CompletionBuilder()
-    async for batch in read_events(generation):
-        for event in batch or ():
-            builder.add(event)
-    if builder.error is not None:
-        return error_response(builder.error)
-    result = builder.build(
-        completion_id=generation.id, created=generation.created, model=generation.model
-    )
-    return json_response(result)
+class JSONCompletion:
+    """Waits for the whole completion and answers one ``chat.completion`` object.
+
+    If the client disconnects while waiting, the reader closes and the upstream is cancelled.
+    """
+
+    def __init__(self, generation: Generation) -> None:
+        self._generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        generation = self._generation
+        builder = CompletionBuilder()
+        batches = read_events(generation)
+        async with cancel_on_disconnect(receive) as disconnect:
+            try:
+                async for batch in batches:
+                    for event in batch or ():
+                        builder.add(event)
+            finally:
+                await batches.aclose()
+        if disconnect.happened:
+            return
+        if builder.error is not None:
+            response = error_response(builder.error)
+        else:
+            result = builder.build(
+                completion_id=generation.id, created=generation.created, model=generation.model
+            )
+            response = json_response(result)
+        await response(scope, receive, send)

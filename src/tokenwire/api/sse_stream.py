@@ -1,18 +1,18 @@
 """The SSE response: a generation's events as ``text/event-stream``, written as they arrive.
 
-An ASGI callable rather than Starlette's ``StreamingResponse`` so that it can (1) watch for
-``http.disconnect`` while idle and stop at once, which detaches the reader and lets the
-generation cancel its upstream, and (2) write every batch of events the log holds in one
+An ASGI callable rather than Starlette's ``StreamingResponse`` so that it can (1) stop at once
+when the client disconnects, even while idle (which detaches the reader and lets the
+generation cancel its upstream), and (2) write every batch of events the log holds in one
 ``send`` (one event per send while the client keeps up; merged when it falls behind).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 
 from starlette.types import Receive, Scope, Send
 
+from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.streams.events import Event, StreamError
 from tokenwire.streams.generation import Generation
 from tokenwire.wire import sse
@@ -42,7 +42,6 @@ class SSEStream:
             model=generation.model,
             include_usage=include_usage,
         )
-        self._disconnected = False
 
     def _encode(self, batch: list[Event]) -> bytes:
         parts: list[bytes] = []
@@ -60,14 +59,6 @@ class SSEStream:
         self._seq = seq
         return b"".join(parts)
 
-    async def _watch(self, receive: Receive, writer: asyncio.Task[object]) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self._disconnected = True
-                writer.cancel()
-                return
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
             {
@@ -81,19 +72,12 @@ class SSEStream:
                 ],
             }
         )
-        writer = asyncio.current_task()
-        assert writer is not None
-        watcher = asyncio.get_running_loop().create_task(self._watch(receive, writer))
         try:
-            await self._write(send)
-        except asyncio.CancelledError:
-            if not self._disconnected:
-                raise
-            writer.uncancel()
+            async with cancel_on_disconnect(receive):
+                await self._write(send)
         except OSError:
             pass  # the client went away while we wrote
         finally:
-            watcher.cancel()
             await self._batches.aclose()
 
     async def _write(self, send: Send) -> None:

@@ -185,6 +185,7 @@ class OpenAICompatProvider:
         done = False
         try:
             pending: list[Event] = []
+            late_error: Exception | None = None
             try:
                 async with asyncio.timeout(self._first_token_s):
                     response = await self._get_session().post(
@@ -196,7 +197,7 @@ class OpenAICompatProvider:
                             name, response.status, body, response.headers.get("Retry-After")
                         )
                     # Read until the first event, so errors before it keep their HTTP status.
-                    while not pending and not done:
+                    while not pending and not done and late_error is None:
                         data = await response.content.readany()
                         if not data:
                             break
@@ -204,13 +205,21 @@ class OpenAICompatProvider:
                             if sse.data == DONE_DATA:
                                 done = True
                                 break
-                            pending.extend(chunk_events(decode(sse.data), name))
+                            try:
+                                pending.extend(chunk_events(decode(sse.data), name))
+                            except (GatewayError, msgspec.DecodeError) as exc:
+                                if not pending:
+                                    raise
+                                late_error = exc  # report it after the events before it
+                                break
             except TimeoutError:
                 raise UpstreamTimeout(
                     f"Upstream {name!r} sent no token within {self._first_token_s:g} s."
                 ) from None
             for event in pending:
                 yield event
+            if late_error is not None:
+                raise late_error
             while not done:
                 data = await response.content.readany()
                 if not data:

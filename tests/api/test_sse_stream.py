@@ -1,0 +1,124 @@
+"""SSE behaviour over real HTTP: heartbeats, in-band errors after the 200, errors before it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import requests
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tokenwire.testing import GatewayServer, ServerThread
+
+GOOD = {
+    "id": "u",
+    "object": "chat.completion.chunk",
+    "choices": [{"index": 0, "delta": {"content": "partial"}, "finish_reason": None}],
+}
+
+
+async def flaky(request: Request) -> Response:
+    """Upstream whose behaviour depends on the user's message."""
+    body = await request.json()
+    mode = body["messages"][-1]["content"]
+    if mode == "rate-limited":
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "slow down",
+                    "type": "rate_limit_error",
+                    "code": "rate_limit_exceeded",
+                }
+            },
+            status_code=429,
+            headers={"Retry-After": "3"},
+        )
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"data: " + json.dumps(GOOD).encode() + b"\n\n"
+        yield b"data: {this is not json\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def flaky_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    with ServerThread(
+        Starlette(routes=[Route("/v1/chat/completions", flaky, methods=["POST"])])
+    ) as up:
+        overrides = f"""
+[server]
+sse_heartbeat_s = 0.05
+
+[providers.sim]
+kind = "sim"
+ttft_ms = 400.0
+itl_ms = 1.0
+
+[providers.flaky]
+kind = "openai"
+base_url = "{up.base_url}/v1"
+
+[[models]]
+id = "flaky"
+provider = "flaky"
+"""
+        with GatewayServer(tmp_path_factory.mktemp("flaky"), overrides=overrides) as gateway:
+            yield gateway
+
+
+def post(gateway: GatewayServer, model: str, content: str) -> requests.Response:
+    return requests.post(
+        gateway.base_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {gateway.api_key}"},
+        json={"model": model, "messages": [{"role": "user", "content": content}], "stream": True},
+        stream=True,
+        timeout=10,
+    )
+
+
+def test_heartbeat_comments_while_waiting_for_the_first_token(flaky_gateway: GatewayServer) -> None:
+    """With no event for sse_heartbeat_s, the stream carries ': ping' comments, then the data."""
+    response = post(flaky_gateway, "sim", "hello")
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    first_field = next(i for i, line in enumerate(lines) if not line.startswith(":"))
+    assert first_field > 0
+    assert all(line == ": ping" for line in lines[:first_field])
+    assert lines[first_field] == "id: 1"
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_error_after_first_token_is_in_band_then_done(flaky_gateway: GatewayServer) -> None:
+    """A failure mid-stream becomes data: {"error": …} with its status, then data: [DONE]."""
+    response = post(flaky_gateway, "flaky", "break")
+    assert response.status_code == 200
+    data = [
+        line[6:] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")
+    ]
+    assert json.loads(data[0])["choices"][0]["delta"]["content"] == "partial"
+    error = json.loads(data[1])["error"]
+    assert error["status"] == 502 and error["code"] == "upstream_error"
+    assert "'flaky'" in error["message"]
+    assert data[2:] == ["[DONE]"]
+
+
+def test_error_before_first_token_keeps_http_status(flaky_gateway: GatewayServer) -> None:
+    """An upstream 429 before any token reaches the client as a 429 with Retry-After."""
+    response = post(flaky_gateway, "flaky", "rate-limited")
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "3"
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_stream_id_header_matches_chunk_ids(flaky_gateway: GatewayServer) -> None:
+    """X-Stream-Id is the completion id every chunk carries; SSE ids count up from 1."""
+    response = post(flaky_gateway, "sim", "ids")
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    ids = [int(line[4:]) for line in lines if line.startswith("id: ")]
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert ids == list(range(1, len(ids) + 1))
+    assert {c["id"] for c in chunks} == {response.headers["x-stream-id"]}

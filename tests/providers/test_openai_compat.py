@@ -1,0 +1,185 @@
+"""The OpenAI-compatible provider against a loopback server that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tokenwire.errors import UpstreamError, UpstreamStatusError, UpstreamTimeout
+from tokenwire.providers.base import ProviderCall
+from tokenwire.providers.openai_compat import OpenAICompatProvider
+from tokenwire.streams.events import Event, Finish, TextDelta, ToolCallDelta, Usage
+from tokenwire.wire.schema import decode_chat_request
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BODY = {"model": "public-name", "messages": [{"role": "user", "content": "hi"}], "vendor_x": 1}
+
+
+def chunk(
+    delta: dict[str, object] | None = None,
+    finish: str | None = None,
+    usage: dict[str, int] | None = None,
+) -> bytes:
+    choices = (
+        []
+        if delta is None and finish is None
+        else [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
+    )
+    payload: dict[str, object] = {"id": "x", "object": "chat.completion.chunk", "choices": choices}
+    if usage is not None:
+        payload["usage"] = usage
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+async def serve(handler: Handler) -> TestServer:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[OpenAICompatProvider]]]:
+    servers: list[TestServer] = []
+    providers: list[OpenAICompatProvider] = []
+
+    async def make(handler: Handler, **options: float) -> OpenAICompatProvider:
+        server = await serve(handler)
+        servers.append(server)
+        provider = OpenAICompatProvider(
+            "fake", base_url=str(server.make_url("/v1")), api_key="sk-secret-value", **options
+        )
+        providers.append(provider)
+        return provider
+
+    yield make
+    for provider in providers:
+        await provider.aclose()
+    for server in servers:
+        await server.close()
+
+
+async def run(provider: OpenAICompatProvider) -> list[Event]:
+    request = decode_chat_request(json.dumps(BODY).encode())
+    call = ProviderCall(request, "upstream-name", dict(BODY))
+    return [event async for event in provider.stream(call)]
+
+
+async def test_stream_translates_and_forces_usage(
+    upstream: Callable[[Handler], Awaitable[OpenAICompatProvider]],
+) -> None:
+    """Content, tool calls, finish and usage become typed events; the body is passed through."""
+    seen: dict[str, object] = {}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.update(await request.json())
+        seen["auth"] = request.headers["Authorization"]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk({"role": "assistant", "content": "Hel"}))
+        await response.write(chunk({"content": "lo"}))
+        await response.write(
+            chunk(
+                {
+                    "tool_calls": [
+                        {"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}
+                    ]
+                }
+            )
+        )
+        await response.write(chunk(finish="stop"))
+        await response.write(chunk(usage={"prompt_tokens": 3, "completion_tokens": 2}))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    events = await run(await upstream(handler))
+    assert events == [
+        TextDelta("Hel"),
+        TextDelta("lo"),
+        ToolCallDelta(index=0, id="c1", name="f", arguments="{}"),
+        Finish("stop"),
+        Usage(3, 2),
+    ]
+    assert seen["model"] == "upstream-name" and seen["stream"] is True
+    assert seen["stream_options"] == {"include_usage": True}
+    assert seen["vendor_x"] == 1
+    assert seen["auth"] == "Bearer sk-secret-value"
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
+async def test_http_errors_keep_status_and_name_the_upstream(
+    upstream: Callable[[Handler], Awaitable[OpenAICompatProvider]], status: int
+) -> None:
+    """An upstream error reply becomes an UpstreamStatusError with its status and message."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = {"error": {"message": "nope", "type": "server_error", "code": "c", "param": None}}
+        return web.json_response(body, status=status, headers={"Retry-After": "2"})
+
+    with pytest.raises(UpstreamStatusError) as info:
+        await run(await upstream(handler))
+    error = info.value
+    assert error.http_status == status
+    assert "'fake'" in error.message and "nope" in error.message
+    assert "sk-secret-value" not in error.message
+    assert error.retry_after_s == 2.0
+    assert error.to_body()["error"]["type"] == "server_error"
+
+
+async def test_malformed_chunk_is_an_upstream_error(
+    upstream: Callable[[Handler], Awaitable[OpenAICompatProvider]],
+) -> None:
+    """A chunk that is not JSON ends the stream with UpstreamError after the good events."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk({"content": "ok"}))
+        await response.write(b"data: {not json\n\n")
+        return response
+
+    provider = await upstream(handler)
+    request = decode_chat_request(json.dumps(BODY).encode())
+    got: list[Event] = []
+    with pytest.raises(UpstreamError, match="malformed"):
+        async for event in provider.stream(ProviderCall(request, "m", dict(BODY))):
+            got.append(event)
+    assert got == [TextDelta("ok")]
+
+
+async def test_no_token_in_time_is_a_timeout(
+    upstream: Callable[[Handler], Awaitable[OpenAICompatProvider]],
+) -> None:
+    """An upstream that never sends a token hits the first-token timeout."""
+    import asyncio
+
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await release.wait()
+        return response
+
+    provider = await upstream(handler, first_token_timeout_s=0.2)
+    try:
+        with pytest.raises(UpstreamTimeout):
+            await run(provider)
+    finally:
+        release.set()
+
+
+async def test_connection_refused_is_an_upstream_error() -> None:
+    """Nothing listening: a retryable UpstreamError that names the upstream."""
+    provider = OpenAICompatProvider("gone", base_url="http://127.0.0.1:9/v1", api_key=None)
+    try:
+        with pytest.raises(UpstreamError) as info:
+            await run(provider)
+        assert info.value.retryable and "'gone'" in info.value.message
+    finally:
+        await provider.aclose()
