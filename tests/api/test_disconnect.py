@@ -30,7 +30,7 @@ upstream_model = "sim"
 def pair(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[GatewayServer, SimUpstreamServer]]:
-    with SimUpstreamServer(ttft_ms=300, itl_ms=50) as upstream:
+    with SimUpstreamServer(ttft_ms=3000, itl_ms=50) as upstream:  # noqa: SIM117 - gateway needs its URL
         with GatewayServer(tmp_path_factory.mktemp("disc"), overrides=proxied(upstream)) as gateway:
             yield gateway, upstream
 

@@ -13,7 +13,6 @@ from tokenwire.api.errors import error_response, json_response
 from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import BodyTooLarge, InvalidRequest
 from tokenwire.state import get_state
-from tokenwire.streams.events import StreamError
 from tokenwire.streams.generation import Generation, read_events
 from tokenwire.wire.chunks import CompletionBuilder
 from tokenwire.wire.schema import decode_chat_request
@@ -47,16 +46,11 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
     generation = state.completions.start(key, chat_request, raw)
     if not chat_request.stream:
         return JSONCompletion(generation)
-    batches = read_events(generation, heartbeat_s=state.settings.server.sse_heartbeat_s)
-    try:
-        first = await anext(batches)
-    except BaseException:
-        await batches.aclose()
-        raise
-    if first and isinstance(first[0], StreamError):
-        await batches.aclose()
-        return error_response(first[0].error, {"x-stream-id": generation.id})
-    return SSEStream(generation, batches, first, include_usage=chat_request.include_usage)
+    return SSEStream(
+        generation,
+        include_usage=chat_request.include_usage,
+        heartbeat_s=state.settings.server.sse_heartbeat_s,
+    )
 
 
 class JSONCompletion:

@@ -8,32 +8,34 @@ generation cancel its upstream), and (2) write every batch of events the log hol
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-
 from starlette.types import Receive, Scope, Send
 
 from tokenwire.api.disconnect import cancel_on_disconnect
+from tokenwire.api.errors import error_response
 from tokenwire.streams.events import Event, StreamError
-from tokenwire.streams.generation import Generation
+from tokenwire.streams.generation import Generation, read_events
 from tokenwire.wire import sse
 from tokenwire.wire.chunks import ChunkEncoder
 
 
 class SSEStream:
-    """Streams one generation to one HTTP client."""
+    """Streams one generation to one HTTP client.
+
+    It waits for the first batch of events before sending headers, so an error before the
+    first token keeps its HTTP status; after ``heartbeat_s`` with nothing it commits to 200
+    and pings. The wait is guarded like the rest: a client gone meanwhile cancels it.
+    """
 
     def __init__(
         self,
         generation: Generation,
-        batches: AsyncGenerator[list[Event] | None, None],
-        first: list[Event] | None,
         *,
         include_usage: bool,
+        heartbeat_s: float,
         after: int = 0,
     ) -> None:
         self._generation = generation
-        self._batches = batches
-        self._first = first
+        self._batches = read_events(generation, after=after, heartbeat_s=heartbeat_s)
         self._include_usage = include_usage
         self._seq = after
         self._encoder = ChunkEncoder(
@@ -60,33 +62,34 @@ class SSEStream:
         return b"".join(parts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no"),
-                    (b"x-stream-id", self._generation.id.encode()),
-                ],
-            }
-        )
         try:
             async with cancel_on_disconnect(receive):
-                await self._write(send)
+                first = await anext(self._batches)
+                if first and isinstance(first[0], StreamError):
+                    stream_id = {"x-stream-id": self._generation.id}
+                    await error_response(first[0].error, stream_id)(scope, receive, send)
+                    return
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no"),
+                            (b"x-stream-id", self._generation.id.encode()),
+                        ],
+                    }
+                )
+                await self._write(send, first)
         except OSError:
             pass  # the client went away while we wrote
         finally:
             await self._batches.aclose()
 
-    async def _write(self, send: Send) -> None:
+    async def _write(self, send: Send, first: list[Event] | None) -> None:
         body = {"type": "http.response.body", "body": b"", "more_body": True}
-        first = self._first
-        if first is None:
-            body["body"] = sse.PING
-        else:
-            body["body"] = self._encode(first)
+        body["body"] = sse.PING if first is None else self._encode(first)
         await send(body)
         async for batch in self._batches:
             body["body"] = sse.PING if batch is None else self._encode(batch)
