@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
-from tokenwire.api import chat, health, models, openapi
+from tokenwire.accounting.tickets import TicketStore
+from tokenwire.api import chat, health, models, openapi, tickets, ws
 from tokenwire.api.errors import handle_gateway_error, handle_http_exception, handle_unexpected
 from tokenwire.completions import CompletionService
 from tokenwire.config import Settings
@@ -35,6 +37,7 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
         completions=CompletionService(
             registry, disconnect_grace_s=settings.server.disconnect_grace_s
         ),
+        tickets=TicketStore(settings.server.ws_ticket_ttl_s),
     )
 
 
@@ -61,6 +64,8 @@ def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Star
         Route("/v1/chat/completions", chat.create_completion, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
+        WebSocketRoute("/v1/ws/chat", ws.ws_chat),
+        Route("/v1/ws/tickets", tickets.create_ticket, methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]
@@ -73,3 +78,19 @@ def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Star
             Exception: handle_unexpected,
         },
     )
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn options that follow from the settings (used by ``serve`` and tests alike)."""
+    server = settings.server
+    return {
+        "loop": "uvloop",
+        "http": "httptools",
+        "ws": "websockets-sansio",
+        "ws_max_size": server.ws_max_message_bytes,
+        "ws_ping_interval": server.ws_ping_interval_s,
+        "ws_ping_timeout": server.ws_ping_interval_s,
+        "ws_per_message_deflate": server.ws_per_message_deflate,
+        "backlog": 4096,
+        "timeout_graceful_shutdown": 10,
+    }

@@ -37,6 +37,17 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 1_048_576
     sse_heartbeat_s: float = 15.0
     disconnect_grace_s: float = 0.0
+    ws_max_message_bytes: int = 1_048_576
+    ws_max_concurrent_requests: int = 32
+    ws_done_grace_ms: float = 50.0
+    ws_auth_timeout_s: float = 10.0
+    ws_idle_timeout_s: float = 300.0
+    ws_send_timeout_s: float = 30.0
+    ws_ping_interval_s: float = 20.0
+    ws_per_message_deflate: bool = False
+    ws_messages_per_second: float = 100.0
+    ws_allowed_origins: list[str] = msgspec.field(default_factory=list)
+    ws_ticket_ttl_s: float = 60.0
 
 
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):

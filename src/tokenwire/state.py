@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
 from tokenwire.accounting.keys import KeyStore
+from tokenwire.accounting.tickets import TicketStore
 from tokenwire.completions import CompletionService
 from tokenwire.config import Settings
 from tokenwire.providers.registry import ProviderRegistry
@@ -22,6 +23,7 @@ class AppState:
     keys: KeyStore
     registry: ProviderRegistry
     completions: CompletionService
+    tickets: TicketStore
 
 
 def get_state(connection: HTTPConnection) -> AppState:

@@ -19,7 +19,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
-from tokenwire.app import create_app
+from tokenwire.app import create_app, server_options
 from tokenwire.config import Settings, load_settings
 from tokenwire.simupstream.app import create_sim_app
 from tokenwire.state import AppState
@@ -36,19 +36,17 @@ itl_ms = 1.0
 class ServerThread:
     """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread."""
 
-    def __init__(self, app: ASGIApp, *, ws: str = "websockets-sansio") -> None:
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
         self.app = app
+        settings: dict[str, Any] = {
+            "loop": "uvloop",
+            "http": "httptools",
+            "ws": "websockets-sansio",
+            "timeout_graceful_shutdown": 5,
+            **options,
+        }
         config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            loop="uvloop",
-            http="httptools",
-            ws=ws,
-            access_log=False,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=5,
+            app, host="127.0.0.1", port=0, access_log=False, log_level="warning", **settings
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
@@ -117,7 +115,7 @@ class GatewayServer(ServerThread):
             self.env["TOKENWIRE_DATABASE_URL"] = database_url
         self.settings = load_settings(data_dir=data_dir, env=self.env, overrides=overrides)
         self.admin_key, self.api_key = asyncio.run(_bootstrap_keys(self.settings, self.env))
-        super().__init__(create_app(self.settings, self.env))
+        super().__init__(create_app(self.settings, self.env), **server_options(self.settings))
 
     @property
     def state(self) -> AppState:

@@ -147,6 +147,12 @@ class KeyStore:
             raise NotFound(f"No API key with id {key_id!r}.", param="id")
         return _row_to_record(row)
 
+    async def get(self, key_id: str) -> KeyRecord | None:
+        """The key with this id (active or not), or None."""
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
+        return None if row is None else _row_to_record(row)
+
     async def authenticate(self, plaintext: str) -> KeyRecord | None:
         """The active key with this secret, or None."""
         if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 200:

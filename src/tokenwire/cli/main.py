@@ -68,7 +68,7 @@ def serve(
     """Run the gateway. On a first start it creates the database and prints two keys once."""
     import uvicorn
 
-    from tokenwire.app import create_app
+    from tokenwire.app import create_app, server_options
 
     settings = _settings(config, data_dir)
     created = asyncio.run(_with_keys(settings, _bootstrap))
@@ -83,12 +83,9 @@ def serve(
         create_app(settings),
         host=host or settings.server.host,
         port=port or settings.server.port,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
         access_log=access_log,
         log_level="info",
-        timeout_graceful_shutdown=10,
+        **server_options(settings),
     )
 
 

@@ -146,11 +146,7 @@ def decode_chat_request(body: bytes) -> ChatRequest:
     try:
         request = _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        param = _param_from_message(text)
-        raise InvalidRequest(
-            f"Invalid request: {text}", param=param, code="invalid_value"
-        ) from None
+        raise _invalid(exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
@@ -161,6 +157,23 @@ def decode_chat_request(body: bytes) -> ChatRequest:
         ) from None
     _check_semantics(request)
     return request
+
+
+def convert_chat_request(body: dict[str, Any]) -> ChatRequest:
+    """Validate an already-parsed body (a WebSocket message), which always streams."""
+    try:
+        request = msgspec.convert({**body, "stream": True}, ChatRequest)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+    _check_semantics(request)
+    return request
+
+
+def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
+    text = str(exc)
+    return InvalidRequest(
+        f"Invalid request: {text}", param=_param_from_message(text), code="invalid_value"
+    )
 
 
 def _check_semantics(request: ChatRequest) -> None:

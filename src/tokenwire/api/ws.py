@@ -1,0 +1,412 @@
+"""``/v1/ws/chat``: chat completions over WebSocket, the same generations as SSE.
+
+Each socket is one :class:`WSSession`: a reader loop (parses client messages), one writer task
+(the only one that sends, fed by a bounded queue), and one task per running request that reads
+its generation's log. When the writer falls behind, request tasks block on the queue while the
+log keeps the events; their next batch is merged into fewer chunks, so a slow client costs no
+memory beyond the generation itself. A client that accepts nothing for ``ws_send_timeout_s`` is
+closed with 1013.
+
+Compatible-mode requests run one after another (their chunks carry no request id); envelope
+requests run concurrently up to ``ws_max_concurrent_requests``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from tokenwire.accounting.keys import KeyRecord
+from tokenwire.api.auth import bearer_token
+from tokenwire.config import ServerConfig
+from tokenwire.errors import (
+    AuthenticationError,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+)
+from tokenwire.state import AppState, get_state
+from tokenwire.streams.events import Event, Finish, StreamError, TextDelta, Usage
+from tokenwire.streams.generation import Generation, read_events
+from tokenwire.wire import ws as proto
+from tokenwire.wire.chunks import ChunkEncoder, error_json
+from tokenwire.wire.schema import convert_chat_request
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    code: int
+    reason: str
+
+
+class _RequestFailed(Exception):
+    """A gateway error that belongs to one request: reported with its ``request_id``."""
+
+    def __init__(self, error: GatewayError, request_id: str | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.request_id = request_id
+
+
+def merge_text(batch: list[Event], start_seq: int) -> Iterator[tuple[Event, int]]:
+    """Events with their sequence numbers, consecutive text deltas merged into one.
+
+    A merged delta carries the number of the last event it contains, so a resume
+    ``starting_after`` that number loses nothing and repeats nothing.
+    """
+    seq = start_seq
+    pending: list[str] = []
+    for event in batch:
+        seq += 1
+        if isinstance(event, TextDelta):
+            pending.append(event.text)
+            continue
+        if pending:
+            yield TextDelta("".join(pending)), seq - 1
+            pending = []
+        yield event, seq
+    if pending:
+        yield TextDelta("".join(pending)), seq
+
+
+class _RateBucket:
+    """A token bucket for client messages (``rate`` per second, burst twice that)."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._capacity = 2 * rate
+        self._tokens = self._capacity
+        self._at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class WSSession:
+    """One WebSocket connection: reader, single writer, request tasks."""
+
+    def __init__(self, websocket: WebSocket, state: AppState, key: KeyRecord | None) -> None:
+        self._ws = websocket
+        self._state = state
+        self._config: ServerConfig = state.settings.server
+        self._key = key
+        self._out: asyncio.Queue[bytes | _Close] = asyncio.Queue(maxsize=64)
+        self._requests: dict[str, tuple[asyncio.Task[None], Generation]] = {}
+        self._compat: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._compat_busy = False
+        self._client_closed = asyncio.Event()
+        self._closing = False
+        self._bucket = _RateBucket(self._config.ws_messages_per_second)
+
+    # -- the connection ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(self._writer())
+        compat = loop.create_task(self._compat_worker())
+        try:
+            await self._reader()
+        finally:
+            self._client_closed.set()
+            for task, _ in list(self._requests.values()):
+                task.cancel()
+            compat.cancel()
+            tasks = [task for task, _ in self._requests.values()]
+            await asyncio.gather(*tasks, compat, return_exceptions=True)
+            if not writer.done():
+                self._close_soon(proto.CLOSE_NORMAL, "")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await asyncio.shield(writer)
+                writer.cancel()
+
+    def _close_soon(self, code: int, reason: str) -> None:
+        """Queue a close frame behind what is already queued; stop reading."""
+        if self._closing:
+            return
+        self._closing = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self._out.put_nowait(_Close(code, reason))
+            return
+        # The queue is full because the client reads nothing: drop what is pending.
+        while not self._out.empty():
+            self._out.get_nowait()
+        self._out.put_nowait(_Close(code, reason))
+
+    async def _writer(self) -> None:
+        timeout = self._config.ws_send_timeout_s
+        ws = self._ws
+        try:
+            while True:
+                item = await self._out.get()
+                if isinstance(item, _Close):
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(timeout):
+                            await ws.close(item.code, item.reason)
+                    return
+                try:
+                    async with asyncio.timeout(timeout):
+                        await ws.send({"type": "websocket.send", "text": item.decode()})
+                except TimeoutError:
+                    self._closing = True
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):
+                            await ws.close(proto.CLOSE_TRY_AGAIN_LATER, "client too slow")
+                    return
+        except (OSError, RuntimeError, WebSocketDisconnect):
+            self._client_closed.set()  # the transport is gone
+
+    async def _send(self, message: bytes) -> None:
+        if not self._closing:
+            await self._out.put(message)
+
+    async def _reader(self) -> None:
+        max_bytes = self._config.ws_max_message_bytes
+        deadline = self._config.ws_auth_timeout_s if self._key is None else None
+        while not self._closing:
+            idle = self._config.ws_idle_timeout_s
+            timeout = deadline if deadline is not None else (None if self._requests else idle)
+            try:
+                async with asyncio.timeout(timeout):
+                    message = await self._ws.receive()
+            except TimeoutError:
+                if self._key is None:
+                    self._close_soon(proto.CLOSE_UNAUTHORIZED, "no authentication in time")
+                else:
+                    self._close_soon(proto.CLOSE_NORMAL, "idle timeout")
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            if not self._bucket.take():
+                self._close_soon(proto.CLOSE_POLICY, "message rate limit exceeded")
+                return
+            text = message.get("text")
+            if text is None:
+                self._close_soon(proto.CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted")
+                return
+            try:
+                parsed = proto.parse_client_message(text, max_bytes=max_bytes)
+                if self._key is None:
+                    await self._authenticate(parsed)
+                    deadline = None
+                    continue
+                await self._dispatch(parsed)
+            except proto.ProtocolViolation as exc:
+                self._close_soon(exc.code, exc.reason)
+                return
+            except _RequestFailed as exc:
+                await self._send(proto.error_message(exc.error, exc.request_id))
+            except GatewayError as exc:
+                await self._send(proto.error_message(exc))
+
+    async def _authenticate(self, message: proto.ClientMessage) -> None:
+        if not isinstance(message, proto.AuthMessage):
+            raise proto.ProtocolViolation(
+                proto.CLOSE_UNAUTHORIZED, "authenticate first: send {type: auth, api_key}"
+            )
+        key = await self._state.keys.authenticate(message.api_key)
+        if key is None:
+            raise proto.ProtocolViolation(proto.CLOSE_UNAUTHORIZED, "invalid API key")
+        self._key = key
+        await self._send(b'{"type":"auth.ok"}')
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _active(self) -> int:
+        return len(self._requests) + self._compat.qsize() + int(self._compat_busy)
+
+    def _check_capacity(self, request_id: str | None) -> None:
+        cap = self._config.ws_max_concurrent_requests
+        if self._active() >= cap:
+            error = RateLimited(
+                f"At most {cap} requests may run at once on one socket.",
+                retry_after_s=1.0,
+                code="too_many_concurrent_requests",
+            )
+            raise _RequestFailed(error, request_id)
+
+    async def _dispatch(self, message: proto.ClientMessage) -> None:
+        if isinstance(message, proto.PingMessage):
+            await self._send(proto.PONG)
+        elif isinstance(message, proto.CompatibleRequest):
+            self._check_capacity(None)
+            self._compat.put_nowait(message.body)
+        elif isinstance(message, proto.CreateMessage):
+            self._create(message)
+        elif isinstance(message, proto.CancelMessage):
+            self._cancel(message.request_id)
+        elif isinstance(message, proto.ResumeMessage):
+            error = InvalidRequest(
+                "chat.completion.resume is reserved for resumable streams, "
+                "which this server does not offer yet.",
+                code="unsupported_message_type",
+                param="type",
+            )
+            raise _RequestFailed(error, message.request_id)
+        else:  # AuthMessage after authentication
+            raise InvalidRequest("Already authenticated.", code="already_authenticated")
+
+    def _create(self, message: proto.CreateMessage) -> None:
+        request_id = message.request_id
+        if request_id in self._requests:
+            error = InvalidRequest(
+                f"request_id {request_id!r} is already running on this socket.",
+                param="request_id",
+                code="duplicate_request_id",
+            )
+            raise _RequestFailed(error, request_id)
+        self._check_capacity(request_id)
+        try:
+            generation = self._start(message.body)
+        except GatewayError as exc:
+            raise _RequestFailed(exc, request_id) from None
+        task = asyncio.get_running_loop().create_task(
+            self._serve_envelope(request_id, generation, message.body)
+        )
+        self._requests[request_id] = (task, generation)
+        task.add_done_callback(lambda _t: self._requests.pop(request_id, None))
+
+    def _cancel(self, request_id: str) -> None:
+        entry = self._requests.get(request_id)
+        if entry is None:
+            error = NotFound(
+                f"No running request with request_id {request_id!r} on this socket.",
+                param="request_id",
+                code="unknown_request_id",
+            )
+            raise _RequestFailed(error, request_id)
+        entry[1].cancel("client_cancelled")
+
+    def _start(self, body: dict[str, Any]) -> Generation:
+        assert self._key is not None
+        request = convert_chat_request(body)
+        return self._state.completions.start(self._key, request, body)
+
+    # -- serving requests --------------------------------------------------------------------
+
+    async def _serve_envelope(
+        self, request_id: str, generation: Generation, body: dict[str, Any]
+    ) -> None:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        encoder = ChunkEncoder(
+            completion_id=generation.id,
+            created=generation.created,
+            model=generation.model,
+            include_usage=include_usage,
+        )
+        seq = 0
+        finish: str | None = None
+        usage: Usage | None = None
+        async for batch in read_events(generation):
+            parts: list[bytes] = []
+            assert batch is not None
+            for event, number in merge_text(batch, seq):
+                if isinstance(event, StreamError):
+                    parts.append(proto.error_message(event.error, request_id))
+                    continue
+                if isinstance(event, Finish):
+                    finish = event.reason
+                elif isinstance(event, Usage):
+                    usage = event
+                chunk = encoder.encode(event, include_usage=include_usage)
+                if chunk is not None:
+                    parts.append(proto.envelope_chunk(chunk, request_id, number))
+            seq += len(batch)
+            for part in parts:
+                await self._send(part)
+        if finish is not None:
+            await self._send(proto.done_message(request_id, generation.id, finish, usage, seq))
+
+    async def _compat_worker(self) -> None:
+        while True:
+            body = await self._compat.get()
+            self._compat_busy = True
+            try:
+                await self._serve_compatible(body)
+            finally:
+                self._compat_busy = False
+
+    async def _serve_compatible(self, body: dict[str, Any]) -> None:
+        try:
+            generation = self._start(body)
+        except GatewayError as exc:
+            await self._send(error_json(exc))
+            await self._finish_compatible()
+            return
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        encoder = ChunkEncoder(
+            completion_id=generation.id,
+            created=generation.created,
+            model=generation.model,
+            include_usage=include_usage,
+        )
+        seq = 0
+        async for batch in read_events(generation):
+            assert batch is not None
+            for event, _number in merge_text(batch, seq):
+                chunk = encoder.encode(event, include_usage=include_usage)
+                if chunk is not None:
+                    await self._send(chunk)
+            seq += len(batch)
+        await self._finish_compatible()
+
+    async def _finish_compatible(self) -> None:
+        """Send ``[DONE]`` unless the client closes within the grace period."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._config.ws_done_grace_ms / 1000):
+                await self._client_closed.wait()
+        if not self._client_closed.is_set():
+            await self._send(proto.DONE.encode())
+
+
+def _origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
+    origin = websocket.headers.get("origin")
+    if origin is None or "*" in allowed or origin in allowed:
+        return True
+    host = websocket.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
+
+
+async def ws_chat(websocket: WebSocket) -> None:
+    """Authenticate (header, ticket, or an ``auth`` message) and run the session."""
+    state = get_state(websocket)
+    offered = list(websocket.scope.get("subprotocols") or [])
+    subprotocol = proto.SUBPROTOCOL if proto.SUBPROTOCOL in offered else None
+    if not _origin_allowed(websocket, state.settings.server.ws_allowed_origins):
+        await websocket.accept(subprotocol)
+        await websocket.close(proto.CLOSE_POLICY, "origin not allowed")
+        return
+    ticket = next(
+        (p[len(proto.TICKET_PREFIX) :] for p in offered if p.startswith(proto.TICKET_PREFIX)), None
+    )
+    key: KeyRecord | None = None
+    try:
+        token = bearer_token(websocket)
+        if token is not None:
+            key = await state.keys.authenticate(token)
+            if key is None:
+                raise AuthenticationError("invalid API key")
+        elif ticket is not None:
+            key_id = state.tickets.redeem(ticket)
+            key = None if key_id is None else await state.keys.get(key_id)
+            if key is None or not key.is_active(time.time()):
+                raise AuthenticationError("invalid or expired ticket")
+    except AuthenticationError as exc:
+        await websocket.accept(subprotocol)
+        await websocket.close(proto.CLOSE_UNAUTHORIZED, exc.message[:120])
+        return
+    await websocket.accept(subprotocol)
+    await WSSession(websocket, state, key).run()
