@@ -32,7 +32,11 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     return AppState(
         settings=settings,
         engine=engine,
-        keys=KeyStore(engine, load_server_secret(settings.data_dir, environ)),
+        keys=KeyStore(
+            engine,
+            load_server_secret(settings.data_dir, environ),
+            cache_ttl_s=settings.server.key_cache_ttl_s,
+        ),
         registry=registry,
         completions=CompletionService(
             registry, disconnect_grace_s=settings.server.disconnect_grace_s

@@ -37,6 +37,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 1_048_576
     sse_heartbeat_s: float = 15.0
     disconnect_grace_s: float = 0.0
+    key_cache_ttl_s: float = 5.0
     ws_max_message_bytes: int = 1_048_576
     ws_max_concurrent_requests: int = 32
     ws_done_grace_ms: float = 50.0

@@ -60,3 +60,31 @@ def test_server_secret_file_is_private_and_stable(tmp_path: Path) -> None:
     assert load_server_secret(tmp_path, env={}) == first
     assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
     assert load_server_secret(tmp_path, env={"TOKENWIRE_SECRET": "s3"}) == b"s3"
+
+
+async def test_concurrent_lookups_share_one_query_and_revoke_clears_cache(tmp_path: Path) -> None:
+    """50 simultaneous authentications of one key cost one query; a local revoke takes effect at once."""
+    import asyncio
+
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    queries: list[str] = []
+
+    @sa.event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if "FROM api_keys" in statement:
+            queries.append(statement)
+
+    try:
+        await migrate(engine)
+        store = KeyStore(engine, b"s", cache_ttl_s=60)
+        record, plaintext = await store.create("burst")
+        queries.clear()
+        results = await asyncio.gather(*(store.authenticate(plaintext) for _ in range(50)))
+        assert results == [record] * 50
+        assert len(queries) == 1
+        assert await store.authenticate(plaintext) == record
+        assert len(queries) == 1  # served from the cache
+        await store.revoke(record.id)
+        assert await store.authenticate(plaintext) is None
+    finally:
+        await engine.dispose()

@@ -12,6 +12,7 @@ must share the secret.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -83,11 +84,20 @@ def _row_to_record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:
 
 
 class KeyStore:
-    """Create, list, revoke and authenticate API keys."""
+    """Create, list, revoke and authenticate API keys.
 
-    def __init__(self, engine: AsyncEngine, server_secret: bytes) -> None:
+    Successful lookups are cached for ``cache_ttl_s`` (by digest, never by plaintext), and
+    concurrent lookups of one key share a single database query: a burst of 200 requests
+    with one key costs one query, not 200. A key revoked here is dropped from the cache at
+    once; one revoked by another process stops working within ``cache_ttl_s``.
+    """
+
+    def __init__(self, engine: AsyncEngine, server_secret: bytes, cache_ttl_s: float = 0.0) -> None:
         self._engine = engine
         self._secret = server_secret
+        self._ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[KeyRecord, float]] = {}
+        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     def digest(self, plaintext: str) -> str:
         """The stored form of a key."""
@@ -145,6 +155,7 @@ class KeyStore:
             row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
         if row is None:
             raise NotFound(f"No API key with id {key_id!r}.", param="id")
+        self.forget(key_id)
         return _row_to_record(row)
 
     async def get(self, key_id: str) -> KeyRecord | None:
@@ -157,13 +168,42 @@ class KeyStore:
         """The active key with this secret, or None."""
         if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 200:
             return None
+        digest = self.digest(plaintext)
+        cached = self._cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            record: KeyRecord | None = cached[0]
+        else:
+            inflight = self._inflight.get(digest)
+            if inflight is not None:
+                record = await asyncio.shield(inflight)
+            else:
+                future = asyncio.get_running_loop().create_future()
+                self._inflight[digest] = future
+                try:
+                    record = await self._lookup(digest)
+                    future.set_result(record)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: waiters re-raise it themselves
+                    raise
+                finally:
+                    del self._inflight[digest]
+                if record is not None and self._ttl_s > 0:
+                    if len(self._cache) > 100_000:
+                        self._cache.clear()
+                    self._cache[digest] = (record, now + self._ttl_s)
+        if record is None or not record.is_active(time.time()):
+            return None
+        return record
+
+    async def _lookup(self, digest: str) -> KeyRecord | None:
         async with self._engine.connect() as conn:
             row = (
-                await conn.execute(
-                    sa.select(api_keys).where(api_keys.c.secret_hash == self.digest(plaintext))
-                )
+                await conn.execute(sa.select(api_keys).where(api_keys.c.secret_hash == digest))
             ).first()
-        if row is None:
-            return None
-        record = _row_to_record(row)
-        return record if record.is_active(time.time()) else None
+        return None if row is None else _row_to_record(row)
+
+    def forget(self, key_id: str) -> None:
+        """Drop a key from the cache (after it was revoked or changed here)."""
+        self._cache = {d: v for d, v in self._cache.items() if v[0].id != key_id}

@@ -20,7 +20,7 @@ class MemoryStreamLog:
 
     def __init__(self) -> None:
         self._events: list[Event] = []
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[bool]] = []
         self._closed = False
 
     @property
@@ -55,28 +55,32 @@ class MemoryStreamLog:
         """Wait until an event above ``seq`` exists or the log closes.
 
         Returns False if ``timeout`` seconds passed first (the caller may send a heartbeat).
+        This runs once per token per reader, so the timeout is a bare timer handle rather than
+        ``asyncio.timeout`` (which costs twice as much per wait).
         """
         if len(self._events) > seq or self._closed:
             return True
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, self._expire, waiter)
         try:
-            if timeout is None:
-                await waiter
-            else:
-                async with asyncio.timeout(timeout):
-                    await waiter
-        except TimeoutError:
-            return False
+            return await waiter
         finally:
-            if not waiter.done():
+            if timer is not None:
+                timer.cancel()
+            if not waiter.done():  # the reader itself was cancelled
                 waiter.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-        return True
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def _expire(self, waiter: asyncio.Future[bool]) -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+            self._waiters.remove(waiter)
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
