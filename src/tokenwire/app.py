@@ -10,6 +10,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.tickets import TicketStore
@@ -52,7 +53,33 @@ async def close_state(state: AppState) -> None:
     await state.engine.dispose()
 
 
-def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Starlette:
+class Gateway:
+    """The ASGI app: a direct path for ``POST /v1/chat/completions``, Starlette for the rest.
+
+    The completions route carries nearly all traffic, one ASGI ``send`` per token. Starlette's
+    router and its two exception middlewares wrap every ``send`` in three more Python calls;
+    routing that one path here, with its own error handling, cut the gateway's CPU per
+    request by about a fifth in a profile (docs/performance.md). Everything else, the
+    lifespan included, goes through Starlette unchanged.
+    """
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == "/v1/chat/completions"
+            and scope["method"] == "POST"
+        ):
+            scope["app"] = self.app
+            await chat.completions_endpoint(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Gateway:
     """The tokenwire ASGI app for ``settings``."""
 
     @contextlib.asynccontextmanager
@@ -73,7 +100,7 @@ def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Star
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]
-    return Starlette(
+    starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -82,6 +109,7 @@ def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Star
             Exception: handle_unexpected,
         },
     )
+    return Gateway(starlette)
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -96,5 +124,6 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_timeout": server.ws_ping_interval_s,
         "ws_per_message_deflate": server.ws_per_message_deflate,
         "backlog": 4096,
+        "timeout_keep_alive": 75,  # longer than clients' pools keep idle connections
         "timeout_graceful_shutdown": 10,
     }

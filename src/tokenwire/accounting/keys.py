@@ -13,7 +13,6 @@ must share the secret.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import os
 import secrets
@@ -101,7 +100,7 @@ class KeyStore:
 
     def digest(self, plaintext: str) -> str:
         """The stored form of a key."""
-        return hmac.new(self._secret, plaintext.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self._secret, plaintext.encode(), "sha256").hex()
 
     async def create(
         self, name: str, *, is_admin: bool = False, expires_at: int | None = None

@@ -9,9 +9,9 @@ from starlette.types import Receive, Scope, Send
 
 from tokenwire.api.auth import authenticate
 from tokenwire.api.disconnect import cancel_on_disconnect
-from tokenwire.api.errors import error_response, json_response
+from tokenwire.api.errors import error_response, internal_error_response, json_response
 from tokenwire.api.sse_stream import SSEStream
-from tokenwire.errors import BodyTooLarge, InvalidRequest
+from tokenwire.errors import BodyTooLarge, GatewayError, InvalidRequest
 from tokenwire.state import get_state
 from tokenwire.streams.generation import Generation, read_events
 from tokenwire.wire.chunks import CompletionBuilder
@@ -20,18 +20,21 @@ from tokenwire.wire.schema import decode_chat_request
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or ``BodyTooLarge`` (413) as soon as it exceeds ``limit`` bytes."""
-    too_large = BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
 
 
 async def create_completion(request: Request) -> Response | SSEStream | JSONCompletion:
@@ -51,6 +54,19 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         include_usage=chat_request.include_usage,
         heartbeat_s=state.settings.server.sse_heartbeat_s,
     )
+
+
+async def completions_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """``create_completion`` as a bare ASGI endpoint, with the app's error rendering."""
+    request = Request(scope, receive)
+    response: Response | SSEStream | JSONCompletion
+    try:
+        response = await create_completion(request)
+    except GatewayError as exc:
+        response = error_response(exc)
+    except Exception as exc:  # noqa: BLE001 - rendered as a 500 without a stack trace
+        response = internal_error_response(exc)
+    await response(scope, receive, send)
 
 
 class JSONCompletion:

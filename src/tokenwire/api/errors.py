@@ -57,8 +57,9 @@ async def handle_http_exception(_request: Request, exc: Exception) -> Response:
     return json_response(body, exc.status_code, dict(exc.headers or {}))
 
 
-async def handle_unexpected(_request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", exc_info=exc)
+def internal_error_response(exc: Exception) -> Response:
+    """A generic 500 body; the exception and its trace go to the log only."""
+    log.error("unhandled error", exc_info=exc)
     body = {
         "error": {
             "message": "The server had an internal error; it has been logged.",
@@ -68,3 +69,7 @@ async def handle_unexpected(_request: Request, exc: Exception) -> Response:
         }
     }
     return json_response(body, 500)
+
+
+async def handle_unexpected(_request: Request, exc: Exception) -> Response:
+    return internal_error_response(exc)

@@ -110,6 +110,7 @@ def sim_upstream(
         access_log=False,
         log_level="warning",
         backlog=4096,
+        timeout_keep_alive=75,
     )
 
 

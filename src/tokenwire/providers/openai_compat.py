@@ -166,6 +166,21 @@ class OpenAICompatProvider:
             )
         return self._session
 
+    async def _post(self, payload: bytes) -> aiohttp.ClientResponse:
+        """POST, retrying once when a pooled keep-alive connection turns out to be closed.
+
+        A server may close an idle keep-alive connection just as the pool hands it out
+        (uvicorn's default idle timeout is 5 s); the request was then never processed, so one
+        retry on a fresh connection is safe. A refused connection is not retried here.
+        """
+        session = self._get_session()
+        try:
+            return await session.post(self._url, data=payload, headers=self._headers)
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return await session.post(self._url, data=payload, headers=self._headers)
+
     def upstream_body(self, call: ProviderCall) -> dict[str, Any]:
         """The body sent upstream: the client's, with model, streaming and usage forced."""
         body = dict(call.raw_body)
@@ -188,9 +203,7 @@ class OpenAICompatProvider:
             late_error: Exception | None = None
             try:
                 async with asyncio.timeout(self._first_token_s):
-                    response = await self._get_session().post(
-                        self._url, data=payload, headers=self._headers
-                    )
+                    response = await self._post(payload)
                     if response.status >= 400:
                         body = await response.content.read(65536)
                         raise upstream_error(
