@@ -17,7 +17,7 @@ from tokenwire.accounting.tickets import TicketStore
 from tokenwire.api import chat, health, models, openapi, tickets, ws
 from tokenwire.api.errors import handle_gateway_error, handle_http_exception, handle_unexpected
 from tokenwire.completions import CompletionService
-from tokenwire.config import Settings
+from tokenwire.config import Settings, load_settings
 from tokenwire.errors import GatewayError
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import AppState
@@ -110,6 +110,15 @@ def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Gate
         },
     )
     return Gateway(starlette)
+
+
+def app_from_env() -> Gateway:
+    """An app configured from ``TOKENWIRE_*`` variables, for any ASGI server's factory mode.
+
+    For example ``uvicorn --factory tokenwire.app:app_from_env`` or
+    ``granian --interface asgi --factory tokenwire.app:app_from_env``.
+    """
+    return create_app(load_settings())
 
 
 def server_options(settings: Settings) -> dict[str, Any]:

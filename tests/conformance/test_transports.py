@@ -1,0 +1,834 @@
+"""Transport conformance: the same request gives the same result over SSE and both WS modes.
+
+Every scenario runs over three transports,
+
+* ``sse``: ``POST /v1/chat/completions`` with ``stream: true`` (aiohttp),
+* ``ws-compat``: ``/v1/ws/chat`` in compatible mode (a plain body in, chunks and ``[DONE]`` out),
+* ``ws-envelope``: ``/v1/ws/chat`` in envelope mode (``chat.completion.create``),
+
+and against the backends ``sim`` (in-process) and ``proxied-sim`` (sim-upstream over real
+HTTP); upstream behaviour the simulator cannot show (HTTP errors, failures after the first
+token, text needing JSON escapes, no usage) comes from ``flaky``, a scripted upstream over
+real HTTP (see ``conftest.py``). Each
+transport's output is folded into one :class:`Record` (text, tool calls, finish reasons, usage,
+error, chunk ids, roles, models). The test asserts that the record equals the expected one
+computed from :func:`tokenwire.providers.sim.plan` (or the documented error), and that every
+WebSocket record equals the SSE record of the same scenario: same text, finish reasons, usage
+and error codes on every transport. Transport-specific framing is checked on the way
+(``[DONE]`` last, SSE ids increasing, envelope ``request_id`` / ``sequence_number`` / ``done``,
+nothing trailing after the end of a request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from tokenwire.completions import estimate_prompt_tokens
+from tokenwire.providers.sim import SimPlan, plan
+from tokenwire.testing import GatewayServer, SimUpstreamServer
+from tokenwire.wire.schema import decode_chat_request
+
+RECV_TIMEOUT_S = 10.0
+ENVELOPE_FIELDS = ("type", "request_id", "sequence_number")
+ERROR_FIELDS = ("status", "type", "code", "param", "message")
+
+MESSAGES: list[dict[str, Any]] = [
+    {"role": "system", "content": "You are a conformance test."},
+    {"role": "user", "content": "Say the same thing over every transport"},
+]
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
+]
+
+
+# -- the normalised record -------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """What a client learns from one request, whatever the transport."""
+
+    text: str = ""
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    usage: dict[str, int] | None = None  # the usage chunk (only when include_usage was asked)
+    error: dict[str, Any] | None = None  # status, type, code, param, message
+    ids: int = 0  # distinct chunk ids: 1 for a stream, 0 when it failed before any chunk
+    roles: list[str] = field(default_factory=list)  # every delta.role seen, in order
+    models: list[str] = field(default_factory=list)  # distinct chunk models
+    usage_field: str = "none"  # "usage" on choice chunks: "null", "absent", or "none" (no chunk)
+
+    def without_message(self) -> Record:
+        """The record with the error's human-readable message dropped."""
+        if self.error is None:
+            return self
+        error = {k: v for k, v in self.error.items() if k != "message"}
+        return Record(**{**self.__dict__, "error": error})
+
+
+@dataclass
+class Observed:
+    """A record plus the transport-specific details the checks need."""
+
+    record: Record
+    stream_id: str | None = None  # X-Stream-Id (SSE) or done.stream_id (envelope)
+    numbers: list[int] = field(default_factory=list)  # SSE ids / envelope sequence numbers
+    finish_number: int | None = None  # SSE id / sequence number of the finish chunk
+    done: dict[str, Any] | None = None  # envelope chat.completion.done
+    retry_after_ms: int | None = None  # SSE Retry-After header or envelope retry_after_ms
+    raw: list[str] = field(default_factory=list)  # canonical finish/usage chunk and error JSON
+
+
+_ENVELOPE_SUFFIX = re.compile(
+    r',"type":"chat\.completion\.chunk","request_id":"[^"]*","sequence_number":\d+}$'
+)
+
+
+def canonical(text: str) -> str:
+    """Message text with the per-completion ``id`` and ``created`` blanked out."""
+    text = re.sub(r'"id":"chatcmpl-[A-Za-z0-9_-]+"', '"id":"chatcmpl-X"', text)
+    return re.sub(r'"created":\d+', '"created":0', text)
+
+
+def _is_tail(chunk: dict[str, Any]) -> bool:
+    """The finish chunk or the usage chunk: never merged, so byte-comparable."""
+    choices = chunk["choices"]
+    return not choices or choices[0]["finish_reason"] is not None
+
+
+def normalise_error(error: dict[str, Any], status: int | None = None) -> dict[str, Any]:
+    """An error object reduced to the fields every transport must agree on."""
+    assert isinstance(error, dict), error
+    assert {"message", "type", "param", "code"} <= error.keys(), error
+    merged = {**error, "status": error.get("status") if status is None else status}
+    return {k: merged[k] for k in ERROR_FIELDS}
+
+
+def fold(chunks: list[dict[str, Any]], error: dict[str, Any] | None) -> Record:
+    """Fold OpenAI ``chat.completion.chunk`` objects (and an error, if any) into a record."""
+    record = Record(error=error)
+    text: list[str] = []
+    calls: dict[int, dict[str, str]] = {}
+    ids: set[str] = set()
+    models: set[str] = set()
+    usage_fields: set[str] = set()
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk", chunk
+        assert isinstance(chunk["created"], int), chunk
+        ids.add(chunk["id"])
+        models.add(chunk["model"])
+        choices = chunk["choices"]
+        if not choices:  # the trailing usage chunk
+            assert record.usage is None, "two usage chunks"
+            assert record.finish_reasons and chunk is chunks[-1], "usage chunk not at the end"
+            record.usage = chunk["usage"]
+            continue
+        usage_fields.add("absent" if "usage" not in chunk else "null")
+        if "usage" in chunk:
+            assert chunk["usage"] is None, chunk
+        (choice,) = choices
+        assert choice["index"] == 0, chunk
+        assert not record.finish_reasons, f"a chunk after the finish chunk: {chunk}"
+        delta = choice["delta"]
+        if "role" in delta:
+            record.roles.append(delta["role"])
+        if delta.get("content"):
+            text.append(delta["content"])
+        for call in delta.get("tool_calls") or ():
+            entry = calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
+            entry["id"] += call.get("id") or ""
+            entry["name"] += (call.get("function") or {}).get("name") or ""
+            entry["arguments"] += (call.get("function") or {}).get("arguments") or ""
+        if choice["finish_reason"] is not None:
+            record.finish_reasons.append(choice["finish_reason"])
+    record.text = "".join(text)
+    record.tool_calls = [calls[i] for i in sorted(calls)]
+    record.ids = len(ids)
+    record.models = sorted(models)
+    record.usage_field = "+".join(sorted(usage_fields)) or "none"
+    return record
+
+
+# -- the transports --------------------------------------------------------------------------
+
+
+def _auth(gateway: GatewayServer) -> dict[str, str]:
+    return {"Authorization": f"Bearer {gateway.api_key}"}
+
+
+def _ws_url(gateway: GatewayServer) -> str:
+    return gateway.base_url.replace("http://", "ws://") + "/v1/ws/chat"
+
+
+async def _sse_events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[int | None, str]]:
+    """``(id, data)`` for each SSE event (a small independent parser; comments skipped)."""
+    event_id: int | None = None
+    data: list[str] = []
+    async for raw in content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                yield event_id, "\n".join(data)
+            event_id, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("id: "):
+            event_id = int(line[4:])
+        elif line.startswith("data: "):
+            data.append(line[6:])
+        else:
+            raise AssertionError(f"unexpected SSE line {line!r}")
+    assert not data, "stream ended inside an event"
+
+
+async def run_sse(gateway: GatewayServer, body: dict[str, Any]) -> Observed:
+    """``POST /v1/chat/completions`` with ``stream: true``."""
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(
+            gateway.base_url + "/v1/chat/completions", json=body, headers=_auth(gateway)
+        ) as response,
+    ):
+        if response.status != 200:
+            assert response.content_type == "application/json"
+            payload = await response.json()
+            assert payload.keys() == {"error"}, payload
+            retry_after = response.headers.get("Retry-After")
+            return Observed(
+                fold([], normalise_error(payload["error"], response.status)),
+                retry_after_ms=None if retry_after is None else int(retry_after) * 1000,
+            )
+        assert response.content_type == "text/event-stream"
+        stream_id = response.headers["x-stream-id"]
+        events = [event async for event in _sse_events(response.content)]
+    assert events, "empty SSE stream"
+    assert events[-1] == (None, "[DONE]"), events[-1]
+    chunks: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    error: dict[str, Any] | None = None
+    finish_number: int | None = None
+    raw: list[str] = []
+    for event_id, data in events[:-1]:
+        assert data != "[DONE]", "[DONE] twice"
+        assert error is None, f"an event after the in-band error: {data}"
+        payload = json.loads(data)
+        if "error" in payload:
+            assert event_id is None, "the in-band error carries no id"
+            assert payload.keys() == {"error"}, payload
+            error = normalise_error(payload["error"])
+            raw.append(canonical(data))
+            continue
+        assert event_id is not None, f"chunk without id: {data}"
+        numbers.append(event_id)
+        chunks.append(payload)
+        if _is_tail(payload):
+            raw.append(canonical(data))
+            if payload["choices"]:
+                finish_number = event_id
+    assert numbers == sorted(set(numbers)), f"SSE ids not increasing: {numbers}"
+    assert {c["id"] for c in chunks} <= {stream_id}, "chunk ids differ from X-Stream-Id"
+    return Observed(
+        fold(chunks, error),
+        stream_id=stream_id,
+        numbers=numbers,
+        finish_number=finish_number,
+        raw=raw,
+    )
+
+
+async def recv_text(ws: ClientConnection) -> str:
+    message = await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S)
+    assert isinstance(message, str), f"binary frame: {message!r}"
+    return message
+
+
+async def assert_nothing_trailing(ws: ClientConnection) -> None:
+    """Ping and expect the pong next: nothing else was pending for this socket."""
+    await ws.send(json.dumps({"type": "ping"}))
+    assert await recv_text(ws) == '{"type":"pong"}'
+
+
+async def collect_compat(ws: ClientConnection) -> Observed:
+    """One compatible-mode reply: chunk JSON, or ``{"error"}``, then ``[DONE]``."""
+    chunks: list[dict[str, Any]] = []
+    raw: list[str] = []
+    error: dict[str, Any] | None = None
+    while (text := await recv_text(ws)) != "[DONE]":
+        assert error is None, f"a message after the error: {text}"
+        payload = json.loads(text)
+        if "error" in payload:
+            assert payload.keys() == {"error"}, payload
+            assert payload["error"].keys() == {"message", "type", "param", "code", "status"}
+            error = normalise_error(payload["error"])
+            raw.append(canonical(text))
+        else:
+            assert "type" not in payload and "request_id" not in payload, payload
+            chunks.append(payload)
+            if _is_tail(payload):
+                raw.append(canonical(text))
+    ids = {c["id"] for c in chunks}
+    return Observed(
+        fold(chunks, error), stream_id=next(iter(ids)) if len(ids) == 1 else None, raw=raw
+    )
+
+
+async def run_ws_compat(gateway: GatewayServer, body: dict[str, Any]) -> Observed:
+    """Compatible mode: the plain body in; chunk JSON, or ``{"error"}``, then ``[DONE]``."""
+    async with connect(_ws_url(gateway), additional_headers=_auth(gateway)) as ws:
+        await ws.send(json.dumps(body))
+        observed = await collect_compat(ws)
+        await assert_nothing_trailing(ws)
+    return observed
+
+
+@dataclass
+class _Envelope:
+    """One envelope request's messages, as they arrive."""
+
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    numbers: list[int] = field(default_factory=list)
+    finish_number: int | None = None
+    error: dict[str, Any] | None = None
+    retry_after_ms: int | None = None
+    done: dict[str, Any] | None = None
+
+    def observed(self) -> Observed:
+        numbers = self.numbers
+        assert numbers == sorted(set(numbers)) and all(n >= 1 for n in numbers), numbers
+        stream_id: str | None = None
+        if self.done is not None:
+            stream_id = self.done["stream_id"]
+            ids = {c["id"] for c in self.chunks}
+            assert ids <= {stream_id}, "chunk ids differ from done.stream_id"
+            assert not numbers or self.done["sequence_number"] >= numbers[-1], self.done
+        return Observed(
+            fold(self.chunks, self.error),
+            stream_id=stream_id,
+            numbers=numbers,
+            finish_number=self.finish_number,
+            done=self.done,
+            retry_after_ms=self.retry_after_ms,
+            raw=self.raw,
+        )
+
+
+OnChunk = Callable[[ClientConnection, str, int], Awaitable[None]]
+
+
+async def collect_envelopes(
+    ws: ClientConnection, request_ids: list[str], on_chunk: OnChunk | None = None
+) -> dict[str, Observed]:
+    """Demultiplex envelope messages by ``request_id`` until each request has ended."""
+    results = {request_id: _Envelope() for request_id in request_ids}
+    running = set(request_ids)
+    while running:
+        text = await recv_text(ws)
+        message = json.loads(text)
+        request_id = message.get("request_id")
+        assert request_id in running, f"message for no running request: {message}"
+        result = results[request_id]
+        kind = message["type"]
+        if kind == "chat.completion.chunk":
+            number = message["sequence_number"]
+            result.numbers.append(number)
+            chunk = {k: v for k, v in message.items() if k not in ENVELOPE_FIELDS}
+            result.chunks.append(chunk)
+            if _is_tail(chunk):
+                # "the OpenAI chunk, fields added, none removed": the SSE bytes plus a suffix.
+                assert _ENVELOPE_SUFFIX.search(text), text
+                result.raw.append(canonical(_ENVELOPE_SUFFIX.sub("}", text)))
+                if chunk["choices"]:
+                    result.finish_number = number
+            if on_chunk is not None:
+                await on_chunk(ws, request_id, len(result.chunks))
+        elif kind == "chat.completion.done":
+            result.done = message
+            running.discard(request_id)
+        elif kind == "error":
+            assert message.keys() == {"type", "request_id", "error"}, message
+            result.retry_after_ms = message["error"].get("retry_after_ms")
+            result.error = normalise_error(message["error"])
+            running.discard(request_id)
+        else:
+            raise AssertionError(f"unexpected message {message}")
+    return {request_id: result.observed() for request_id, result in results.items()}
+
+
+def _create(request_id: str, body: dict[str, Any]) -> str:
+    return json.dumps({"type": "chat.completion.create", "request_id": request_id, "body": body})
+
+
+async def run_ws_envelope(
+    gateway: GatewayServer, body: dict[str, Any], *, on_chunk: OnChunk | None = None
+) -> Observed:
+    """Envelope mode: ``chat.completion.create``; chunks, then ``done`` or ``error``."""
+    async with connect(_ws_url(gateway), additional_headers=_auth(gateway)) as ws:
+        await ws.send(_create("req-1", body))
+        observed = await collect_envelopes(ws, ["req-1"], on_chunk)
+        await assert_nothing_trailing(ws)  # in particular: no done after an error
+    return observed["req-1"]
+
+
+Runner = Callable[[GatewayServer, dict[str, Any]], Awaitable[Observed]]
+TRANSPORTS: dict[str, Runner] = {
+    "sse": run_sse,
+    "ws-compat": run_ws_compat,
+    "ws-envelope": run_ws_envelope,
+}
+
+
+# -- the scenarios ---------------------------------------------------------------------------
+
+
+def _body(model: str, messages: list[dict[str, Any]] = MESSAGES, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": messages, "stream": True, **extra}
+
+
+def _user(content: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": content}]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A request body for a model, and the record every transport must produce for it."""
+
+    name: str
+    body: Callable[[str], dict[str, Any]]
+    backends: tuple[str, ...] = ("sim", "proxied-sim")
+    error: dict[str, Any] | None = None  # expected status/type/code/param
+    partial: bool = False  # the flaky upstream's one good chunk precedes the error
+    retry_after_ms: int | None = None
+    upstream_usage: str | None = None  # flaky complete streams: "reported" or "estimated"
+
+    def expected(self, body: dict[str, Any], flaky: dict[str, Any]) -> Record:
+        """The record from ``plan()`` or the flaky upstream's script, or the documented error."""
+        if self.error is not None and not self.partial:
+            return Record(error=self.error)
+        request = decode_chat_request(json.dumps(body).encode())
+        record = Record(
+            ids=1,
+            roles=["assistant"],
+            models=[body["model"]],
+            usage_field="null" if request.include_usage else "absent",
+        )
+        if self.error is not None:
+            record.text, record.error = flaky["partial_text"], self.error
+            return record
+        record.usage = self.usage(body, flaky) if request.include_usage else None
+        if self.upstream_usage is not None:
+            record.text, record.finish_reasons = flaky["tricky_text"], ["stop"]
+            return record
+        sim = plan(request)
+        record.text, record.finish_reasons = sim.text, [sim.finish_reason]
+        if sim.tool_call is not None:
+            call_id, name, fragments = sim.tool_call
+            record.tool_calls = [{"id": call_id, "name": name, "arguments": "".join(fragments)}]
+        return record
+
+    def usage(self, body: dict[str, Any], flaky: dict[str, Any]) -> dict[str, int]:
+        """The usage of a completed stream: the sim's, the upstream's, or the estimate."""
+        if self.upstream_usage == "reported":
+            return dict(flaky["usage"])
+        if self.upstream_usage == "estimated":
+            request = decode_chat_request(json.dumps(body).encode())
+            return _usage(estimate_prompt_tokens(request), len(flaky["tricky_parts"]))
+        sim = _plan(body)
+        return _usage(sim.prompt_tokens, sim.completion_tokens)
+
+
+def _plan(body: dict[str, Any]) -> SimPlan:
+    return plan(decode_chat_request(json.dumps(body).encode()))
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _upstream_error(status: int, type_: str, code: str | None) -> dict[str, Any]:
+    return {"status": status, "type": type_, "code": code, "param": None}
+
+
+INCLUDE_USAGE = {"stream_options": {"include_usage": True}}
+SCENARIOS = [
+    Scenario("plain", lambda m: _body(m)),
+    Scenario("include_usage", lambda m: _body(m, **INCLUDE_USAGE)),
+    Scenario("max_tokens", lambda m: _body(m, max_tokens=5, **INCLUDE_USAGE)),
+    Scenario("max_completion_tokens", lambda m: _body(m, max_completion_tokens=3, **INCLUDE_USAGE)),
+    # The plan for MESSAGES starts "Chunk packet silver packet cedar …": "lver" cuts inside
+    # the third token, so the last streamed token is a partial one ("Chunk packet si").
+    Scenario("stop", lambda m: _body(m, stop=["lver", "zzz"], **INCLUDE_USAGE)),
+    Scenario("tool_call", lambda m: _body(m, tools=TOOLS, tool_choice="required", **INCLUDE_USAGE)),
+    Scenario("seeded", lambda m: _body(m, seed=7, max_tokens=8)),
+    Scenario(
+        "unknown_model",
+        lambda m: _body("no-such-model"),
+        error={
+            "status": 404,
+            "type": "invalid_request_error",
+            "code": "model_not_found",
+            "param": "model",
+        },
+    ),
+    Scenario(
+        "bad_max_tokens",
+        lambda m: _body(m, max_tokens=-1),
+        error={
+            "status": 400,
+            "type": "invalid_request_error",
+            "code": "invalid_value",
+            "param": "max_tokens",
+        },
+    ),
+    Scenario(
+        "empty_messages",
+        lambda m: _body(m, messages=[]),
+        error={
+            "status": 400,
+            "type": "invalid_request_error",
+            "code": "invalid_value",
+            "param": "messages",
+        },
+    ),
+    Scenario(
+        "bad_role",
+        lambda m: _body(m, messages=[{"role": "wizard", "content": "hi"}]),
+        error={
+            "status": 400,
+            "type": "invalid_request_error",
+            "code": "invalid_value",
+            "param": "messages[0].role",
+        },
+    ),
+    Scenario(
+        "unsupported_n",
+        lambda m: _body(m, n=2),
+        error={
+            "status": 400,
+            "type": "invalid_request_error",
+            "code": "unsupported_value",
+            "param": "n",
+        },
+    ),
+    Scenario(
+        "upstream_text_needing_escapes",
+        lambda m: _body(m, _user("unicode"), **INCLUDE_USAGE),
+        backends=("flaky",),
+        upstream_usage="reported",
+    ),
+    Scenario(
+        "upstream_without_usage",
+        lambda m: _body(m, _user("no-usage"), **INCLUDE_USAGE),
+        backends=("flaky",),
+        upstream_usage="estimated",
+    ),
+    Scenario(
+        "upstream_503_before_first_token",
+        lambda m: _body(m, _user("fail-503")),
+        backends=("flaky",),
+        error=_upstream_error(503, "server_error", "overloaded"),
+    ),
+    Scenario(
+        "upstream_429_before_first_token",
+        lambda m: _body(m, _user("fail-429")),
+        backends=("flaky",),
+        error=_upstream_error(429, "rate_limit_error", "rate_limit_exceeded"),
+        retry_after_ms=3000,
+    ),
+    Scenario(
+        "upstream_garbage_after_first_token",
+        lambda m: _body(m, _user("mid-garbage")),
+        backends=("flaky",),
+        error=_upstream_error(502, "api_error", "upstream_error"),
+        partial=True,
+    ),
+    Scenario(
+        "upstream_error_chunk_after_first_token",
+        lambda m: _body(m, _user("mid-error")),
+        backends=("flaky",),
+        error=_upstream_error(502, "api_error", "upstream_error"),
+        partial=True,
+    ),
+    Scenario(
+        "upstream_eof_after_first_token",
+        lambda m: _body(m, _user("mid-eof")),
+        backends=("flaky",),
+        error=_upstream_error(502, "api_error", "upstream_error"),
+        partial=True,
+    ),
+]
+
+CASES = [
+    pytest.param(transport, backend, scenario, id=f"{scenario.name}-{backend}-{transport}")
+    for scenario in SCENARIOS
+    for backend in scenario.backends
+    for transport in TRANSPORTS
+]
+
+# SSE records by (backend, scenario): the reference every WebSocket record must equal.
+_SSE_REFERENCE: dict[tuple[str, str], Observed] = {}
+
+
+async def sse_reference(gateway: GatewayServer, backend: str, scenario: Scenario) -> Observed:
+    key = (backend, scenario.name)
+    if key not in _SSE_REFERENCE:
+        _SSE_REFERENCE[key] = await run_sse(gateway, scenario.body(backend))
+    return _SSE_REFERENCE[key]
+
+
+# -- the tests -------------------------------------------------------------------------------
+
+
+def test_scenarios_exercise_what_they_claim() -> None:
+    """Guard the plan-dependent scenarios: the stop really cuts, the limits really bind."""
+    scenarios = {s.name: s for s in SCENARIOS}
+    full = _plan(_body("sim"))
+    assert full.finish_reason == "stop" and len(full.tokens) == 16
+    cut = _plan(scenarios["stop"].body("sim"))
+    assert cut.finish_reason == "stop" and 0 < len(cut.text) < len(full.text)
+    assert full.text.startswith(cut.text)
+    assert full.text[len(cut.text) :].startswith("lver")
+    assert cut.tokens[-1] not in full.tokens  # a token cut in the middle
+    for name, limit in (("max_tokens", 5), ("max_completion_tokens", 3), ("seeded", 8)):
+        limited = _plan(scenarios[name].body("sim"))
+        assert limited.finish_reason == "length" and len(limited.tokens) == limit
+    assert _plan(scenarios["seeded"].body("sim")).text != _plan(_body("sim", max_tokens=8)).text
+    assert _plan(scenarios["tool_call"].body("sim")).tool_call is not None
+
+
+@pytest.mark.parametrize(("transport", "backend", "scenario"), CASES)
+async def test_same_result_on_every_transport(
+    conformance_gateway: GatewayServer,
+    flaky_script: dict[str, Any],
+    transport: str,
+    backend: str,
+    scenario: Scenario,
+) -> None:
+    """The transport's record equals the expected one and the SSE record of the scenario."""
+    body = scenario.body(backend)
+    observed = await TRANSPORTS[transport](conformance_gateway, body)
+    record = observed.record
+
+    assert record.without_message() == scenario.expected(body, flaky_script)
+    if transport == "sse":
+        _SSE_REFERENCE.setdefault((backend, scenario.name), observed)
+    reference = await sse_reference(conformance_gateway, backend, scenario)
+    assert record == reference.record, f"{transport} differs from SSE"
+
+    if scenario.retry_after_ms is not None and transport != "ws-compat":
+        # SSE: the Retry-After header; envelope: retry_after_ms. Compatible mode sends the
+        # same object as SSE in-band, which has no retry field.
+        assert observed.retry_after_ms == scenario.retry_after_ms
+    if transport == "ws-compat" and reference.record.ids:
+        # Byte for byte the SSE data: the finish and usage chunks, and the in-band error.
+        assert observed.raw == reference.raw
+    if transport == "ws-envelope":
+        assert observed.raw == [r for r in reference.raw if not r.startswith('{"error"')]
+        usage = None if scenario.error else scenario.usage(body, flaky_script)
+        _check_envelope(observed, reference, usage)
+
+
+def _check_envelope(observed: Observed, reference: Observed, usage: dict[str, int] | None) -> None:
+    """``done`` with ``usage`` after a stream (none after an error); same event numbers."""
+    if usage is None:
+        assert observed.done is None
+        return
+    done = observed.done
+    assert done is not None
+    assert done["finish_reason"] == observed.record.finish_reasons[-1]
+    assert done["usage"] == usage, "done.usage differs from the expected usage"
+    if observed.record.usage is not None:
+        assert done["usage"] == observed.record.usage
+    assert observed.stream_id is not None and observed.stream_id.startswith("chatcmpl-")
+    # Event numbers come from the generation's log: the finish chunk has the same number as
+    # over SSE, and done counts every event of the log (usage included).
+    assert reference.finish_number is not None
+    assert observed.finish_number == reference.finish_number
+    total_events = reference.finish_number + 1
+    assert done["sequence_number"] == total_events
+    # Merged deltas carry the number of their last delta: a subset of the SSE ids.
+    assert set(observed.numbers) <= set(reference.numbers)
+
+
+async def _cancel_on_first_chunk(ws: ClientConnection, request_id: str, count: int) -> None:
+    if count == 1:
+        await ws.send(json.dumps({"type": "chat.completion.cancel", "request_id": request_id}))
+
+
+@pytest.mark.parametrize("backend", ["sim", "proxied-sim"])
+async def test_envelope_cancel_ends_with_cancelled_and_usage_so_far(
+    conformance_gateway: GatewayServer, sim_upstream: SimUpstreamServer, backend: str
+) -> None:
+    """``chat.completion.cancel`` → finish chunk ``cancelled``, usage so far, ``done``."""
+    body = _body(backend, max_tokens=4000, **INCLUDE_USAGE)  # ~4 s at 1 ms a token
+    full = _plan(body)
+    before = await _sim_stats(sim_upstream)
+    observed = await run_ws_envelope(conformance_gateway, body, on_chunk=_cancel_on_first_chunk)
+    record = observed.record
+    assert record.error is None
+    assert record.finish_reasons == ["cancelled"]
+    assert record.roles == ["assistant"] and record.ids == 1 and record.models == [backend]
+    assert record.text and full.text.startswith(record.text) and record.text != full.text
+    assert observed.done is not None
+    assert observed.done["finish_reason"] == "cancelled"
+    assert observed.done["usage"] == record.usage
+    assert record.usage is not None
+    # "the usage so far": every streamed token is counted, and only those.
+    assert record.usage["completion_tokens"] == len(record.text.split())
+    assert record.usage["total_tokens"] == (
+        record.usage["prompt_tokens"] + record.usage["completion_tokens"]
+    )
+    if backend == "proxied-sim":  # the upstream request was closed, not left running
+        after = before
+        for _ in range(100):
+            after = await _sim_stats(sim_upstream)
+            if after["cancelled_streams"] > before["cancelled_streams"]:
+                break
+            await asyncio.sleep(0.02)
+        assert after["cancelled_streams"] == before["cancelled_streams"] + 1
+        assert after["completed_streams"] == before["completed_streams"]
+
+
+async def test_envelope_cancel_before_the_first_token(conformance_gateway: GatewayServer) -> None:
+    """A cancel while the upstream is silent: a ``cancelled`` finish chunk, 0 tokens, ``done``."""
+    body = _body("flaky", _user("hang"), **INCLUDE_USAGE)
+    async with connect(
+        _ws_url(conformance_gateway), additional_headers=_auth(conformance_gateway)
+    ) as ws:
+        await ws.send(_create("hung", body))
+        await asyncio.sleep(0.2)  # the upstream request is in flight, no token yet
+        await ws.send(json.dumps({"type": "chat.completion.cancel", "request_id": "hung"}))
+        observed = (await collect_envelopes(ws, ["hung"]))["hung"]
+        await assert_nothing_trailing(ws)
+    record = observed.record
+    assert record.without_message() == Record(
+        finish_reasons=["cancelled"],
+        usage=record.usage,
+        ids=1,
+        roles=["assistant"],
+        models=["flaky"],
+        usage_field="null",
+    )
+    assert record.usage is not None and record.usage["completion_tokens"] == 0
+    assert observed.done is not None and observed.done["finish_reason"] == "cancelled"
+    assert observed.done["usage"] == record.usage
+
+
+async def test_compatible_requests_on_one_socket_run_in_order(
+    conformance_gateway: GatewayServer,
+) -> None:
+    """Pipelined compatible-mode bodies: each reply (ending in [DONE]) equals its SSE record."""
+    cases = [
+        (backend, scenario)
+        for backend in ("sim", "proxied-sim")
+        for scenario in SCENARIOS
+        if backend in scenario.backends
+    ] + [("flaky", s) for s in SCENARIOS if "flaky" in s.backends]
+    async with connect(
+        _ws_url(conformance_gateway), additional_headers=_auth(conformance_gateway)
+    ) as ws:
+        for backend, scenario in cases:  # all sent before reading anything
+            await ws.send(json.dumps(scenario.body(backend)))
+        replies = [await collect_compat(ws) for _ in cases]
+        await assert_nothing_trailing(ws)
+    for (backend, scenario), observed in zip(cases, replies, strict=True):
+        reference = await sse_reference(conformance_gateway, backend, scenario)
+        assert observed.record == reference.record, (backend, scenario.name)
+
+
+async def test_envelope_requests_multiplexed_on_one_socket(
+    conformance_gateway: GatewayServer, flaky_script: dict[str, Any]
+) -> None:
+    """Every scenario at once on one socket: each request's record equals its SSE record."""
+    cases = {
+        f"{scenario.name}/{backend}": (backend, scenario)
+        for scenario in SCENARIOS
+        for backend in scenario.backends
+    }
+    assert len(cases) <= conformance_gateway.settings.server.ws_max_concurrent_requests
+    async with connect(
+        _ws_url(conformance_gateway), additional_headers=_auth(conformance_gateway)
+    ) as ws:
+        for request_id, (backend, scenario) in cases.items():
+            await ws.send(_create(request_id, scenario.body(backend)))
+        results = await collect_envelopes(ws, list(cases))
+        await assert_nothing_trailing(ws)
+    for request_id, (backend, scenario) in cases.items():
+        reference = await sse_reference(conformance_gateway, backend, scenario)
+        observed = results[request_id]
+        assert observed.record == reference.record, request_id
+        body = scenario.body(backend)
+        usage = None if scenario.error else scenario.usage(body, flaky_script)
+        _check_envelope(observed, reference, usage)
+
+
+@pytest.mark.parametrize("transport", ["ws-compat", "ws-envelope"])
+async def test_websocket_streams_even_with_stream_false(
+    conformance_gateway: GatewayServer, transport: str
+) -> None:
+    """The protocol says ``stream`` is implied: ``"stream": false`` still streams, as SSE."""
+    scenario = next(s for s in SCENARIOS if s.name == "include_usage")
+    body = {**scenario.body("proxied-sim"), "stream": False}
+    observed = await TRANSPORTS[transport](conformance_gateway, body)
+    reference = await sse_reference(conformance_gateway, "proxied-sim", scenario)
+    assert observed.record == reference.record
+
+
+async def test_slow_reader_gets_merged_chunks_and_the_same_record(
+    conformance_gateway: GatewayServer, flaky_script: dict[str, Any]
+) -> None:
+    """A client that reads nothing for a while: deltas merge, numbers skip, nothing is lost.
+
+    20000 instant tokens (~4.6 MB of chunks) overflow the socket buffers while the client
+    sleeps, so the request task falls behind the log and merges text deltas.
+    """
+    body = _body("instant-sim", max_tokens=20_000, **INCLUDE_USAGE)
+    scenario = Scenario("large", lambda _m: body)
+    reference = await run_sse(conformance_gateway, body)
+    assert reference.record.without_message() == scenario.expected(body, flaky_script)
+    url, headers = _ws_url(conformance_gateway), _auth(conformance_gateway)
+    async with connect(url, additional_headers=headers, max_queue=1) as ws:
+        await ws.send(_create("slow", body))
+        await asyncio.sleep(1.0)
+        observed = (await collect_envelopes(ws, ["slow"]))["slow"]
+        await assert_nothing_trailing(ws)
+    assert observed.record == reference.record
+    assert observed.raw == reference.raw
+    _check_envelope(observed, reference, scenario.usage(body, flaky_script))
+    assert len(observed.numbers) < len(reference.numbers), "no delta was merged"
+    async with connect(url, additional_headers=headers, max_queue=1) as ws:
+        await ws.send(json.dumps(body))
+        await asyncio.sleep(1.0)
+        compat = await collect_compat(ws)
+        await assert_nothing_trailing(ws)
+    assert compat.record == reference.record
+    assert compat.raw == reference.raw
+
+
+async def _sim_stats(sim_upstream: SimUpstreamServer) -> dict[str, int]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(sim_upstream.base_url + "/sim/stats") as response,
+    ):
+        stats: dict[str, int] = await response.json()
+        return stats
