@@ -46,15 +46,6 @@ class _Close:
     reason: str
 
 
-class _RequestFailed(Exception):
-    """A gateway error that belongs to one request: reported with its ``request_id``."""
-
-    def __init__(self, error: GatewayError, request_id: str | None) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.request_id = request_id
-
-
 def merge_text(batch: list[Event], start_seq: int) -> Iterator[tuple[Event, int]]:
     """Events with their sequence numbers, consecutive text deltas merged into one.
 
@@ -105,11 +96,13 @@ class WSSession:
         self._key = key
         self._out: asyncio.Queue[bytes | _Close] = asyncio.Queue(maxsize=64)
         self._requests: dict[str, tuple[asyncio.Task[None], Generation]] = {}
-        self._compat: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._compat: asyncio.Queue[dict[str, Any] | GatewayError] = asyncio.Queue()
         self._compat_busy = False
         self._client_closed = asyncio.Event()
         self._closing = False
         self._bucket = _RateBucket(self._config.ws_messages_per_second)
+        self._auth_deadline: float | None = None
+        self._receive_timeout: asyncio.Timeout | None = None
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -173,14 +166,26 @@ class WSSession:
         if not self._closing:
             await self._out.put(message)
 
+    def _receive_deadline(self) -> float | None:
+        """When the reader stops waiting: auth deadline, idle deadline, or never (busy)."""
+        if self._key is None:
+            return self._auth_deadline
+        if self._active():
+            return None
+        return asyncio.get_running_loop().time() + self._config.ws_idle_timeout_s
+
+    def _rearm_idle(self) -> None:
+        """A request ended: restart the idle clock of a reader that waits with none."""
+        if self._receive_timeout is not None and not self._active():
+            self._receive_timeout.reschedule(self._receive_deadline())
+
     async def _reader(self) -> None:
         max_bytes = self._config.ws_max_message_bytes
-        deadline = self._config.ws_auth_timeout_s if self._key is None else None
+        self._auth_deadline = asyncio.get_running_loop().time() + self._config.ws_auth_timeout_s
         while not self._closing:
-            idle = self._config.ws_idle_timeout_s
-            timeout = deadline if deadline is not None else (None if self._requests else idle)
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(self._receive_deadline()) as timeout:
+                    self._receive_timeout = timeout
                     message = await self._ws.receive()
             except TimeoutError:
                 if self._key is None:
@@ -188,6 +193,8 @@ class WSSession:
                 else:
                     self._close_soon(proto.CLOSE_NORMAL, "idle timeout")
                 return
+            finally:
+                self._receive_timeout = None
             if message["type"] == "websocket.disconnect":
                 return
             if not self._bucket.take():
@@ -201,13 +208,12 @@ class WSSession:
                 parsed = proto.parse_client_message(text, max_bytes=max_bytes)
                 if self._key is None:
                     await self._authenticate(parsed)
-                    deadline = None
                     continue
                 await self._dispatch(parsed)
             except proto.ProtocolViolation as exc:
                 self._close_soon(exc.code, exc.reason)
                 return
-            except _RequestFailed as exc:
+            except proto.RequestFailed as exc:
                 await self._send(proto.error_message(exc.error, exc.request_id))
             except GatewayError as exc:
                 await self._send(proto.error_message(exc))
@@ -236,14 +242,18 @@ class WSSession:
                 retry_after_s=1.0,
                 code="too_many_concurrent_requests",
             )
-            raise _RequestFailed(error, request_id)
+            raise proto.RequestFailed(error, request_id)
 
     async def _dispatch(self, message: proto.ClientMessage) -> None:
         if isinstance(message, proto.PingMessage):
             await self._send(proto.PONG)
         elif isinstance(message, proto.CompatibleRequest):
-            self._check_capacity(None)
-            self._compat.put_nowait(message.body)
+            # Compatible requests answer in order, so even a refusal waits for its turn.
+            try:
+                self._check_capacity(None)
+                self._compat.put_nowait(message.body)
+            except proto.RequestFailed as exc:
+                self._compat.put_nowait(exc.error)
         elif isinstance(message, proto.CreateMessage):
             self._create(message)
         elif isinstance(message, proto.CancelMessage):
@@ -255,7 +265,7 @@ class WSSession:
                 code="unsupported_message_type",
                 param="type",
             )
-            raise _RequestFailed(error, message.request_id)
+            raise proto.RequestFailed(error, message.request_id)
         else:  # AuthMessage after authentication
             raise InvalidRequest("Already authenticated.", code="already_authenticated")
 
@@ -267,17 +277,21 @@ class WSSession:
                 param="request_id",
                 code="duplicate_request_id",
             )
-            raise _RequestFailed(error, request_id)
+            raise proto.RequestFailed(error, request_id)
         self._check_capacity(request_id)
         try:
             generation = self._start(message.body)
         except GatewayError as exc:
-            raise _RequestFailed(exc, request_id) from None
+            raise proto.RequestFailed(exc, request_id) from None
         task = asyncio.get_running_loop().create_task(
             self._serve_envelope(request_id, generation, message.body)
         )
         self._requests[request_id] = (task, generation)
-        task.add_done_callback(lambda _t: self._requests.pop(request_id, None))
+        task.add_done_callback(lambda _t: self._request_done(request_id))
+
+    def _request_done(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        self._rearm_idle()
 
     def _cancel(self, request_id: str) -> None:
         entry = self._requests.get(request_id)
@@ -287,7 +301,7 @@ class WSSession:
                 param="request_id",
                 code="unknown_request_id",
             )
-            raise _RequestFailed(error, request_id)
+            raise proto.RequestFailed(error, request_id)
         entry[1].cancel("client_cancelled")
 
     def _start(self, body: dict[str, Any]) -> Generation:
@@ -332,20 +346,24 @@ class WSSession:
 
     async def _compat_worker(self) -> None:
         while True:
-            body = await self._compat.get()
+            item = await self._compat.get()
             self._compat_busy = True
             try:
-                await self._serve_compatible(body)
+                await self._serve_compatible(item)
             finally:
                 self._compat_busy = False
+                self._rearm_idle()
 
-    async def _serve_compatible(self, body: dict[str, Any]) -> None:
+    async def _serve_compatible(self, item: dict[str, Any] | GatewayError) -> None:
         try:
-            generation = self._start(body)
+            if isinstance(item, GatewayError):
+                raise item
+            generation = self._start(item)
         except GatewayError as exc:
             await self._send(error_json(exc))
             await self._finish_compatible()
             return
+        body = item
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         encoder = ChunkEncoder(
             completion_id=generation.id,

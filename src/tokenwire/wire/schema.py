@@ -129,14 +129,18 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
 
 _decoder = msgspec.json.Decoder(ChatRequest)
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
 
 
-def _param_from_message(message: str) -> str | None:
-    """Turn msgspec's ``at `$.messages[0].role``` into OpenAI's ``messages[0].role``."""
+def param_from_message(message: str) -> str | None:
+    """OpenAI's ``param`` from a msgspec error: ``at `$.messages[0].role``` becomes
+    ``messages[0].role``; a missing field is named too (``messages[0].tool_call_id``)."""
     match = _PATH.search(message)
-    if match is None:
-        return None
-    return match.group(1) or None
+    path = match.group(1) if match is not None else ""
+    missing = _MISSING.search(message)
+    if missing is not None:
+        return f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or None
 
 
 def decode_chat_request(body: bytes) -> ChatRequest:
@@ -172,7 +176,7 @@ def convert_chat_request(body: dict[str, Any]) -> ChatRequest:
 def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
     text = str(exc)
     return InvalidRequest(
-        f"Invalid request: {text}", param=_param_from_message(text), code="invalid_value"
+        f"Invalid request: {text}", param=param_from_message(text), code="invalid_value"
     )
 
 

@@ -9,7 +9,8 @@ Two modes share one socket (see ``docs/websocket-protocol.md``):
   ``type``, ``request_id`` and ``sequence_number``.
 
 :func:`parse_client_message` raises :class:`ProtocolViolation` (the socket must close with its
-code) or :class:`~tokenwire.errors.InvalidRequest` (an error for that message only).
+code), :class:`RequestFailed` (an error for one request, with its ``request_id`` when the
+message had a usable one) or :class:`~tokenwire.errors.InvalidRequest` (an unknown ``type``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import msgspec
 from tokenwire.errors import GatewayError, InvalidRequest
 from tokenwire.streams.events import Usage
 from tokenwire.wire.chunks import usage_object
+from tokenwire.wire.schema import param_from_message
 
 # Close codes (RFC 6455 and the IANA registry), all documented in docs/websocket-protocol.md.
 CLOSE_NORMAL = 1000
@@ -39,6 +41,15 @@ TICKET_PREFIX = "tokenwire.ticket."
 DONE = "[DONE]"
 
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class RequestFailed(Exception):
+    """A gateway error that belongs to one request: reported with its ``request_id``."""
+
+    def __init__(self, error: GatewayError, request_id: str | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.request_id = request_id
 
 
 class ProtocolViolation(Exception):
@@ -95,7 +106,8 @@ _MESSAGE_TYPES = (
 
 def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
     """Parse one text message from a client."""
-    if len(text) > max_bytes and len(text.encode()) > max_bytes:
+    # Characters <= UTF-8 bytes <= 4 x characters: encode only when the length is ambiguous.
+    if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
         raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {max_bytes} bytes")
     try:
         data = msgspec.json.decode(text)
@@ -116,8 +128,12 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
         message: ClientMessage = msgspec.convert(data, _ENVELOPES)
     except msgspec.ValidationError as exc:
         text_error = str(exc)
-        param = text_error.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text_error else None
-        raise InvalidRequest(f"Invalid {kind} message: {text_error}", param=param) from None
+        error = InvalidRequest(
+            f"Invalid {kind} message: {text_error}", param=param_from_message(text_error)
+        )
+        request_id = data.get("request_id")
+        valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
+        raise RequestFailed(error, request_id if valid_id else None) from None
     return message
 
 
