@@ -78,6 +78,8 @@ class Options:
     json_path: Path | None
     profile_path: Path | None
     keep_temp: bool
+    gateway_server: str
+    ramp_s: float
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -109,6 +111,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
         help="py-spy record the gateway during the measured rounds (.svg, .json or .txt)",
     )
     p.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs, db)")
+    p.add_argument(
+        "--ramp-s",
+        type=float,
+        default=0.0,
+        help="spread user start times evenly over this many seconds (0: all at once, a burst)",
+    )
     p.add_argument(
         "--gateway-server",
         choices=["uvicorn", "granian"],
@@ -147,9 +155,12 @@ def clean_env() -> dict[str, str]:
 class ServerProcess:
     """One server subprocess with its output in a log file; stopped by its own PID."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
+        self.env = env or {}
         self.log_path = log_path
         self._popen: subprocess.Popen[bytes] | None = None
 
@@ -166,7 +177,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=clean_env(),
+                env={**clean_env(), **self.env},
                 start_new_session=True,
             )
 
@@ -284,16 +295,16 @@ def start_gateway(
     data_dir = workdir / "data"
     key = create_key(config, data_dir)
     port = free_port()
+    env: dict[str, str] = {}
     if server_kind == "granian":
-        os.environ["TOKENWIRE_CONFIG"] = str(config)
-        os.environ["TOKENWIRE_DATA_DIR"] = str(data_dir)
+        env = {"TOKENWIRE_CONFIG": str(config), "TOKENWIRE_DATA_DIR": str(data_dir)}
         argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--factory"]
         argv += ["--loop", "uvloop", "--host", "127.0.0.1", "--port", str(port)]
         argv += ["--backlog", "4096", "tokenwire.app:app_from_env"]
     else:
         argv = [*tokenwire_argv(), "serve", "--host", "127.0.0.1", "--port", str(port)]
         argv += ["--config", str(config), "--data-dir", str(data_dir), "--no-access-log"]
-    server = ServerProcess("gateway", argv, workdir / "gateway.log")
+    server = ServerProcess("gateway", argv, workdir / "gateway.log", env)
     server.start()
     servers.append(server)
     base = f"http://127.0.0.1:{port}"
@@ -457,9 +468,11 @@ async def stream_one(
 
 
 async def run_user(
-    session: aiohttp.ClientSession, target: Target, specs: list[RequestSpec]
+    session: aiohttp.ClientSession, target: Target, specs: list[RequestSpec], delay_s: float = 0.0
 ) -> list[RequestResult]:
-    """One user: its requests one after another."""
+    """One user: starts after ``delay_s``, then its requests one after another."""
+    if delay_s > 0:
+        await asyncio.sleep(delay_s)
     return [await stream_one(session, target, spec) for spec in specs]
 
 
@@ -667,7 +680,10 @@ async def run_row(
     specs = bench.specs[target_name]
     async with measure_resources(bench.processes) as usage:
         start = time.perf_counter()
-        per_user = await asyncio.gather(*(run_user(session, target, s) for s in specs))
+        step = bench.opts.ramp_s / len(specs)
+        per_user = await asyncio.gather(
+            *(run_user(session, target, s, i * step) for i, s in enumerate(specs))
+        )
         wall_s = time.perf_counter() - start
     results = [r for user in per_user for r in user]
     return build_row(round_no, target_name, results, wall_s, usage, bench.opts.tokens)

@@ -98,6 +98,7 @@ class WSSession:
         self._requests: dict[str, tuple[asyncio.Task[None], Generation]] = {}
         self._compat: asyncio.Queue[dict[str, Any] | GatewayError] = asyncio.Queue()
         self._compat_busy = False
+        self._compat_task: asyncio.Task[None] | None = None  # started by the first such request
         self._client_closed = asyncio.Event()
         self._closing = False
         self._bucket = _RateBucket(self._config.ws_messages_per_second)
@@ -109,16 +110,16 @@ class WSSession:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         writer = loop.create_task(self._writer())
-        compat = loop.create_task(self._compat_worker())
         try:
             await self._reader()
         finally:
             self._client_closed.set()
-            for task, _ in list(self._requests.values()):
-                task.cancel()
-            compat.cancel()
             tasks = [task for task, _ in self._requests.values()]
-            await asyncio.gather(*tasks, compat, return_exceptions=True)
+            if self._compat_task is not None:
+                tasks.append(self._compat_task)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if not writer.done():
                 self._close_soon(proto.CLOSE_NORMAL, "")
                 with contextlib.suppress(TimeoutError):
@@ -254,6 +255,8 @@ class WSSession:
                 self._compat.put_nowait(message.body)
             except proto.RequestFailed as exc:
                 self._compat.put_nowait(exc.error)
+            if self._compat_task is None:
+                self._compat_task = asyncio.get_running_loop().create_task(self._compat_worker())
         elif isinstance(message, proto.CreateMessage):
             self._create(message)
         elif isinstance(message, proto.CancelMessage):
