@@ -871,6 +871,36 @@ async def test_slow_reader_costs_no_memory_and_gets_merged_chunks(
     assert chunks[-1]["sequence_number"] == 1001
 
 
+@pytest.fixture
+def stuck_gateway(gateway_factory: Callable[[str, str], GatewayServer]) -> GatewayServer:
+    """A client that accepts nothing for 0.5 s is dropped."""
+    return gateway_factory("stuck", FAST_SIM + "\n[server]\nws_send_timeout_s = 0.5\n")
+
+
+async def test_client_that_reads_nothing_is_dropped_and_its_request_cancelled(
+    stuck_gateway: GatewayServer,
+) -> None:
+    """Past ws_send_timeout_s with nothing accepted, the socket ends and the upstream stops."""
+    gateway = stuck_gateway
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    async with connect(
+        ws_url(gateway), sock=sock, max_queue=1, additional_headers=bearer(gateway.api_key)
+    ) as ws:
+        await ws.send(create("flood-" + "x" * 120, chat("never read me", max_tokens=50000)))
+        first = await recv_json(ws)
+        # From here on the client reads nothing; the server must give up on it by itself.
+        assert await await_until(lambda: first["id"] not in gateway.state.completions.live, 20.0)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+    # 1013 when the close frame still fits in the socket's buffers, else the TCP close (1006).
+    assert closed.value.rcvd is None or closed.value.rcvd.code == 1013
+
+
 # -- the idle timeout --------------------------------------------------------------------------
 
 IDLE_OVERRIDES = FAST_SIM + "\n[server]\nws_idle_timeout_s = 0.3\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from tokenwire.streams.generation import Generation, read_events
 from tokenwire.wire import ws as proto
 from tokenwire.wire.chunks import ChunkEncoder, error_json
 from tokenwire.wire.schema import convert_chat_request
+
+log = logging.getLogger("tokenwire.ws")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +113,16 @@ class WSSession:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         writer = loop.create_task(self._writer())
+        reader = loop.create_task(self._reader())
         try:
-            await self._reader()
+            # The reader ends on a close, a violation or a timeout; the writer ends first when
+            # the client accepts nothing for ws_send_timeout_s or the transport is gone.
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            reader.cancel()
+            for outcome in await asyncio.gather(reader, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.error("WebSocket reader failed", exc_info=outcome)
             self._client_closed.set()
             tasks = [task for task, _ in self._requests.values()]
             if self._compat_task is not None:
