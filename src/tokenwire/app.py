@@ -13,12 +13,15 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
+from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.tickets import TicketStore
 from tokenwire.api import chat, health, models, openapi, tickets, ws
 from tokenwire.api.errors import handle_gateway_error, handle_http_exception, handle_unexpected
 from tokenwire.completions import CompletionService
-from tokenwire.config import Settings, load_settings
+from tokenwire.config import LimitsConfig, Settings, load_settings
 from tokenwire.errors import GatewayError
+from tokenwire.limits.base import RateLimiter
+from tokenwire.limits.memory import MemoryRateLimiter
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
@@ -30,6 +33,9 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     engine = make_engine(settings.database_url)
     await migrate(engine)
     registry = ProviderRegistry(settings, environ)
+    ledger = Ledger(engine)
+    await ledger.release_stale_reservations(older_than_s=6 * 3600)
+    limiter = make_limiter(settings.limits)
     return AppState(
         settings=settings,
         engine=engine,
@@ -40,9 +46,31 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
         ),
         registry=registry,
         completions=CompletionService(
-            registry, disconnect_grace_s=settings.server.disconnect_grace_s
+            registry,
+            limiter=limiter,
+            ledger=ledger,
+            disconnect_grace_s=settings.server.disconnect_grace_s,
+            default_max_tokens=settings.accounting.default_max_tokens,
         ),
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
+        ledger=ledger,
+        limiter=limiter,
+    )
+
+
+def make_limiter(config: LimitsConfig) -> RateLimiter:
+    """The configured rate-limit backend."""
+    if config.backend == "redis":
+        from tokenwire.limits.redis import RedisRateLimiter
+
+        return RedisRateLimiter(
+            config.redis_url,
+            prefix=config.redis_prefix,
+            window_s=config.window_s,
+            auth_failures_per_window=config.auth_failures_per_window,
+        )
+    return MemoryRateLimiter(
+        window_s=config.window_s, auth_failures_per_window=config.auth_failures_per_window
     )
 
 
@@ -50,6 +78,7 @@ async def close_state(state: AppState) -> None:
     """Cancel live generations, close providers and the database."""
     await state.completions.shutdown()
     await state.registry.aclose()
+    await state.limiter.aclose()
     await state.engine.dispose()
 
 

@@ -1,21 +1,44 @@
-"""Starting completions: model → provider → a running :class:`Generation`.
+"""Starting and settling completions: admission → provider → Generation → ledger, once.
 
 Both transports (SSE and WebSocket) and the JSON path call :meth:`CompletionService.start`;
-it is the one place where a validated request becomes a generation. Admission (rate limits,
-credits) and settlement (the usage ledger) hook in here.
+it is the one place where a validated request becomes a generation:
+
+1. the model resolves to a provider (404 / 503) and the key may use it (403);
+2. the rate limiter admits it (429 with ``Retry-After``), reserving its estimated tokens;
+3. the ledger reserves its worst-case cost from the key's credits (402);
+4. the generation starts; when it ends, however it ends and whoever was reading, its settle
+   hook writes one ledger row, returns the unused reservation and reconciles the token
+   bucket with the real usage.
+
+Billing policy: a completion is billed for the tokens the upstream reports (or, when it
+reports none, our estimate, marked ``usage_estimated``); one cancelled by the client or by
+a disconnect is billed for the prompt and the tokens generated until then; one that failed
+upstream before its first token costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from typing import Any
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
 
 from tokenwire.accounting.keys import KeyRecord
+from tokenwire.accounting.ledger import Ledger, LedgerRow
+from tokenwire.accounting.pricing import cost_micro, is_free, worst_case_micro
+from tokenwire.config import ModelEntry
+from tokenwire.errors import PermissionDenied
+from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
-from tokenwire.streams.generation import Generation
+from tokenwire.streams.generation import Generation, GenerationState
 from tokenwire.wire.schema import ChatRequest, content_text
+
+log = logging.getLogger("tokenwire.completions")
+Transport = Literal["sse", "ws", "json"]
 
 
 def new_completion_id() -> str:
@@ -24,37 +47,136 @@ def new_completion_id() -> str:
 
 
 def estimate_prompt_tokens(request: ChatRequest) -> int:
-    """A rough prompt size (4 characters a token) for when an upstream reports no usage."""
+    """A rough prompt size (4 characters a token) for admission and for upstreams without usage."""
     return sum(4 + len(content_text(m.content)) // 4 for m in request.messages)
 
 
-class CompletionService:
-    """Creates generations and keeps the live ones until they settle."""
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What settling a generation needs to know about how it was admitted."""
 
-    def __init__(self, registry: ProviderRegistry, *, disconnect_grace_s: float) -> None:
+    key_id: str
+    entry: ModelEntry
+    transport: Transport
+    spec: LimitSpec
+    admission: Admission
+
+
+def ledger_status(generation: Generation) -> str:
+    """The ledger's status for a finished generation."""
+    if generation.state is GenerationState.FAILED:
+        return "upstream_error"
+    if generation.state is GenerationState.CANCELLED:
+        if generation.cancel_cause == "client_disconnected":
+            return "client_disconnected"
+        return "cancelled"
+    return "completed"
+
+
+class CompletionService:
+    """Admits requests, creates generations, settles them, keeps the live ones."""
+
+    def __init__(
+        self,
+        registry: ProviderRegistry,
+        *,
+        limiter: RateLimiter,
+        ledger: Ledger,
+        disconnect_grace_s: float,
+        default_max_tokens: int,
+    ) -> None:
         self._registry = registry
+        self._limiter = limiter
+        self._ledger = ledger
         self._grace_s = disconnect_grace_s
+        self._default_max_tokens = default_max_tokens
         self.live: dict[str, Generation] = {}
 
-    def start(self, key: KeyRecord, request: ChatRequest, raw_body: dict[str, Any]) -> Generation:
-        """Resolve the model and start generating; raises before anything runs on bad input."""
+    async def start(
+        self,
+        key: KeyRecord,
+        request: ChatRequest,
+        raw_body: dict[str, Any],
+        transport: Transport,
+    ) -> Generation:
+        """Admit and start a completion; raises before anything runs when it may not."""
         provider, entry = self._registry.resolve(request.model)
-        del key  # admission per key arrives with the accounting module
+        if not key.may_use(entry.id):
+            raise PermissionDenied(
+                f"This API key may not use the model {entry.id!r}.",
+                param="model",
+                code="model_not_allowed",
+            )
+        completion_id = new_completion_id()
+        prompt_estimate = estimate_prompt_tokens(request)
+        max_output = request.output_limit or self._default_max_tokens
+        spec = LimitSpec(key.rpm, key.tpm, key.max_concurrent_streams)
+        admission = await self._limiter.admit(
+            key.id, spec, prompt_estimate + max_output, completion_id
+        )
+        try:
+            if not is_free(entry):
+                worst = worst_case_micro(entry, prompt_estimate, max_output)
+                await self._ledger.reserve(key.id, completion_id, worst)
+        except BaseException:
+            await self._limiter.settle(admission, spec, 0)
+            raise
+        context = _Context(key.id, entry, transport, spec, admission)
         call = ProviderCall(request=request, upstream_model=entry.upstream_model, raw_body=raw_body)
         generation = Generation(
-            completion_id=new_completion_id(),
+            completion_id=completion_id,
             model=entry.id,
             events=provider.stream(call),
-            prompt_tokens_estimate=estimate_prompt_tokens(request),
+            prompt_tokens_estimate=prompt_estimate,
             disconnect_grace_s=self._grace_s,
-            on_settle=self._settled,
+            on_settle=partial(self._settle, context),
         )
-        self.live[generation.id] = generation
+        generation.response_headers = admission.headers
+        self.live[completion_id] = generation
         generation.start()
         return generation
 
-    async def _settled(self, generation: Generation) -> None:
+    async def _settle(self, context: _Context, generation: Generation) -> None:
         self.live.pop(generation.id, None)
+        usage = generation.usage
+        assert usage is not None
+        failed_before_output = generation.state is GenerationState.FAILED and (
+            generation.first_token_at is None
+        )
+        cost = (
+            0
+            if failed_before_output
+            else cost_micro(context.entry, usage.prompt_tokens, usage.completion_tokens)
+        )
+        ended = generation.ended_at or time.perf_counter()
+        row = LedgerRow(
+            completion_id=generation.id,
+            key_id=context.key_id,
+            model=context.entry.id,
+            provider=context.entry.provider,
+            transport=context.transport,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            usage_estimated=usage.estimated,
+            cost_micro=cost,
+            ttft_ms=(
+                None
+                if generation.first_token_at is None
+                else round((generation.first_token_at - generation.started_at) * 1000)
+            ),
+            duration_ms=round((ended - generation.started_at) * 1000),
+            finish_reason=generation.finish_reason,
+            status=ledger_status(generation),
+            created_at=int(time.time() * 1000),
+        )
+        try:
+            await self._ledger.settle(row)
+        except Exception:  # the reservation stays held; logged for the operator
+            log.exception("could not write the ledger row of %s", generation.id)
+        try:
+            await self._limiter.settle(context.admission, context.spec, usage.total_tokens)
+        except Exception:  # the reservation stays held; logged for the operator
+            log.exception("could not settle the rate limits of %s", generation.id)
 
     async def shutdown(self) -> None:
         """Cancel every live generation and wait for them to settle."""

@@ -6,6 +6,7 @@ Environment variables (all optional):
 ``TOKENWIRE_DATA_DIR``      where the SQLite database and the server secret live
 ``TOKENWIRE_DATABASE_URL``  a SQLAlchemy URL (e.g. ``postgresql+asyncpg://…``) instead of SQLite
 ``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
+``TOKENWIRE_REDIS_URL``     share rate limits through Redis (sets ``limits.backend = "redis"``)
 
 Provider API keys are never in the file: a provider names the variable that holds its key
 (``api_key_env``), read when the app starts.
@@ -51,6 +52,20 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     ws_ticket_ttl_s: float = 60.0
 
 
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "tokenwire:"
+    window_s: float = 60.0
+    auth_failures_per_window: int = 30
+
+
+class AccountingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    free_grant_usd: str | float = "0"
+    default_max_tokens: int = 4096  # reserved for requests without max_tokens
+    webhook_tolerance_s: float = 300.0
+
+
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     kind: ProviderKind
     base_url: str | None = None
@@ -77,6 +92,8 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class FileConfig(msgspec.Struct, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
     database_url: str | None = None
@@ -101,6 +118,8 @@ class Settings(msgspec.Struct, frozen=True):
     server: ServerConfig
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelEntry]
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
 
 
 def default_data_dir() -> Path:
@@ -127,16 +146,22 @@ def _read_toml(text: str, source: str) -> FileConfig:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+def _overlay(base: Any, over: Any, keys: dict[str, Any]) -> Any:
+    """``base`` with the fields named in ``keys`` taken from ``over``."""
+    return msgspec.structs.replace(base, **{k: getattr(over, k) for k in keys})
+
+
 def _merge(base: FileConfig, over: FileConfig, over_raw: dict[str, Any]) -> FileConfig:
-    server_over = over_raw.get("server", {})
-    server = msgspec.structs.replace(
-        base.server, **{k: getattr(over.server, k) for k in server_over}
-    )
+    server = _overlay(base.server, over.server, over_raw.get("server", {}))
+    limits = _overlay(base.limits, over.limits, over_raw.get("limits", {}))
+    accounting = _overlay(base.accounting, over.accounting, over_raw.get("accounting", {}))
     providers = {**base.providers, **over.providers}
     models = {m.id: m for m in base.models}
     models.update({m.id: m for m in over.models})
     return FileConfig(
         server=server,
+        limits=limits,
+        accounting=accounting,
         providers=providers,
         models=list(models.values()),
         database_url=over.database_url or base.database_url,
@@ -177,6 +202,11 @@ def load_settings(
         server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
     if environ.get("TOKENWIRE_PORT"):
         server = msgspec.structs.replace(server, port=int(environ["TOKENWIRE_PORT"]))
+    limits = merged.limits
+    if environ.get("TOKENWIRE_REDIS_URL"):
+        limits = msgspec.structs.replace(
+            limits, backend="redis", redis_url=environ["TOKENWIRE_REDIS_URL"]
+        )
 
     resolved_dir = (
         data_dir
@@ -202,10 +232,13 @@ def load_settings(
                 model.output_usd_per_mtok, what=f"{model.id} output"
             ),
         )
+    usd_to_micro(merged.accounting.free_grant_usd, what="accounting.free_grant_usd")
     return Settings(
         data_dir=resolved_dir,
         database_url=database_url,
         server=server,
         providers=merged.providers,
         models=models,
+        limits=limits,
+        accounting=merged.accounting,
     )

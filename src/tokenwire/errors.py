@@ -15,6 +15,7 @@ where they occur and never leave it.
     │   ├── BodyTooLarge              413
     │   └── UnsupportedParameter      400 (a parameter a provider cannot honour)
     ├── AuthenticationError           401 authentication_error
+    ├── InsufficientQuota             402 insufficient_quota    (credits cannot cover it)
     ├── PermissionDenied              403 permission_error
     ├── NotFound                      404 invalid_request_error
     │   └── ModelNotFound             404 model_not_found
@@ -99,6 +100,14 @@ class AuthenticationError(GatewayError):
     status = 401
     type = "authentication_error"
     default_code = "invalid_api_key"
+
+
+class InsufficientQuota(GatewayError):
+    """The key's credit balance cannot cover the request's worst-case cost."""
+
+    status = 402
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
 
 
 class PermissionDenied(GatewayError):

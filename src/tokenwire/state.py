@@ -8,9 +8,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
 from tokenwire.accounting.keys import KeyStore
+from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.tickets import TicketStore
 from tokenwire.completions import CompletionService
 from tokenwire.config import Settings
+from tokenwire.limits.base import RateLimiter
 from tokenwire.providers.registry import ProviderRegistry
 
 
@@ -24,6 +26,8 @@ class AppState:
     registry: ProviderRegistry
     completions: CompletionService
     tickets: TicketStore
+    ledger: Ledger
+    limiter: RateLimiter
 
 
 def get_state(connection: HTTPConnection) -> AppState:

@@ -84,14 +84,16 @@ class ServerThread:
         self.stop()
 
 
-async def _bootstrap_keys(settings: Settings, env: dict[str, str]) -> tuple[str, str]:
+async def _bootstrap_keys(
+    settings: Settings, env: dict[str, str], grant_micro: int
+) -> tuple[str, str, str]:
     engine = make_engine(settings.database_url)
     try:
         await migrate(engine)
         store = KeyStore(engine, load_server_secret(settings.data_dir, env))
         _, admin = await store.create("admin", is_admin=True)
-        _, user = await store.create("test")
-        return admin, user
+        record, user = await store.create("test", grant_micro=grant_micro)
+        return admin, user, record.id
     finally:
         await engine.dispose()
 
@@ -99,7 +101,8 @@ async def _bootstrap_keys(settings: Settings, env: dict[str, str]) -> tuple[str,
 class GatewayServer(ServerThread):
     """The tokenwire gateway on a free port with a fresh data dir and keys.
 
-    ``overrides`` is TOML laid over the defaults (``FAST_SIM`` makes ``sim`` instant).
+    ``overrides`` is TOML laid over the defaults (``FAST_SIM`` makes ``sim`` instant). The
+    API key (``api_key``, id ``api_key_id``) starts with ``grant_usd`` of credit.
     """
 
     def __init__(
@@ -109,12 +112,15 @@ class GatewayServer(ServerThread):
         overrides: str = FAST_SIM,
         env: dict[str, str] | None = None,
         database_url: str | None = None,
+        grant_usd: int = 1000,
     ) -> None:
         self.env = dict(env or {})
         if database_url is not None:
             self.env["TOKENWIRE_DATABASE_URL"] = database_url
         self.settings = load_settings(data_dir=data_dir, env=self.env, overrides=overrides)
-        self.admin_key, self.api_key = asyncio.run(_bootstrap_keys(self.settings, self.env))
+        self.admin_key, self.api_key, self.api_key_id = asyncio.run(
+            _bootstrap_keys(self.settings, self.env, grant_usd * 1_000_000)
+        )
         super().__init__(create_app(self.settings, self.env), **server_options(self.settings))
 
     @property

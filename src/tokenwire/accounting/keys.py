@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import os
 import secrets
 import time
@@ -24,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenwire.errors import NotFound
-from tokenwire.storage.tables import api_keys
+from tokenwire.storage.tables import api_keys, credit_events
 
 KEY_PREFIX = "tw-"
 
@@ -40,6 +41,15 @@ class KeyRecord:
     created_at: int
     expires_at: int | None
     revoked_at: int | None
+    allowed_models: tuple[str, ...] | None = None  # None: every model
+    rpm: int | None = None  # None: unlimited
+    tpm: int | None = None
+    max_concurrent_streams: int | None = None
+    balance_micro: int = 0  # as read with the record; the database holds the live figure
+
+    def may_use(self, model: str) -> bool:
+        """Whether this key may call ``model``."""
+        return self.allowed_models is None or model in self.allowed_models
 
     def is_active(self, now: float) -> bool:
         """Not revoked and not expired at ``now`` (Unix seconds)."""
@@ -71,6 +81,7 @@ def load_server_secret(data_dir: Path, env: dict[str, str] | None = None) -> byt
 
 def _row_to_record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:
     m = row._mapping
+    models = m["allowed_models"]
     return KeyRecord(
         id=str(m["id"]),
         name=str(m["name"]),
@@ -79,7 +90,34 @@ def _row_to_record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:
         created_at=int(m["created_at"]),
         expires_at=None if m["expires_at"] is None else int(m["expires_at"]),
         revoked_at=None if m["revoked_at"] is None else int(m["revoked_at"]),
+        allowed_models=None if models is None else tuple(json.loads(str(models))),
+        rpm=None if m["rpm"] is None else int(m["rpm"]),
+        tpm=None if m["tpm"] is None else int(m["tpm"]),
+        max_concurrent_streams=(
+            None if m["max_concurrent_streams"] is None else int(m["max_concurrent_streams"])
+        ),
+        balance_micro=int(m["balance_micro"]),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """The settable limits of a key; a field left as ``UNSET`` is not changed by an update."""
+
+    allowed_models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent_streams: int | None = None
+
+    def columns(self) -> dict[str, object]:
+        return {
+            "allowed_models": (
+                None if self.allowed_models is None else json.dumps(list(self.allowed_models))
+            ),
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "max_concurrent_streams": self.max_concurrent_streams,
+        }
 
 
 class KeyStore:
@@ -103,32 +141,83 @@ class KeyStore:
         return hmac.digest(self._secret, plaintext.encode(), "sha256").hex()
 
     async def create(
-        self, name: str, *, is_admin: bool = False, expires_at: int | None = None
+        self,
+        name: str,
+        *,
+        is_admin: bool = False,
+        expires_at: int | None = None,
+        limits: KeyLimits | None = None,
+        grant_micro: int = 0,
     ) -> tuple[KeyRecord, str]:
-        """Make a key; returns its record and the plaintext (shown to the user once)."""
+        """Make a key with ``grant_micro`` of credit; returns its record and the plaintext."""
         plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-        record = KeyRecord(
-            id="key_" + secrets.token_hex(8),
-            name=name,
-            prefix=plaintext[:10],
-            is_admin=is_admin,
-            created_at=int(time.time()),
-            expires_at=expires_at,
-            revoked_at=None,
-        )
+        limits = limits or KeyLimits()
+        key_id = "key_" + secrets.token_hex(8)
+        now = int(time.time())
         async with self._engine.begin() as conn:
             await conn.execute(
                 api_keys.insert().values(
-                    id=record.id,
-                    name=record.name,
-                    prefix=record.prefix,
+                    id=key_id,
+                    name=name,
+                    prefix=plaintext[:10],
                     secret_hash=self.digest(plaintext),
-                    is_admin=record.is_admin,
-                    created_at=record.created_at,
-                    expires_at=record.expires_at,
+                    is_admin=is_admin,
+                    created_at=now,
+                    expires_at=expires_at,
                     revoked_at=None,
+                    balance_micro=grant_micro,
+                    **limits.columns(),
                 )
             )
+            if grant_micro:
+                await conn.execute(
+                    credit_events.insert().values(
+                        key_id=key_id,
+                        kind="grant",
+                        amount_micro=grant_micro,
+                        payment_id=None,
+                        note="free grant for a new key",
+                        created_at=now,
+                    )
+                )
+        record = await self.get(key_id)
+        assert record is not None
+        return record, plaintext
+
+    async def update(self, key_id: str, **changes: object) -> KeyRecord:
+        """Change a key's name, limits, models or expiry; raises ``NotFound``."""
+        allowed = {"name", "expires_at", "allowed_models", "rpm", "tpm", "max_concurrent_streams"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)}")
+        values = dict(changes)
+        if "allowed_models" in values and values["allowed_models"] is not None:
+            values["allowed_models"] = json.dumps(list(values["allowed_models"]))  # type: ignore[call-overload]
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                api_keys.update().where(api_keys.c.id == key_id).values(**values)
+            )
+        if result.rowcount == 0:
+            raise NotFound(f"No API key with id {key_id!r}.", param="id")
+        self.forget(key_id)
+        record = await self.get(key_id)
+        assert record is not None
+        return record
+
+    async def rotate(self, key_id: str) -> tuple[KeyRecord, str]:
+        """Give a key a new secret (the old one stops working at once); same id, limits, balance."""
+        plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(secret_hash=self.digest(plaintext), prefix=plaintext[:10])
+            )
+        if result.rowcount == 0:
+            raise NotFound(f"No active API key with id {key_id!r}.", param="id")
+        self.forget(key_id)
+        record = await self.get(key_id)
+        assert record is not None
         return record, plaintext
 
     async def list(self) -> list[KeyRecord]:

@@ -46,7 +46,9 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
     raw = msgspec.json.decode(body)
     if not isinstance(raw, dict):  # pragma: no cover - decode_chat_request guarantees an object
         raise InvalidRequest("The request body must be a JSON object.")
-    generation = state.completions.start(key, chat_request, raw)
+    generation = await state.completions.start(
+        key, chat_request, raw, "sse" if chat_request.stream else "json"
+    )
     if not chat_request.stream:
         return JSONCompletion(generation)
     return SSEStream(
@@ -92,10 +94,10 @@ class JSONCompletion:
         if disconnect.happened:
             return
         if builder.error is not None:
-            response = error_response(builder.error)
+            response = error_response(builder.error, generation.response_headers)
         else:
             result = builder.build(
                 completion_id=generation.id, created=generation.created, model=generation.model
             )
-            response = json_response(result)
+            response = json_response(result, headers=generation.response_headers)
         await response(scope, receive, send)

@@ -66,8 +66,11 @@ class SSEStream:
             async with cancel_on_disconnect(receive):
                 first = await anext(self._batches)
                 if first and isinstance(first[0], StreamError):
-                    stream_id = {"x-stream-id": self._generation.id}
-                    await error_response(first[0].error, stream_id)(scope, receive, send)
+                    headers = {
+                        **self._generation.response_headers,
+                        "x-stream-id": self._generation.id,
+                    }
+                    await error_response(first[0].error, headers)(scope, receive, send)
                     return
                 await send(
                     {
@@ -78,6 +81,10 @@ class SSEStream:
                             (b"cache-control", b"no-cache"),
                             (b"x-accel-buffering", b"no"),
                             (b"x-stream-id", self._generation.id.encode()),
+                            *(
+                                (name.lower().encode(), value.encode())
+                                for name, value in self._generation.response_headers.items()
+                            ),
                         ],
                     }
                 )

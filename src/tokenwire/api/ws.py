@@ -24,7 +24,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenwire.accounting.keys import KeyRecord
-from tokenwire.api.auth import bearer_token
+from tokenwire.api.auth import authenticate_token, bearer_token
 from tokenwire.config import ServerConfig
 from tokenwire.errors import (
     AuthenticationError,
@@ -234,10 +234,13 @@ class WSSession:
             raise proto.ProtocolViolation(
                 proto.CLOSE_UNAUTHORIZED, "authenticate first: send {type: auth, api_key}"
             )
-        key = await self._state.keys.authenticate(message.api_key)
-        if key is None:
-            raise proto.ProtocolViolation(proto.CLOSE_UNAUTHORIZED, "invalid API key")
-        self._key = key
+        client = self._ws.client.host if self._ws.client is not None else "unknown"
+        try:
+            self._key = await authenticate_token(self._state, message.api_key, client)
+        except AuthenticationError:
+            raise proto.ProtocolViolation(proto.CLOSE_UNAUTHORIZED, "invalid API key") from None
+        except RateLimited as exc:
+            raise proto.ProtocolViolation(proto.CLOSE_TRY_AGAIN_LATER, exc.message) from None
         await self._send(b'{"type":"auth.ok"}')
 
     # -- messages ----------------------------------------------------------------------------
@@ -268,7 +271,7 @@ class WSSession:
             if self._compat_task is None:
                 self._compat_task = asyncio.get_running_loop().create_task(self._compat_worker())
         elif isinstance(message, proto.CreateMessage):
-            self._create(message)
+            await self._create(message)
         elif isinstance(message, proto.CancelMessage):
             self._cancel(message.request_id)
         elif isinstance(message, proto.ResumeMessage):
@@ -282,7 +285,7 @@ class WSSession:
         else:  # AuthMessage after authentication
             raise InvalidRequest("Already authenticated.", code="already_authenticated")
 
-    def _create(self, message: proto.CreateMessage) -> None:
+    async def _create(self, message: proto.CreateMessage) -> None:
         request_id = message.request_id
         if request_id in self._requests:
             error = InvalidRequest(
@@ -293,7 +296,7 @@ class WSSession:
             raise proto.RequestFailed(error, request_id)
         self._check_capacity(request_id)
         try:
-            generation = self._start(message.body)
+            generation = await self._start(message.body)
         except GatewayError as exc:
             raise proto.RequestFailed(exc, request_id) from None
         task = asyncio.get_running_loop().create_task(
@@ -317,10 +320,10 @@ class WSSession:
             raise proto.RequestFailed(error, request_id)
         entry[1].cancel("client_cancelled")
 
-    def _start(self, body: dict[str, Any]) -> Generation:
+    async def _start(self, body: dict[str, Any]) -> Generation:
         assert self._key is not None
         request = convert_chat_request(body)
-        return self._state.completions.start(self._key, request, body)
+        return await self._state.completions.start(self._key, request, body, "ws")
 
     # -- serving requests --------------------------------------------------------------------
 
@@ -371,7 +374,7 @@ class WSSession:
         try:
             if isinstance(item, GatewayError):
                 raise item
-            generation = self._start(item)
+            generation = await self._start(item)
         except GatewayError as exc:
             await self._send(error_json(exc))
             await self._finish_compatible()
@@ -424,12 +427,11 @@ async def ws_chat(websocket: WebSocket) -> None:
         (p[len(proto.TICKET_PREFIX) :] for p in offered if p.startswith(proto.TICKET_PREFIX)), None
     )
     key: KeyRecord | None = None
+    client = websocket.client.host if websocket.client is not None else "unknown"
     try:
         token = bearer_token(websocket)
         if token is not None:
-            key = await state.keys.authenticate(token)
-            if key is None:
-                raise AuthenticationError("invalid API key")
+            key = await authenticate_token(state, token, client)
         elif ticket is not None:
             key_id = state.tickets.redeem(ticket)
             key = None if key_id is None else await state.keys.get(key_id)
@@ -438,6 +440,10 @@ async def ws_chat(websocket: WebSocket) -> None:
     except AuthenticationError as exc:
         await websocket.accept(subprotocol)
         await websocket.close(proto.CLOSE_UNAUTHORIZED, exc.message[:120])
+        return
+    except RateLimited as exc:
+        await websocket.accept(subprotocol)
+        await websocket.close(proto.CLOSE_TRY_AGAIN_LATER, exc.message[:120])
         return
     await websocket.accept(subprotocol)
     await WSSession(websocket, state, key).run()

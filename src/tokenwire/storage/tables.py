@@ -1,4 +1,8 @@
-"""Table definitions (SQLAlchemy Core). Schema changes go through a migration in ``migrations/``."""
+"""Table definitions (SQLAlchemy Core). Schema changes go through a migration in ``migrations/``.
+
+Money is integer micro-dollars (``*_micro``); times are Unix seconds (``created_at`` of keys
+and credit events) or Unix milliseconds (the ledger's ``created_at``).
+"""
 
 from __future__ import annotations
 
@@ -17,4 +21,53 @@ api_keys = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("expires_at", sa.BigInteger, nullable=True),
     sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    sa.Column("allowed_models", sa.Text, nullable=True),  # JSON list; NULL: every model
+    sa.Column("rpm", sa.Integer, nullable=True),  # NULL: unlimited
+    sa.Column("tpm", sa.Integer, nullable=True),
+    sa.Column("max_concurrent_streams", sa.Integer, nullable=True),
+    sa.Column("balance_micro", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# Worst-case cost held at admission, released when the completion settles.
+reservations = sa.Table(
+    "reservations",
+    metadata,
+    sa.Column("completion_id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(32), nullable=False, index=True),
+    sa.Column("amount_micro", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+# One row per completion, written once (the primary key makes the write idempotent).
+usage_ledger = sa.Table(
+    "usage_ledger",
+    metadata,
+    sa.Column("completion_id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("provider", sa.String(64), nullable=False),
+    sa.Column("transport", sa.String(8), nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("usage_estimated", sa.Boolean, nullable=False),
+    sa.Column("cost_micro", sa.BigInteger, nullable=False),
+    sa.Column("ttft_ms", sa.Integer, nullable=True),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("finish_reason", sa.String(32), nullable=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_usage_ledger_key_time", "key_id", "created_at"),
+)
+
+# Grants, top-ups and adjustments; payment_id makes webhook top-ups idempotent.
+credit_events = sa.Table(
+    "credit_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key_id", sa.String(32), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("amount_micro", sa.BigInteger, nullable=False),
+    sa.Column("payment_id", sa.String(128), nullable=True, unique=True),
+    sa.Column("note", sa.String(500), nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
 )

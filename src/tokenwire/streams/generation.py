@@ -83,6 +83,7 @@ class Generation:
         self.finish_reason: FinishReason | None = None
         self.error: GatewayError | None = None
         self.cancel_cause: CancelCause | None = None
+        self.response_headers: dict[str, str] = {}  # rate-limit headers from admission
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.ended_at: float | None = None

@@ -1,0 +1,246 @@
+"""Credits, reservations and the usage ledger: every write is one transaction.
+
+The invariant, for every key at every moment::
+
+    balance = grants + top-ups - sum(ledger cost) - sum(open reservations)
+
+* **reserve** (at admission, priced models only): subtract the worst-case cost from the
+  balance if the balance covers it (one conditional ``UPDATE``, atomic on SQLite and
+  PostgreSQL alike) and record the reservation. Concurrent requests therefore never take a
+  balance below zero; only a completion that costs more than its reservation (a prompt larger
+  than estimated) can, by at most that one request's difference.
+* **settle** (when the completion ends, once): insert the ledger row keyed by the completion
+  id (a second attempt inserts nothing and changes nothing), delete the reservation, and give
+  back ``reserved - cost``.
+* **top-up**: a credit event plus the balance change; a payment id can be applied only once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tokenwire.errors import InsufficientQuota, NotFound
+from tokenwire.storage.tables import api_keys, credit_events, reservations, usage_ledger
+
+LEDGER_STATUSES = ("completed", "cancelled", "client_disconnected", "upstream_error")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One completion's bill."""
+
+    completion_id: str
+    key_id: str
+    model: str
+    provider: str
+    transport: str  # "sse", "ws" or "json"
+    prompt_tokens: int
+    completion_tokens: int
+    usage_estimated: bool
+    cost_micro: int
+    ttft_ms: int | None
+    duration_ms: int
+    finish_reason: str | None
+    status: str
+    created_at: int  # Unix milliseconds
+
+
+def _insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table) -> Any:
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+class Ledger:
+    """Balances, reservations, ledger rows and credit events in the database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def balance(self, key_id: str) -> int:
+        """The key's balance in micro-dollars (open reservations already taken off)."""
+        async with self._engine.connect() as conn:
+            value = await conn.scalar(
+                sa.select(api_keys.c.balance_micro).where(api_keys.c.id == key_id)
+            )
+        if value is None:
+            raise NotFound(f"No API key with id {key_id!r}.", param="id")
+        return int(value)
+
+    async def reserve(self, key_id: str, completion_id: str, amount_micro: int) -> None:
+        """Hold ``amount_micro`` of the key's balance, or raise ``InsufficientQuota`` (402)."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.balance_micro >= amount_micro)
+                .values(balance_micro=api_keys.c.balance_micro - amount_micro)
+            )
+            if result.rowcount == 0:
+                raise InsufficientQuota(
+                    "You exceeded your current quota: this request may cost up to "
+                    f"${amount_micro / 1_000_000:.6f}, more than the key's credit balance. "
+                    "Top up the key or lower max_tokens."
+                )
+            await conn.execute(
+                reservations.insert().values(
+                    completion_id=completion_id,
+                    key_id=key_id,
+                    amount_micro=amount_micro,
+                    created_at=int(time.time()),
+                )
+            )
+
+    async def settle(self, row: LedgerRow) -> bool:
+        """Write the ledger row and settle its reservation, once. True if this call did it."""
+        async with self._engine.begin() as conn:
+            inserted = await conn.execute(
+                _insert_ignoring_duplicates(conn, usage_ledger).values(**asdict(row))
+            )
+            if inserted.rowcount == 0:
+                return False  # already settled: a replay changes nothing
+            reserved = await conn.scalar(
+                sa.select(reservations.c.amount_micro).where(
+                    reservations.c.completion_id == row.completion_id
+                )
+            )
+            if reserved is not None:
+                await conn.execute(
+                    reservations.delete().where(reservations.c.completion_id == row.completion_id)
+                )
+            refund = int(reserved or 0) - row.cost_micro
+            if refund:
+                await conn.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == row.key_id)
+                    .values(balance_micro=api_keys.c.balance_micro + refund)
+                )
+        return True
+
+    async def credit(
+        self,
+        key_id: str,
+        amount_micro: int,
+        *,
+        kind: str = "topup",
+        payment_id: str | None = None,
+        note: str | None = None,
+    ) -> tuple[int, bool]:
+        """Add credit; returns (new balance, applied). A known ``payment_id`` applies nothing."""
+        async with self._engine.begin() as conn:
+            exists = await conn.scalar(sa.select(api_keys.c.id).where(api_keys.c.id == key_id))
+            if exists is None:
+                raise NotFound(f"No API key with id {key_id!r}.", param="key_id")
+            inserted = await conn.execute(
+                _insert_ignoring_duplicates(conn, credit_events).values(
+                    key_id=key_id,
+                    kind=kind,
+                    amount_micro=amount_micro,
+                    payment_id=payment_id,
+                    note=note,
+                    created_at=int(time.time()),
+                )
+            )
+            applied = inserted.rowcount == 1
+            if applied:
+                await conn.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == key_id)
+                    .values(balance_micro=api_keys.c.balance_micro + amount_micro)
+                )
+            balance = await conn.scalar(
+                sa.select(api_keys.c.balance_micro).where(api_keys.c.id == key_id)
+            )
+        return int(balance or 0), applied
+
+    async def release_stale_reservations(self, older_than_s: float) -> int:
+        """Give back reservations left by a process that died mid-completion."""
+        cutoff = int(time.time() - older_than_s)
+        released = 0
+        async with self._engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(reservations).where(reservations.c.created_at < cutoff)
+                )
+            ).all()
+            for row in rows:
+                await conn.execute(
+                    reservations.delete().where(reservations.c.completion_id == row.completion_id)
+                )
+                await conn.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == row.key_id)
+                    .values(balance_micro=api_keys.c.balance_micro + row.amount_micro)
+                )
+                released += 1
+        return released
+
+    async def rows(
+        self,
+        *,
+        key_id: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        model: str | None = None,
+        limit: int = 1000,
+    ) -> list[LedgerRow]:
+        """Ledger rows, newest first, filtered by key, time (Unix ms) and model."""
+        query = sa.select(usage_ledger).order_by(usage_ledger.c.created_at.desc()).limit(limit)
+        if key_id is not None:
+            query = query.where(usage_ledger.c.key_id == key_id)
+        if since_ms is not None:
+            query = query.where(usage_ledger.c.created_at >= since_ms)
+        if until_ms is not None:
+            query = query.where(usage_ledger.c.created_at < until_ms)
+        if model is not None:
+            query = query.where(usage_ledger.c.model == model)
+        async with self._engine.connect() as conn:
+            result = await conn.execute(query)
+            return [LedgerRow(**dict(r._mapping)) for r in result]
+
+    async def totals(
+        self,
+        *,
+        key_id: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        model: str | None = None,
+        group_by: tuple[str, ...] = ("key_id", "model", "day"),
+    ) -> list[dict[str, Any]]:
+        """Sums of requests, tokens and cost grouped by any of key_id, model and day (UTC)."""
+        day = sa.cast(usage_ledger.c.created_at / 86_400_000, sa.BigInteger)
+        columns = {"key_id": usage_ledger.c.key_id, "model": usage_ledger.c.model, "day": day}
+        keys = [columns[g].label(g) for g in group_by]
+        query = sa.select(
+            *keys,
+            sa.func.count().label("requests"),
+            sa.func.sum(usage_ledger.c.prompt_tokens).label("prompt_tokens"),
+            sa.func.sum(usage_ledger.c.completion_tokens).label("completion_tokens"),
+            sa.func.sum(usage_ledger.c.cost_micro).label("cost_micro"),
+        )
+        if key_id is not None:
+            query = query.where(usage_ledger.c.key_id == key_id)
+        if since_ms is not None:
+            query = query.where(usage_ledger.c.created_at >= since_ms)
+        if until_ms is not None:
+            query = query.where(usage_ledger.c.created_at < until_ms)
+        if model is not None:
+            query = query.where(usage_ledger.c.model == model)
+        if keys:
+            query = query.group_by(*keys).order_by(*keys)
+        async with self._engine.connect() as conn:
+            result = await conn.execute(query)
+            out = []
+            for r in result:
+                item = dict(r._mapping)
+                for name in ("prompt_tokens", "completion_tokens", "cost_micro"):
+                    item[name] = int(item[name] or 0)
+                if "day" in item:
+                    item["day"] = time.strftime("%Y-%m-%d", time.gmtime(int(item["day"]) * 86_400))
+                out.append(item)
+            return out

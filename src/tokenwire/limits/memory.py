@@ -1,0 +1,131 @@
+"""The in-process rate-limit backend: one gateway process, no external service.
+
+State is a dict of GCRA arrival times and a dict of open stream ids per key, owned by one
+event loop (no locks needed: every method runs without awaiting in between).
+"""
+
+from __future__ import annotations
+
+import time
+
+from tokenwire.limits.base import (
+    Admission,
+    BucketState,
+    LimitExceeded,
+    LimitSpec,
+    gcra,
+    rate_headers,
+)
+
+
+class MemoryRateLimiter:
+    """Rate limits kept in this process."""
+
+    def __init__(self, *, window_s: float = 60.0, auth_failures_per_window: int = 30) -> None:
+        self._window_s = window_s
+        self._auth_limit = auth_failures_per_window
+        self._tat: dict[str, float] = {}
+        self._streams: dict[str, set[str]] = {}
+
+    def _prune(self, now: float) -> None:
+        if len(self._tat) > 50_000:
+            self._tat = {k: v for k, v in self._tat.items() if v > now}
+
+    async def admit(self, key_id: str, spec: LimitSpec, tokens: int, stream_id: str) -> Admission:
+        now = time.monotonic()
+        self._prune(now)
+        window = self._window_s
+        requests = tokens_result = None
+        refusals: list[tuple[float, str, str]] = []
+        if spec.rpm is not None:
+            requests = gcra(self._tat.get("r:" + key_id, now), now, 1, spec.rpm, window)
+            if not requests.allowed:
+                refusals.append(
+                    (
+                        requests.retry_after_s,
+                        "rate_limit_exceeded",
+                        f"Rate limit reached: {spec.rpm} requests per {window:g} s.",
+                    )
+                )
+        if spec.tpm is not None:
+            if tokens > spec.tpm:
+                refusals.append(
+                    (
+                        window,
+                        "tokens_exceed_limit",
+                        f"Request too large: about {tokens} tokens (prompt + max_tokens) against "
+                        f"a limit of {spec.tpm} tokens per {window:g} s; lower max_tokens.",
+                    )
+                )
+            else:
+                tokens_result = gcra(
+                    self._tat.get("t:" + key_id, now), now, tokens, spec.tpm, window
+                )
+                if not tokens_result.allowed:
+                    refusals.append(
+                        (
+                            tokens_result.retry_after_s,
+                            "rate_limit_exceeded",
+                            f"Rate limit reached: {spec.tpm} tokens per {window:g} s.",
+                        )
+                    )
+        open_streams = self._streams.get(key_id, set())
+        if spec.max_streams is not None and len(open_streams) >= spec.max_streams:
+            refusals.append(
+                (
+                    1.0,
+                    "concurrent_streams_exceeded",
+                    f"At most {spec.max_streams} streams may run at once for this key.",
+                )
+            )
+        request_state = (
+            None
+            if requests is None
+            else BucketState(spec.rpm or 0, requests.remaining, requests.reset_s)
+        )
+        token_state = (
+            None
+            if tokens_result is None
+            else BucketState(spec.tpm or 0, tokens_result.remaining, tokens_result.reset_s)
+        )
+        headers = rate_headers(request_state, token_state)
+        if refusals:
+            retry_after, code, message = max(refusals)
+            raise LimitExceeded(
+                message, retry_after_s=retry_after, code=code, limit_headers=headers
+            )
+        if requests is not None:
+            self._tat["r:" + key_id] = requests.new_tat
+        if tokens_result is not None:
+            self._tat["t:" + key_id] = tokens_result.new_tat
+        if spec.max_streams is not None:
+            self._streams.setdefault(key_id, set()).add(stream_id)
+        return Admission(key_id, stream_id, tokens, request_state, token_state, headers)
+
+    async def settle(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
+        streams = self._streams.get(admission.key_id)
+        if streams is not None:
+            streams.discard(admission.stream_id)
+            if not streams:
+                del self._streams[admission.key_id]
+        if spec.tpm is not None and actual_tokens != admission.tokens:
+            now = time.monotonic()
+            name = "t:" + admission.key_id
+            interval = self._window_s / spec.tpm
+            adjusted = self._tat.get(name, now) + (actual_tokens - admission.tokens) * interval
+            self._tat[name] = max(now, adjusted)
+
+    async def auth_blocked(self, client: str) -> float | None:
+        now = time.monotonic()
+        peek = gcra(self._tat.get("a:" + client, now), now, 1, self._auth_limit, self._window_s)
+        return None if peek.allowed else peek.retry_after_s
+
+    async def auth_failed(self, client: str) -> None:
+        now = time.monotonic()
+        name = "a:" + client
+        step = gcra(self._tat.get(name, now), now, 1, self._auth_limit, self._window_s)
+        if step.allowed:
+            self._tat[name] = step.new_tat
+
+    async def aclose(self) -> None:
+        return None
