@@ -29,6 +29,7 @@ from typing import Any, Literal
 from tokenwire.accounting.keys import KeyRecord
 from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.pricing import cost_micro, is_free, worst_case_micro
+from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry
 from tokenwire.errors import PermissionDenied
 from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
@@ -88,6 +89,7 @@ class CompletionService:
         self._registry = registry
         self._limiter = limiter
         self._ledger = ledger
+        self._writer = LedgerWriter(ledger)
         self._grace_s = disconnect_grace_s
         self._default_max_tokens = default_max_tokens
         self.live: dict[str, Generation] = {}
@@ -170,7 +172,7 @@ class CompletionService:
             created_at=int(time.time() * 1000),
         )
         try:
-            await self._ledger.settle(row)
+            await self._writer.settle(row, reserved=not is_free(context.entry))
         except Exception:  # the reservation stays held; logged for the operator
             log.exception("could not write the ledger row of %s", generation.id)
         try:
@@ -184,3 +186,4 @@ class CompletionService:
         for generation in pending:
             generation.cancel("shutdown")
         await asyncio.gather(*(g.wait_settled() for g in pending))
+        await self._writer.aclose()

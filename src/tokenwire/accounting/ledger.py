@@ -96,24 +96,29 @@ class Ledger:
                 )
             )
 
-    async def settle(self, row: LedgerRow) -> bool:
-        """Write the ledger row and settle its reservation, once. True if this call did it."""
+    async def settle(self, row: LedgerRow, *, reserved: bool = True) -> bool:
+        """Write the ledger row and settle its reservation, once. True if this call did it.
+
+        ``reserved=False`` (a free model, nothing was held) makes it a single ``INSERT``.
+        """
         async with self._engine.begin() as conn:
             inserted = await conn.execute(
                 _insert_ignoring_duplicates(conn, usage_ledger).values(**asdict(row))
             )
             if inserted.rowcount == 0:
                 return False  # already settled: a replay changes nothing
-            reserved = await conn.scalar(
-                sa.select(reservations.c.amount_micro).where(
-                    reservations.c.completion_id == row.completion_id
+            held = None
+            if reserved:
+                held = await conn.scalar(
+                    sa.select(reservations.c.amount_micro).where(
+                        reservations.c.completion_id == row.completion_id
+                    )
                 )
-            )
-            if reserved is not None:
+            if held is not None:
                 await conn.execute(
                     reservations.delete().where(reservations.c.completion_id == row.completion_id)
                 )
-            refund = int(reserved or 0) - row.cost_micro
+            refund = int(held or 0) - row.cost_micro
             if refund:
                 await conn.execute(
                     api_keys.update()
@@ -121,6 +126,61 @@ class Ledger:
                     .values(balance_micro=api_keys.c.balance_micro + refund)
                 )
         return True
+
+    async def settle_many(self, items: list[tuple[LedgerRow, bool]]) -> set[str]:
+        """Settle a batch of (row, reserved) in one transaction; returns the ids written now.
+
+        The same rules as :meth:`settle`, row by row: a completion id already in the ledger
+        changes nothing; each new row releases its reservation and refunds ``held - cost``.
+        """
+        if not items:
+            return set()
+        ids = [row.completion_id for row, _ in items]
+        async with self._engine.begin() as conn:
+            existing = set(
+                (
+                    await conn.scalars(
+                        sa.select(usage_ledger.c.completion_id).where(
+                            usage_ledger.c.completion_id.in_(ids)
+                        )
+                    )
+                ).all()
+            )
+            new = {}
+            for row, reserved in items:
+                if row.completion_id not in existing and row.completion_id not in new:
+                    new[row.completion_id] = (row, reserved)
+            if not new:
+                return set()
+            await conn.execute(
+                _insert_ignoring_duplicates(conn, usage_ledger),
+                [asdict(row) for row, _ in new.values()],
+            )
+            held_ids = [cid for cid, (_, reserved) in new.items() if reserved]
+            held: dict[str, int] = {}
+            if held_ids:
+                result = await conn.execute(
+                    sa.select(reservations.c.completion_id, reservations.c.amount_micro).where(
+                        reservations.c.completion_id.in_(held_ids)
+                    )
+                )
+                held = {str(cid): int(amount) for cid, amount in result}
+                if held:
+                    await conn.execute(
+                        reservations.delete().where(reservations.c.completion_id.in_(list(held)))
+                    )
+            refunds: dict[str, int] = {}
+            for cid, (row, _) in new.items():
+                refund = held.get(cid, 0) - row.cost_micro
+                if refund:
+                    refunds[row.key_id] = refunds.get(row.key_id, 0) + refund
+            for key_id, refund in refunds.items():
+                await conn.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == key_id)
+                    .values(balance_micro=api_keys.c.balance_micro + refund)
+                )
+        return set(new)
 
     async def credit(
         self,
