@@ -155,7 +155,7 @@ class CompletionService:
             completion_id=generation.id,
             key_id=context.key_id,
             model=context.entry.id,
-            provider=context.entry.provider,
+            provider=generation.provider or context.entry.provider,
             transport=context.transport,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,

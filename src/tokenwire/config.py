@@ -82,32 +82,65 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_connections: int = 2048
 
 
-class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
-    id: str
+class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     provider: str
     upstream_model: str | None = None
+    weight: int = 1
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    provider: str | None = None
+    upstream_model: str | None = None
+    deployments: list[DeploymentConfig] = msgspec.field(default_factory=list)
     input_usd_per_mtok: str | float = "0"
     output_usd_per_mtok: str | float = "0"
+
+
+class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    max_attempts: int = 3  # tries before the first token, across deployments
+    backoff_base_s: float = 0.1
+    backoff_max_s: float = 2.0
+    max_retry_after_s: float = 5.0  # honour an upstream Retry-After up to this long
+    breaker_threshold: int = 3  # consecutive failures that cool a deployment down
+    breaker_cooldown_s: float = 30.0
 
 
 class FileConfig(msgspec.Struct, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
     database_url: str | None = None
     data_dir: str | None = None
 
 
+class DeploymentEntry(msgspec.Struct, frozen=True):
+    """One place a model can be served: a provider, its name for the model, a weight."""
+
+    provider: str
+    upstream_model: str
+    weight: int = 1
+
+
 class ModelEntry(msgspec.Struct, frozen=True):
-    """A catalog entry, prices in integer micro-dollars per 1M tokens."""
+    """A catalog entry, prices in integer micro-dollars per 1M tokens.
+
+    ``provider`` and ``upstream_model`` are the first deployment's.
+    """
 
     id: str
     provider: str
     upstream_model: str
     input_micro_per_mtok: int
     output_micro_per_mtok: int
+    deployments: tuple[DeploymentEntry, ...] = ()
+
+    def all_deployments(self) -> tuple[DeploymentEntry, ...]:
+        """The deployments, or the single one implied by provider and upstream_model."""
+        return self.deployments or (DeploymentEntry(self.provider, self.upstream_model),)
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -120,6 +153,7 @@ class Settings(msgspec.Struct, frozen=True):
     models: dict[str, ModelEntry]
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
 
 
 def default_data_dir() -> Path:
@@ -155,6 +189,7 @@ def _merge(base: FileConfig, over: FileConfig, over_raw: dict[str, Any]) -> File
     server = _overlay(base.server, over.server, over_raw.get("server", {}))
     limits = _overlay(base.limits, over.limits, over_raw.get("limits", {}))
     accounting = _overlay(base.accounting, over.accounting, over_raw.get("accounting", {}))
+    routing = _overlay(base.routing, over.routing, over_raw.get("routing", {}))
     providers = {**base.providers, **over.providers}
     models = {m.id: m for m in base.models}
     models.update({m.id: m for m in over.models})
@@ -162,6 +197,7 @@ def _merge(base: FileConfig, over: FileConfig, over_raw: dict[str, Any]) -> File
         server=server,
         limits=limits,
         accounting=accounting,
+        routing=routing,
         providers=providers,
         models=list(models.values()),
         database_url=over.database_url or base.database_url,
@@ -221,12 +257,28 @@ def load_settings(
     )
     models: dict[str, ModelEntry] = {}
     for model in merged.models:
-        if model.provider not in merged.providers:
-            raise ConfigError(f"model {model.id!r} names unknown provider {model.provider!r}")
+        deployments = tuple(
+            DeploymentEntry(
+                d.provider, d.upstream_model or model.upstream_model or model.id, d.weight
+            )
+            for d in model.deployments
+        )
+        if model.provider is not None and not deployments:
+            deployments = (DeploymentEntry(model.provider, model.upstream_model or model.id),)
+        if not deployments:
+            raise ConfigError(f"model {model.id!r} needs a provider or deployments")
+        for deployment in deployments:
+            if deployment.provider not in merged.providers:
+                raise ConfigError(
+                    f"model {model.id!r} names unknown provider {deployment.provider!r}"
+                )
+            if deployment.weight < 1:
+                raise ConfigError(f"model {model.id!r}: deployment weights must be >= 1")
         models[model.id] = ModelEntry(
             id=model.id,
-            provider=model.provider,
-            upstream_model=model.upstream_model or model.id,
+            provider=deployments[0].provider,
+            upstream_model=deployments[0].upstream_model,
+            deployments=deployments if len(deployments) > 1 else (),
             input_micro_per_mtok=usd_to_micro(model.input_usd_per_mtok, what=f"{model.id} input"),
             output_micro_per_mtok=usd_to_micro(
                 model.output_usd_per_mtok, what=f"{model.id} output"
@@ -241,4 +293,5 @@ def load_settings(
         models=models,
         limits=limits,
         accounting=merged.accounting,
+        routing=merged.routing,
     )

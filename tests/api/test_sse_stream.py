@@ -54,6 +54,9 @@ def flaky_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayS
 [server]
 sse_heartbeat_s = 0.05
 
+[routing]
+max_attempts = 1  # these tests see each upstream failure as it is, without retries
+
 [providers.sim]
 kind = "sim"
 ttft_ms = 400.0

@@ -11,9 +11,10 @@ import importlib.util
 from collections.abc import Mapping
 
 from tokenwire.config import ModelEntry, ProviderConfig, Settings
-from tokenwire.errors import ModelNotFound, ProviderUnavailable
+from tokenwire.errors import ModelNotFound
 from tokenwire.providers.base import Provider
 from tokenwire.providers.openai_compat import OpenAICompatProvider
+from tokenwire.providers.router import DeploymentState, route
 from tokenwire.providers.sim import SimProvider
 
 
@@ -56,8 +57,11 @@ class ProviderRegistry:
 
     def __init__(self, settings: Settings, env: Mapping[str, str]) -> None:
         self.models: dict[str, ModelEntry] = dict(settings.models)
+        self._routing = settings.routing
         self._providers: dict[str, Provider] = {}
         self._unavailable: dict[str, str] = {}
+        self._deployment_states: dict[tuple[str, str], DeploymentState] = {}
+        self._routed: dict[str, Provider] = {}
         for name, config in settings.providers.items():
             built = build_provider(name, config, env)
             if isinstance(built, str):
@@ -66,8 +70,11 @@ class ProviderRegistry:
                 self._providers[name] = built
 
     def unavailable_reason(self, entry: ModelEntry) -> str | None:
-        """Why the model's provider cannot serve it, or None if it can."""
-        return self._unavailable.get(entry.provider)
+        """Why no deployment of the model can serve it, or None if one can."""
+        names = [d.provider for d in entry.all_deployments()]
+        if any(name in self._providers for name in names):
+            return None
+        return "; ".join(self._unavailable.get(name, f"{name} missing") for name in names)
 
     def resolve(self, model_id: str) -> tuple[Provider, ModelEntry]:
         """The provider and catalog entry for ``model_id``."""
@@ -77,10 +84,12 @@ class ProviderRegistry:
                 f"The model {model_id!r} does not exist; GET /v1/models lists the available ones.",
                 param="model",
             )
-        provider = self._providers.get(entry.provider)
+        provider = self._routed.get(model_id)
         if provider is None:
-            reason = self._unavailable.get(entry.provider, "provider missing")
-            raise ProviderUnavailable(f"The model {model_id!r} is unavailable: {reason}.")
+            provider = route(
+                entry, self._providers, self._unavailable, self._deployment_states, self._routing
+            )
+            self._routed[model_id] = provider
         return provider, entry
 
     async def aclose(self) -> None:

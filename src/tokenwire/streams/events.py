@@ -55,4 +55,11 @@ class StreamError(msgspec.Struct, frozen=True):
     error: GatewayError
 
 
-Event = TextDelta | ToolCallDelta | Usage | Finish | StreamError
+class Routed(msgspec.Struct, frozen=True):
+    """Which deployment serves the completion (from the router; not logged)."""
+
+    provider: str
+    upstream_model: str
+
+
+Event = TextDelta | ToolCallDelta | Usage | Finish | StreamError | Routed

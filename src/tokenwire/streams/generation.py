@@ -30,6 +30,7 @@ from tokenwire.streams.events import (
     Event,
     Finish,
     FinishReason,
+    Routed,
     StreamError,
     TextDelta,
     ToolCallDelta,
@@ -84,6 +85,7 @@ class Generation:
         self.error: GatewayError | None = None
         self.cancel_cause: CancelCause | None = None
         self.response_headers: dict[str, str] = {}  # rate-limit headers from admission
+        self.provider: str | None = None  # the deployment that served, when routed
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
@@ -165,6 +167,8 @@ class Generation:
                     usage = event
                 elif isinstance(event, Finish):
                     finish = event.reason
+                elif isinstance(event, Routed):
+                    self.provider = event.provider
                 else:
                     error = event.error
                     break

@@ -113,7 +113,9 @@ class ChunkEncoder:
             return self.finish(event.reason)
         if isinstance(event, Usage):
             return self.usage(event) if include_usage else None
-        return error_json(event.error)
+        if isinstance(event, StreamError):
+            return error_json(event.error)
+        return None  # Routed: bookkeeping, never sent
 
 
 def error_json(error: GatewayError) -> bytes:

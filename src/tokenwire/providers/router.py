@@ -1,0 +1,184 @@
+"""Routing a model to its deployments: least in-flight, retries and fallback, a circuit breaker.
+
+A model maps to one or more deployments (provider + upstream model + weight). Each request:
+
+1. picks, among deployments that are not cooling down, the one with the fewest requests in
+   flight (ties broken at random by weight); if all are cooling down, the one that recovers
+   first;
+2. **before the first event**, a retryable failure (connection error, timeout, 429, 5xx) moves
+   on: to another healthy deployment at once, or, when there is none, to the same one after
+   an exponential backoff with jitter, or after the upstream's ``Retry-After`` when it is short
+   enough; at most ``routing.max_attempts`` tries in all;
+3. **after the first event** nothing is replayed: a failure ends the stream with an in-band
+   error (the Generation does that).
+
+A 429 with ``Retry-After`` cools its deployment down for that long; ``breaker_threshold``
+consecutive failures cool it down for ``breaker_cooldown_s``; a success resets the count.
+The deployment that served is announced with a :class:`~tokenwire.streams.events.Routed`
+event, so the ledger names the provider that really answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenwire.config import DeploymentEntry, ModelEntry, RoutingConfig
+from tokenwire.errors import GatewayError, ProviderUnavailable, UpstreamError, UpstreamStatusError
+from tokenwire.providers.base import Provider, ProviderCall
+from tokenwire.streams.events import Event, Routed
+
+
+@dataclass
+class DeploymentState:
+    """A deployment and its health, shared by every request of this process."""
+
+    entry: DeploymentEntry
+    provider: Provider
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    cooldown_until: float = 0.0
+
+    def healthy(self, now: float) -> bool:
+        return now >= self.cooldown_until
+
+
+def is_retryable(error: GatewayError) -> bool:
+    """Whether another attempt (here or elsewhere) might succeed: upstream trouble only."""
+    if isinstance(error, UpstreamStatusError):
+        return error.is_retryable
+    return isinstance(error, UpstreamError)
+
+
+class RoutedModel:
+    """A Provider for one model that spreads requests over its deployments."""
+
+    def __init__(
+        self,
+        entry: ModelEntry,
+        deployments: list[DeploymentState],
+        config: RoutingConfig,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = entry.id
+        self._deployments = deployments
+        self._config = config
+        self._rng = rng or random.Random()
+
+    def stream(self, call: ProviderCall) -> AsyncIterator[Event]:
+        return self._stream(call)
+
+    async def aclose(self) -> None:
+        return None  # the providers belong to the registry
+
+    def pick(self, exclude: set[int]) -> DeploymentState:
+        """The deployment for the next attempt (never one of ``exclude`` unless all are)."""
+        now = time.monotonic()
+        candidates = [d for i, d in enumerate(self._deployments) if i not in exclude]
+        candidates = candidates or list(self._deployments)
+        healthy = [d for d in candidates if d.healthy(now)]
+        if not healthy:
+            return min(candidates, key=lambda d: d.cooldown_until)
+        least = min(d.in_flight for d in healthy)
+        tied = [d for d in healthy if d.in_flight == least]
+        if len(tied) == 1:
+            return tied[0]
+        return self._rng.choices(tied, weights=[d.entry.weight for d in tied])[0]
+
+    def _failed(self, deployment: DeploymentState, error: GatewayError) -> None:
+        now = time.monotonic()
+        deployment.consecutive_failures += 1
+        retry_after = getattr(error, "retry_after_s", None)
+        if isinstance(retry_after, int | float) and retry_after > 0:
+            deployment.cooldown_until = max(deployment.cooldown_until, now + retry_after)
+        if deployment.consecutive_failures >= self._config.breaker_threshold:
+            deployment.cooldown_until = max(
+                deployment.cooldown_until, now + self._config.breaker_cooldown_s
+            )
+
+    def _delay(self, attempt: int, error: GatewayError, next_up: DeploymentState) -> float:
+        """How long to wait before the next attempt."""
+        if next_up.healthy(time.monotonic()) and next_up.consecutive_failures == 0:
+            return 0.0  # a fresh deployment: fall back at once
+        retry_after = getattr(error, "retry_after_s", None)
+        if (
+            isinstance(retry_after, int | float)
+            and 0 < retry_after <= self._config.max_retry_after_s
+        ):
+            return float(retry_after)
+        backoff = min(self._config.backoff_max_s, self._config.backoff_base_s * 2.0**attempt)
+        return backoff * self._rng.uniform(0.5, 1.5)
+
+    async def _stream(self, call: ProviderCall) -> AsyncIterator[Event]:
+        tried: set[int] = set()
+        last_error: GatewayError | None = None
+        for attempt in range(self._config.max_attempts):
+            deployment = self.pick(tried)
+            index = self._deployments.index(deployment)
+            if last_error is not None:
+                delay = self._delay(attempt, last_error, deployment)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            tried.add(index)
+            routed_call = ProviderCall(
+                request=call.request,
+                upstream_model=deployment.entry.upstream_model,
+                raw_body=call.raw_body,
+            )
+            deployment.in_flight += 1
+            events = deployment.provider.stream(routed_call)
+            try:
+                try:
+                    first = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except GatewayError as exc:
+                    if not is_retryable(exc):
+                        raise
+                    self._failed(deployment, exc)
+                    last_error = exc
+                    continue
+                deployment.consecutive_failures = 0
+                yield Routed(deployment.entry.provider, deployment.entry.upstream_model)
+                yield first
+                async for event in events:
+                    yield event
+                return
+            finally:
+                deployment.in_flight -= 1
+                aclose = getattr(events, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        assert last_error is not None
+        raise last_error
+
+
+def route(
+    entry: ModelEntry,
+    providers: dict[str, Provider],
+    unavailable: dict[str, str],
+    states: dict[tuple[str, str], DeploymentState],
+    config: RoutingConfig,
+) -> Provider:
+    """The provider for ``entry``: itself for one deployment, a :class:`RoutedModel` for several.
+
+    ``states`` keeps each (provider, upstream model) pair's health across requests.
+    """
+    usable: list[DeploymentState] = []
+    reasons: list[str] = []
+    for deployment in entry.all_deployments():
+        provider = providers.get(deployment.provider)
+        if provider is None:
+            reasons.append(unavailable.get(deployment.provider, f"{deployment.provider} missing"))
+            continue
+        key = (deployment.provider, deployment.upstream_model)
+        if key not in states:
+            states[key] = DeploymentState(deployment, provider)
+        usable.append(states[key])
+    if not usable:
+        raise ProviderUnavailable(f"The model {entry.id!r} is unavailable: {'; '.join(reasons)}.")
+    return RoutedModel(entry, usable, config)
