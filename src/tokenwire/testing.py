@@ -49,9 +49,22 @@ class ServerThread:
             app, host="127.0.0.1", port=0, access_log=False, log_level="warning", **settings
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
+
+    def _run(self) -> None:
+        with asyncio.Runner(loop_factory=self._server.config.get_loop_factory()) as runner:
+            runner.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self._server.serve()
+
+    def loop_of_server(self) -> asyncio.AbstractEventLoop:
+        """The server's event loop (for ``asyncio.run_coroutine_threadsafe`` from tests)."""
+        assert self.loop is not None
+        return self.loop
 
     @property
     def base_url(self) -> str:

@@ -3,12 +3,14 @@
 It is the upstream that benchmarks and proxy tests put the gateway in front of, so it does
 as little as possible per token: the same :mod:`~tokenwire.providers.sim` plan and the same
 chunk encoder as the gateway, written straight to the socket. It accepts any API key.
+Faults are injected on request (:mod:`tokenwire.simupstream.faults`).
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,6 +21,7 @@ from tokenwire.api.errors import error_response, json_response
 from tokenwire.completions import new_completion_id
 from tokenwire.errors import GatewayError
 from tokenwire.providers.sim import plan, run_plan
+from tokenwire.simupstream.faults import ConnectionDropped, Fault, requested_fault
 from tokenwire.streams.events import Usage
 from tokenwire.wire import sse
 from tokenwire.wire.chunks import ChunkEncoder, CompletionBuilder
@@ -41,12 +44,48 @@ class SimStats:
         }
 
 
+_STATUS_TYPES = {429: "rate_limit_error", 529: "overloaded_error"}
+
+
+def fault_body(status: int) -> dict[str, dict[str, object]]:
+    """The OpenAI-style error body a faulting upstream sends."""
+    kind = _STATUS_TYPES.get(status, "server_error")
+    return {"error": {"message": f"simulated {status}", "type": kind, "param": None, "code": kind}}
+
+
 class _SimStream:
-    def __init__(self, request: ChatRequest, ttft_s: float, itl_s: float, stats: SimStats) -> None:
+    def __init__(
+        self,
+        request: ChatRequest,
+        ttft_s: float,
+        itl_s: float,
+        stats: SimStats,
+        fault: Fault | None = None,
+    ) -> None:
         self._request = request
         self._ttft_s = ttft_s
         self._itl_s = itl_s
         self._stats = stats
+        self._fault = fault
+
+    async def _strike(self, send: Send, receive: Receive) -> None:
+        """Fail the way the fault says; returns only by raising or ending the body."""
+        fault = self._fault
+        assert fault is not None
+        if fault.kind == "reset":
+            raise ConnectionDropped()
+        if fault.kind == "stall":
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            raise asyncio.CancelledError()
+        if fault.kind == "malformed":
+            body = b"data: {this is not json\n\n"
+        elif fault.kind == "truncated":
+            body = b""
+        else:
+            payload = fault_body(fault.status or 500)
+            body = sse.event(msgspec.json.encode(payload))
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = self._request
@@ -79,10 +118,18 @@ class _SimStream:
         include_usage = request.include_usage
         stats = self._stats
         stats.active_streams += 1
+        fault = self._fault
         try:
+            if fault is not None and not fault.after_first_token:
+                await self._strike(send, receive)
+                return
             events = run_plan(plan(request), ttft_s=self._ttft_s, itl_s=self._itl_s)
             pending_usage: Usage | None = None
+            sent = 0
             async for event in events:
+                if fault is not None and sent == 1:
+                    await self._strike(send, receive)
+                    return
                 if isinstance(event, Usage):
                     pending_usage = event  # OpenAI sends usage after the finish chunk
                     continue
@@ -91,6 +138,7 @@ class _SimStream:
                     await send(
                         {"type": "http.response.body", "body": sse.event(data), "more_body": True}
                     )
+                    sent += 1
             tail = b""
             if pending_usage is not None and include_usage:
                 tail = sse.event(encoder.usage(pending_usage))
@@ -113,8 +161,12 @@ def create_sim_app(*, ttft_ms: float, itl_ms: float) -> Starlette:
             chat = decode_chat_request(await request.body())
         except GatewayError as exc:
             return error_response(exc)
+        fault = requested_fault(chat)
+        if fault is not None and fault.status is not None and not fault.after_first_token:
+            headers = {"Retry-After": "1"} if fault.status == 429 else None
+            return json_response(fault_body(fault.status), fault.status, headers)
         if chat.stream:
-            return _SimStream(chat, ttft_s, itl_s, stats)
+            return _SimStream(chat, ttft_s, itl_s, stats, fault)
         builder = CompletionBuilder()
         async for event in run_plan(plan(chat), ttft_s=ttft_s, itl_s=itl_s):
             builder.add(event)
