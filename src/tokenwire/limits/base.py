@@ -64,10 +64,12 @@ class GcraResult:
 
 def gcra(tat: float, now: float, cost: int, limit: int, window_s: float) -> GcraResult:
     """Consume ``cost`` from a bucket of ``limit`` per ``window_s`` whose TAT is ``tat``."""
+    if limit <= 0:  # a limit of zero admits nothing
+        return GcraResult(False, tat, window_s, 0, window_s)
     interval = window_s / limit
     new_tat = max(tat, now) + cost * interval
     allow_at = new_tat - window_s
-    if now < allow_at:
+    if new_tat - now > window_s + 1e-9:  # relative: no float noise from absolute clocks
         current = max(tat, now)
         remaining = max(0, math.floor((window_s - (current - now)) / interval + 1e-9))
         return GcraResult(False, tat, allow_at - now, remaining, current - now)
@@ -77,9 +79,10 @@ def gcra(tat: float, now: float, cost: int, limit: int, window_s: float) -> Gcra
 
 def go_duration(seconds: float) -> str:
     """A duration the way OpenAI's reset headers write it: ``20ms``, ``1s``, ``6m0s``."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    total = math.ceil(seconds * 1000) / 1000
+    millis = max(0, math.ceil(seconds * 1000 - 1e-6))  # up to the millisecond, not float noise
+    if millis < 1000:
+        return f"{millis}ms"
+    total = millis / 1000
     minutes, secs = divmod(total, 60)
     hours, minutes = divmod(int(minutes), 60)
     text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
@@ -110,6 +113,42 @@ def rate_headers(
         headers["X-RateLimit-Remaining"] = str(main.remaining)
         headers["X-RateLimit-Reset"] = str(math.ceil(wall + main.reset_s))
     return headers
+
+
+def raise_if_refused(
+    spec: LimitSpec,
+    window_s: float,
+    tokens: int,
+    *,
+    requests_retry_s: float | None,
+    tokens_retry_s: float | None,
+    open_streams: int,
+    headers: dict[str, str],
+) -> None:
+    """Raise :class:`LimitExceeded` for the refusal that lasts longest, if any limit refused.
+
+    ``*_retry_s`` is None where that bucket admitted the request. Both backends call this, so
+    their codes and messages cannot drift apart.
+    """
+    refusals: list[tuple[float, str, str]] = []
+    if requests_retry_s is not None:
+        message = f"Rate limit reached: {spec.rpm} requests per {window_s:g} s."
+        refusals.append((requests_retry_s, "rate_limit_exceeded", message))
+    if spec.tpm is not None and tokens > spec.tpm:
+        message = (
+            f"Request too large: about {tokens} tokens (prompt + max_tokens) against "
+            f"a limit of {spec.tpm} tokens per {window_s:g} s; lower max_tokens."
+        )
+        refusals.append((window_s, "tokens_exceed_limit", message))
+    elif tokens_retry_s is not None:
+        message = f"Rate limit reached: {spec.tpm} tokens per {window_s:g} s."
+        refusals.append((tokens_retry_s, "rate_limit_exceeded", message))
+    if spec.max_streams is not None and open_streams >= spec.max_streams:
+        message = f"At most {spec.max_streams} streams may run at once for this key."
+        refusals.append((1.0, "concurrent_streams_exceeded", message))
+    if refusals:
+        retry_after, code, message = max(refusals, key=lambda r: r[0])
+        raise LimitExceeded(message, retry_after_s=retry_after, code=code, limit_headers=headers)
 
 
 class LimitExceeded(RateLimited):

@@ -11,9 +11,9 @@ import time
 from tokenwire.limits.base import (
     Admission,
     BucketState,
-    LimitExceeded,
     LimitSpec,
     gcra,
+    raise_if_refused,
     rate_headers,
 )
 
@@ -36,48 +36,10 @@ class MemoryRateLimiter:
         self._prune(now)
         window = self._window_s
         requests = tokens_result = None
-        refusals: list[tuple[float, str, str]] = []
         if spec.rpm is not None:
             requests = gcra(self._tat.get("r:" + key_id, now), now, 1, spec.rpm, window)
-            if not requests.allowed:
-                refusals.append(
-                    (
-                        requests.retry_after_s,
-                        "rate_limit_exceeded",
-                        f"Rate limit reached: {spec.rpm} requests per {window:g} s.",
-                    )
-                )
-        if spec.tpm is not None:
-            if tokens > spec.tpm:
-                refusals.append(
-                    (
-                        window,
-                        "tokens_exceed_limit",
-                        f"Request too large: about {tokens} tokens (prompt + max_tokens) against "
-                        f"a limit of {spec.tpm} tokens per {window:g} s; lower max_tokens.",
-                    )
-                )
-            else:
-                tokens_result = gcra(
-                    self._tat.get("t:" + key_id, now), now, tokens, spec.tpm, window
-                )
-                if not tokens_result.allowed:
-                    refusals.append(
-                        (
-                            tokens_result.retry_after_s,
-                            "rate_limit_exceeded",
-                            f"Rate limit reached: {spec.tpm} tokens per {window:g} s.",
-                        )
-                    )
-        open_streams = self._streams.get(key_id, set())
-        if spec.max_streams is not None and len(open_streams) >= spec.max_streams:
-            refusals.append(
-                (
-                    1.0,
-                    "concurrent_streams_exceeded",
-                    f"At most {spec.max_streams} streams may run at once for this key.",
-                )
-            )
+        if spec.tpm is not None and tokens <= spec.tpm:
+            tokens_result = gcra(self._tat.get("t:" + key_id, now), now, tokens, spec.tpm, window)
         request_state = (
             None
             if requests is None
@@ -89,11 +51,21 @@ class MemoryRateLimiter:
             else BucketState(spec.tpm or 0, tokens_result.remaining, tokens_result.reset_s)
         )
         headers = rate_headers(request_state, token_state)
-        if refusals:
-            retry_after, code, message = max(refusals)
-            raise LimitExceeded(
-                message, retry_after_s=retry_after, code=code, limit_headers=headers
-            )
+        raise_if_refused(
+            spec,
+            window,
+            tokens,
+            requests_retry_s=None
+            if requests is None or requests.allowed
+            else requests.retry_after_s,
+            tokens_retry_s=(
+                None
+                if tokens_result is None or tokens_result.allowed
+                else tokens_result.retry_after_s
+            ),
+            open_streams=len(self._streams.get(key_id, ())),
+            headers=headers,
+        )
         if requests is not None:
             self._tat["r:" + key_id] = requests.new_tat
         if tokens_result is not None:
@@ -112,8 +84,8 @@ class MemoryRateLimiter:
             now = time.monotonic()
             name = "t:" + admission.key_id
             interval = self._window_s / spec.tpm
-            adjusted = self._tat.get(name, now) + (actual_tokens - admission.tokens) * interval
-            self._tat[name] = max(now, adjusted)
+            current = max(self._tat.get(name, now), now)
+            self._tat[name] = max(now, current + (actual_tokens - admission.tokens) * interval)
 
     async def auth_blocked(self, client: str) -> float | None:
         now = time.monotonic()
