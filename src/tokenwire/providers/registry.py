@@ -12,23 +12,33 @@ from collections.abc import Mapping
 
 from tokenwire.config import ModelEntry, ProviderConfig, Settings
 from tokenwire.errors import ModelNotFound
+from tokenwire.providers.anthropic import AnthropicProvider
 from tokenwire.providers.base import Provider
+from tokenwire.providers.gemini import GeminiProvider
 from tokenwire.providers.openai_compat import OpenAICompatProvider
 from tokenwire.providers.router import DeploymentState, route
 from tokenwire.providers.sim import SimProvider
+
+# Upstreams spoken to over HTTP, one module each; all take the same constructor arguments.
+_HTTP_KINDS: dict[str, type[AnthropicProvider | GeminiProvider | OpenAICompatProvider]] = {
+    "openai": OpenAICompatProvider,
+    "anthropic": AnthropicProvider,
+    "gemini": GeminiProvider,
+}
 
 
 def build_provider(name: str, config: ProviderConfig, env: Mapping[str, str]) -> Provider | str:
     """The provider for ``config``, or a reason it is unavailable."""
     if config.kind == "sim":
         return SimProvider(name, ttft_ms=config.ttft_ms, itl_ms=config.itl_ms)
-    if config.kind == "openai":
+    http_provider = _HTTP_KINDS.get(config.kind)
+    if http_provider is not None:
         api_key = env.get(config.api_key_env) if config.api_key_env else None
         if config.api_key_env and not api_key:
             return f"provider {name!r} is not configured: set {config.api_key_env}"
         if not config.base_url:
             return f"provider {name!r} is not configured: set base_url in the config file"
-        return OpenAICompatProvider(
+        return http_provider(
             name,
             base_url=config.base_url,
             api_key=api_key,
@@ -49,7 +59,7 @@ def build_provider(name: str, config: ProviderConfig, env: Mapping[str, str]) ->
             n_ctx=config.n_ctx,
             n_threads=config.n_threads,
         )
-    return f"provider kind {config.kind!r} ({name!r}) is not available in this version yet"
+    return f"provider kind {config.kind!r} ({name!r}) is not supported"
 
 
 class ProviderRegistry:

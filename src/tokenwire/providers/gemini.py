@@ -1,0 +1,547 @@
+"""Google Gemini (Generative Language API ``v1beta``) behind the OpenAI chat-completions API.
+
+Requests go to ``POST {base_url}/v1beta/models/{model}:streamGenerateContent?alt=sse`` with
+the key in ``x-goog-api-key``; every ``data:`` event of the reply is one
+``GenerateContentResponse``. There is no ``[DONE]``: the stream ends with the connection.
+:func:`to_gemini` (request) and :class:`GeminiStream` (reply) are pure and tested on their own.
+
+Request (OpenAI → Gemini)::
+
+    system / developer messages      systemInstruction.parts[].text (all of them, in order)
+    user / tool messages             contents[] role "user";  assistant → role "model"
+    text parts, refusal              parts[].text
+    image_url data:…;base64,…        parts[].inlineData {mimeType, data}
+    image_url http(s)://…            parts[].fileData {mimeType guessed from the path, fileUri};
+                                     a URL whose type cannot be guessed → 400 unsupported_parameter
+    input_audio {data, format}       parts[].inlineData {mimeType "audio/<format>"}
+    file {file_data: data URL}       parts[].inlineData  (file_id → 400 unsupported_parameter)
+    assistant tool_calls             parts[].functionCall {name, args} (arguments must be a JSON
+                                     object → else 400 naming the argument's param)
+    tool message                     parts[].functionResponse {name (from the tool call with that
+                                     id), response: the content if a JSON object, else
+                                     {"content": parsed JSON or text}}
+    consecutive same-role contents   merged into one content
+    max_completion_tokens/max_tokens generationConfig.maxOutputTokens
+    stop / temperature / top_p       generationConfig.stopSequences / temperature / topP
+    seed, presence/frequency_penalty generationConfig.seed / presencePenalty / frequencyPenalty
+    response_format json_object      generationConfig.responseMimeType "application/json"
+    response_format json_schema      … plus responseJsonSchema
+    tools[].function                 tools[0].functionDeclarations[] {name, description,
+                                     parametersJsonSchema (JSON Schema, passed unchanged)}
+    tool_choice auto/none/required   toolConfig.functionCallingConfig.mode AUTO / NONE / ANY
+    tool_choice {function: {name}}   mode ANY + allowedFunctionNames [name]
+    logit_bias, logprobs, audio, …   400 unsupported_parameter;   user, n=1: ignored
+
+Reply (Gemini → events)::
+
+    candidates[0].content.parts[].text        TextDelta (thought summaries are skipped)
+    parts[].functionCall {name, args}         ToolCallDelta, whole call at once: index n,
+                                              id call_<n>_<hash of name and args>,
+                                              arguments json.dumps(args)
+    finishReason STOP                         Finish stop, or tool_calls after a function call
+    MAX_TOKENS                                Finish length
+    SAFETY RECITATION BLOCKLIST PROHIBITED_CONTENT SPII IMAGE_SAFETY
+                                              Finish content_filter
+    any other finishReason                    Finish stop
+    promptFeedback.blockReason (no candidate) Finish content_filter
+    usageMetadata of the last chunk           Usage(promptTokenCount, candidatesTokenCount +
+                                              thoughtsTokenCount): thinking is billed as output
+    HTTP error {"error": {code, message,      UpstreamStatusError, status kept, code = status
+    status, details}} / error event           name; RetryInfo.retryDelay → retry_after_s
+    end of stream without finishReason        UpstreamError
+
+Not carried: thought signatures (Gemini 3 wants them back with earlier function calls; a
+stateless gateway has nowhere to keep them) and function-call ids (none are sent; Gemini pairs
+responses with calls by name and order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import mimetypes
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import msgspec
+
+from tokenwire.errors import (
+    GatewayError,
+    InvalidRequest,
+    UnsupportedParameter,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from tokenwire.providers.base import ProviderCall
+from tokenwire.providers.openai_compat import parse_retry_after
+from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
+from tokenwire.wire import schema
+from tokenwire.wire.schema import ChatRequest, content_text
+from tokenwire.wire.sse import SSEParser
+
+API_VERSION = "v1beta"
+_UNSUPPORTED = ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction")
+_FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
+_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+
+# --- request translation (pure) -------------------------------------------------------------
+
+
+def to_gemini(call: ProviderCall) -> tuple[str, dict[str, Any]]:
+    """The streaming request for ``call``: its path (with query) and its JSON body."""
+    request = call.request
+    for key in _UNSUPPORTED:
+        if call.raw_body.get(key):
+            raise UnsupportedParameter(f"Gemini models do not support {key!r}.", param=key)
+    system, contents = _contents(request)
+    body: dict[str, Any] = {}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+    body["contents"] = contents
+    if request.tools:
+        body["tools"] = [{"functionDeclarations": _declarations(request.tools)}]
+    tool_config = _tool_config(request)
+    if tool_config is not None:
+        body["toolConfig"] = {"functionCallingConfig": tool_config}
+    config = _generation_config(request, call.raw_body.get("response_format"))
+    if config:
+        body["generationConfig"] = config
+    model = quote(call.upstream_model, safe="")
+    return f"/{API_VERSION}/models/{model}:streamGenerateContent?alt=sse", body
+
+
+def _contents(request: ChatRequest) -> tuple[list[str], list[dict[str, Any]]]:
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    call_names: dict[str, str] = {}
+    for i, message in enumerate(request.messages):
+        param = f"messages[{i}]"
+        if isinstance(message, schema.SystemMessage | schema.DeveloperMessage):
+            system.append(content_text(message.content))
+            continue
+        if isinstance(message, schema.UserMessage):
+            role, parts = "user", _user_parts(message.content, f"{param}.content")
+        elif isinstance(message, schema.AssistantMessage):
+            role, parts = "model", _assistant_parts(message, param, call_names)
+        else:
+            role, parts = "user", [_tool_response(message, param, call_names)]
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    if not contents:
+        raise InvalidRequest("Gemini needs a user or assistant message.", param="messages")
+    return system, contents
+
+
+def _user_parts(content: str | list[Any], param: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        if isinstance(part, schema.TextPart):
+            if part.text:
+                parts.append({"text": part.text})
+        elif isinstance(part, schema.ImageUrlPart):
+            parts.append(_media(str(part.image_url.get("url", "")), f"{where}.image_url.url"))
+        elif isinstance(part, schema.InputAudioPart):
+            audio = part.input_audio
+            mime = f"audio/{audio.get('format', 'wav')}"
+            parts.append({"inlineData": {"mimeType": mime, "data": str(audio.get("data", ""))}})
+        elif isinstance(part, schema.FilePart):
+            if "file_data" not in part.file:
+                message = "Gemini cannot read OpenAI file ids; send 'file_data' (a data URL)."
+                raise UnsupportedParameter(message, param=f"{where}.file.file_id")
+            parts.append(_media(str(part.file["file_data"]), f"{where}.file.file_data"))
+    return parts
+
+
+def _media(url: str, param: str) -> dict[str, Any]:
+    """A data URL becomes ``inlineData``; an http(s) URL ``fileData`` with a guessed type."""
+    if url.startswith("data:"):
+        header, comma, data = url[5:].partition(",")
+        mime, _, encoding = header.partition(";")
+        if not comma or encoding != "base64" or not mime:
+            raise InvalidRequest("Expected 'data:<media type>;base64,<data>'.", param=param)
+        return {"inlineData": {"mimeType": mime, "data": data}}
+    if url.startswith(("http://", "https://")):
+        guessed = mimetypes.guess_type(urlsplit(url).path, strict=False)[0]
+        if guessed is None:  # Gemini needs the type; a data URL carries it
+            message = "The media type of this URL is unknown to Gemini; send a data URL instead."
+            raise UnsupportedParameter(message, param=param)
+        return {"fileData": {"mimeType": guessed, "fileUri": url}}
+    raise InvalidRequest("Expected a base64 data URL or an http(s) URL.", param=param)
+
+
+def _assistant_parts(
+    message: schema.AssistantMessage, param: str, call_names: dict[str, str]
+) -> list[dict[str, Any]]:
+    text = content_text(message.content)
+    if isinstance(message.content, list):
+        text += "".join(p.refusal for p in message.content if isinstance(p, schema.RefusalPart))
+    parts: list[dict[str, Any]] = [{"text": text}] if text else []
+    for j, tool_call in enumerate(message.tool_calls or ()):
+        name, arguments = tool_call.function.name, tool_call.function.arguments
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            where = f"{param}.tool_calls[{j}].function.arguments"
+            raise InvalidRequest("Tool call arguments must be a JSON object.", param=where)
+        call_names[tool_call.id] = name
+        parts.append({"functionCall": {"name": name, "args": args}})
+    return parts
+
+
+def _tool_response(
+    message: schema.ToolMessage, param: str, call_names: dict[str, str]
+) -> dict[str, Any]:
+    name = call_names.get(message.tool_call_id)
+    if name is None:
+        text = f"No earlier assistant tool call has the id {message.tool_call_id!r}."
+        raise InvalidRequest(text, param=f"{param}.tool_call_id")
+    text = content_text(message.content)
+    try:
+        value: Any = json.loads(text)
+    except ValueError:
+        value = text
+    response = value if isinstance(value, dict) else {"content": value}
+    return {"functionResponse": {"name": name, "response": response}}
+
+
+def _declarations(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    declarations: list[dict[str, Any]] = []
+    for k, tool in enumerate(tools):
+        if tool.get("type", "function") != "function":
+            raise UnsupportedParameter(
+                "Gemini takes function tools only.", param=f"tools[{k}].type"
+            )
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest("A function tool needs a name.", param=f"tools[{k}].function")
+        declaration: dict[str, Any] = {"name": function["name"]}
+        if function.get("description"):
+            declaration["description"] = function["description"]
+        if function.get("parameters"):
+            declaration["parametersJsonSchema"] = function["parameters"]
+        declarations.append(declaration)
+    return declarations
+
+
+def _tool_config(request: ChatRequest) -> dict[str, Any] | None:
+    choice = request.tool_choice
+    if choice is None:
+        return None
+    if not request.tools:
+        if choice in ("none", "auto"):
+            return None
+        raise InvalidRequest("'tool_choice' needs 'tools'.", param="tool_choice")
+    if isinstance(choice, str):
+        if choice not in _MODES:
+            raise InvalidRequest(f"Unknown tool_choice {choice!r}.", param="tool_choice")
+        return {"mode": _MODES[choice]}
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        text = "Gemini takes tool_choice 'auto', 'none', 'required' or one named function."
+        raise UnsupportedParameter(text, param="tool_choice")
+    return {"mode": "ANY", "allowedFunctionNames": [name]}
+
+
+def _generation_config(request: ChatRequest, response_format: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if request.output_limit is not None:
+        config["maxOutputTokens"] = request.output_limit
+    if request.stop_sequences:
+        config["stopSequences"] = request.stop_sequences
+    for name, value in (
+        ("temperature", request.temperature),
+        ("topP", request.top_p),
+        ("seed", request.seed),
+        ("presencePenalty", request.presence_penalty),
+        ("frequencyPenalty", request.frequency_penalty),
+    ):
+        if value is not None:
+            config[name] = value
+    if isinstance(response_format, dict) and response_format.get("type") != "text":
+        kind = response_format.get("type")
+        if kind not in ("json_object", "json_schema"):
+            raise UnsupportedParameter(f"Unknown type {kind!r}.", param="response_format.type")
+        config["responseMimeType"] = "application/json"
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if kind == "json_schema" and schema is not None:
+            config["responseJsonSchema"] = schema
+    return config
+
+
+# --- reply translation (pure) ---------------------------------------------------------------
+
+
+class _FunctionCall(msgspec.Struct):
+    name: str = ""
+    args: dict[str, Any] | None = None
+
+
+class _Part(msgspec.Struct, rename="camel"):
+    text: str | None = None
+    thought: bool = False
+    function_call: _FunctionCall | None = None
+
+
+class _Content(msgspec.Struct):
+    parts: list[_Part] = []
+
+
+class _Candidate(msgspec.Struct, rename="camel"):
+    content: _Content | None = None
+    finish_reason: str | None = None
+
+
+class _UsageMetadata(msgspec.Struct, rename="camel"):
+    prompt_token_count: int = 0
+    candidates_token_count: int = 0
+    thoughts_token_count: int = 0
+
+
+class _PromptFeedback(msgspec.Struct, rename="camel"):
+    block_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct, rename="camel"):
+    candidates: list[_Candidate] = []
+    usage_metadata: _UsageMetadata | None = None
+    prompt_feedback: _PromptFeedback | None = None
+    error: dict[str, Any] | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
+def tool_call_id(index: int, name: str, arguments: str) -> str:
+    """A stable id for a Gemini function call, which has none: ``call_<index>_<hash>``."""
+    digest = hashlib.blake2b(f"{name}\0{arguments}".encode(), digest_size=6).hexdigest()
+    return f"call_{index}_{digest}"
+
+
+def gemini_error(
+    provider: str, status: int, body: bytes, retry_after: str | None = None
+) -> UpstreamStatusError:
+    """A Gemini error body (``{"error": {code, message, status, details}}``) as a gateway error.
+
+    The HTTP status is kept; the wait comes from ``Retry-After`` or else from the
+    ``google.rpc.RetryInfo`` detail (``"retryDelay": "7s"``) that 429 replies carry.
+    """
+    message = body[:500].decode("utf-8", "replace").strip() or "(empty body)"
+    code: str | None = None
+    retry_s = parse_retry_after(retry_after)
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        parsed = None
+    if isinstance(parsed, list) and parsed:  # the JSON-array framing wraps errors too
+        parsed = parsed[0]
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        err = parsed["error"]
+        message = str(err.get("message") or message)
+        code = str(err["status"]) if err.get("status") else None
+        for detail in err.get("details") or ():
+            delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+            if retry_s is None and isinstance(delay, str) and delay.endswith("s"):
+                retry_s = parse_retry_after(delay[:-1])
+    label = f"{status} {code}" if code else str(status)
+    return UpstreamStatusError(
+        f"Upstream {provider!r} answered HTTP {label}: {message}",
+        status=status,
+        error_type=_ERROR_TYPES.get(status),
+        code=code,
+        retry_after_s=retry_s,
+    )
+
+
+class GeminiStream:
+    """Turns decoded reply chunks into events; keeps what spans chunks (call index, usage)."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.finished = False
+        self._calls = 0
+        self._usage: _UsageMetadata | None = None
+
+    def feed(self, chunk: _Chunk) -> list[Event]:
+        """The events one chunk carries (usage is held back for :meth:`end`)."""
+        if chunk.error is not None:
+            raw_code = chunk.error.get("code")
+            status = raw_code if isinstance(raw_code, int) and 400 <= raw_code < 600 else 502
+            raise gemini_error(self.provider, status, msgspec.json.encode({"error": chunk.error}))
+        if chunk.usage_metadata is not None:
+            self._usage = chunk.usage_metadata
+        events: list[Event] = []
+        if not chunk.candidates:
+            feedback = chunk.prompt_feedback
+            if feedback is not None and feedback.block_reason and not self.finished:
+                self.finished = True
+                events.append(Finish("content_filter"))
+            return events
+        candidate = chunk.candidates[0]
+        for part in candidate.content.parts if candidate.content is not None else ():
+            if part.function_call is not None:
+                call = part.function_call
+                arguments = json.dumps(call.args or {}, ensure_ascii=False)
+                index = self._calls
+                self._calls += 1
+                call_id = tool_call_id(index, call.name, arguments)
+                events.append(ToolCallDelta(index, call_id, call.name, arguments))
+            elif part.text and not part.thought:
+                events.append(TextDelta(part.text))
+        if candidate.finish_reason and not self.finished:
+            self.finished = True
+            events.append(Finish(self._finish_reason(candidate.finish_reason)))
+        return events
+
+    def _finish_reason(self, reason: str) -> FinishReason:
+        if reason == "MAX_TOKENS":
+            return "length"
+        if reason in _FILTERED:
+            return "content_filter"
+        return "tool_calls" if self._calls and reason == "STOP" else "stop"
+
+    def end(self) -> list[Event]:
+        """The closing events once the stream is over: usage, or an error if it was cut."""
+        if not self.finished:
+            raise UpstreamError(f"Upstream {self.provider!r} ended without a finish reason.")
+        usage = self._usage
+        if usage is None:
+            return []
+        completion = usage.candidates_token_count + usage.thoughts_token_count
+        return [Usage(usage.prompt_token_count, completion)]
+
+
+# --- the provider ---------------------------------------------------------------------------
+
+
+class GeminiProvider:
+    """Streams chat completions from the Gemini API over HTTP (one aiohttp pool)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        connect_timeout_s: float = 10.0,
+        first_token_timeout_s: float = 120.0,
+        idle_timeout_s: float = 60.0,
+        max_connections: int = 2048,
+    ) -> None:
+        self.name = name
+        base = base_url.rstrip("/")
+        self._base = base.removesuffix("/" + API_VERSION)  # the path carries the version
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if api_key:
+            self._headers["x-goog-api-key"] = api_key
+        self._first_token_s = first_token_timeout_s
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
+        )
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
+            )
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
+
+    async def _post(self, url: str, payload: bytes) -> aiohttp.ClientResponse:
+        """POST, retrying once when a pooled keep-alive connection turns out to be closed."""
+        session = self._get_session()
+        try:
+            return await session.post(url, data=payload, headers=self._headers)
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return await session.post(url, data=payload, headers=self._headers)
+
+    def stream(self, call: ProviderCall) -> AsyncIterator[Event]:
+        return self._stream(call)
+
+    async def _stream(self, call: ProviderCall) -> AsyncIterator[Event]:
+        path, body = to_gemini(call)  # a translation error surfaces before any I/O
+        url, payload = self._base + path, msgspec.json.encode(body)
+        parser = SSEParser()
+        state = GeminiStream(self.name)
+        name = self.name
+        response: aiohttp.ClientResponse | None = None
+        done = False
+        try:
+            pending: list[Event] = []
+            late_error: Exception | None = None
+            try:
+                async with asyncio.timeout(self._first_token_s):
+                    response = await self._post(url, payload)
+                    if response.status >= 400:
+                        error = await response.content.read(65536)
+                        retry_after = response.headers.get("Retry-After")
+                        raise gemini_error(name, response.status, error, retry_after)
+                    # Read until the first event, so errors before it keep their HTTP status.
+                    while not pending and late_error is None:
+                        data = await response.content.readany()
+                        if not data:
+                            done = True
+                            break
+                        for sse in parser.feed(data):
+                            try:
+                                pending.extend(state.feed(_decode_chunk(sse.data)))
+                            except (GatewayError, msgspec.DecodeError) as exc:
+                                if not pending:
+                                    raise
+                                late_error = exc  # report it after the events before it
+                                break
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"Upstream {name!r} sent no token within {self._first_token_s:g} s."
+                ) from None
+            for event in pending:
+                yield event
+            if late_error is not None:
+                raise late_error
+            while not done:
+                data = await response.content.readany()
+                if not data:
+                    done = True
+                    break
+                for sse in parser.feed(data):
+                    for event in state.feed(_decode_chunk(sse.data)):
+                        yield event
+            for event in state.end():
+                yield event
+        except GatewayError:
+            raise
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
+        except aiohttp.ClientError as exc:
+            message = f"Upstream {name!r} connection failed: {type(exc).__name__}"
+            raise UpstreamError(message) from None
+        finally:
+            if response is not None:
+                if done:
+                    response.release()  # back to the pool when the body is complete
+                else:
+                    response.close()  # cancelled or failed: drop the upstream connection
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
