@@ -16,7 +16,6 @@ import msgspec
 import openai
 import pytest
 
-from tokenwire.config import ProviderConfig
 from tokenwire.errors import (
     GatewayError,
     InvalidRequest,
@@ -34,7 +33,6 @@ from tokenwire.providers.gemini import (
     to_gemini,
     tool_call_id,
 )
-from tokenwire.providers.registry import build_provider
 from tokenwire.streams.events import Event, Finish, TextDelta, ToolCallDelta, Usage
 from tokenwire.testing import GatewayServer
 from tokenwire.testing_upstreams.gemini_fake import (
@@ -635,15 +633,6 @@ async def test_fake_generate_content_and_validation(fake: GeminiFake) -> None:
 # --- through the gateway ------------------------------------------------------------------
 
 
-def _registry_builds_gemini() -> bool:
-    """Whether ``build_provider`` knows kind "gemini" (the registry line is in)."""
-    config = ProviderConfig(kind="gemini", base_url="http://127.0.0.1:9", api_key_env="K")
-    return not isinstance(build_provider("gemini", config, {"K": "k"}), str)
-
-
-@pytest.mark.skipif(
-    not _registry_builds_gemini(), reason="the provider registry does not build kind 'gemini' yet"
-)
 def test_gateway_streams_gemini_through_the_openai_sdk(tmp_path: Path) -> None:
     """The openai SDK streams gemini-2.5-flash through the gateway from the fake Gemini API."""
     with GeminiFakeThread(api_key="k") as upstream:
