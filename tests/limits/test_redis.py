@@ -39,7 +39,7 @@ async def prefix() -> AsyncIterator[str]:
         await client.ping()
     except RedisConnectionError:
         await client.aclose()
-        pytest.skip(f"no Redis server at {REDIS_URL}")
+        pytest.fail(f"no Redis server at {REDIS_URL}: scripts/test starts one")
     yield name
     try:
         keys = [key async for key in client.scan_iter(match=name + "*")]

