@@ -15,7 +15,18 @@ from starlette.types import Receive, Scope, Send
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.tickets import TicketStore
-from tokenwire.api import chat, health, models, openapi, tickets, ws
+from tokenwire.api import (
+    admin,
+    chat,
+    health,
+    models,
+    openapi,
+    streams,
+    tickets,
+    usage,
+    webhooks,
+    ws,
+)
 from tokenwire.api.errors import handle_gateway_error, handle_http_exception, handle_unexpected
 from tokenwire.completions import CompletionService
 from tokenwire.config import LimitsConfig, Settings, load_settings
@@ -25,6 +36,7 @@ from tokenwire.limits.memory import MemoryRateLimiter
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.streams.store import StreamStore
 
 
 async def build_state(settings: Settings, env: Mapping[str, str] | None = None) -> AppState:
@@ -51,6 +63,12 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
             ledger=ledger,
             disconnect_grace_s=settings.server.disconnect_grace_s,
             default_max_tokens=settings.accounting.default_max_tokens,
+            streams=StreamStore(
+                retention_s=settings.server.stream_retention_s,
+                max_finished=settings.server.stream_max_finished,
+                max_events=settings.server.stream_max_events,
+            ),
+            stream_grace_s=settings.server.stream_grace_s,
         ),
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
         ledger=ledger,
@@ -122,10 +140,21 @@ def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Gate
 
     routes = [
         Route("/v1/chat/completions", chat.create_completion, methods=["POST"]),
+        Route("/v1/chat/completions/{stream_id}/stream", streams.resume_stream, methods=["GET"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
         Route("/v1/ws/tickets", tickets.create_ticket, methods=["POST"]),
+        Route("/v1/usage", usage.get_usage, methods=["GET"]),
+        Route("/v1/admin/keys", admin.create_key, methods=["POST"]),
+        Route("/v1/admin/keys", admin.list_keys, methods=["GET"]),
+        Route("/v1/admin/keys/{key_id}", admin.get_key, methods=["GET"]),
+        Route("/v1/admin/keys/{key_id}", admin.update_key, methods=["PATCH"]),
+        Route("/v1/admin/keys/{key_id}/revoke", admin.revoke_key, methods=["POST"]),
+        Route("/v1/admin/keys/{key_id}/rotate", admin.rotate_key, methods=["POST"]),
+        Route("/v1/admin/keys/{key_id}/topup", admin.topup_key, methods=["POST"]),
+        Route("/v1/admin/usage", admin.usage_report, methods=["GET"]),
+        Route("/v1/billing/webhook", webhooks.webhook_endpoint(env), methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]

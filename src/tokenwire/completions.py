@@ -36,6 +36,7 @@ from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.streams.generation import Generation, GenerationState
+from tokenwire.streams.store import StreamStore
 from tokenwire.wire.schema import ChatRequest, content_text
 
 log = logging.getLogger("tokenwire.completions")
@@ -85,6 +86,8 @@ class CompletionService:
         ledger: Ledger,
         disconnect_grace_s: float,
         default_max_tokens: int,
+        streams: StreamStore | None = None,
+        stream_grace_s: float = 30.0,
     ) -> None:
         self._registry = registry
         self._limiter = limiter
@@ -93,6 +96,8 @@ class CompletionService:
         self._grace_s = disconnect_grace_s
         self._default_max_tokens = default_max_tokens
         self.live: dict[str, Generation] = {}
+        self.streams = streams or StreamStore()
+        self._stream_grace_s = stream_grace_s
 
     async def start(
         self,
@@ -100,8 +105,22 @@ class CompletionService:
         request: ChatRequest,
         raw_body: dict[str, Any],
         transport: Transport,
+        *,
+        resumable: bool = False,
+        idempotency: tuple[str, str] | None = None,
     ) -> Generation:
-        """Admit and start a completion; raises before anything runs when it may not."""
+        """Admit and start a completion; raises before anything runs when it may not.
+
+        A request with ``idempotency`` (Idempotency-Key, body digest) that matches an earlier
+        one of the same key returns that generation (nothing new is admitted or billed); with
+        another body it is a 409. Resumable generations (``resumable`` or ``idempotency``)
+        survive their readers for ``stream_grace_s`` and are kept for resuming.
+        """
+        if idempotency is not None:
+            earlier = self.streams.by_idempotency_key(key.id, *idempotency)
+            if earlier is not None:
+                return earlier
+            resumable = True
         provider, entry = self._registry.resolve(request.model)
         if not key.may_use(entry.id):
             raise PermissionDenied(
@@ -130,16 +149,26 @@ class CompletionService:
             model=entry.id,
             events=provider.stream(call),
             prompt_tokens_estimate=prompt_estimate,
-            disconnect_grace_s=self._grace_s,
+            disconnect_grace_s=self._stream_grace_s if resumable else self._grace_s,
             on_settle=partial(self._settle, context),
+            key_id=key.id,
+            include_usage=request.include_usage,
         )
         generation.response_headers = admission.headers
         self.live[completion_id] = generation
+        if resumable:
+            self.streams.add(generation, idempotency)
         generation.start()
         return generation
 
     async def _settle(self, context: _Context, generation: Generation) -> None:
-        self.live.pop(generation.id, None)
+        try:
+            await self._bill(context, generation)
+        finally:
+            self.streams.finished(generation)
+            self.live.pop(generation.id, None)  # last: an empty ``live`` means all is written
+
+    async def _bill(self, context: _Context, generation: Generation) -> None:
         usage = generation.usage
         assert usage is not None
         failed_before_output = generation.state is GenerationState.FAILED and (

@@ -64,9 +64,8 @@ def stream(
         timeout=10,
     )
     assert response.status_code == 200, response.text
-    data = [
-        line[6:] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")
-    ]
+    lines = [str(line) for line in response.iter_lines(decode_unicode=True)]
+    data = [line[6:] for line in lines if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     result: dict[str, int] = json.loads(data[-2])["usage"]
     return result
@@ -222,14 +221,11 @@ def test_admin_usage_groups_by_key_model_and_day(gw: GatewayServer, database_url
     full = report("")
     assert full["group_by"] == ["key_id", "model", "day"]
     assert sum(r["requests"] for r in full["data"]) == 3
-    if database_url.startswith("sqlite"):
-        # On PostgreSQL the ledger's day bucketing rounds instead of truncating
-        # (tests/accounting/test_ledger.py::test_totals_group_by_utc_day, xfail there).
-        today = datetime.now(UTC).strftime("%Y-%m-%d")
-        assert {r["day"] for r in full["data"]} <= {
-            today,
-            (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%d"),
-        }
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert {r["day"] for r in full["data"]} <= {
+        today,
+        (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%d"),
+    }
 
     only_priced = report(f"?group_by=model&model=priced-sim&key_id={gw.api_key_id}")
     assert [(r["model"], r["cost_micro"]) for r in only_priced["data"]] == [("priced-sim", 141)]

@@ -711,7 +711,7 @@ BATTERY = [
         ErrorReply(503, "provider_unavailable", None, "pu", type="api_error"),
     ),
     Case(
-        "resume",
+        "resume of an unknown stream",
         (
             _msg(
                 type="chat.completion.resume",
@@ -720,7 +720,7 @@ BATTERY = [
                 request_id="rs",
             ),
         ),
-        ErrorReply(400, "unsupported_message_type", "type", "rs"),
+        ErrorReply(404, "stream_not_found", "stream_id", "rs"),
     ),
     Case(
         "auth after header auth",

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger, LedgerRow

@@ -14,8 +14,11 @@ from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import BodyTooLarge, GatewayError, InvalidRequest
 from tokenwire.state import get_state
 from tokenwire.streams.generation import Generation, read_events
+from tokenwire.streams.store import body_digest
 from tokenwire.wire.chunks import CompletionBuilder
 from tokenwire.wire.schema import decode_chat_request
+
+RETRY_MS = 1000  # the ``retry:`` SSE field sent on resumable streams
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -46,8 +49,18 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
     raw = msgspec.json.decode(body)
     if not isinstance(raw, dict):  # pragma: no cover - decode_chat_request guarantees an object
         raise InvalidRequest("The request body must be a JSON object.")
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
+        raise InvalidRequest(
+            "Idempotency-Key must be 1 to 256 characters.", param="Idempotency-Key"
+        )
     generation = await state.completions.start(
-        key, chat_request, raw, "sse" if chat_request.stream else "json"
+        key,
+        chat_request,
+        raw,
+        "sse" if chat_request.stream else "json",
+        resumable=request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true"),
+        idempotency=None if idempotency_key is None else (idempotency_key, body_digest(body)),
     )
     if not chat_request.stream:
         return JSONCompletion(generation)
@@ -55,6 +68,7 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         generation,
         include_usage=chat_request.include_usage,
         heartbeat_s=state.settings.server.sse_heartbeat_s,
+        retry_ms=RETRY_MS if generation in state.completions.streams else None,
     )
 
 

@@ -33,11 +33,13 @@ class SSEStream:
         include_usage: bool,
         heartbeat_s: float,
         after: int = 0,
+        retry_ms: int | None = None,
     ) -> None:
         self._generation = generation
         self._batches = read_events(generation, after=after, heartbeat_s=heartbeat_s)
         self._include_usage = include_usage
         self._seq = after
+        self._retry = b"" if retry_ms is None else sse.retry(retry_ms)
         self._encoder = ChunkEncoder(
             completion_id=generation.id,
             created=generation.created,
@@ -64,7 +66,10 @@ class SSEStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with cancel_on_disconnect(receive):
-                first = await anext(self._batches)
+                try:
+                    first: list[Event] | None = await anext(self._batches)
+                except StopAsyncIteration:
+                    first = []  # a resume after the stream's last event: nothing but [DONE]
                 if first and isinstance(first[0], StreamError):
                     headers = {
                         **self._generation.response_headers,
@@ -96,7 +101,7 @@ class SSEStream:
 
     async def _write(self, send: Send, first: list[Event] | None) -> None:
         body = {"type": "http.response.body", "body": b"", "more_body": True}
-        body["body"] = sse.PING if first is None else self._encode(first)
+        body["body"] = self._retry + (sse.PING if first is None else self._encode(first))
         await send(body)
         async for batch in self._batches:
             body["body"] = sse.PING if batch is None else self._encode(batch)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenwire.accounting.keys import KeyRecord
@@ -36,6 +37,7 @@ from tokenwire.errors import (
 from tokenwire.state import AppState, get_state
 from tokenwire.streams.events import Event, Finish, StreamError, TextDelta, Usage
 from tokenwire.streams.generation import Generation, read_events
+from tokenwire.streams.store import body_digest
 from tokenwire.wire import ws as proto
 from tokenwire.wire.chunks import ChunkEncoder, error_json
 from tokenwire.wire.schema import convert_chat_request
@@ -275,18 +277,11 @@ class WSSession:
         elif isinstance(message, proto.CancelMessage):
             self._cancel(message.request_id)
         elif isinstance(message, proto.ResumeMessage):
-            error = InvalidRequest(
-                "chat.completion.resume is reserved for resumable streams, "
-                "which this server does not offer yet.",
-                code="unsupported_message_type",
-                param="type",
-            )
-            raise proto.RequestFailed(error, message.request_id)
+            self._resume(message)
         else:  # AuthMessage after authentication
             raise InvalidRequest("Already authenticated.", code="already_authenticated")
 
-    async def _create(self, message: proto.CreateMessage) -> None:
-        request_id = message.request_id
+    def _check_new_request_id(self, request_id: str) -> None:
         if request_id in self._requests:
             error = InvalidRequest(
                 f"request_id {request_id!r} is already running on this socket.",
@@ -295,15 +290,38 @@ class WSSession:
             )
             raise proto.RequestFailed(error, request_id)
         self._check_capacity(request_id)
-        try:
-            generation = await self._start(message.body)
-        except GatewayError as exc:
-            raise proto.RequestFailed(exc, request_id) from None
+
+    def _serve(self, request_id: str, generation: Generation, after: int) -> None:
         task = asyncio.get_running_loop().create_task(
-            self._serve_envelope(request_id, generation, message.body)
+            self._serve_envelope(request_id, generation, after)
         )
         self._requests[request_id] = (task, generation)
         task.add_done_callback(lambda _t: self._request_done(request_id))
+
+    async def _create(self, message: proto.CreateMessage) -> None:
+        request_id = message.request_id
+        self._check_new_request_id(request_id)
+        idempotency = None
+        if message.idempotency_key is not None:
+            digest = body_digest(msgspec.json.encode(message.body, order="sorted"))
+            idempotency = (message.idempotency_key, digest)
+        try:
+            generation = await self._start(message.body, message.resumable, idempotency)
+        except GatewayError as exc:
+            raise proto.RequestFailed(exc, request_id) from None
+        self._serve(request_id, generation, 0)
+
+    def _resume(self, message: proto.ResumeMessage) -> None:
+        request_id = message.request_id or message.stream_id
+        self._check_new_request_id(request_id)
+        assert self._key is not None
+        store = self._state.completions.streams
+        try:
+            generation = store.get(message.stream_id, self._key.id)
+            store.check_cursor(generation, message.starting_after)
+        except GatewayError as exc:
+            raise proto.RequestFailed(exc, request_id) from None
+        self._serve(request_id, generation, message.starting_after)
 
     def _request_done(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -320,27 +338,32 @@ class WSSession:
             raise proto.RequestFailed(error, request_id)
         entry[1].cancel("client_cancelled")
 
-    async def _start(self, body: dict[str, Any]) -> Generation:
+    async def _start(
+        self,
+        body: dict[str, Any],
+        resumable: bool = False,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Generation:
         assert self._key is not None
         request = convert_chat_request(body)
-        return await self._state.completions.start(self._key, request, body, "ws")
+        return await self._state.completions.start(
+            self._key, request, body, "ws", resumable=resumable, idempotency=idempotency
+        )
 
     # -- serving requests --------------------------------------------------------------------
 
-    async def _serve_envelope(
-        self, request_id: str, generation: Generation, body: dict[str, Any]
-    ) -> None:
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    async def _serve_envelope(self, request_id: str, generation: Generation, after: int) -> None:
+        include_usage = generation.include_usage
         encoder = ChunkEncoder(
             completion_id=generation.id,
             created=generation.created,
             model=generation.model,
             include_usage=include_usage,
         )
-        seq = 0
+        seq = after
         finish: str | None = None
         usage: Usage | None = None
-        async for batch in read_events(generation):
+        async for batch in read_events(generation, after=after):
             parts: list[bytes] = []
             assert batch is not None
             for event, number in merge_text(batch, seq):
@@ -357,7 +380,9 @@ class WSSession:
             seq += len(batch)
             for part in parts:
                 await self._send(part)
-        if finish is not None:
+        finish = finish or generation.finish_reason  # a resume may start after the finish
+        usage = usage or generation.usage
+        if finish is not None and generation.error is None:
             await self._send(proto.done_message(request_id, generation.id, finish, usage, seq))
 
     async def _compat_worker(self) -> None:

@@ -1,4 +1,4 @@
-"""The ``tokenwire`` command: serve, keys, sim-upstream."""
+"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
+from tokenwire.cli import accounts
 from tokenwire.config import Settings, load_settings
 from tokenwire.errors import GatewayError
 from tokenwire.storage.engine import make_engine, migrate
@@ -21,8 +22,11 @@ T = TypeVar("T")
 app = typer.Typer(
     help="tokenwire: an OpenAI-compatible LLM gateway built for streaming.", no_args_is_help=True
 )
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Create, change, top up, rotate, list and revoke API keys.", no_args_is_help=True
+)
 app.add_typer(keys_app, name="keys")
+accounts.register(app, keys_app)  # keys create/update/topup/rotate/show, usage, cost
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional at runtime
@@ -112,24 +116,6 @@ def sim_upstream(
         backlog=4096,
         timeout_keep_alive=75,
     )
-
-
-@keys_app.command("create")
-def keys_create(
-    name: Annotated[str, typer.Option(help="A label for the key.")],
-    admin: Annotated[bool, typer.Option(help="Make an admin key.")] = False,
-    config: ConfigOpt = None,
-    data_dir: DataDirOpt = None,
-) -> None:
-    """Create a key; the key itself is the last line of output (shown only this once)."""
-    settings = _settings(config, data_dir)
-
-    async def action(store: KeyStore) -> tuple[KeyRecord, str]:
-        return await store.create(name, is_admin=admin)
-
-    record, plaintext = asyncio.run(_with_keys(settings, action))
-    typer.echo(f"created {record.id} ({record.name})")
-    typer.echo(plaintext)
 
 
 @keys_app.command("list")

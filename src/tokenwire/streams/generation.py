@@ -74,9 +74,13 @@ class Generation:
         prompt_tokens_estimate: int,
         disconnect_grace_s: float = 0.0,
         on_settle: SettleHook | None = None,
+        key_id: str = "",
+        include_usage: bool = False,
     ) -> None:
         self.id = completion_id
         self.model = model
+        self.key_id = key_id  # only this key may read the stream
+        self.include_usage = include_usage  # what the creating request asked for
         self.created = int(time.time())
         self.log = MemoryStreamLog()
         self.state = GenerationState.PENDING

@@ -64,7 +64,8 @@ class ProtocolViolation(Exception):
 class CreateMessage(msgspec.Struct, tag_field="type", tag="chat.completion.create"):
     request_id: RequestId
     body: dict[str, Any]
-    idempotency_key: str | None = None
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    resumable: bool = False
 
 
 class CancelMessage(msgspec.Struct, tag_field="type", tag="chat.completion.cancel"):

@@ -1,0 +1,353 @@
+"""The admin API: keys, their limits and credits, and usage across keys. Admin keys only.
+
+::
+
+    POST  /v1/admin/keys                 create a key (201; the plaintext ``key`` is shown once)
+    GET   /v1/admin/keys                 list keys
+    GET   /v1/admin/keys/{id}            one key
+    PATCH /v1/admin/keys/{id}            change name, limits, models or expiry (null clears)
+    POST  /v1/admin/keys/{id}/revoke     revoke (requests with it get 401 at once)
+    POST  /v1/admin/keys/{id}/rotate     a new secret for the same key (the old one stops)
+    POST  /v1/admin/keys/{id}/topup      add credit
+    GET   /v1/admin/usage                totals by key, model and day
+
+A key without admin rights gets 403 ``permission_error``; no key or a bad one, 401. Bodies are
+validated in full (types, ranges, unknown fields) before anything is written, so a request
+answered with 400 changed nothing; ``param`` names the offending field. Money is integer
+micro-dollars inside and in ``*_micro`` fields, and USD strings (``"12.500000"``) beside them;
+amounts sent in are USD strings such as ``"12.50"``, parsed exactly. Secret digests are never
+returned.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenwire.accounting.costcalc import parse_usd
+from tokenwire.accounting.keys import KeyLimits, KeyRecord
+from tokenwire.accounting.pricing import usd
+from tokenwire.api.auth import authenticate
+from tokenwire.api.chat import read_body
+from tokenwire.api.errors import json_response
+from tokenwire.api.usage import parse_instant_ms, query_params, time_range, total_object
+from tokenwire.config import usd_to_micro
+from tokenwire.errors import InvalidRequest, NotFound, PermissionDenied
+from tokenwire.state import AppState, get_state
+from tokenwire.wire.schema import param_from_message
+
+S = TypeVar("S")
+
+MAX_LIMIT_VALUE = 2_147_483_647  # the columns are 32-bit integers
+Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT_VALUE)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Note = Annotated[str, msgspec.Meta(max_length=500)]
+Amount = str | int | float  # USD; checked exactly by parse_usd
+Instant = int | str  # Unix seconds or ISO 8601
+UNSET = msgspec.UNSET
+UnsetType = msgspec.UnsetType
+
+
+class CreateKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /v1/admin/keys``. Limits left out or null are unlimited; ``models`` null: all."""
+
+    name: Name
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    max_concurrent_streams: Limit | None = None
+    credits_usd: Amount | None = None
+    models: list[ModelId] | None = None
+    expires_at: Instant | None = None
+    admin: bool = False
+
+
+class UpdateKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``PATCH /v1/admin/keys/{id}``: only the fields present change; null clears a limit."""
+
+    name: Name | UnsetType = UNSET
+    rpm: Limit | UnsetType | None = UNSET
+    tpm: Limit | UnsetType | None = UNSET
+    max_concurrent_streams: Limit | UnsetType | None = UNSET
+    models: list[ModelId] | UnsetType | None = UNSET
+    expires_at: Instant | UnsetType | None = UNSET
+
+
+class TopupRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /v1/admin/keys/{id}/topup``: a positive USD amount, such as ``"10.00"``."""
+
+    amount_usd: Amount
+    note: Note | None = None
+
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+
+
+def decode_json(body: bytes, kind: type[S]) -> S:
+    """Decode and validate a JSON body as ``kind``, or 400 naming the offending field."""
+    if not body.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        unknown = _UNKNOWN_FIELD.search(text)
+        param = unknown.group(1) if unknown else param_from_message(text)
+        raise InvalidRequest(
+            f"Invalid request: {text}", param=param, code="invalid_value"
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
+        ) from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            "The request body is not valid UTF-8.", code="invalid_encoding"
+        ) from None
+
+
+def key_status(record: KeyRecord, now: float | None = None) -> str:
+    """``active``, ``revoked`` or ``expired``."""
+    if record.revoked_at is not None:
+        return "revoked"
+    if not record.is_active(time.time() if now is None else now):
+        return "expired"
+    return "active"
+
+
+def key_object(record: KeyRecord) -> dict[str, Any]:
+    """A key as JSON: everything but its secret (which is not stored) and its digest."""
+    return {
+        "object": "api_key",
+        "id": record.id,
+        "name": record.name,
+        "prefix": record.prefix,
+        "admin": record.is_admin,
+        "status": key_status(record),
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "revoked_at": record.revoked_at,
+        "models": None if record.allowed_models is None else list(record.allowed_models),
+        "rpm": record.rpm,
+        "tpm": record.tpm,
+        "max_concurrent_streams": record.max_concurrent_streams,
+        "balance_micro": record.balance_micro,
+        "balance_usd": usd(record.balance_micro),
+    }
+
+
+async def require_admin(request: Request) -> AppState:
+    """The app state, if the caller holds an active admin key (else 401 / 403)."""
+    key = await authenticate(request)
+    if not key.is_admin:
+        raise PermissionDenied("This endpoint needs an admin key.", code="admin_key_required")
+    return get_state(request)
+
+
+async def _body(request: Request, state: AppState, kind: type[S]) -> S:
+    return decode_json(await read_body(request, state.settings.server.max_body_bytes), kind)
+
+
+def _amount(value: object, param: str, *, positive: bool) -> int:
+    try:
+        return parse_usd(value, positive=positive)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid {param!r}: {exc}.", param=param) from None
+
+
+def _expiry(value: int | str, param: str = "expires_at") -> int:
+    """An expiry (Unix seconds or ISO 8601) as Unix seconds; it must be in the future."""
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidRequest(f"Invalid {param!r}: must not be negative.", param=param)
+        value = str(value)
+    try:
+        seconds = parse_instant_ms(value) // 1000
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid {param!r}: {exc}.", param=param) from None
+    if seconds <= time.time():
+        raise InvalidRequest(
+            f"Invalid {param!r}: {value!r} is not in the future; revoke a key to stop it now.",
+            param=param,
+        )
+    return seconds
+
+
+def _models(state: AppState, models: list[str]) -> tuple[str, ...]:
+    """A key's model allow-list: catalog ids only, at least one, duplicates dropped."""
+    if not models:
+        raise InvalidRequest(
+            "'models' must name at least one model; null allows every model.", param="models"
+        )
+    unknown = [m for m in models if m not in state.registry.models]
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown model(s) in 'models': {', '.join(map(repr, unknown))}; "
+            "see GET /v1/models for the catalog.",
+            param="models",
+        )
+    return tuple(dict.fromkeys(models))
+
+
+async def _record(state: AppState, key_id: str) -> KeyRecord:
+    record = await state.keys.get(key_id)
+    if record is None:
+        raise NotFound(f"No API key with id {key_id!r}.", param="id")
+    return record
+
+
+async def create_key(request: Request) -> Response:
+    """Create a key with the free grant plus ``credits_usd``; 201 with the plaintext once."""
+    state = await require_admin(request)
+    body = await _body(request, state, CreateKeyRequest)
+    name = body.name.strip()
+    if not name:
+        raise InvalidRequest("'name' must not be blank.", param="name")
+    credits = (
+        0 if body.credits_usd is None else _amount(body.credits_usd, "credits_usd", positive=False)
+    )
+    models = None if body.models is None else _models(state, body.models)
+    expires_at = None if body.expires_at is None else _expiry(body.expires_at)
+    grant = usd_to_micro(state.settings.accounting.free_grant_usd, what="free_grant_usd")
+    record, plaintext = await state.keys.create(
+        name,
+        is_admin=body.admin,
+        expires_at=expires_at,
+        limits=KeyLimits(
+            allowed_models=models,
+            rpm=body.rpm,
+            tpm=body.tpm,
+            max_concurrent_streams=body.max_concurrent_streams,
+        ),
+        grant_micro=grant,
+    )
+    if credits:
+        await state.ledger.credit(record.id, credits, kind="topup", note="credits at creation")
+        record = await _record(state, record.id)
+    return json_response({**key_object(record), "key": plaintext}, 201)
+
+
+async def list_keys(request: Request) -> Response:
+    """Every key, oldest first."""
+    state = await require_admin(request)
+    records = await state.keys.list()
+    return json_response({"object": "list", "data": [key_object(r) for r in records]})
+
+
+async def get_key(request: Request) -> Response:
+    """One key by id (404 if unknown)."""
+    state = await require_admin(request)
+    return json_response(key_object(await _record(state, request.path_params["key_id"])))
+
+
+async def update_key(request: Request) -> Response:
+    """Change the fields present in the body; ``null`` clears a limit, models or expiry."""
+    state = await require_admin(request)
+    key_id = request.path_params["key_id"]
+    body = await _body(request, state, UpdateKeyRequest)
+    changes: dict[str, object] = {}
+    if body.name is not UNSET:
+        if not body.name.strip():
+            raise InvalidRequest("'name' must not be blank.", param="name")
+        changes["name"] = body.name.strip()
+    for field in ("rpm", "tpm", "max_concurrent_streams"):
+        value = getattr(body, field)
+        if value is not UNSET:
+            changes[field] = value
+    if body.models is not UNSET:
+        changes["allowed_models"] = None if body.models is None else _models(state, body.models)
+    if body.expires_at is not UNSET:
+        changes["expires_at"] = None if body.expires_at is None else _expiry(body.expires_at)
+    if not changes:
+        return json_response(key_object(await _record(state, key_id)))
+    return json_response(key_object(await state.keys.update(key_id, **changes)))
+
+
+async def revoke_key(request: Request) -> Response:
+    """Revoke a key (idempotent: revoking a revoked key keeps its first revocation time)."""
+    state = await require_admin(request)
+    return json_response(key_object(await state.keys.revoke(request.path_params["key_id"])))
+
+
+async def rotate_key(request: Request) -> Response:
+    """A new secret for the key; the old one gets 401 from now on. Same id, limits, balance."""
+    state = await require_admin(request)
+    record = await _record(state, request.path_params["key_id"])
+    if record.revoked_at is not None:
+        raise InvalidRequest(
+            f"The API key {record.id!r} is revoked; create a new key instead.",
+            param="id",
+            code="key_revoked",
+            status=409,
+        )
+    record, plaintext = await state.keys.rotate(record.id)
+    return json_response({**key_object(record), "key": plaintext})
+
+
+async def topup_key(request: Request) -> Response:
+    """Add ``amount_usd`` of credit to a key; answers the new balance."""
+    state = await require_admin(request)
+    key_id = request.path_params["key_id"]
+    body = await _body(request, state, TopupRequest)
+    amount = _amount(body.amount_usd, "amount_usd", positive=True)
+    await _record(state, key_id)  # 404 before anything is written
+    balance, _ = await state.ledger.credit(key_id, amount, kind="topup", note=body.note)
+    return json_response(
+        {
+            "object": "credit",
+            "key_id": key_id,
+            "amount_micro": amount,
+            "amount_usd": usd(amount),
+            "balance_micro": balance,
+            "balance_usd": usd(balance),
+        }
+    )
+
+
+GROUPS = {"key": "key_id", "key_id": "key_id", "model": "model", "day": "day"}
+
+
+def parse_group_by(value: str | None) -> tuple[str, ...]:
+    """``key,model,day`` (any subset, any order) → the ledger's column names; 400 if unknown."""
+    if value is None:
+        return ("key_id", "model", "day")
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown:
+        raise InvalidRequest(
+            f"Invalid 'group_by': {', '.join(map(repr, unknown))}; use any of key, model, day.",
+            param="group_by",
+        )
+    return tuple(dict.fromkeys(GROUPS[n] for n in names))
+
+
+async def usage_report(request: Request) -> Response:
+    """Requests, tokens and cost grouped by key, model and/or day, plus the overall total."""
+    state = await require_admin(request)
+    params = query_params(request, ("start", "end", "group_by", "key_id", "model"))
+    start, end = time_range(params)
+    group_by = parse_group_by(params.get("group_by"))
+    filters: dict[str, Any] = {
+        "key_id": params.get("key_id") or None,
+        "since_ms": start,
+        "until_ms": end,
+        "model": params.get("model") or None,
+    }
+    groups = await state.ledger.totals(**filters, group_by=group_by)
+    (overall,) = await state.ledger.totals(**filters, group_by=())
+    data = [{**{g: row[g] for g in group_by}, **total_object(row)} for row in groups]
+    return json_response(
+        {
+            "object": "list",
+            "group_by": list(group_by),
+            "start_ms": start,
+            "end_ms": end,
+            "data": data,
+            "total": total_object(overall),
+        }
+    )

@@ -1,0 +1,43 @@
+"""``GET /v1/chat/completions/{stream_id}/stream``: resume a resumable stream over SSE.
+
+The cursor is ``Last-Event-ID`` (what a browser ``EventSource`` sends on reconnect) or the
+query parameter ``starting_after``; every event after it is replayed, then the stream goes on
+live until ``[DONE]``. Only the key that created the stream may read it (404 for any other).
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from tokenwire.api.auth import authenticate
+from tokenwire.api.chat import RETRY_MS
+from tokenwire.api.sse_stream import SSEStream
+from tokenwire.errors import InvalidRequest
+from tokenwire.state import get_state
+
+
+def _cursor(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("starting_after") or "0"
+    if not raw.isdigit():
+        raise InvalidRequest(
+            "The cursor (Last-Event-ID or starting_after) must be a whole number.",
+            param="starting_after",
+        )
+    return int(raw)
+
+
+async def resume_stream(request: Request) -> SSEStream:
+    """Replay a stream's events after the cursor, then follow it live."""
+    state = get_state(request)
+    key = await authenticate(request)
+    after = _cursor(request)
+    store = state.completions.streams
+    generation = store.get(request.path_params["stream_id"], key.id)
+    store.check_cursor(generation, after)
+    return SSEStream(
+        generation,
+        include_usage=generation.include_usage,
+        heartbeat_s=state.settings.server.sse_heartbeat_s,
+        after=after,
+        retry_ms=RETRY_MS,
+    )

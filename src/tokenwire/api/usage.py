@@ -1,0 +1,145 @@
+"""``GET /v1/usage``: the calling key's own ledger rows, their totals and its balance.
+
+Any active key may read its own usage (and only its own). Query parameters:
+
+``start``, ``end``  a time range (``start`` inclusive, ``end`` exclusive), each as Unix seconds
+                    (``1735689600``) or ISO 8601 (``2025-01-01``, ``2025-01-01T12:00:00Z``;
+                    without a zone, UTC)
+``model``           only this model
+``limit``           at most this many rows, newest first (1-1000, default 100); the totals
+                    cover the whole range whatever the limit
+
+Unknown parameters are refused (400), so a misspelt filter never silently reads everything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import asdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenwire.accounting.ledger import LedgerRow
+from tokenwire.accounting.pricing import usd
+from tokenwire.api.auth import authenticate
+from tokenwire.api.errors import json_response
+from tokenwire.errors import InvalidRequest
+from tokenwire.state import get_state
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+_UNIX = re.compile(r"\d{1,12}(?:\.\d{1,6})?")
+_LATEST_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
+# "…T12:00:00 02:00": a "+02:00" offset whose "+" an unencoded query string turned into a space
+_LOST_PLUS = re.compile(r"(.+[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:?\d{2})")
+
+
+def parse_instant_ms(value: str) -> int:
+    """Unix seconds or an ISO 8601 date/time (UTC unless it says otherwise) → Unix ms.
+
+    Raises ``ValueError`` saying what was expected.
+    """
+    text = value.strip()
+    if _UNIX.fullmatch(text):
+        ms = int(Decimal(text) * 1000)
+    else:
+        lost_plus = _LOST_PLUS.fullmatch(text)
+        if lost_plus is not None:
+            text = f"{lost_plus.group(1)}+{lost_plus.group(2)}"
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is neither Unix seconds nor an ISO 8601 time "
+                "(e.g. 1735689600 or 2025-01-01T00:00:00Z)"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        ms = int(moment.timestamp() * 1000)
+    if not 0 <= ms < _LATEST_MS:
+        raise ValueError(f"{value!r} is outside the years 1970-9999")
+    return ms
+
+
+def query_params(request: Request, allowed: Collection[str]) -> dict[str, str]:
+    """The query parameters (last value of each), or 400 naming the first unknown one."""
+    params: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name not in allowed:
+            raise InvalidRequest(
+                f"Unknown query parameter {name!r}; expected one of {', '.join(allowed)}.",
+                param=name,
+                code="unknown_parameter",
+            )
+        params[name] = value
+    return params
+
+
+def time_range(params: dict[str, str]) -> tuple[int | None, int | None]:
+    """``start`` and ``end`` from the query as Unix ms, or 400 naming the bad one."""
+    bounds: list[int | None] = []
+    for name in ("start", "end"):
+        raw = params.get(name)
+        if raw is None or raw == "":
+            bounds.append(None)
+            continue
+        try:
+            bounds.append(parse_instant_ms(raw))
+        except ValueError as exc:
+            raise InvalidRequest(f"Invalid {name!r}: {exc}.", param=name) from None
+    start, end = bounds
+    if start is not None and end is not None and end <= start:
+        raise InvalidRequest("'end' must be later than 'start'.", param="end")
+    return start, end
+
+
+def total_object(totals: dict[str, Any]) -> dict[str, Any]:
+    """Requests, tokens and cost (micro-dollars and USD) of a ``Ledger.totals`` row."""
+    return {
+        "requests": int(totals.get("requests") or 0),
+        "prompt_tokens": int(totals.get("prompt_tokens") or 0),
+        "completion_tokens": int(totals.get("completion_tokens") or 0),
+        "cost_micro": int(totals.get("cost_micro") or 0),
+        "cost_usd": usd(int(totals.get("cost_micro") or 0)),
+    }
+
+
+def row_object(row: LedgerRow) -> dict[str, Any]:
+    """One ledger row as JSON (``created_at`` in Unix ms), with ``cost_usd``."""
+    return {"object": "usage.record", **asdict(row), "cost_usd": usd(row.cost_micro)}
+
+
+async def get_usage(request: Request) -> Response:
+    """The caller's ledger rows (newest first), totals over the range, and balance."""
+    key = await authenticate(request)
+    params = query_params(request, ("start", "end", "model", "limit"))
+    start, end = time_range(params)
+    model = params.get("model") or None
+    limit = DEFAULT_LIMIT
+    if params.get("limit"):
+        raw = params["limit"]
+        if not raw.isdecimal() or not 1 <= int(raw) <= MAX_LIMIT:
+            raise InvalidRequest(
+                f"'limit' must be an integer from 1 to {MAX_LIMIT}; got {raw!r}.", param="limit"
+            )
+        limit = int(raw)
+    ledger = get_state(request).ledger
+    rows = await ledger.rows(key_id=key.id, since_ms=start, until_ms=end, model=model, limit=limit)
+    (totals,) = await ledger.totals(
+        key_id=key.id, since_ms=start, until_ms=end, model=model, group_by=()
+    )
+    balance = await ledger.balance(key.id)
+    return json_response(
+        {
+            "object": "list",
+            "data": [row_object(r) for r in rows],
+            "total": total_object(totals),
+            "balance_micro": balance,
+            "balance_usd": usd(balance),
+        }
+    )

@@ -1,0 +1,469 @@
+"""Resumable streams: cut a stream anywhere, resume it over SSE or WebSocket, billed once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+from websockets.asyncio.client import connect
+
+from tokenwire.accounting.ledger import Ledger, LedgerRow
+from tokenwire.providers.sim import plan
+from tokenwire.storage.engine import make_engine
+from tokenwire.testing import GatewayServer, SimUpstreamServer
+from tokenwire.wire.schema import decode_chat_request
+
+OVERRIDES = """
+[server]
+stream_grace_s = 30.0
+stream_retention_s = 300.0
+
+[providers.sim]
+kind = "sim"
+ttft_ms = 0.0
+itl_ms = 2.0
+
+[[models]]
+id = "priced-sim"
+provider = "sim"
+upstream_model = "sim"
+input_usd_per_mtok = "3.00"
+output_usd_per_mtok = "15.00"
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    with GatewayServer(Path(tmp_path_factory.mktemp("resume")), overrides=OVERRIDES) as server:
+        yield server
+
+
+def chat(content: str, tokens: int = 40, model: str = "sim") -> dict[str, Any]:
+    return {
+        "model": model,
+        "max_tokens": tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": content}],
+    }
+
+
+def expected_text(body: dict[str, Any]) -> str:
+    return plan(decode_chat_request(json.dumps(body).encode())).text
+
+
+def raw_sse(
+    gateway: GatewayServer,
+    path: str,
+    payload: bytes | None,
+    headers: dict[str, str],
+    cut_after: int | None,
+) -> tuple[list[tuple[int, dict[str, Any]]], bool, str]:
+    """Read a stream over a raw socket; close it after ``cut_after`` events (None: to the end).
+
+    Returns (events as (id, chunk)), whether [DONE] arrived, and the X-Stream-Id header.
+    """
+    method = "POST" if payload is not None else "GET"
+    head = [
+        f"{method} {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Authorization: Bearer {headers.pop('key')}",
+    ]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    if payload is not None:
+        head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + (payload or b""))
+    buffer = b""
+    events: list[tuple[int, dict[str, Any]]] = []
+    done = False
+    stream_id = ""
+    try:
+        while not done and (cut_after is None or len(events) < cut_after):
+            data = sock.recv(65536)
+            if not data:
+                break
+            buffer += data
+            if not stream_id and b"\r\n\r\n" in buffer:
+                header_block = buffer.split(b"\r\n\r\n", 1)[0].decode()
+                for line in header_block.split("\r\n"):
+                    if line.lower().startswith("x-stream-id:"):
+                        stream_id = line.split(":", 1)[1].strip()
+            while b"\n\n" in buffer.split(b"\r\n\r\n", 1)[-1]:
+                head_part, _, body = buffer.partition(b"\r\n\r\n")
+                frame, _, rest = body.partition(b"\n\n")
+                buffer = head_part + b"\r\n\r\n" + rest
+                lines = frame.decode().split("\n")
+                # chunked encoding adds size lines; keep only SSE fields
+                fields = [line for line in lines if line.startswith(("id: ", "data: "))]
+                event_id = next((int(f[4:]) for f in fields if f.startswith("id: ")), None)
+                data_line = next((f[6:] for f in fields if f.startswith("data: ")), None)
+                if data_line == "[DONE]":
+                    done = True
+                    break
+                if data_line is not None and event_id is not None:
+                    events.append((event_id, json.loads(data_line)))
+                    if cut_after is not None and len(events) >= cut_after:
+                        break
+    finally:
+        sock.close()
+    return events, done, stream_id
+
+
+def text_of(events: list[tuple[int, dict[str, Any]]]) -> str:
+    return "".join(
+        c["choices"][0]["delta"].get("content", "") for _, c in events if c.get("choices")
+    )
+
+
+async def ledger_rows(gateway: GatewayServer) -> list[LedgerRow]:
+    engine = make_engine(gateway.settings.database_url)
+    try:
+        return await Ledger(engine).rows(limit=100_000)
+    finally:
+        await engine.dispose()
+
+
+async def wait_settled(gateway: GatewayServer) -> None:
+    deadline = time.monotonic() + 20
+    while gateway.state.completions.live and time.monotonic() < deadline:  # noqa: ASYNC110 - another thread's state
+        await asyncio.sleep(0.02)
+    assert gateway.state.completions.live == {}
+
+
+def test_sse_cut_and_resumed_with_last_event_id_is_complete(gateway: GatewayServer) -> None:
+    """A resumable SSE stream cut after 5 events, resumed with Last-Event-ID, has every event once."""
+    body = chat("resume me over sse", 60)
+    first, done, stream_id = raw_sse(
+        gateway,
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"key": gateway.api_key, "X-Tokenwire-Resumable": "true"},
+        cut_after=5,
+    )
+    assert not done and stream_id and len(first) == 5
+    rest, done, _ = raw_sse(
+        gateway,
+        f"/v1/chat/completions/{stream_id}/stream",
+        None,
+        {"key": gateway.api_key, "Last-Event-ID": str(first[-1][0])},
+        cut_after=None,
+    )
+    assert done
+    ids = [i for i, _ in first + rest]
+    assert ids == list(range(1, len(ids) + 1))  # nothing missing, nothing twice
+    assert text_of(first + rest) == expected_text(body)
+    assert rest[-1][1]["usage"]["completion_tokens"] == 60
+
+
+def test_resume_with_query_cursor_and_twice(gateway: GatewayServer) -> None:
+    """starting_after works like Last-Event-ID, and a stream can be resumed more than once."""
+    body = chat("resume twice", 50)
+    a, _, stream_id = raw_sse(
+        gateway,
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"key": gateway.api_key, "X-Tokenwire-Resumable": "1"},
+        cut_after=3,
+    )
+    b, _, _ = raw_sse(
+        gateway,
+        f"/v1/chat/completions/{stream_id}/stream?starting_after={a[-1][0]}",
+        None,
+        {"key": gateway.api_key},
+        cut_after=7,
+    )
+    c, done, _ = raw_sse(
+        gateway,
+        f"/v1/chat/completions/{stream_id}/stream?starting_after={b[-1][0]}",
+        None,
+        {"key": gateway.api_key},
+        cut_after=None,
+    )
+    assert done
+    assert [i for i, _ in a + b + c] == list(range(1, len(a + b + c) + 1))
+    assert text_of(a + b + c) == expected_text(body)
+
+
+def test_resume_errors(gateway: GatewayServer, tmp_path: Path) -> None:
+    """Another key, an unknown id, a bad cursor and a cursor past the end get clear 4xx errors."""
+    body = chat("errors", 5)
+    events, done, stream_id = raw_sse(
+        gateway,
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"key": gateway.api_key, "X-Tokenwire-Resumable": "1"},
+        cut_after=None,
+    )
+    assert done
+    url = f"{gateway.base_url}/v1/chat/completions/{stream_id}/stream"
+    other = requests.get(url, headers={"Authorization": f"Bearer {gateway.admin_key}"}, timeout=10)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "stream_not_found"
+    unknown = requests.get(
+        f"{gateway.base_url}/v1/chat/completions/chatcmpl-nope/stream",
+        headers={"Authorization": f"Bearer {gateway.api_key}"},
+        timeout=10,
+    )
+    assert unknown.status_code == 404
+    past = requests.get(
+        url + "?starting_after=9999",
+        headers={"Authorization": f"Bearer {gateway.api_key}"},
+        timeout=10,
+    )
+    assert past.status_code == 410 and past.json()["error"]["code"] == "cursor_out_of_range"
+    bad = requests.get(
+        url,
+        headers={"Authorization": f"Bearer {gateway.api_key}", "Last-Event-ID": "x"},
+        timeout=10,
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
+    finished = requests.get(
+        url + f"?starting_after={events[-1][0]}",
+        headers={"Authorization": f"Bearer {gateway.api_key}"},
+        timeout=10,
+    )
+    assert finished.status_code == 200 and finished.text.strip().endswith("data: [DONE]")
+
+
+def test_after_retention_a_stream_is_gone(tmp_path: Path) -> None:
+    """Once its retention has passed, resuming a finished stream answers 410."""
+    overrides = OVERRIDES.replace("stream_retention_s = 300.0", "stream_retention_s = 0.0")
+    with GatewayServer(tmp_path, overrides=overrides) as short:
+        _, done, stream_id = raw_sse(
+            short,
+            "/v1/chat/completions",
+            json.dumps(chat("gone", 3)).encode(),
+            {"key": short.api_key, "X-Tokenwire-Resumable": "1"},
+            cut_after=None,
+        )
+        assert done
+        deadline = time.monotonic() + 10  # the stream is kept at least until it has settled
+        while short.state.completions.live and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = requests.get(
+            f"{short.base_url}/v1/chat/completions/{stream_id}/stream",
+            headers={"Authorization": f"Bearer {short.api_key}"},
+            timeout=10,
+        )
+        assert response.status_code == 410 and response.json()["error"]["code"] == "stream_expired"
+
+
+async def test_websocket_resume_on_a_new_socket(gateway: GatewayServer) -> None:
+    """A resumable WS stream cut after a few chunks continues on another socket, nothing lost or repeated."""
+    url = "ws" + gateway.base_url.removeprefix("http") + "/v1/ws/chat"
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    body = chat("resume me over ws", 60)
+    seen: list[dict[str, Any]] = []
+    async with connect(url, additional_headers=headers) as ws:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "chat.completion.create",
+                    "request_id": "a",
+                    "body": body,
+                    "resumable": True,
+                }
+            )
+        )
+        while len(seen) < 4:
+            seen.append(json.loads(await ws.recv()))
+    stream_id = seen[0]["id"]
+    async with connect(url, additional_headers=headers) as ws:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "chat.completion.resume",
+                    "stream_id": stream_id,
+                    "starting_after": seen[-1]["sequence_number"],
+                }
+            )
+        )
+        while True:
+            message = json.loads(await ws.recv())
+            if message["type"] == "chat.completion.done":
+                done = message
+                break
+            seen.append(message)
+    numbers = [m["sequence_number"] for m in seen]
+    assert numbers == sorted(set(numbers))
+    text = "".join(m["choices"][0]["delta"].get("content", "") for m in seen if m["choices"])
+    assert text == expected_text(body)
+    assert done["request_id"] == stream_id and done["usage"]["completion_tokens"] == 60
+
+
+async def test_idempotency_key_with_the_openai_sdk_runs_and_bills_once(
+    gateway: GatewayServer,
+) -> None:
+    """The same Idempotency-Key sent twice by the openai SDK yields one generation and one charge."""
+    client = openai.AsyncOpenAI(
+        base_url=gateway.base_url + "/v1", api_key=gateway.api_key, max_retries=0
+    )
+    extra = {"Idempotency-Key": "order-42"}
+    messages = [{"role": "user", "content": "charge me once"}]
+    first = await client.chat.completions.create(
+        model="priced-sim", messages=messages, max_tokens=20, extra_headers=extra
+    )  # type: ignore[arg-type]
+    second = await client.chat.completions.create(
+        model="priced-sim", messages=messages, max_tokens=20, extra_headers=extra
+    )  # type: ignore[arg-type]
+    assert first.id == second.id
+    assert first.choices[0].message.content == second.choices[0].message.content
+    await wait_settled(gateway)
+    deadline = time.monotonic() + 10
+    rows = [r for r in await ledger_rows(gateway) if r.completion_id == first.id]
+    while not rows and time.monotonic() < deadline:
+        rows = [r for r in await ledger_rows(gateway) if r.completion_id == first.id]
+    assert len(rows) == 1 and rows[0].cost_micro > 0
+    with pytest.raises(openai.APIStatusError) as conflict:
+        await client.chat.completions.create(
+            model="priced-sim",
+            messages=[{"role": "user", "content": "other"}],
+            max_tokens=20,
+            extra_headers=extra,
+        )  # type: ignore[arg-type]
+    assert conflict.value.status_code == 409
+    await client.close()
+
+
+def test_a_resumable_stream_without_reader_is_cancelled_after_the_grace_window(
+    tmp_path: Path,
+) -> None:
+    """Nobody resumes: after stream_grace_s the upstream request is closed, billed for what was made."""
+    with SimUpstreamServer(ttft_ms=0, itl_ms=20) as upstream:
+        overrides = f"""
+[server]
+stream_grace_s = 0.5
+
+[providers.upstream]
+kind = "openai"
+base_url = "{upstream.base_url}/v1"
+
+[[models]]
+id = "proxied-sim"
+provider = "upstream"
+upstream_model = "sim"
+"""
+        with GatewayServer(tmp_path, overrides=overrides) as gw:
+            body = chat("abandoned", 1000, model="proxied-sim")
+            _events, _, _stream_id = raw_sse(
+                gw,
+                "/v1/chat/completions",
+                json.dumps(body).encode(),
+                {"key": gw.api_key, "X-Tokenwire-Resumable": "1"},
+                cut_after=2,
+            )
+            cut_at = time.monotonic()
+            stats = lambda: requests.get(upstream.base_url + "/sim/stats", timeout=5).json()  # noqa: E731
+            assert stats()["active_streams"] == 1  # still generating during the grace window
+            deadline = cut_at + 5
+            while stats()["cancelled_streams"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert stats()["cancelled_streams"] == 1
+            assert time.monotonic() - cut_at >= 0.5
+            rows = asyncio.run(ledger_rows(gw))
+            deadline = time.monotonic() + 5
+            while not rows and time.monotonic() < deadline:
+                rows = asyncio.run(ledger_rows(gw))
+            assert len(rows) == 1 and rows[0].status == "client_disconnected"
+            assert 2 <= rows[0].completion_tokens < 1000
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_chaos_random_cuts_and_resumes_lose_nothing_and_bill_once(
+    gateway: GatewayServer, transport: str
+) -> None:
+    """60 streams cut at random events (some twice) and resumed: exact text, one ledger row each."""
+    rng = random.Random(7 if transport == "sse" else 8)
+    before = {r.completion_id for r in await ledger_rows(gateway)}
+    ids: list[str] = []
+    for n in range(60):
+        body = chat(f"chaos {transport} {n}", rng.randint(5, 40), model="priced-sim")
+        cuts = [rng.randint(1, 6) for _ in range(rng.choice([1, 2]))]
+        if transport == "sse":
+            got, done, stream_id = await asyncio.to_thread(
+                raw_sse,
+                gateway,
+                "/v1/chat/completions",
+                json.dumps(body).encode(),
+                {"key": gateway.api_key, "X-Tokenwire-Resumable": "1"},
+                cuts[0],
+            )
+            for cut in [*cuts[1:], None]:
+                if done:
+                    break
+                more, done, _ = await asyncio.to_thread(
+                    raw_sse,
+                    gateway,
+                    f"/v1/chat/completions/{stream_id}/stream",
+                    None,
+                    {"key": gateway.api_key, "Last-Event-ID": str(got[-1][0] if got else 0)},
+                    cut,
+                )
+                got += more
+            assert [i for i, _ in got] == list(range(1, len(got) + 1))
+            assert text_of(got) == expected_text(body)
+        else:
+            stream_id, text = await ws_chaos(gateway, body, cuts)
+            assert text == expected_text(body)
+        ids.append(stream_id)
+    await wait_settled(gateway)
+    deadline = time.monotonic() + 10  # settled generations may still be committing their rows
+    rows = [r for r in await ledger_rows(gateway) if r.completion_id not in before]
+    while len(rows) < len(ids) and time.monotonic() < deadline:
+        rows = [r for r in await ledger_rows(gateway) if r.completion_id not in before]
+    assert sorted(r.completion_id for r in rows) == sorted(ids)  # one row per stream, none twice
+
+
+async def ws_chaos(
+    gateway: GatewayServer, body: dict[str, Any], cuts: list[int]
+) -> tuple[str, str]:
+    url = "ws" + gateway.base_url.removeprefix("http") + "/v1/ws/chat"
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    chunks: list[dict[str, Any]] = []
+    last, stream_id = 0, ""
+    for attempt, cut in enumerate([*cuts, None]):
+        async with connect(url, additional_headers=headers) as ws:
+            if attempt == 0:
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "chat.completion.create",
+                            "request_id": "c",
+                            "body": body,
+                            "resumable": True,
+                        }
+                    )
+                )
+            else:
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "chat.completion.resume",
+                            "stream_id": stream_id,
+                            "starting_after": last,
+                        }
+                    )
+                )
+            count = 0
+            while cut is None or count < cut:
+                message = json.loads(await ws.recv())
+                if message["type"] == "chat.completion.done":
+                    text = "".join(
+                        c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]
+                    )
+                    numbers = [c["sequence_number"] for c in chunks]
+                    assert numbers == sorted(set(numbers))
+                    return stream_id, text
+                chunks.append(message)
+                stream_id, last = message["id"], message["sequence_number"]
+                count += 1
+    raise AssertionError("the stream never finished")
