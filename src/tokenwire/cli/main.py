@@ -13,7 +13,7 @@ from rich.table import Table
 
 from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
 from tokenwire.cli import accounts
-from tokenwire.config import Settings, load_settings
+from tokenwire.config import Settings, load_settings, usd_to_micro
 from tokenwire.errors import GatewayError
 from tokenwire.storage.engine import make_engine, migrate
 
@@ -55,10 +55,11 @@ async def _with_keys(settings: Settings, action: Callable[[KeyStore], Awaitable[
         await engine.dispose()
 
 
-async def _bootstrap(store: KeyStore) -> list[tuple[KeyRecord, str]]:
+async def _bootstrap(store: KeyStore, grant_micro: int) -> list[tuple[KeyRecord, str]]:
     if await store.count() > 0:
         return []
-    return [await store.create("admin", is_admin=True), await store.create("default")]
+    admin = await store.create("admin", is_admin=True)
+    return [admin, await store.create("default", grant_micro=grant_micro)]
 
 
 @app.command()
@@ -75,7 +76,8 @@ def serve(
     from tokenwire.app import create_app, server_options
 
     settings = _settings(config, data_dir)
-    created = asyncio.run(_with_keys(settings, _bootstrap))
+    grant = usd_to_micro(settings.accounting.free_grant_usd, what="accounting.free_grant_usd")
+    created = asyncio.run(_with_keys(settings, lambda store: _bootstrap(store, grant)))
     console = Console()
     if created:
         console.print("[bold]First start: these keys are shown once and never again.[/bold]")
