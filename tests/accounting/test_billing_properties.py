@@ -20,9 +20,10 @@ After everything settles (no live generation, no open reservation), for SQLite a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,7 @@ import aiohttp
 import asyncpg
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -65,8 +66,8 @@ output_usd_per_mtok = "15.00"
 INPUT_MICRO_PER_TOKEN = 3
 OUTPUT_MICRO_PER_TOKEN = 15
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-SCENARIO_DEADLINE_S = 30.0
-SETTLE_DEADLINE_S = 10.0
+OP_DEADLINE_S = 5.0  # an op that has not ended by then is reported as stuck
+SETTLE_DEADLINE_S = 5.0
 
 Transport = Literal["sse", "ws", "json"]
 Action = Literal["finish", "cancel", "disconnect"]
@@ -188,6 +189,7 @@ class Outcome:
     """What the client saw of one op."""
 
     refused: int | None = None  # the HTTP status (or WS error status) of a refusal
+    stuck: bool = False  # no end (done, error, [DONE], JSON body) within OP_DEADLINE_S
     completion_id: str | None = None
     tokens_seen: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
@@ -214,6 +216,17 @@ class Progress:
     async def reached(self, index: int, tokens: int) -> None:
         async with self._changed:
             await self._changed.wait_for(lambda: self.tokens[index] >= tokens or self.ended[index])
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], deadline_s: float) -> bool:
+    """Poll an async condition until it holds or the deadline passes."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while loop.time() < end:
+        if await predicate():
+            return True
+        await asyncio.sleep(0.01)  # the polling interval
+    return await predicate()
 
 
 def words(text: str) -> int:
@@ -406,11 +419,15 @@ async def check_scenario(gw: GatewayServer, acc: Accounts, scenario: Scenario) -
         try:
             if op.start_after is not None:
                 await progress.reached(*op.start_after)
-            if op.transport == "sse":
-                return await run_sse(session, gw, key, index, op, progress)
-            if op.transport == "json":
-                return await run_json(session, gw, key, index, op, progress)
-            return await run_ws(gw, key, index, op, progress)
+            try:
+                async with asyncio.timeout(OP_DEADLINE_S):
+                    if op.transport == "sse":
+                        return await run_sse(session, gw, key, index, op, progress)
+                    if op.transport == "json":
+                        return await run_json(session, gw, key, index, op, progress)
+                    return await run_ws(gw, key, index, op, progress)
+            except TimeoutError:
+                return Outcome(stuck=True)
         finally:
             await progress.end(index)
 
@@ -423,20 +440,29 @@ async def check_scenario(gw: GatewayServer, acc: Accounts, scenario: Scenario) -
         if applied:
             applied_topups += topup.amount
 
+    live_before = set(gw.state.completions.live)
     watcher = asyncio.create_task(watch_balance())
     try:
-        async with asyncio.timeout(SCENARIO_DEADLINE_S):
-            async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=SCENARIO_DEADLINE_S)
-            ) as session:
-                results = await asyncio.gather(
-                    *(run_op(session, i, op) for i, op in enumerate(ops)),
-                    *(run_topup(t) for t in scenario.topups),
-                )
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(
+                *(run_op(session, i, op) for i, op in enumerate(ops)),
+                *(run_topup(t) for t in scenario.topups),
+            )
     finally:
         watching = False
         await watcher
     outcomes: list[Outcome] = results[: len(ops)]  # type: ignore[assignment]
+    stuck = [(i, ops[i]) for i, o in enumerate(outcomes) if o.stuck]
+    if stuck:
+        hanging = [
+            (g.id, g.state.value, g.cancel_cause, repr(g._task))
+            for cid, g in list(gw.state.completions.live.items())
+            if cid not in live_before
+        ]
+        pytest.fail(
+            f"ops that never ended within {OP_DEADLINE_S} s: {stuck}; "
+            f"this scenario's generations still live: {hanging}"
+        )
 
     for op, outcome in zip(ops, outcomes, strict=True):
         if outcome.refused is not None:
@@ -452,14 +478,12 @@ async def check_scenario(gw: GatewayServer, acc: Accounts, scenario: Scenario) -
     assert len(started) == sum(o.refused is None for o in outcomes), "two ops share a completion id"
 
     async def settled() -> bool:
-        if gw.state.completions.live or await acc.open_reservations(record.id):
+        live = gw.state.completions.live
+        if any(cid in live for cid in started) or await acc.open_reservations(record.id):
             return False
         return len(await acc.ledger.rows(key_id=record.id)) >= len(started)
 
-    loop = asyncio.get_running_loop()
-    end = loop.time() + SETTLE_DEADLINE_S
-    while not await settled() and loop.time() < end:
-        await asyncio.sleep(0.01)  # the polling interval
+    await wait_for(settled, SETTLE_DEADLINE_S)
 
     assert await acc.open_reservations(record.id) == 0, "a reservation was never settled"
     rows: list[LedgerRow] = await acc.ledger.rows(key_id=record.id)
@@ -507,9 +531,56 @@ async def check_scenario(gw: GatewayServer, acc: Accounts, scenario: Scenario) -
 
 
 @given(scenario=scenarios())
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    # no shrinking: a failing example waits out OP_DEADLINE_S, so shrinking would take minutes
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 def test_every_completion_billed_once_and_balance_adds_up(
     gateway: GatewayServer, scenario: Scenario
 ) -> None:
     """Random interleavings of completions, cancels, disconnects and top-ups: one ledger row per completion, exact balance, never negative."""
     asyncio.run(run_scenario(gateway, scenario))
+
+
+async def test_cancel_right_behind_create_settles(gateway: GatewayServer) -> None:
+    """WS cancels sent right behind their creates still end each request with done and settle it: one ledger row each, no reservation left."""
+    engine = make_engine(gateway.settings.database_url)
+    try:
+        secret = load_server_secret(gateway.settings.data_dir, gateway.env)
+        acc = Accounts(KeyStore(engine, secret), Ledger(engine), engine)
+        record, key = await acc.keys.create("cancel-at-once", grant_micro=10_000_000)
+        url = "ws" + gateway.base_url.removeprefix("http") + "/v1/ws/chat"
+        body = body_for(0, Op("ws", 8, "cancel", 0, None))
+        request_ids = [f"c{i}" for i in range(10)]
+        ends: dict[str, str] = {}
+        async with connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            for request_id in request_ids:
+                create = {"type": "chat.completion.create", "request_id": request_id, "body": body}
+                await ws.send(json.dumps(create))
+                await ws.send(
+                    json.dumps({"type": "chat.completion.cancel", "request_id": request_id})
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OP_DEADLINE_S):
+                    while len(ends) < len(request_ids):
+                        message = json.loads(await ws.recv())
+                        if message["type"] == "chat.completion.done":
+                            ends[message["request_id"]] = message["finish_reason"]
+                        else:
+                            assert message["type"] == "chat.completion.chunk", message
+        never = [r for r in request_ids if r not in ends]
+        assert not never, f"requests that never ended: {never}; ended: {ends}"
+
+        async def no_reservation() -> bool:
+            return await acc.open_reservations(record.id) == 0
+
+        await wait_for(no_reservation, SETTLE_DEADLINE_S)
+        assert await acc.open_reservations(record.id) == 0
+        rows = await acc.ledger.rows(key_id=record.id)
+        assert len(rows) == len(request_ids)
+        assert await acc.ledger.balance(record.id) == 10_000_000 - sum(r.cost_micro for r in rows)
+    finally:
+        await engine.dispose()

@@ -5,7 +5,8 @@ Covers rpm (429 with ``Retry-After``, OpenAI's ``x-ratelimit-*`` headers and the
 message with ``retry_after_ms``; the socket stays open), tpm (requests larger than the limit,
 reconciliation of the estimate with real usage), concurrent streams, throttling of failed
 authentications per address, and credits (402 ``insufficient_quota``, free models at balance 0,
-the exact cost of a priced completion in the ledger and the balance).
+the exact cost of a priced completion in the ledger and the balance). The limit tests run with
+the in-process limiter and with the Redis one.
 
 Waiting for a window to pass is done by polling the observable condition (a request being
 served again) with a deadline, never by sleeping for a fixed time.
@@ -18,6 +19,7 @@ import contextlib
 import json
 import math
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -66,6 +69,8 @@ output_usd_per_mtok = "15.00"
 INPUT_MICRO_PER_TOKEN = 3  # $3.00 per 1M tokens is 3 micro-dollars per token
 OUTPUT_MICRO_PER_TOKEN = 15
 SHORT_WINDOW_S = 2.0
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BACKENDS = ["memory", "redis"]
 
 
 def overrides(window_s: float, extra: str = "") -> str:
@@ -295,17 +300,48 @@ def check_openai_error(error: dict[str, Any] | None, *, type_: str, code: str) -
 # -- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def short_window(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    """A gateway whose rate-limit window is 2 s."""
-    with GatewayServer(tmp_path_factory.mktemp("short"), overrides=overrides(SHORT_WINDOW_S)) as gw:
+@contextlib.contextmanager
+def limiter_backend(backend: str) -> Iterator[str]:
+    """``[limits]`` lines selecting ``backend``; Redis gets a prefix of its own, removed afterwards."""
+    if backend == "memory":
+        yield 'backend = "memory"'
+        return
+    prefix = f"tokenwire-e2e-{secrets.token_hex(6)}:"
+    try:
+        yield f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"'
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            stale = list(client.scan_iter(match=prefix + "*"))
+            if stale:
+                client.delete(*stale)
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def short_window(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayServer]:
+    """A gateway whose rate-limit window is 2 s (in-process or Redis limiter)."""
+    with (
+        limiter_backend(request.param) as backend,
+        GatewayServer(
+            tmp_path_factory.mktemp("short"), overrides=overrides(SHORT_WINDOW_S, backend)
+        ) as gw,
+    ):
         yield gw
 
 
-@pytest.fixture(scope="module")
-def minute_window(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def minute_window(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayServer]:
     """A gateway with the default 60 s window (tokens barely regenerate during a test)."""
-    with GatewayServer(tmp_path_factory.mktemp("minute"), overrides=overrides(60.0)) as gw:
+    with (
+        limiter_backend(request.param) as backend,
+        GatewayServer(tmp_path_factory.mktemp("minute"), overrides=overrides(60.0, backend)) as gw,
+    ):
         yield gw
 
 
@@ -653,12 +689,13 @@ async def test_max_concurrent_streams(
 # -- failed authentication ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def auth_gateway(tmp_path: Path) -> Iterator[GatewayServer]:
+@pytest.fixture(params=BACKENDS)
+def auth_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GatewayServer]:
     """A gateway of its own: the test blocks its client address."""
-    extra = "auth_failures_per_window = 5"
-    with GatewayServer(tmp_path / "auth", overrides=overrides(SHORT_WINDOW_S, extra)) as gw:
-        yield gw
+    with limiter_backend(request.param) as backend:
+        extra = backend + "\nauth_failures_per_window = 5"
+        with GatewayServer(tmp_path / "auth", overrides=overrides(SHORT_WINDOW_S, extra)) as gw:
+            yield gw
 
 
 async def test_failed_authentications_block_the_address(

@@ -143,34 +143,35 @@ class Cluster:
         finally:
             await engine.dispose()
 
+    def spawn(self, index: int, config: Path) -> GatewayProcess:
+        """Start one ``tokenwire serve`` process with its own data dir and port."""
+        data_dir = self.root / f"data-{index}"
+        data_dir.mkdir()
+        port = free_port()
+        log_path = self.root / f"gateway-{index}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "tokenwire.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data_dir),
+            "--no-access-log",
+        ]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return GatewayProcess(f"gw{index}", port, log_path, process)
+
     async def start(self, count: int = 2) -> list[GatewayProcess]:
+        """Start ``count`` processes and wait until each answers ``/healthz``."""
         config = self.root / "tokenwire.toml"
         config.write_text(config_text(self.redis_prefix))
         for i in range(count):
-            data_dir = self.root / f"data-{i}"
-            data_dir.mkdir()
-            port = free_port()
-            log_path = self.root / f"gateway-{i}.log"
-            with log_path.open("wb") as log:
-                process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tokenwire.cli",
-                        "serve",
-                        "--port",
-                        str(port),
-                        "--config",
-                        str(config),
-                        "--data-dir",
-                        str(data_dir),
-                        "--no-access-log",
-                    ],
-                    env=self.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            self.processes.append(GatewayProcess(f"gw{i}", port, log_path, process))
+            self.processes.append(self.spawn(i, config))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             for gateway in self.processes:
                 await wait_ready(session, gateway)

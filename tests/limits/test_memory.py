@@ -128,8 +128,9 @@ async def test_request_larger_than_tpm_is_refused_outright(clock: FakeClock) -> 
     assert "about 101 tokens" in exc.message and "limit of 100 tokens per 60 s" in exc.message
     assert exc.retry_after_s == 60.0
     assert exc.headers()["Retry-After"] == "60"
-    assert "x-ratelimit-limit-tokens" not in exc.headers()
-    assert exc.headers()["x-ratelimit-remaining-requests"] == "0"
+    assert exc.headers()["x-ratelimit-limit-tokens"] == "100"  # the bucket as it stands
+    assert exc.headers()["x-ratelimit-remaining-tokens"] == "100"
+    assert exc.headers()["x-ratelimit-remaining-requests"] == "1"  # refused: nothing consumed
     admission = await limiter.admit("k", spec, 100, "a")
     assert admission.headers["x-ratelimit-remaining-tokens"] == "0"
 

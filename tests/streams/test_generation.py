@@ -129,3 +129,15 @@ async def test_illegal_transition_raises() -> None:
     await gen.wait_settled()
     with pytest.raises(RuntimeError):
         gen._move(GenerationState.STREAMING)
+
+
+async def test_cancel_before_the_first_step_still_finishes_and_settles() -> None:
+    """A cancel that lands before the task ever ran ends the log as cancelled and settles once."""
+    settled: list[Generation] = []
+    gen = make(scripted([TextDelta("a"), Finish("stop")]), settled)
+    gen.start()
+    gen.cancel("client_cancelled")  # same loop iteration: the task has not run yet
+    await asyncio.wait_for(gen.wait_settled(), 5)
+    assert gen.state is GenerationState.CANCELLED
+    assert gen.log.read_after(0) == [Finish("cancelled"), Usage(7, 0, estimated=True)]
+    assert settled == [gen]

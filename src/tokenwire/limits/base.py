@@ -71,9 +71,9 @@ def gcra(tat: float, now: float, cost: int, limit: int, window_s: float) -> Gcra
     allow_at = new_tat - window_s
     if new_tat - now > window_s + 1e-9:  # relative: no float noise from absolute clocks
         current = max(tat, now)
-        remaining = max(0, math.floor((window_s - (current - now)) / interval + 1e-9))
+        remaining = max(0, math.floor((window_s - (current - now)) / interval + 1e-3))
         return GcraResult(False, tat, allow_at - now, remaining, current - now)
-    remaining = max(0, math.floor((window_s - (new_tat - now)) / interval + 1e-9))
+    remaining = max(0, math.floor((window_s - (new_tat - now)) / interval + 1e-3))
     return GcraResult(True, new_tat, 0.0, remaining, new_tat - now)
 
 

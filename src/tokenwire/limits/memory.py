@@ -50,20 +50,28 @@ class MemoryRateLimiter:
             if tokens_result is None
             else BucketState(spec.tpm or 0, tokens_result.remaining, tokens_result.reset_s)
         )
+        requests_retry = None if requests is None or requests.allowed else requests.retry_after_s
+        tokens_retry = (
+            None if tokens_result is None or tokens_result.allowed else tokens_result.retry_after_s
+        )
+        open_streams = len(self._streams.get(key_id, ()))
+        refused = (
+            requests_retry is not None
+            or tokens_retry is not None
+            or (spec.tpm is not None and tokens > spec.tpm)
+            or (spec.max_streams is not None and open_streams >= spec.max_streams)
+        )
+        if refused:  # nothing is consumed: report the buckets as they stand
+            request_state = self._peek("r:" + key_id, spec.rpm, now)
+            token_state = self._peek("t:" + key_id, spec.tpm, now)
         headers = rate_headers(request_state, token_state)
         raise_if_refused(
             spec,
             window,
             tokens,
-            requests_retry_s=None
-            if requests is None or requests.allowed
-            else requests.retry_after_s,
-            tokens_retry_s=(
-                None
-                if tokens_result is None or tokens_result.allowed
-                else tokens_result.retry_after_s
-            ),
-            open_streams=len(self._streams.get(key_id, ())),
+            requests_retry_s=requests_retry,
+            tokens_retry_s=tokens_retry,
+            open_streams=open_streams,
             headers=headers,
         )
         if requests is not None:
@@ -73,6 +81,12 @@ class MemoryRateLimiter:
         if spec.max_streams is not None:
             self._streams.setdefault(key_id, set()).add(stream_id)
         return Admission(key_id, stream_id, tokens, request_state, token_state, headers)
+
+    def _peek(self, name: str, limit: int | None, now: float) -> BucketState | None:
+        if limit is None:
+            return None
+        state = gcra(self._tat.get(name, now), now, 0, limit, self._window_s)
+        return BucketState(limit, state.remaining, state.reset_s)
 
     async def settle(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
         streams = self._streams.get(admission.key_id)

@@ -70,10 +70,10 @@ local function gcra(tat, cost, limit, window)
   local current = math.max(tat, 0)
   local new_tat = current + cost * interval
   if new_tat - window > 0 then
-    local remaining = math.max(0, math.floor((window - current) / interval + 1e-9))
+    local remaining = math.max(0, math.floor((window - current) / interval + 1e-3))
     return {0, tat, new_tat - window, remaining, current}
   end
-  local remaining = math.max(0, math.floor((window - new_tat) / interval + 1e-9))
+  local remaining = math.max(0, math.floor((window - new_tat) / interval + 1e-3))
   return {1, new_tat, 0, remaining, new_tat}
 end
 local function push(out, g)  -- allowed (-1: not checked), retry after, remaining, reset
@@ -107,6 +107,17 @@ if max_streams >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', fmt(now))
   open = redis.call('ZCARD', KEYS[3])
   ok = ok and open < max_streams
+end
+if not ok then
+  -- refused: nothing is consumed, so the headers report the buckets as they stand
+  if r then
+    local p = gcra(ahead(KEYS[1], now), 0, rpm, window)
+    r = {r[1], r[2], r[3], p[4], p[5]}
+  end
+  if tpm >= 0 then
+    local p = gcra(ahead(KEYS[2], now), 0, tpm, window)
+    if t then t = {t[1], t[2], t[3], p[4], p[5]} else t = {1, 0, 0, p[4], p[5]} end
+  end
 end
 if ok then
   if r then store(KEYS[1], now, r[2]) end

@@ -101,6 +101,7 @@ class Generation:
         self._deltas = 0
         self._grace_handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._running = False
         self._settled = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -125,7 +126,10 @@ class Generation:
             return
         if self.cancel_cause is None:
             self.cancel_cause = cause
-        self._task.cancel()
+        if self._running:
+            self._task.cancel()
+        # else: cancelling a task before its first step would skip _run entirely (no finish,
+        # no settle, the reservation held for ever); _run sees cancel_cause and ends instead.
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -159,7 +163,10 @@ class Generation:
         usage: Usage | None = None
         finish: FinishReason | None = None
         error: GatewayError | None = None
+        self._running = True
         try:
+            if self.cancel_cause is not None:
+                raise asyncio.CancelledError  # cancelled before the first step
             async for event in self._events:
                 if isinstance(event, TextDelta | ToolCallDelta):
                     if self._deltas == 0:
