@@ -72,6 +72,7 @@ from tokenwire.errors import (
     UpstreamTimeout,
 )
 from tokenwire.providers.base import ProviderCall
+from tokenwire.providers.http import UpstreamPool
 from tokenwire.providers.openai_compat import upstream_error
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire import schema
@@ -445,31 +446,11 @@ class AnthropicProvider:
             self._headers["x-api-key"] = api_key
         self._default_max_tokens = default_max_tokens
         self._first_token_s = first_token_timeout_s
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
+        self._pool = UpstreamPool(
+            connect_timeout_s=connect_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            max_connections=max_connections,
         )
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=True
-            )
-        return self._session
-
-    async def _post(self, payload: bytes) -> aiohttp.ClientResponse:
-        """POST, retrying once when a pooled keep-alive connection turns out to be closed."""
-        session = self._get_session()
-        try:
-            return await session.post(self._url, data=payload, headers=self._headers)
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            return await session.post(self._url, data=payload, headers=self._headers)
 
     def stream(self, call: ProviderCall) -> AsyncIterator[Event]:
         return self._stream(call)
@@ -487,7 +468,7 @@ class AnthropicProvider:
             late_error: Exception | None = None
             try:
                 async with asyncio.timeout(self._first_token_s):
-                    response = await self._post(payload)
+                    response = await self._pool.post(self._url, payload, self._headers)
                     if response.status >= 400:
                         error_body = await response.content.read(65536)
                         raise upstream_error(
@@ -539,5 +520,4 @@ class AnthropicProvider:
                     response.close()  # cancelled or failed: drop the upstream connection
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.aclose()

@@ -18,6 +18,7 @@ import msgspec
 
 from tokenwire.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeout
 from tokenwire.providers.base import ProviderCall
+from tokenwire.providers.http import UpstreamPool
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire.sse import DONE_DATA, SSEParser
 
@@ -150,36 +151,11 @@ class OpenAICompatProvider:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._first_token_s = first_token_timeout_s
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
+        self._pool = UpstreamPool(
+            connect_timeout_s=connect_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            max_connections=max_connections,
         )
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=True
-            )
-        return self._session
-
-    async def _post(self, payload: bytes) -> aiohttp.ClientResponse:
-        """POST, retrying once when a pooled keep-alive connection turns out to be closed.
-
-        A server may close an idle keep-alive connection just as the pool hands it out
-        (uvicorn's default idle timeout is 5 s); the request was then never processed, so one
-        retry on a fresh connection is safe. A refused connection is not retried here.
-        """
-        session = self._get_session()
-        try:
-            return await session.post(self._url, data=payload, headers=self._headers)
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            return await session.post(self._url, data=payload, headers=self._headers)
 
     def upstream_body(self, call: ProviderCall) -> dict[str, Any]:
         """The body sent upstream: the client's, with model, streaming and usage forced."""
@@ -203,7 +179,7 @@ class OpenAICompatProvider:
             late_error: Exception | None = None
             try:
                 async with asyncio.timeout(self._first_token_s):
-                    response = await self._post(payload)
+                    response = await self._pool.post(self._url, payload, self._headers)
                     if response.status >= 400:
                         body = await response.content.read(65536)
                         raise upstream_error(
@@ -261,5 +237,4 @@ class OpenAICompatProvider:
                     response.close()  # cancelled or failed: drop the upstream connection
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.aclose()
