@@ -57,6 +57,21 @@ def _insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing()
 
 
+def _filtered(
+    query: Any, key_id: str | None, since_ms: int | None, until_ms: int | None, model: str | None
+) -> Any:
+    """``query`` restricted to a key, a time range [since, until) in Unix ms, and a model."""
+    if key_id is not None:
+        query = query.where(usage_ledger.c.key_id == key_id)
+    if since_ms is not None:
+        query = query.where(usage_ledger.c.created_at >= since_ms)
+    if until_ms is not None:
+        query = query.where(usage_ledger.c.created_at < until_ms)
+    if model is not None:
+        query = query.where(usage_ledger.c.model == model)
+    return query
+
+
 class Ledger:
     """Balances, reservations, ledger rows and credit events in the database."""
 
@@ -251,14 +266,7 @@ class Ledger:
     ) -> list[LedgerRow]:
         """Ledger rows, newest first, filtered by key, time (Unix ms) and model."""
         query = sa.select(usage_ledger).order_by(usage_ledger.c.created_at.desc()).limit(limit)
-        if key_id is not None:
-            query = query.where(usage_ledger.c.key_id == key_id)
-        if since_ms is not None:
-            query = query.where(usage_ledger.c.created_at >= since_ms)
-        if until_ms is not None:
-            query = query.where(usage_ledger.c.created_at < until_ms)
-        if model is not None:
-            query = query.where(usage_ledger.c.model == model)
+        query = _filtered(query, key_id, since_ms, until_ms, model)
         async with self._engine.connect() as conn:
             result = await conn.execute(query)
             return [LedgerRow(**dict(r._mapping)) for r in result]
@@ -283,14 +291,7 @@ class Ledger:
             sa.func.sum(usage_ledger.c.completion_tokens).label("completion_tokens"),
             sa.func.sum(usage_ledger.c.cost_micro).label("cost_micro"),
         )
-        if key_id is not None:
-            query = query.where(usage_ledger.c.key_id == key_id)
-        if since_ms is not None:
-            query = query.where(usage_ledger.c.created_at >= since_ms)
-        if until_ms is not None:
-            query = query.where(usage_ledger.c.created_at < until_ms)
-        if model is not None:
-            query = query.where(usage_ledger.c.model == model)
+        query = _filtered(query, key_id, since_ms, until_ms, model)
         if keys:
             query = query.group_by(*keys).order_by(*keys)
         async with self._engine.connect() as conn:
