@@ -101,7 +101,8 @@ class WSSession:
         self._key = key
         self._out: asyncio.Queue[bytes | _Close] = asyncio.Queue(maxsize=64)
         self._requests: dict[str, tuple[asyncio.Task[None], Generation]] = {}
-        self._compat: asyncio.Queue[dict[str, Any] | GatewayError] = asyncio.Queue()
+        # Made with the first compatible request: most sockets never need them (memory).
+        self._compat: asyncio.Queue[dict[str, Any] | GatewayError] | None = None
         self._compat_busy = False
         self._compat_task: asyncio.Task[None] | None = None  # started by the first such request
         self._client_closed = asyncio.Event()
@@ -248,7 +249,8 @@ class WSSession:
     # -- messages ----------------------------------------------------------------------------
 
     def _active(self) -> int:
-        return len(self._requests) + self._compat.qsize() + int(self._compat_busy)
+        queued = 0 if self._compat is None else self._compat.qsize()
+        return len(self._requests) + queued + int(self._compat_busy)
 
     def _check_capacity(self, request_id: str | None) -> None:
         cap = self._config.ws_max_concurrent_requests
@@ -265,13 +267,16 @@ class WSSession:
             await self._send(proto.PONG)
         elif isinstance(message, proto.CompatibleRequest):
             # Compatible requests answer in order, so even a refusal waits for its turn.
+            if self._compat is None:
+                self._compat = asyncio.Queue()
+                self._compat_task = asyncio.get_running_loop().create_task(
+                    self._compat_worker(self._compat)
+                )
             try:
                 self._check_capacity(None)
                 self._compat.put_nowait(message.body)
             except proto.RequestFailed as exc:
                 self._compat.put_nowait(exc.error)
-            if self._compat_task is None:
-                self._compat_task = asyncio.get_running_loop().create_task(self._compat_worker())
         elif isinstance(message, proto.CreateMessage):
             await self._create(message)
         elif isinstance(message, proto.CancelMessage):
@@ -385,9 +390,9 @@ class WSSession:
         if finish is not None and generation.error is None:
             await self._send(proto.done_message(request_id, generation.id, finish, usage, seq))
 
-    async def _compat_worker(self) -> None:
+    async def _compat_worker(self, queue: asyncio.Queue[dict[str, Any] | GatewayError]) -> None:
         while True:
-            item = await self._compat.get()
+            item = await queue.get()
             self._compat_busy = True
             try:
                 await self._serve_compatible(item)
