@@ -99,13 +99,17 @@ class WSSession:
         self._state = state
         self._config: ServerConfig = state.settings.server
         self._key = key
-        self._out: asyncio.Queue[bytes | _Close] = asyncio.Queue(maxsize=64)
+        # The writer and its queue are made with the first message to send (memory per socket).
+        self._out: asyncio.Queue[bytes | _Close] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
         self._requests: dict[str, tuple[asyncio.Task[None], Generation]] = {}
         # Made with the first compatible request: most sockets never need them (memory).
         self._compat: asyncio.Queue[dict[str, Any] | GatewayError] | None = None
         self._compat_busy = False
         self._compat_task: asyncio.Task[None] | None = None  # started by the first such request
-        self._client_closed = asyncio.Event()
+        self._client_closed = False
+        self._closed_event: asyncio.Event | None = None  # made only when someone waits for it
         self._closing = False
         self._bucket = _RateBucket(self._config.ws_messages_per_second)
         self._auth_deadline: float | None = None
@@ -114,51 +118,69 @@ class WSSession:
     # -- the connection ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        writer = loop.create_task(self._writer())
-        reader = loop.create_task(self._reader())
+        reader = asyncio.get_running_loop().create_task(self._reader())
+        self._reader_task = reader
         try:
-            # The reader ends on a close, a violation or a timeout; the writer ends first when
-            # the client accepts nothing for ws_send_timeout_s or the transport is gone.
-            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            # The reader ends on a close, a violation or a timeout; a writer that ends (the
+            # client accepts nothing for ws_send_timeout_s, or the transport is gone) cancels it.
+            await asyncio.wait({reader})
         finally:
             reader.cancel()
             for outcome in await asyncio.gather(reader, return_exceptions=True):
                 if isinstance(outcome, Exception):
                     log.error("WebSocket reader failed", exc_info=outcome)
-            self._client_closed.set()
+            self._mark_client_closed()
             tasks = [task for task, _ in self._requests.values()]
             if self._compat_task is not None:
                 tasks.append(self._compat_task)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if not writer.done():
+            writer = self._writer_task
+            if writer is not None and not writer.done():
                 self._close_soon(proto.CLOSE_NORMAL, "")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
                         await asyncio.shield(writer)
                 writer.cancel()
 
+    def _queue(self) -> asyncio.Queue[bytes | _Close]:
+        """The writer's queue, starting the writer on first use."""
+        if self._out is None:
+            self._out = asyncio.Queue(maxsize=64)
+            self._writer_task = asyncio.get_running_loop().create_task(self._writer(self._out))
+            self._writer_task.add_done_callback(self._writer_ended)
+        return self._out
+
+    def _mark_client_closed(self) -> None:
+        self._client_closed = True
+        if self._closed_event is not None:
+            self._closed_event.set()
+
+    def _writer_ended(self, _task: asyncio.Task[None]) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()  # nothing more can be sent: end the session
+
     def _close_soon(self, code: int, reason: str) -> None:
         """Queue a close frame behind what is already queued; stop reading."""
         if self._closing:
             return
         self._closing = True
+        out = self._queue()
         with contextlib.suppress(asyncio.QueueFull):
-            self._out.put_nowait(_Close(code, reason))
+            out.put_nowait(_Close(code, reason))
             return
         # The queue is full because the client reads nothing: drop what is pending.
-        while not self._out.empty():
-            self._out.get_nowait()
-        self._out.put_nowait(_Close(code, reason))
+        while not out.empty():
+            out.get_nowait()
+        out.put_nowait(_Close(code, reason))
 
-    async def _writer(self) -> None:
+    async def _writer(self, out: asyncio.Queue[bytes | _Close]) -> None:
         timeout = self._config.ws_send_timeout_s
         ws = self._ws
         try:
             while True:
-                item = await self._out.get()
+                item = await out.get()
                 if isinstance(item, _Close):
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(timeout):
@@ -174,11 +196,11 @@ class WSSession:
                             await ws.close(proto.CLOSE_TRY_AGAIN_LATER, "client too slow")
                     return
         except (OSError, RuntimeError, WebSocketDisconnect):
-            self._client_closed.set()  # the transport is gone
+            self._mark_client_closed()  # the transport is gone
 
     async def _send(self, message: bytes) -> None:
         if not self._closing:
-            await self._out.put(message)
+            await self._queue().put(message)
 
     def _receive_deadline(self) -> float | None:
         """When the reader stops waiting: auth deadline, idle deadline, or never (busy)."""
@@ -431,8 +453,10 @@ class WSSession:
         """Send ``[DONE]`` unless the client closes within the grace period."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._config.ws_done_grace_ms / 1000):
-                await self._client_closed.wait()
-        if not self._client_closed.is_set():
+                if not self._client_closed:
+                    self._closed_event = self._closed_event or asyncio.Event()
+                    await self._closed_event.wait()
+        if not self._client_closed:
             await self._send(proto.DONE.encode())
 
 
