@@ -298,8 +298,8 @@ def test_text_thoughts_and_usage_translate() -> None:
             "usageMetadata": usage,
         }
     )
-    assert stream.feed(first) == [TextDelta("Hel")]
-    assert stream.feed(last) == [TextDelta("lo"), Finish("stop")]
+    assert stream.feed_chunk(first) == [TextDelta("Hel")]
+    assert stream.feed_chunk(last) == [TextDelta("lo"), Finish("stop")]
     assert stream.end() == [Usage(4, 11)]
 
 
@@ -311,7 +311,7 @@ def test_function_calls_become_whole_tool_call_deltas() -> None:
         {"functionCall": {"name": "clock"}},
     ]
     value = {"candidates": [{"content": {"parts": parts}, "finishReason": "STOP"}]}
-    events = GeminiStream("gemini").feed(chunk(value))
+    events = GeminiStream("gemini").feed_chunk(chunk(value))
     arguments = json.dumps({"query": "é"}, ensure_ascii=False)
     assert events == [
         TextDelta("Let me look."),
@@ -319,7 +319,7 @@ def test_function_calls_become_whole_tool_call_deltas() -> None:
         ToolCallDelta(1, tool_call_id(1, "clock", "{}"), "clock", "{}"),
         Finish("tool_calls"),
     ]
-    assert events == GeminiStream("other").feed(chunk(value))  # ids are stable
+    assert events == GeminiStream("other").feed_chunk(chunk(value))  # ids are stable
     assert re.fullmatch(r"call_0_[0-9a-f]{12}", tool_call_id(0, "lookup", arguments))
 
 
@@ -340,14 +340,14 @@ def test_function_calls_become_whole_tool_call_deltas() -> None:
 )
 def test_finish_reasons_map(reason: str, expected: str) -> None:
     """Every Gemini finishReason maps to an OpenAI finish_reason."""
-    assert GeminiStream("gemini").feed(text_chunk("", reason)) == [Finish(expected)]  # type: ignore[arg-type]
+    assert GeminiStream("gemini").feed_chunk(text_chunk("", reason)) == [Finish(expected)]  # type: ignore[arg-type]
 
 
 def test_blocked_prompt_is_a_content_filter_finish() -> None:
     """A prompt blocked before any candidate (promptFeedback.blockReason) ends as content_filter."""
     stream = GeminiStream("gemini")
     value = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 3}}
-    assert stream.feed(chunk(value)) == [Finish("content_filter")]
+    assert stream.feed_chunk(chunk(value)) == [Finish("content_filter")]
     assert stream.end() == [Usage(3, 0)]
 
 
@@ -355,7 +355,7 @@ def test_error_chunk_keeps_its_code_as_status() -> None:
     """An in-band error event becomes an UpstreamStatusError with the error's code."""
     value = {"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}
     with pytest.raises(UpstreamStatusError) as info:
-        GeminiStream("gemini").feed(chunk(value))
+        GeminiStream("gemini").feed_chunk(chunk(value))
     assert info.value.http_status == 503 and info.value.code == "UNAVAILABLE"
     assert "'gemini'" in info.value.message and "overloaded" in info.value.message
 
@@ -363,7 +363,7 @@ def test_error_chunk_keeps_its_code_as_status() -> None:
 def test_stream_without_finish_reason_is_an_upstream_error() -> None:
     """Ending before any finishReason is an UpstreamError, not a silent stop."""
     stream = GeminiStream("gemini")
-    stream.feed(text_chunk("partial"))
+    stream.feed_chunk(text_chunk("partial"))
     with pytest.raises(UpstreamError, match="without a finish reason"):
         stream.end()
 
@@ -371,7 +371,7 @@ def test_stream_without_finish_reason_is_an_upstream_error() -> None:
 def test_no_usage_metadata_means_no_usage_event() -> None:
     """Without usageMetadata the provider reports no usage (the gateway then estimates)."""
     stream = GeminiStream("gemini")
-    stream.feed(text_chunk("ok", "STOP"))
+    stream.feed_chunk(text_chunk("ok", "STOP"))
     assert stream.end() == []
 
 

@@ -55,29 +55,24 @@ travels only in the ``x-api-key`` header, never in an error message.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from tokenwire.errors import (
-    GatewayError,
     InvalidRequest,
     UnsupportedParameter,
     UpstreamError,
     UpstreamStatusError,
-    UpstreamTimeout,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import UpstreamPool
+from tokenwire.providers.http import UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import upstream_error
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire import schema
 from tokenwire.wire.schema import AssistantMessage, ToolMessage, UserMessage, content_text
-from tokenwire.wire.sse import SSEParser
 
 ANTHROPIC_VERSION = "2023-06-01"
 Block = dict[str, Any]
@@ -366,6 +361,12 @@ class StreamTranslator:
         prompt = get("input_tokens", 0) + get("cache_creation_input_tokens", 0)
         return Usage(prompt + get("cache_read_input_tokens", 0), get("output_tokens", 0))
 
+    def end(self) -> list[Event]:
+        """The body ended: fine after ``message_stop``, a cut stream before it."""
+        if not self.done:
+            raise UpstreamError(f"Upstream {self.provider!r} ended the stream before message_stop.")
+        return []
+
     def feed(self, data: str) -> list[Event]:
         """The gateway events one stream event's JSON ``data`` carries."""
         if self.done:
@@ -458,66 +459,21 @@ class AnthropicProvider:
     async def _stream(self, call: ProviderCall) -> AsyncIterator[Event]:
         # Translated here, not in stream(), so a 400 surfaces from the iterator like any error.
         body = to_anthropic(call, default_max_tokens=self._default_max_tokens)
-        payload = msgspec.json.encode(body)
-        parser = SSEParser()
-        translator = StreamTranslator(self.name)
-        name = self.name
-        response: aiohttp.ClientResponse | None = None
+        events = stream_events(
+            self._pool,
+            name=self.name,
+            url=self._url,
+            payload=msgspec.json.encode(body),
+            headers=self._headers,
+            translator=StreamTranslator(self.name),
+            first_token_timeout_s=self._first_token_s,
+            error_for_status=upstream_error,
+        )
         try:
-            pending: list[Event] = []
-            late_error: Exception | None = None
-            try:
-                async with asyncio.timeout(self._first_token_s):
-                    response = await self._pool.post(self._url, payload, self._headers)
-                    if response.status >= 400:
-                        error_body = await response.content.read(65536)
-                        raise upstream_error(
-                            name, response.status, error_body, response.headers.get("retry-after")
-                        )
-                    # Read until the first event, so errors before it keep their HTTP status.
-                    while not pending and not translator.done and late_error is None:
-                        data = await response.content.readany()
-                        if not data:
-                            break
-                        for sse in parser.feed(data):
-                            try:
-                                pending.extend(translator.feed(sse.data))
-                            except (GatewayError, msgspec.DecodeError) as exc:
-                                if not pending:
-                                    raise
-                                late_error = exc  # report it after the events before it
-                                break
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"Upstream {name!r} sent no token within {self._first_token_s:g} s."
-                ) from None
-            for event in pending:
+            async for event in events:
                 yield event
-            if late_error is not None:
-                raise late_error
-            while not translator.done:
-                data = await response.content.readany()
-                if not data:
-                    raise UpstreamError(f"Upstream {name!r} ended the stream before message_stop.")
-                for sse in parser.feed(data):
-                    for event in translator.feed(sse.data):
-                        yield event
-        except GatewayError:
-            raise
-        except msgspec.DecodeError as exc:
-            raise UpstreamError(f"Upstream {name!r} sent a malformed event: {exc}") from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"Upstream {name!r} connection failed: {type(exc).__name__}"
-            ) from None
         finally:
-            if response is not None:
-                if translator.done:
-                    response.release()  # back to the pool when the body is complete
-                else:
-                    response.close()  # cancelled or failed: drop the upstream connection
+            await events.aclose()
 
     async def aclose(self) -> None:
         await self._pool.aclose()

@@ -57,7 +57,6 @@ responses with calls by name and order).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import mimetypes
@@ -65,24 +64,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import aiohttp
 import msgspec
 
 from tokenwire.errors import (
-    GatewayError,
     InvalidRequest,
     UnsupportedParameter,
     UpstreamError,
     UpstreamStatusError,
-    UpstreamTimeout,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import UpstreamPool
+from tokenwire.providers.http import UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import parse_retry_after
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire import schema
 from tokenwire.wire.schema import ChatRequest, content_text
-from tokenwire.wire.sse import SSEParser
 
 API_VERSION = "v1beta"
 _UNSUPPORTED = ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction")
@@ -377,7 +372,13 @@ class GeminiStream:
         self._calls = 0
         self._usage: _UsageMetadata | None = None
 
-    def feed(self, chunk: _Chunk) -> list[Event]:
+    done = False  # Gemini has no final event: the stream ends with the body (see :meth:`end`)
+
+    def feed(self, data: str) -> list[Event]:
+        """The events one SSE event's JSON data carries."""
+        return self.feed_chunk(_decode_chunk(data))
+
+    def feed_chunk(self, chunk: _Chunk) -> list[Event]:
         """The events one chunk carries (usage is held back for :meth:`end`)."""
         if chunk.error is not None:
             raw_code = chunk.error.get("code")
@@ -461,69 +462,21 @@ class GeminiProvider:
 
     async def _stream(self, call: ProviderCall) -> AsyncIterator[Event]:
         path, body = to_gemini(call)  # a translation error surfaces before any I/O
-        url, payload = self._base + path, msgspec.json.encode(body)
-        parser = SSEParser()
-        state = GeminiStream(self.name)
-        name = self.name
-        response: aiohttp.ClientResponse | None = None
-        done = False
+        events = stream_events(
+            self._pool,
+            name=self.name,
+            url=self._base + path,
+            payload=msgspec.json.encode(body),
+            headers=self._headers,
+            translator=GeminiStream(self.name),
+            first_token_timeout_s=self._first_token_s,
+            error_for_status=gemini_error,
+        )
         try:
-            pending: list[Event] = []
-            late_error: Exception | None = None
-            try:
-                async with asyncio.timeout(self._first_token_s):
-                    response = await self._pool.post(url, payload, self._headers)
-                    if response.status >= 400:
-                        error = await response.content.read(65536)
-                        retry_after = response.headers.get("Retry-After")
-                        raise gemini_error(name, response.status, error, retry_after)
-                    # Read until the first event, so errors before it keep their HTTP status.
-                    while not pending and late_error is None:
-                        data = await response.content.readany()
-                        if not data:
-                            done = True
-                            break
-                        for sse in parser.feed(data):
-                            try:
-                                pending.extend(state.feed(_decode_chunk(sse.data)))
-                            except (GatewayError, msgspec.DecodeError) as exc:
-                                if not pending:
-                                    raise
-                                late_error = exc  # report it after the events before it
-                                break
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"Upstream {name!r} sent no token within {self._first_token_s:g} s."
-                ) from None
-            for event in pending:
+            async for event in events:
                 yield event
-            if late_error is not None:
-                raise late_error
-            while not done:
-                data = await response.content.readany()
-                if not data:
-                    done = True
-                    break
-                for sse in parser.feed(data):
-                    for event in state.feed(_decode_chunk(sse.data)):
-                        yield event
-            for event in state.end():
-                yield event
-        except GatewayError:
-            raise
-        except msgspec.DecodeError as exc:
-            raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
-        except aiohttp.ClientError as exc:
-            message = f"Upstream {name!r} connection failed: {type(exc).__name__}"
-            raise UpstreamError(message) from None
         finally:
-            if response is not None:
-                if done:
-                    response.release()  # back to the pool when the body is complete
-                else:
-                    response.close()  # cancelled or failed: drop the upstream connection
+            await events.aclose()
 
     async def aclose(self) -> None:
         await self._pool.aclose()

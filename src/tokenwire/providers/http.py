@@ -1,12 +1,22 @@
-"""The HTTP plumbing every upstream provider shares: one aiohttp pool and a safe POST.
+"""The HTTP plumbing every upstream provider shares: a pool, a safe POST, the SSE read loop.
 
 Providers that speak HTTP (OpenAI-compatible, Anthropic, Gemini) own one :class:`UpstreamPool`
-each and keep only their wire format: request translation and event parsing.
+each and keep only their wire format: request translation, and an :class:`EventTranslator`
+that :func:`stream_events` feeds with the reply's SSE events.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator, Callable
+from typing import Protocol
+
 import aiohttp
+import msgspec
+
+from tokenwire.errors import GatewayError, UpstreamError, UpstreamTimeout
+from tokenwire.streams.events import Event
+from tokenwire.wire.sse import SSEParser
 
 
 class UpstreamPool:
@@ -57,3 +67,107 @@ class UpstreamPool:
         """Close the pool's connections."""
         if self._session is not None:
             await self._session.close()
+
+
+class EventTranslator(Protocol):
+    """A provider's wire format: SSE ``data`` in, gateway events out (no I/O)."""
+
+    @property
+    def done(self) -> bool:
+        """The upstream's final event was seen (the rest of the body is not read)."""
+        ...
+
+    def feed(self, data: str) -> list[Event]:
+        """The events one SSE event's data carries (raises on a malformed or error event)."""
+        ...
+
+    def end(self) -> list[Event]:
+        """The body ended before ``done``: closing events, or raise if the stream was cut."""
+        ...
+
+
+ErrorForStatus = Callable[[str, int, bytes, str | None], GatewayError]
+
+
+async def stream_events(
+    pool: UpstreamPool,
+    *,
+    name: str,
+    url: str,
+    payload: bytes,
+    headers: dict[str, str],
+    translator: EventTranslator,
+    first_token_timeout_s: float,
+    error_for_status: ErrorForStatus,
+) -> AsyncGenerator[Event, None]:
+    """POST ``payload`` and yield the translated events of the SSE reply.
+
+    Everything up to the first event happens under ``first_token_timeout_s`` and without
+    yielding, so an error before it keeps its HTTP status (the gateway answers with it); an
+    error after events were read is raised after those events. Foreign exceptions become
+    gateway errors naming the upstream. Closing the iterator early (a cancel) drops the
+    upstream connection; a body read to its end goes back to the pool.
+    """
+    parser = SSEParser()
+    response: aiohttp.ClientResponse | None = None
+    complete = False  # the body was read to its end
+    try:
+        pending: list[Event] = []
+        late_error: Exception | None = None
+        try:
+            async with asyncio.timeout(first_token_timeout_s):
+                response = await pool.post(url, payload, headers)
+                if response.status >= 400:
+                    body = await response.content.read(65536)
+                    retry_after = response.headers.get("Retry-After")
+                    raise error_for_status(name, response.status, body, retry_after)
+                while not pending and late_error is None and not translator.done:
+                    data = await response.content.readany()
+                    if not data:
+                        complete = True
+                        pending.extend(translator.end())
+                        break
+                    for sse in parser.feed(data):
+                        try:
+                            pending.extend(translator.feed(sse.data))
+                        except (GatewayError, msgspec.DecodeError) as exc:
+                            if not pending:
+                                raise
+                            late_error = exc  # report it after the events before it
+                            break
+                        if translator.done:
+                            break
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"Upstream {name!r} sent no token within {first_token_timeout_s:g} s."
+            ) from None
+        for event in pending:
+            yield event
+        if late_error is not None:
+            raise late_error
+        while not translator.done and not complete:
+            data = await response.content.readany()
+            if not data:
+                complete = True
+                for event in translator.end():
+                    yield event
+                break
+            for sse in parser.feed(data):
+                for event in translator.feed(sse.data):
+                    yield event
+                if translator.done:
+                    break
+    except GatewayError:
+        raise
+    except msgspec.DecodeError as exc:
+        raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"Upstream {name!r} connection failed: {type(exc).__name__}") from None
+    finally:
+        if response is not None:
+            if translator.done or complete:
+                response.release()  # back to the pool when the body is complete
+            else:
+                response.close()  # cancelled or failed: drop the upstream connection

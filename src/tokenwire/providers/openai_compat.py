@@ -9,18 +9,16 @@ a client gone) closes the upstream connection at once.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import msgspec
 
-from tokenwire.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeout
+from tokenwire.errors import UpstreamError, UpstreamStatusError
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import UpstreamPool
+from tokenwire.providers.http import UpstreamPool, stream_events
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
-from tokenwire.wire.sse import DONE_DATA, SSEParser
+from tokenwire.wire.sse import DONE_DATA
 
 
 class _Function(msgspec.Struct):
@@ -131,6 +129,23 @@ def chunk_events(chunk: _Chunk, provider: str) -> list[Event]:
     return events
 
 
+class ChunkTranslator:
+    """OpenAI ``chat.completion.chunk`` data to events; ``data: [DONE]`` ends the stream."""
+
+    def __init__(self, provider: str) -> None:
+        self._provider = provider
+        self.done = False
+
+    def feed(self, data: str) -> list[Event]:
+        if data == DONE_DATA:
+            self.done = True
+            return []
+        return chunk_events(_chunk_decoder.decode(data), self._provider)
+
+    def end(self) -> list[Event]:
+        return []  # no [DONE]: the Generation reports a missing finish reason, if there is none
+
+
 class OpenAICompatProvider:
     """Streams chat completions from an OpenAI-compatible server over HTTP."""
 
@@ -166,75 +181,16 @@ class OpenAICompatProvider:
         return body
 
     def stream(self, call: ProviderCall) -> AsyncIterator[Event]:
-        return self._stream(msgspec.json.encode(self.upstream_body(call)))
-
-    async def _stream(self, payload: bytes) -> AsyncIterator[Event]:
-        parser = SSEParser()
-        decode = _chunk_decoder.decode
-        name = self.name
-        response: aiohttp.ClientResponse | None = None
-        done = False
-        try:
-            pending: list[Event] = []
-            late_error: Exception | None = None
-            try:
-                async with asyncio.timeout(self._first_token_s):
-                    response = await self._pool.post(self._url, payload, self._headers)
-                    if response.status >= 400:
-                        body = await response.content.read(65536)
-                        raise upstream_error(
-                            name, response.status, body, response.headers.get("Retry-After")
-                        )
-                    # Read until the first event, so errors before it keep their HTTP status.
-                    while not pending and not done and late_error is None:
-                        data = await response.content.readany()
-                        if not data:
-                            break
-                        for sse in parser.feed(data):
-                            if sse.data == DONE_DATA:
-                                done = True
-                                break
-                            try:
-                                pending.extend(chunk_events(decode(sse.data), name))
-                            except (GatewayError, msgspec.DecodeError) as exc:
-                                if not pending:
-                                    raise
-                                late_error = exc  # report it after the events before it
-                                break
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"Upstream {name!r} sent no token within {self._first_token_s:g} s."
-                ) from None
-            for event in pending:
-                yield event
-            if late_error is not None:
-                raise late_error
-            while not done:
-                data = await response.content.readany()
-                if not data:
-                    break
-                for sse in parser.feed(data):
-                    if sse.data == DONE_DATA:
-                        done = True
-                        break
-                    for event in chunk_events(decode(sse.data), name):
-                        yield event
-        except GatewayError:
-            raise
-        except msgspec.DecodeError as exc:
-            raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"Upstream {name!r} connection failed: {type(exc).__name__}"
-            ) from None
-        finally:
-            if response is not None:
-                if done:
-                    response.release()  # back to the pool when the body is complete
-                else:
-                    response.close()  # cancelled or failed: drop the upstream connection
+        return stream_events(
+            self._pool,
+            name=self.name,
+            url=self._url,
+            payload=msgspec.json.encode(self.upstream_body(call)),
+            headers=self._headers,
+            translator=ChunkTranslator(self.name),
+            first_token_timeout_s=self._first_token_s,
+            error_for_status=upstream_error,
+        )
 
     async def aclose(self) -> None:
         await self._pool.aclose()
