@@ -9,8 +9,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 
 from tokenwire.testing import FAST_SIM, GatewayServer, SimUpstreamServer
+from tokenwire.testing_cluster import Cluster
+
+POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def proxy_overrides(upstream_url: str, extra: str = "") -> str:
@@ -59,9 +64,6 @@ def proxy_gateway(
         yield server
 
 
-POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database: SQLite in a temp dir, or a new PostgreSQL database."""
@@ -69,16 +71,42 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield f"sqlite+aiosqlite:///{tmp_path / 'tokenwire.db'}"
         return
     name = "tw_test_" + secrets.token_hex(6)
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     try:
         yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _pg_admin(sql: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A fresh PostgreSQL database, a Redis prefix of its own; processes stopped and keys removed at the end."""
+    name = "tw_mp_" + secrets.token_hex(6)
+    prefix = f"tokenwire-test-{secrets.token_hex(6)}:"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    state = Cluster(
+        root=tmp_path,
+        database_url=f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}",
+        redis_prefix=prefix,
+        secret=secrets.token_urlsafe(32),
+    )
+    try:
+        yield state
+    finally:
+        state.stop()
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            stale = list(client.scan_iter(match=prefix + "*"))
+            if stale:
+                client.delete(*stale)
+        finally:
+            client.close()
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

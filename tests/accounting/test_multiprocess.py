@@ -14,37 +14,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import secrets
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import redis
 import sqlalchemy as sa
 
-from tokenwire.accounting.keys import KeyLimits, KeyRecord, KeyStore, load_server_secret
+from tokenwire.accounting.keys import KeyLimits
 from tokenwire.accounting.ledger import Ledger
 from tokenwire.completions import estimate_prompt_tokens
 from tokenwire.providers.sim import plan
-from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.storage.engine import make_engine
 from tokenwire.storage.tables import credit_events, reservations, usage_ledger
 from tokenwire.testing import FAST_SIM
+from tokenwire.testing_cluster import Cluster, GatewayProcess
 from tokenwire.wire.schema import decode_chat_request
 
-POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 INPUT_MICRO_PER_TOKEN = 3
 OUTPUT_MICRO_PER_TOKEN = 15
-STARTUP_DEADLINE_S = 60.0
 
 
 def config_text(prefix: str) -> str:
@@ -67,12 +59,6 @@ window_s = 60.0
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -84,154 +70,6 @@ def chat(content: str, model: str = "sim", **extra: Any) -> dict[str, Any]:
         "stream": True,
         **extra,
     }
-
-
-@dataclass
-class GatewayProcess:
-    """One ``tokenwire serve`` process."""
-
-    name: str
-    port: int
-    log_path: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-
-
-@dataclass
-class Cluster:
-    """A fresh PostgreSQL database and Redis prefix, and the gateway processes on them."""
-
-    root: Path
-    database_url: str
-    redis_prefix: str
-    secret: str
-    processes: list[GatewayProcess] = field(default_factory=list)
-
-    @property
-    def env(self) -> dict[str, str]:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
-        environ["TOKENWIRE_DATABASE_URL"] = self.database_url
-        environ["TOKENWIRE_SECRET"] = self.secret
-        return environ
-
-    def keystore(self, engine: Any) -> KeyStore:
-        return KeyStore(engine, load_server_secret(self.root, {"TOKENWIRE_SECRET": self.secret}))
-
-    async def create_key(self, name: str, **options: Any) -> tuple[KeyRecord, str]:
-        engine = make_engine(self.database_url)
-        try:
-            await migrate(engine)
-            return await self.keystore(engine).create(name, **options)
-        finally:
-            await engine.dispose()
-
-    def spawn(self, index: int, config: Path) -> GatewayProcess:
-        """Start one ``tokenwire serve`` process with its own data dir and port."""
-        data_dir = self.root / f"data-{index}"
-        data_dir.mkdir()
-        port = free_port()
-        log_path = self.root / f"gateway-{index}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "tokenwire.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data_dir),
-            "--no-access-log",
-        ]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        return GatewayProcess(f"gw{index}", port, log_path, process)
-
-    async def start(self, count: int = 2) -> list[GatewayProcess]:
-        """Start ``count`` processes and wait until each answers ``/healthz``."""
-        config = self.root / "tokenwire.toml"
-        config.write_text(config_text(self.redis_prefix))
-        for i in range(count):
-            self.processes.append(self.spawn(i, config))
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            for gateway in self.processes:
-                await wait_ready(session, gateway)
-        return self.processes
-
-    def stop(self) -> None:
-        for gateway in self.processes:
-            gateway.stop()
-
-
-async def wait_ready(session: aiohttp.ClientSession, gateway: GatewayProcess) -> None:
-    """Poll ``/healthz`` until it answers 200; fail with the process log if it never does."""
-    end = time.monotonic() + STARTUP_DEADLINE_S
-    while time.monotonic() < end:
-        if gateway.process.poll() is not None:
-            pytest.fail(
-                f"{gateway.name} exited with {gateway.process.returncode}:\n{gateway.log_tail()}"
-            )
-        try:
-            async with session.get(gateway.base_url + "/healthz") as resp:
-                if resp.status == 200 and (await resp.json())["status"] == "ok":
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)  # the polling interval
-    pytest.fail(f"{gateway.name} not ready within {STARTUP_DEADLINE_S} s:\n{gateway.log_tail()}")
-
-
-async def _pg_admin(sql: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """A fresh PostgreSQL database, a Redis prefix of its own; processes stopped and keys removed at the end."""
-    name = "tw_mp_" + secrets.token_hex(6)
-    prefix = f"tokenwire-test-{secrets.token_hex(6)}:"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    state = Cluster(
-        root=tmp_path,
-        database_url=f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}",
-        redis_prefix=prefix,
-        secret=secrets.token_urlsafe(32),
-    )
-    try:
-        yield state
-    finally:
-        state.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            stale = list(client.scan_iter(match=prefix + "*"))
-            if stale:
-                client.delete(*stale)
-        finally:
-            client.close()
-        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
@@ -297,7 +135,7 @@ async def test_one_rate_limit_across_processes(
 ) -> None:
     """rpm=6 shared through Redis: 4 concurrent requests to each of two processes → exactly 6 succeed and 2 get 429."""
     record, key = await cluster.create_key("shared-rpm", limits=KeyLimits(rpm=6))
-    gateways = await cluster.start()
+    gateways = await cluster.start(config_text(cluster.redis_prefix))
     body = chat("shared limit", max_tokens=3)
     replies = await asyncio.gather(*(stream(http, gateways[i % 2], key, body) for i in range(8)))
     statuses = sorted(r.status for r in replies)
@@ -361,7 +199,7 @@ async def test_one_balance_across_processes(cluster: Cluster, http: aiohttp.Clie
     assert cost <= worst  # the prompt is not larger than estimated: no overdraft by design
     grant = k * worst
     record, key = await cluster.create_key("shared-balance", grant_micro=grant)
-    gateways = await cluster.start()
+    gateways = await cluster.start(config_text(cluster.redis_prefix))
 
     engine = make_engine(cluster.database_url)
     try:
