@@ -36,6 +36,7 @@ from tokenwire.limits.memory import MemoryRateLimiter
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.store import StreamStore
 
 
@@ -48,6 +49,8 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     ledger = Ledger(engine)
     await ledger.release_stale_reservations(older_than_s=6 * 3600)
     limiter = make_limiter(settings.limits)
+    streams = make_stream_store(settings)
+    await streams.start()
     return AppState(
         settings=settings,
         engine=engine,
@@ -63,11 +66,7 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
             ledger=ledger,
             disconnect_grace_s=settings.server.disconnect_grace_s,
             default_max_tokens=settings.accounting.default_max_tokens,
-            streams=StreamStore(
-                retention_s=settings.server.stream_retention_s,
-                max_finished=settings.server.stream_max_finished,
-                max_events=settings.server.stream_max_events,
-            ),
+            streams=streams,
             stream_grace_s=settings.server.stream_grace_s,
         ),
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
@@ -92,9 +91,33 @@ def make_limiter(config: LimitsConfig) -> RateLimiter:
     )
 
 
+def make_stream_store(settings: Settings) -> StreamStore:
+    """The configured resumable-stream backend."""
+    server = settings.server
+    if server.stream_backend == "redis":
+        from tokenwire.streams.redis_store import RedisStreamStore
+
+        return RedisStreamStore(
+            settings.limits.redis_url,
+            prefix=settings.limits.redis_prefix,
+            grace_s=server.stream_grace_s,
+            retention_s=server.stream_retention_s,
+            max_finished=server.stream_max_finished,
+            max_events=server.stream_max_events,
+            max_events_per_stream=server.stream_max_events_per_stream,
+        )
+    return MemoryStreamStore(
+        retention_s=server.stream_retention_s,
+        max_finished=server.stream_max_finished,
+        max_events=server.stream_max_events,
+        max_events_per_stream=server.stream_max_events_per_stream,
+    )
+
+
 async def close_state(state: AppState) -> None:
     """Cancel live generations, close providers and the database."""
     await state.completions.shutdown()
+    await state.completions.streams.aclose()
     await state.registry.aclose()
     await state.limiter.aclose()
     await state.engine.dispose()

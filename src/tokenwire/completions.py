@@ -36,6 +36,8 @@ from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.streams.generation import Generation, GenerationState
+from tokenwire.streams.memory_store import MemoryStreamStore
+from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import StreamStore
 from tokenwire.wire.schema import ChatRequest, content_text
 
@@ -96,7 +98,7 @@ class CompletionService:
         self._grace_s = disconnect_grace_s
         self._default_max_tokens = default_max_tokens
         self.live: dict[str, Generation] = {}
-        self.streams = streams or StreamStore()
+        self.streams: StreamStore = streams or MemoryStreamStore()
         self._stream_grace_s = stream_grace_s
 
     async def start(
@@ -108,19 +110,40 @@ class CompletionService:
         *,
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
-    ) -> Generation:
+    ) -> StreamSource:
         """Admit and start a completion; raises before anything runs when it may not.
 
         A request with ``idempotency`` (Idempotency-Key, body digest) that matches an earlier
-        one of the same key returns that generation (nothing new is admitted or billed); with
-        another body it is a 409. Resumable generations (``resumable`` or ``idempotency``)
-        survive their readers for ``stream_grace_s`` and are kept for resuming.
+        one of the same key returns that stream (nothing new is admitted or billed), possibly
+        one another gateway process runs; with another body it is a 409. Resumable
+        generations (``resumable`` or ``idempotency``) survive their readers for
+        ``stream_grace_s`` and are kept for resuming.
         """
-        if idempotency is not None:
-            earlier = self.streams.by_idempotency_key(key.id, *idempotency)
-            if earlier is not None:
-                return earlier
-            resumable = True
+        completion_id = new_completion_id()
+        if idempotency is None:
+            return await self._start(key, request, raw_body, transport, completion_id, resumable)
+        idempotency_key, digest = idempotency
+        earlier = await self.streams.claim(key.id, idempotency_key, digest, completion_id)
+        if earlier is not None:
+            return earlier
+        try:
+            return await self._start(
+                key, request, raw_body, transport, completion_id, True, idempotency_key
+            )
+        except BaseException:
+            await self.streams.release(key.id, idempotency_key, completion_id)
+            raise
+
+    async def _start(
+        self,
+        key: KeyRecord,
+        request: ChatRequest,
+        raw_body: dict[str, Any],
+        transport: Transport,
+        completion_id: str,
+        resumable: bool,
+        idempotency_key: str | None = None,
+    ) -> Generation:
         provider, entry = self._registry.resolve(request.model)
         if not key.may_use(entry.id):
             raise PermissionDenied(
@@ -128,7 +151,6 @@ class CompletionService:
                 param="model",
                 code="model_not_allowed",
             )
-        completion_id = new_completion_id()
         prompt_estimate = estimate_prompt_tokens(request)
         max_output = request.output_limit or self._default_max_tokens
         spec = LimitSpec(key.rpm, key.tpm, key.max_concurrent_streams)
@@ -157,7 +179,7 @@ class CompletionService:
         generation.response_headers = admission.headers
         self.live[completion_id] = generation
         if resumable:
-            self.streams.add(generation, idempotency)
+            await self.streams.add(generation, idempotency_key)
         generation.start()
         return generation
 

@@ -6,7 +6,8 @@ Environment variables (all optional):
 ``TOKENWIRE_DATA_DIR``      where the SQLite database and the server secret live
 ``TOKENWIRE_DATABASE_URL``  a SQLAlchemy URL (e.g. ``postgresql+asyncpg://…``) instead of SQLite
 ``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
-``TOKENWIRE_REDIS_URL``     share rate limits through Redis (sets ``limits.backend = "redis"``)
+``TOKENWIRE_REDIS_URL``     share rate limits and resumable streams through Redis (sets
+                           ``limits.backend`` and ``server.stream_backend`` to ``"redis"``)
 
 Provider API keys are never in the file: a provider names the variable that holds its key
 (``api_key_env``), read when the app starts.
@@ -43,6 +44,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     stream_retention_s: float = 300.0  # and stay replayable this long after they end
     stream_max_finished: int = 10_000
     stream_max_events: int = 2_000_000
+    stream_max_events_per_stream: int = 100_000
+    stream_backend: Literal["memory", "redis"] = "memory"  # redis: [limits] redis_url, prefix
     ws_max_message_bytes: int = 1_048_576
     ws_max_concurrent_requests: int = 32
     ws_done_grace_ms: float = 50.0
@@ -247,6 +250,7 @@ def load_settings(
         limits = msgspec.structs.replace(
             limits, backend="redis", redis_url=environ["TOKENWIRE_REDIS_URL"]
         )
+        server = msgspec.structs.replace(server, stream_backend="redis")
 
     resolved_dir = (
         data_dir

@@ -12,8 +12,9 @@ from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response, internal_error_response, json_response
 from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import BodyTooLarge, GatewayError, InvalidRequest
-from tokenwire.state import get_state
-from tokenwire.streams.generation import Generation, read_events
+from tokenwire.state import AppState, get_state
+from tokenwire.streams.generation import Generation
+from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import body_digest
 from tokenwire.wire.chunks import CompletionBuilder
 from tokenwire.wire.schema import decode_chat_request
@@ -68,8 +69,13 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         generation,
         include_usage=chat_request.include_usage,
         heartbeat_s=state.settings.server.sse_heartbeat_s,
-        retry_ms=RETRY_MS if generation in state.completions.streams else None,
+        retry_ms=RETRY_MS if _resumable(state, generation) else None,
     )
+
+
+def _resumable(state: AppState, stream: StreamSource) -> bool:
+    """A stream kept for resuming (one from another process always is)."""
+    return not isinstance(stream, Generation) or state.completions.streams.holds(stream)
 
 
 async def completions_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,13 +97,13 @@ class JSONCompletion:
     If the client disconnects while waiting, the reader closes and the upstream is cancelled.
     """
 
-    def __init__(self, generation: Generation) -> None:
+    def __init__(self, generation: StreamSource) -> None:
         self._generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         generation = self._generation
         builder = CompletionBuilder()
-        batches = read_events(generation)
+        batches = generation.read()
         async with cancel_on_disconnect(receive) as disconnect:
             try:
                 async for batch in batches:

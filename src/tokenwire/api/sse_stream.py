@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response
 from tokenwire.streams.events import Event, StreamError
-from tokenwire.streams.generation import Generation, read_events
+from tokenwire.streams.source import StreamSource
 from tokenwire.wire import sse
 from tokenwire.wire.chunks import ChunkEncoder
 
@@ -28,7 +28,7 @@ class SSEStream:
 
     def __init__(
         self,
-        generation: Generation,
+        generation: StreamSource,
         *,
         include_usage: bool,
         heartbeat_s: float,
@@ -36,7 +36,7 @@ class SSEStream:
         retry_ms: int | None = None,
     ) -> None:
         self._generation = generation
-        self._batches = read_events(generation, after=after, heartbeat_s=heartbeat_s)
+        self._batches = generation.read(after=after, heartbeat_s=heartbeat_s)
         self._include_usage = include_usage
         self._seq = after
         self._retry = b"" if retry_ms is None else sse.retry(retry_ms)

@@ -31,9 +31,9 @@ async def resume_stream(request: Request) -> SSEStream:
     state = get_state(request)
     key = await authenticate(request)
     after = _cursor(request)
-    store = state.completions.streams
-    generation = store.get(request.path_params["stream_id"], key.id)
-    store.check_cursor(generation, after)
+    generation = await state.completions.streams.get(
+        request.path_params["stream_id"], key.id, after
+    )
     return SSEStream(
         generation,
         include_usage=generation.include_usage,

@@ -36,7 +36,7 @@ from tokenwire.errors import (
 )
 from tokenwire.state import AppState, get_state
 from tokenwire.streams.events import Event, Finish, StreamError, TextDelta, Usage
-from tokenwire.streams.generation import Generation, read_events
+from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import body_digest
 from tokenwire.wire import ws as proto
 from tokenwire.wire.chunks import ChunkEncoder, error_json
@@ -103,7 +103,7 @@ class WSSession:
         self._out: asyncio.Queue[bytes | _Close] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._requests: dict[str, tuple[asyncio.Task[None], Generation]] = {}
+        self._requests: dict[str, tuple[asyncio.Task[None], StreamSource]] = {}
         # Made with the first compatible request: most sockets never need them (memory).
         self._compat: asyncio.Queue[dict[str, Any] | GatewayError] | None = None
         self._compat_busy = False
@@ -304,7 +304,7 @@ class WSSession:
         elif isinstance(message, proto.CancelMessage):
             self._cancel(message.request_id)
         elif isinstance(message, proto.ResumeMessage):
-            self._resume(message)
+            await self._resume(message)
         else:  # AuthMessage after authentication
             raise InvalidRequest("Already authenticated.", code="already_authenticated")
 
@@ -318,7 +318,7 @@ class WSSession:
             raise proto.RequestFailed(error, request_id)
         self._check_capacity(request_id)
 
-    def _serve(self, request_id: str, generation: Generation, after: int) -> None:
+    def _serve(self, request_id: str, generation: StreamSource, after: int) -> None:
         task = asyncio.get_running_loop().create_task(
             self._serve_envelope(request_id, generation, after)
         )
@@ -338,14 +338,14 @@ class WSSession:
             raise proto.RequestFailed(exc, request_id) from None
         self._serve(request_id, generation, 0)
 
-    def _resume(self, message: proto.ResumeMessage) -> None:
+    async def _resume(self, message: proto.ResumeMessage) -> None:
         request_id = message.request_id or message.stream_id
         self._check_new_request_id(request_id)
         assert self._key is not None
-        store = self._state.completions.streams
         try:
-            generation = store.get(message.stream_id, self._key.id)
-            store.check_cursor(generation, message.starting_after)
+            generation = await self._state.completions.streams.get(
+                message.stream_id, self._key.id, message.starting_after
+            )
         except GatewayError as exc:
             raise proto.RequestFailed(exc, request_id) from None
         self._serve(request_id, generation, message.starting_after)
@@ -370,7 +370,7 @@ class WSSession:
         body: dict[str, Any],
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
-    ) -> Generation:
+    ) -> StreamSource:
         assert self._key is not None
         request = convert_chat_request(body)
         return await self._state.completions.start(
@@ -379,7 +379,7 @@ class WSSession:
 
     # -- serving requests --------------------------------------------------------------------
 
-    async def _serve_envelope(self, request_id: str, generation: Generation, after: int) -> None:
+    async def _serve_envelope(self, request_id: str, generation: StreamSource, after: int) -> None:
         include_usage = generation.include_usage
         encoder = ChunkEncoder(
             completion_id=generation.id,
@@ -390,7 +390,7 @@ class WSSession:
         seq = after
         finish: str | None = None
         usage: Usage | None = None
-        async for batch in read_events(generation, after=after):
+        async for batch in generation.read(after=after):
             parts: list[bytes] = []
             assert batch is not None
             for event, number in merge_text(batch, seq):
@@ -440,7 +440,7 @@ class WSSession:
             include_usage=include_usage,
         )
         seq = 0
-        async for batch in read_events(generation):
+        async for batch in generation.read():
             assert batch is not None
             for event, _number in merge_text(batch, seq):
                 chunk = encoder.encode(event, include_usage=include_usage)

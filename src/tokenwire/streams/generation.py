@@ -60,6 +60,8 @@ _TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
 
 CancelCause = Literal["client_cancelled", "client_disconnected", "shutdown"]
 SettleHook = Callable[["Generation"], Awaitable[None]]
+GraceHook = Callable[[], Awaitable[float]]
+"""Asked when the grace window ends: seconds to wait more (readers elsewhere), or 0 to cancel."""
 
 
 class Generation:
@@ -100,6 +102,8 @@ class Generation:
         self._readers = 0
         self._deltas = 0
         self._grace_handle: asyncio.TimerHandle | None = None
+        self._grace_task: asyncio.Task[None] | None = None
+        self.extend_grace: GraceHook | None = None  # set by a shared stream store
         self._task: asyncio.Task[None] | None = None
         self._running = False
         self._settled = asyncio.Event()
@@ -148,8 +152,33 @@ class Generation:
         if self._grace_s <= 0:
             self.cancel("client_disconnected")
         else:
-            loop = asyncio.get_running_loop()
-            self._grace_handle = loop.call_later(self._grace_s, self.cancel, "client_disconnected")
+            self._arm_grace(self._grace_s)
+
+    def _arm_grace(self, delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._grace_handle = loop.call_later(delay_s, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._grace_handle = None
+        if self._readers > 0 or self.finished:
+            return
+        if self.extend_grace is None:
+            self.cancel("client_disconnected")
+            return
+        loop = asyncio.get_running_loop()
+        self._grace_task = loop.create_task(self._ask_for_more_grace(self.extend_grace))
+
+    async def _ask_for_more_grace(self, extend_grace: GraceHook) -> None:
+        try:
+            more_s = await extend_grace()
+        except Exception:  # noqa: BLE001 - cannot ask: the window is over, as configured
+            more_s = 0.0
+        if self._readers > 0 or self.finished:
+            return
+        if more_s > 0:
+            self._arm_grace(more_s)
+        else:
+            self.cancel("client_disconnected")
 
     # -- the runner ------------------------------------------------------------------------
 
@@ -219,6 +248,12 @@ class Generation:
             self.log.append(Finish(finish))
             self.log.append(usage)
         self.log.close()
+
+    def read(
+        self, *, after: int = 0, heartbeat_s: float | None = None
+    ) -> AsyncGenerator[list[Event] | None, None]:
+        """Batches of events after ``after`` (see :func:`read_events`)."""
+        return read_events(self, after=after, heartbeat_s=heartbeat_s)
 
 
 async def _aclose(events: AsyncIterator[Event]) -> None:
