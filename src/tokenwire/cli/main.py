@@ -1,4 +1,4 @@
-"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream."""
+"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream, bench."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
+from tokenwire.bench.command import bench
 from tokenwire.cli import accounts
 from tokenwire.config import Settings, load_settings, usd_to_micro
 from tokenwire.errors import GatewayError
@@ -27,6 +28,7 @@ keys_app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 accounts.register(app, keys_app)  # keys create/update/topup/rotate/show, usage, cost
+app.command("bench")(bench)  # tokenwire bench: see tokenwire.bench and docs/benchmarks.md
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional at runtime
