@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
@@ -145,6 +146,12 @@ class Gateway:
         ):
             scope["app"] = self.app
             await chat.completions_endpoint(scope, receive, send)
+            return
+        if scope["type"] == "websocket" and scope["path"] == "/v1/ws/chat":
+            # Direct too: a socket's task lives as long as the socket, and Starlette's router
+            # and middlewares would keep five more coroutine frames alive per idle socket.
+            scope["app"] = self.app
+            await ws.ws_chat(WebSocket(scope, receive, send))
             return
         await self.app(scope, receive, send)
 

@@ -135,6 +135,7 @@ class KeyStore:
         self._ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[KeyRecord, float]] = {}
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     def digest(self, plaintext: str) -> str:
         """The stored form of a key."""
@@ -261,6 +262,12 @@ class KeyStore:
         now = time.monotonic()
         if cached is not None and cached[1] > now:
             record: KeyRecord | None = cached[0]
+            if cached[1] - now < self._ttl_s / 2 and digest not in self._refreshing:
+                # Refresh ahead, off the request path: a key in steady use never waits for
+                # the database, and a revocation still takes effect within the TTL.
+                self._refreshing[digest] = asyncio.get_running_loop().create_task(
+                    self._refresh(digest)
+                )
         else:
             inflight = self._inflight.get(digest)
             if inflight is not None:
@@ -284,6 +291,19 @@ class KeyStore:
         if record is None or not record.is_active(time.time()):
             return None
         return record
+
+    async def _refresh(self, digest: str) -> None:
+        try:
+            await asyncio.sleep(0.005)  # after the request that noticed the age is admitted
+            record = await self._lookup(digest)
+        except Exception:  # noqa: BLE001 - the entry expires as usual; a request looks it up
+            return
+        finally:
+            del self._refreshing[digest]
+        if record is None:
+            self._cache.pop(digest, None)
+        elif digest in self._cache:  # not forgotten meanwhile
+            self._cache[digest] = (record, time.monotonic() + self._ttl_s)
 
     async def _lookup(self, digest: str) -> KeyRecord | None:
         async with self._engine.connect() as conn:

@@ -75,6 +75,8 @@ def merge_text(batch: list[Event], start_seq: int) -> Iterator[tuple[Event, int]
 class _RateBucket:
     """A token bucket for client messages (``rate`` per second, burst twice that)."""
 
+    __slots__ = ("_at", "_capacity", "_rate", "_tokens")
+
     def __init__(self, rate: float) -> None:
         self._rate = rate
         self._capacity = 2 * rate
@@ -92,7 +94,32 @@ class _RateBucket:
 
 
 class WSSession:
-    """One WebSocket connection: reader, single writer, request tasks."""
+    """One WebSocket connection: reader, single writer, request tasks.
+
+    The reader runs in the connection's own task (an idle socket holds one task, not two);
+    slots, because ten thousand idle sockets hold ten thousand of these.
+    """
+
+    __slots__ = (
+        "_auth_deadline",
+        "_bucket",
+        "_client_closed",
+        "_closed_event",
+        "_closing",
+        "_compat",
+        "_compat_busy",
+        "_compat_task",
+        "_config",
+        "_key",
+        "_out",
+        "_reader_task",
+        "_receive_timeout",
+        "_requests",
+        "_state",
+        "_writer_gone",
+        "_writer_task",
+        "_ws",
+    )
 
     def __init__(self, websocket: WebSocket, state: AppState, key: KeyRecord | None) -> None:
         self._ws = websocket
@@ -102,7 +129,8 @@ class WSSession:
         # The writer and its queue are made with the first message to send (memory per socket).
         self._out: asyncio.Queue[bytes | _Close] | None = None
         self._writer_task: asyncio.Task[None] | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._reader_task: asyncio.Task[Any] | None = None  # the connection's task, while reading
+        self._writer_gone = False
         self._requests: dict[str, tuple[asyncio.Task[None], StreamSource]] = {}
         # Made with the first compatible request: most sockets never need them (memory).
         self._compat: asyncio.Queue[dict[str, Any] | GatewayError] | None = None
@@ -118,23 +146,27 @@ class WSSession:
     # -- the connection ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        reader = asyncio.get_running_loop().create_task(self._reader())
-        self._reader_task = reader
+        task = asyncio.current_task()
+        assert task is not None
+        self._reader_task = task
         try:
             # The reader ends on a close, a violation or a timeout; a writer that ends (the
             # client accepts nothing for ws_send_timeout_s, or the transport is gone) cancels it.
-            await asyncio.wait({reader})
+            await self._reader()
+        except asyncio.CancelledError:
+            if not self._writer_gone:
+                raise  # not ours (server shutdown): clean up below, then propagate
+            task.uncancel()
+        except Exception as exc:  # logged, like any unexpected failure of a connection
+            log.error("WebSocket reader failed", exc_info=exc)
         finally:
-            reader.cancel()
-            for outcome in await asyncio.gather(reader, return_exceptions=True):
-                if isinstance(outcome, Exception):
-                    log.error("WebSocket reader failed", exc_info=outcome)
+            self._reader_task = None  # a writer ending from now on cancels nothing
             self._mark_client_closed()
-            tasks = [task for task, _ in self._requests.values()]
+            tasks = [request_task for request_task, _ in self._requests.values()]
             if self._compat_task is not None:
                 tasks.append(self._compat_task)
-            for task in tasks:
-                task.cancel()
+            for request_task in tasks:
+                request_task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             writer = self._writer_task
             if writer is not None and not writer.done():
@@ -159,6 +191,7 @@ class WSSession:
 
     def _writer_ended(self, _task: asyncio.Task[None]) -> None:
         if self._reader_task is not None:
+            self._writer_gone = True
             self._reader_task.cancel()  # nothing more can be sent: end the session
 
     def _close_soon(self, code: int, reason: str) -> None:
