@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -156,13 +156,20 @@ class Gateway:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings, env: Mapping[str, str] | None = None) -> Gateway:
-    """The tokenwire ASGI app for ``settings``."""
+def create_app(
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+    *,
+    on_started: Callable[[], None] | None = None,
+) -> Gateway:
+    """The tokenwire ASGI app for ``settings``; ``on_started`` runs once it is ready to serve."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await build_state(settings, env)
         app.state.tw = state
+        if on_started is not None:
+            on_started()
         try:
             yield
         finally:

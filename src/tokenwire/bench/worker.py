@@ -123,6 +123,7 @@ class Worker:
         else:
             prepared = await self._open_sockets(spec)
         gc.collect()
+        gc.freeze()  # no full collection walks the set-up heap mid-row (as in the servers)
         return Prepared(
             connect_s=time.perf_counter() - started,
             unsupported=prepared.unsupported,
