@@ -13,6 +13,7 @@ from typing import Protocol
 
 import aiohttp
 import msgspec
+from yarl import URL
 
 from tokenwire.errors import GatewayError, UpstreamError, UpstreamTimeout
 from tokenwire.streams.events import Event
@@ -35,15 +36,31 @@ class UpstreamPool:
         )
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # parsed once: a provider posts to one or two URLs
 
     def session(self) -> aiohttp.ClientSession:
-        """The session (made in the running loop on first use)."""
+        """The session (made in the running loop on first use).
+
+        Its cookie jar keeps nothing: the pool serves every user's requests, so a cookie one
+        upstream reply sets must never ride along on another user's request (and not parsing
+        or matching cookies saves work on every request).
+        """
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
             )
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
+            )
         return self._session
+
+    def _url(self, url: str) -> URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) > 1024:  # per-model URLs (Gemini): bounded, not a leak
+                self._urls.clear()
+            parsed = self._urls[url] = URL(url)
+        return parsed
 
     async def post(
         self, url: str, payload: bytes, headers: dict[str, str]
@@ -56,12 +73,13 @@ class UpstreamPool:
         router decides about retries).
         """
         session = self.session()
+        target = self._url(url)
         try:
-            return await session.post(url, data=payload, headers=headers)
+            return await session.post(target, data=payload, headers=headers)
         except aiohttp.ClientConnectorError:
             raise
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            return await session.post(url, data=payload, headers=headers)
+            return await session.post(target, data=payload, headers=headers)
 
     async def aclose(self) -> None:
         """Close the pool's connections."""
