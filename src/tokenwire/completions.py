@@ -178,8 +178,13 @@ class CompletionService:
         )
         generation.response_headers = admission.headers
         self.live[completion_id] = generation
-        if resumable:
-            await self.streams.add(generation, idempotency_key)
+        try:
+            if resumable:
+                await self.streams.add(generation, idempotency_key)
+        except BaseException:  # the client left meanwhile: end it like any disconnect
+            generation.start()  # started all the same, so that it settles once and leaves
+            generation.cancel("client_disconnected")
+            raise
         generation.start()
         return generation
 

@@ -16,8 +16,11 @@ import requests
 from websockets.asyncio.client import connect
 
 from tokenwire.accounting.ledger import Ledger, LedgerRow
+from tokenwire.app import build_state, close_state
+from tokenwire.config import load_settings
 from tokenwire.providers.sim import plan
 from tokenwire.storage.engine import make_engine
+from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.testing import GatewayServer, SimUpstreamServer
 from tokenwire.wire.schema import decode_chat_request
 
@@ -374,3 +377,47 @@ upstream_model = "sim"
                 rows = asyncio.run(ledger_rows(gw))
             assert len(rows) == 1 and rows[0].status == "client_disconnected"
             assert 2 <= rows[0].completion_tokens < 1000
+
+
+class _StallingStore(MemoryStreamStore):
+    """A store whose ``add`` waits for ever (a slow shared store), telling when it is entered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+
+    async def add(self, generation: Any, idempotency_key: str | None) -> None:
+        self.entered.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_client_gone_while_its_resumable_stream_registers_is_settled_once(
+    tmp_path: Path,
+) -> None:
+    """The request is cancelled while the store registers the stream: the generation still runs its settle (one ledger row, client_disconnected) and leaves ``live``, so nothing stays reserved."""
+    settings = load_settings(data_dir=tmp_path, overrides=OVERRIDES)
+    state = await build_state(settings)
+    try:
+        record, _ = await state.keys.create("t", grant_micro=10_000_000)
+        store = _StallingStore()
+        state.completions.streams = store
+        body = chat("register me", 20, model="priced-sim")
+        request = decode_chat_request(json.dumps(body).encode())
+        start = asyncio.create_task(
+            state.completions.start(record, request, body, "sse", resumable=True)
+        )
+        await store.entered.wait()
+        (generation,) = state.completions.live.values()
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        await asyncio.wait_for(generation.wait_settled(), 10)
+        assert state.completions.live == {}
+        await state.completions.shutdown()  # flushes the batched ledger writer
+        rows = await state.ledger.rows(key_id=record.id)
+        assert [(r.completion_id, r.status) for r in rows] == [
+            (generation.id, "client_disconnected")
+        ]
+        assert await state.ledger.balance(record.id) == 10_000_000 - rows[0].cost_micro
+    finally:
+        await asyncio.wait_for(close_state(state), 30)  # a never-started generation would hang it
