@@ -71,6 +71,16 @@ def generation(events: AsyncIterator[Event], *, grace_s: float = 0.0) -> Generat
     )
 
 
+async def started(
+    store: RedisStreamStore, events: AsyncIterator[Event], *, grace_s: float = 0.0
+) -> Generation:
+    """A resumable generation kept by ``store`` (its owner), running."""
+    gen = generation(events, grace_s=grace_s)
+    await store.add(gen, None)
+    gen.start()
+    return gen
+
+
 @pytest.fixture
 async def stores() -> AsyncIterator[tuple[RedisStreamStore, RedisStreamStore, str]]:
     """Two stores ("processes") on one Redis prefix; their keys are removed afterwards."""
@@ -146,9 +156,7 @@ async def test_another_process_replays_and_follows_a_live_stream(
     """A stream paused mid-way on the owner is read from event 3 by the other store: replay, then the live tail, exactly."""
     owner, other, _ = stores
     gate = asyncio.Event()
-    gen = generation(tokens(10, gate, at=5), grace_s=5)
-    await owner.add(gen, None)
-    gen.start()
+    gen = await started(owner, tokens(10, gate, at=5), grace_s=5)
     assert await wait_until(lambda: gen.log.last_seq == 5)
     remote = await other.get(gen.id, KEY, 3)
     assert isinstance(remote, RemoteStream)
@@ -168,9 +176,7 @@ async def test_finished_stream_rules_404_410_and_cursor(
 ) -> None:
     """After the end: another key gets 404, an unknown id 404, a cursor past the end 410, a negative one 400; at the end exactly, nothing more is read."""
     owner, other, _ = stores
-    gen = generation(tokens(4))
-    await owner.add(gen, None)
-    gen.start()
+    gen = await started(owner, tokens(4))
     await finished_in_redis(owner, gen)
     last = gen.log.last_seq
     with pytest.raises(NotFound):
@@ -194,9 +200,7 @@ async def test_after_retention_the_stream_is_gone_not_unknown(
 ) -> None:
     """Once its events expired, a resume gets 410 stream_expired (the metadata outlives them)."""
     owner, other, _ = stores
-    gen = generation(tokens(3))
-    await owner.add(gen, None)
-    gen.start()
+    gen = await started(owner, tokens(3))
     await finished_in_redis(owner, gen)
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
@@ -214,19 +218,17 @@ async def test_a_remote_reader_holds_the_grace_window_open_and_its_leaving_ends_
     """No local reader and a 1 s grace window: while the other process reads, the owner keeps generating; after it leaves, the owner cancels."""
     owner, other, _ = stores
     gate = asyncio.Event()
-    gen = generation(tokens(10, gate, at=2), grace_s=1.0)
-    await owner.add(gen, None)
-    gen.start()
+    gen = await started(owner, tokens(10, gate, at=2), grace_s=1.0)
     local = gen.read()
     assert await anext(local)  # a local reader attaches, then leaves: the grace window starts
     await local.aclose()
     remote = await other.get(gen.id, KEY, 0)
     remote_reader = remote.read()
     assert await anext(remote_reader)
-    started = time.monotonic()
+    since = time.monotonic()
     # well past the grace window, the generation still runs because the lease is renewed
     assert not await wait_until(lambda: gen.finished, deadline_s=2.5)
-    assert time.monotonic() - started >= 2.4
+    assert time.monotonic() - since >= 2.4
     await remote_reader.aclose()  # the remote reader leaves: one more grace window, then cancel
     assert await wait_until(lambda: gen.finished, deadline_s=5.0)
     assert gen.state is GenerationState.CANCELLED
@@ -239,9 +241,7 @@ async def test_cancel_from_another_process_reaches_the_owner(
     """RemoteStream.cancel publishes on the cancel channel; the owner's generation ends cancelled."""
     owner, other, _ = stores
     gate = asyncio.Event()
-    gen = generation(tokens(10, gate, at=2), grace_s=5)
-    await owner.add(gen, None)
-    gen.start()
+    gen = await started(owner, tokens(10, gate, at=2), grace_s=5)
     remote = await other.get(gen.id, KEY, 0)
     remote.cancel("client_cancelled")
     assert await wait_until(lambda: gen.finished)
