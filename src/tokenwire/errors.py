@@ -19,8 +19,12 @@ where they occur and never leave it.
     ├── PermissionDenied              403 permission_error
     ├── NotFound                      404 invalid_request_error
     │   └── ModelNotFound             404 model_not_found
+    ├── IdempotencyConflict           409 idempotency_key_reused (same key, another body)
+    ├── IdempotencyInProgress         409 idempotency_key_in_use (Retry-After: 1)
+    ├── StreamGone                    410 stream_expired / cursor_out_of_range
     ├── RateLimited                   429 rate_limit_exceeded   (retry_after_s)
     ├── ProviderUnavailable           503 provider_unavailable  (not configured / not built)
+    ├── StreamStoreUnavailable        503 stream_store_unavailable (Redis, for shared streams)
     ├── UpstreamError                 502 upstream_error        (retryable)
     │   ├── UpstreamTimeout           504 upstream_timeout
     │   └── UpstreamStatusError       the upstream's own status and body
@@ -147,6 +151,41 @@ class RateLimited(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+
+
+class StreamGone(GatewayError):
+    """The stream existed but its events (or the ones asked for) are no longer kept."""
+
+    status = 410
+    type = "invalid_request_error"
+    default_code = "stream_expired"
+
+
+class IdempotencyConflict(GatewayError):
+    """The same Idempotency-Key was used with a different request body."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "idempotency_key_reused"
+
+
+class IdempotencyInProgress(GatewayError):
+    """A request with this Idempotency-Key is being admitted right now; retry in a moment."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "idempotency_key_in_use"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class StreamStoreUnavailable(GatewayError):
+    """Redis, which holds the shared stream logs, cannot be reached."""
+
+    status = 503
+    type = "api_error"
+    default_code = "stream_store_unavailable"
 
 
 class ProviderUnavailable(GatewayError):

@@ -17,7 +17,15 @@ import redis.asyncio as aioredis
 
 from tokenwire.app import make_stream_store
 from tokenwire.config import load_settings
-from tokenwire.errors import InvalidRequest, NotFound, RecordedError, UpstreamError
+from tokenwire.errors import (
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    InvalidRequest,
+    NotFound,
+    RecordedError,
+    StreamGone,
+    UpstreamError,
+)
 from tokenwire.streams.codec import CorruptEvent, decode_event, encode_event
 from tokenwire.streams.events import (
     Event,
@@ -31,7 +39,6 @@ from tokenwire.streams.generation import Generation, GenerationState
 from tokenwire.streams.redis_store import RedisStreamStore
 from tokenwire.streams.remote import RemoteStream
 from tokenwire.streams.source import StreamSource
-from tokenwire.streams.store import IdempotencyConflict, IdempotencyInProgress, StreamGone
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 KEY = "key_owner"

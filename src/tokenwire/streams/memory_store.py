@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from tokenwire.errors import NotFound
+from tokenwire.errors import NotFound, StreamGone
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.store import (
-    StreamGone,
     check_cursor_sign,
     conflict,
     cursor_past_end,

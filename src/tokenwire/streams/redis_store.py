@@ -37,14 +37,13 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.exceptions import RedisError
 
-from tokenwire.errors import GatewayError, NotFound
+from tokenwire.errors import NotFound, StreamGone, StreamStoreUnavailable
 from tokenwire.streams.codec import encode_event
 from tokenwire.streams.generation import CancelCause, Generation
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.remote import LeasePolicy, RemoteStream, StreamKeys, entry_seq
 from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import (
-    StreamGone,
     check_cursor_sign,
     conflict,
     cursor_past_end,
@@ -64,14 +63,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-class StreamStoreUnavailable(GatewayError):
-    """Redis, which holds the shared stream logs, cannot be reached."""
-
-    status = 503
-    type = "api_error"
-    default_code = "stream_store_unavailable"
 
 
 def _unavailable(exc: RedisError) -> StreamStoreUnavailable:
@@ -238,10 +229,9 @@ class RedisStreamStore:
         name = self._idem_key_of.pop(stream_id, None)
         if name is None:
             return
-        held = f"{stream_id}".encode()
         try:
             value = cast(bytes | None, await self._redis.get(name))
-            if value is not None and value.endswith(b" " + held):
+            if value is not None and value.endswith(b" " + stream_id.encode()):
                 await self._release(keys=[name], args=[value])
         except RedisError as exc:
             log.warning("cannot release Idempotency-Key claim of %s: %s", stream_id, exc)

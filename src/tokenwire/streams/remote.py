@@ -23,11 +23,10 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tokenwire.errors import GatewayError, UpstreamError
+from tokenwire.errors import GatewayError, StreamGone, UpstreamError
 from tokenwire.streams.codec import decode_event, is_last
 from tokenwire.streams.events import Event, Finish, FinishReason, StreamError, Usage
 from tokenwire.streams.generation import CancelCause
-from tokenwire.streams.store import StreamGone
 
 log = logging.getLogger("tokenwire.streams")
 

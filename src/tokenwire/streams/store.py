@@ -1,4 +1,4 @@
-"""Resumable streams: the interface both backends implement, and its errors.
+"""Resumable streams: the interface both backends implement (its errors are in tokenwire.errors).
 
 A completion is *resumable* when its client asked (an ``Idempotency-Key``, the header
 ``X-Tokenwire-Resumable: true``, or ``resumable``/``idempotency_key`` in a WebSocket create).
@@ -24,36 +24,14 @@ from __future__ import annotations
 import hashlib
 from typing import Protocol
 
-from tokenwire.errors import GatewayError, InvalidRequest
+from tokenwire.errors import (
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    InvalidRequest,
+    StreamGone,
+)
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
-
-
-class StreamGone(GatewayError):
-    """The stream existed but its events (or the ones asked for) are no longer kept."""
-
-    status = 410
-    type = "invalid_request_error"
-    default_code = "stream_expired"
-
-
-class IdempotencyConflict(GatewayError):
-    """The same Idempotency-Key was used with a different request body."""
-
-    status = 409
-    type = "invalid_request_error"
-    default_code = "idempotency_key_reused"
-
-
-class IdempotencyInProgress(GatewayError):
-    """A request with this Idempotency-Key is being admitted right now; retry in a moment."""
-
-    status = 409
-    type = "invalid_request_error"
-    default_code = "idempotency_key_in_use"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
 
 
 def body_digest(body: bytes) -> str:
