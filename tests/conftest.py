@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers on loopback (the gateway, sim-upstream, both chained)."""
+"""Shared fixtures: real servers on loopback (the gateway, sim-upstream, both chained), and
+private Redis and PostgreSQL servers that fault tests may break (never the shared ones)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import redis
 
 from tokenwire.testing import FAST_SIM, GatewayServer, SimUpstreamServer
 from tokenwire.testing_cluster import Cluster
+from tokenwire.testing_services import PrivateDatabase, PrivatePostgres, PrivateRedis
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -110,3 +112,30 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         finally:
             client.close()
         asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A fresh Redis server of this test's own (no persistence) to kill, pause and restart."""
+    with PrivateRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """One throwaway PostgreSQL cluster for the session, to stop, break and restart."""
+    with PrivatePostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def private_postgres_database(private_postgres: PrivatePostgres) -> Iterator[PrivateDatabase]:
+    """A fresh database on ``private_postgres`` (running at the start; dropped at the end, the server started again first if the test left it stopped)."""
+    with private_postgres.fresh_database() as database:
+        yield database
+
+
+@pytest.fixture
+def private_postgres_url(private_postgres_database: PrivateDatabase) -> str:
+    """The SQLAlchemy URL (``postgresql+asyncpg://…``) of ``private_postgres_database``."""
+    return private_postgres_database.url
