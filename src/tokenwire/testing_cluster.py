@@ -4,6 +4,8 @@ A :class:`Cluster` owns a fresh PostgreSQL database, a Redis key prefix of its o
 server secret; :meth:`Cluster.start` writes a config and starts gateway processes on free
 ports (each with its own data dir), waiting until each answers ``/healthz``. Tests use it to
 check what must hold across processes: one rate limit, one balance, resumable streams.
+Fault tests that break the database or Redis under the processes give the cluster a
+database on a private server and a private Redis URL instead (``testing_services``).
 """
 
 from __future__ import annotations
