@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,9 +65,7 @@ async def until(predicate: Callable[[], bool]) -> None:
 @pytest.fixture(scope="module")
 def reference() -> Iterator[Any]:
     """llama-cpp-python's own completion API on the same model, as an independent oracle."""
-    llm = llama_cpp.Llama(
-        model_path=str(MODEL), n_ctx=2048, n_threads=os.cpu_count(), verbose=False
-    )
+    llm = llama_cpp.Llama(model_path=str(MODEL), n_ctx=2048, verbose=False)
     yield llm
     llm.close()
 
@@ -87,6 +84,7 @@ def reference_completion(reference: Any, content: str, max_tokens: int) -> tuple
         f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
     )
     tokens = reference.tokenize(prompt.encode(), add_bos=False, special=True)
+    reference.reset()  # evaluate the whole prompt, as the provider does (no KV prefix reuse)
     result = reference.create_completion(
         tokens, max_tokens=max_tokens, temperature=0, repeat_penalty=1.0
     )
