@@ -3,17 +3,22 @@
 Both transports (SSE and WebSocket) and the JSON path call :meth:`CompletionService.start`;
 it is the one place where a validated request becomes a generation:
 
-1. the model resolves to a provider (404 / 503) and the key may use it (403);
-2. the rate limiter admits it (429 with ``Retry-After``), reserving its estimated tokens;
-3. the ledger reserves its worst-case cost from the key's credits (402);
-4. the generation starts; when it ends, however it ends and whoever was reading, its settle
-   hook writes one ledger row, returns the unused reservation and reconciles the token
-   bucket with the real usage.
+1. the model resolves to a provider (404 / 503), the key may use it (403) and the request's
+   ``max_tokens`` fits the model (400);
+2. the rate limiter admits it (429 with ``Retry-After``), reserving its estimated tokens and a
+   stream slot;
+3. the ledger reserves the most it can cost from the key's credits (402): a prompt bound that
+   no upstream count exceeds, and the admitted output limit (``accounting/budget.py``);
+4. the generation starts. When it ends, however it ends and whoever was reading, it first
+   releases the limits (the stream slot is free and the token bucket corrected before the
+   client sees the end), then settles money: one ledger row, the reservation returned less
+   the charge.
 
 Billing policy: a completion is billed for the tokens the upstream reports (or, when it
-reports none, our estimate, marked ``usage_estimated``); one cancelled by the client or by
-a disconnect is billed for the prompt and the tokens generated until then; one that failed
-upstream before its first token costs nothing.
+reports none, the upstream's early prompt count or our estimate plus the deltas received,
+marked ``usage_estimated``); one cancelled by the client or by a disconnect is billed for the
+prompt and the tokens generated until then; one that failed upstream before its first token
+costs nothing. The charge never exceeds the reservation, so a balance never goes below zero.
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
+from tokenwire.accounting.budget import (
+    completion_budget,
+    estimate_prompt_tokens,
+    output_limit,
+    prompt_token_bound,
+)
 from tokenwire.accounting.keys import KeyRecord
 from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.pricing import cost_micro, is_free, worst_case_micro
@@ -39,7 +50,9 @@ from tokenwire.streams.generation import Generation, GenerationState
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import StreamStore
-from tokenwire.wire.schema import ChatRequest, content_text
+from tokenwire.wire.schema import ChatRequest
+
+__all__ = ["CompletionService", "Transport", "estimate_prompt_tokens", "new_completion_id"]
 
 log = logging.getLogger("tokenwire.completions")
 Transport = Literal["sse", "ws", "json"]
@@ -48,11 +61,6 @@ Transport = Literal["sse", "ws", "json"]
 def new_completion_id() -> str:
     """A fresh ``chatcmpl-…`` id (also the stream id)."""
     return "chatcmpl-" + secrets.token_urlsafe(18)
-
-
-def estimate_prompt_tokens(request: ChatRequest) -> int:
-    """A rough prompt size (4 characters a token) for admission and for upstreams without usage."""
-    return sum(4 + len(content_text(m.content)) // 4 for m in request.messages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +72,7 @@ class _Context:
     transport: Transport
     spec: LimitSpec
     admission: Admission
+    reserved_micro: int | None  # None: a free model, nothing was reserved
 
 
 def ledger_status(generation: Generation) -> str:
@@ -90,16 +99,22 @@ class CompletionService:
         default_max_tokens: int,
         streams: StreamStore | None = None,
         stream_grace_s: float = 30.0,
+        writer: LedgerWriter | None = None,
     ) -> None:
         self._registry = registry
         self._limiter = limiter
         self._ledger = ledger
-        self._writer = LedgerWriter(ledger)
+        self._writer = writer or LedgerWriter(ledger)
         self._grace_s = disconnect_grace_s
         self._default_max_tokens = default_max_tokens
         self.live: dict[str, Generation] = {}
         self.streams: StreamStore = streams or MemoryStreamStore()
         self._stream_grace_s = stream_grace_s
+
+    @property
+    def writer(self) -> LedgerWriter:
+        """The process's ledger writer (its outbox holds rows the database refused)."""
+        return self._writer
 
     async def start(
         self,
@@ -151,30 +166,42 @@ class CompletionService:
                 param="model",
                 code="model_not_allowed",
             )
+        max_output = output_limit(request, entry, self._default_max_tokens)
         prompt_estimate = estimate_prompt_tokens(request)
-        max_output = request.output_limit or self._default_max_tokens
         spec = LimitSpec(key.rpm, key.tpm, key.max_concurrent_streams)
         admission = await self._limiter.admit(
             key.id, spec, prompt_estimate + max_output, completion_id
         )
+        reserved: int | None = None
         try:
             if not is_free(entry):
-                worst = worst_case_micro(entry, prompt_estimate, max_output)
-                await self._ledger.reserve(key.id, completion_id, worst)
+                prompt_bound = prompt_token_bound(request, entry.context_tokens)
+                reserved = worst_case_micro(entry, prompt_bound, max_output)
+                await self._ledger.reserve(key.id, completion_id, reserved)
         except BaseException:
-            await self._limiter.settle(admission, spec, 0)
+            await self._release_limits(admission, spec, 0, completion_id)
             raise
-        context = _Context(key.id, entry, transport, spec, admission)
-        call = ProviderCall(request=request, upstream_model=entry.upstream_model, raw_body=raw_body)
+        context = _Context(key.id, entry, transport, spec, admission, reserved)
+        call = ProviderCall(
+            request=request,
+            upstream_model=entry.upstream_model,
+            raw_body=raw_body,
+            max_output_tokens=max_output,
+        )
         generation = Generation(
             completion_id=completion_id,
             model=entry.id,
             events=provider.stream(call),
             prompt_tokens_estimate=prompt_estimate,
             disconnect_grace_s=self._stream_grace_s if resumable else self._grace_s,
+            on_end=partial(self._on_end, context),
             on_settle=partial(self._settle, context),
             key_id=key.id,
             include_usage=request.include_usage,
+            completion_limit=max_output,
+            limit_for_prompt=(
+                None if reserved is None else partial(completion_budget, entry, reserved)
+            ),
         )
         generation.response_headers = admission.headers
         self.live[completion_id] = generation
@@ -188,14 +215,35 @@ class CompletionService:
         generation.start()
         return generation
 
+    async def _release_limits(
+        self, admission: Admission, spec: LimitSpec, tokens: int, completion_id: str
+    ) -> None:
+        """Free the stream slot and correct the token bucket; a failure is logged, not raised.
+
+        A slot that cannot be released now (the limiter's store is down) still frees itself:
+        the Redis backend's slots are leases that expire unless their process renews them.
+        """
+        try:
+            await self._limiter.release(admission, spec, tokens)
+        except Exception:  # logged; a slot's lease runs out on its own
+            log.exception("could not release the rate limits of %s", completion_id)
+
+    async def _on_end(self, context: _Context, generation: Generation) -> None:
+        usage = generation.usage
+        tokens = 0 if usage is None else usage.total_tokens
+        await self._release_limits(context.admission, context.spec, tokens, generation.id)
+
     async def _settle(self, context: _Context, generation: Generation) -> None:
         try:
-            await self._bill(context, generation)
+            await self._writer.settle(
+                self._row(context, generation), reserved=not is_free(context.entry)
+            )
         finally:
             self.streams.finished(generation)
             self.live.pop(generation.id, None)  # last: an empty ``live`` means all is written
 
-    async def _bill(self, context: _Context, generation: Generation) -> None:
+    def _row(self, context: _Context, generation: Generation) -> LedgerRow:
+        """The completion's ledger row: what it used, and what it is charged."""
         usage = generation.usage
         assert usage is not None
         failed_before_output = generation.state is GenerationState.FAILED and (
@@ -206,8 +254,10 @@ class CompletionService:
             if failed_before_output
             else cost_micro(context.entry, usage.prompt_tokens, usage.completion_tokens)
         )
+        if context.reserved_micro is not None:
+            cost = min(cost, context.reserved_micro)  # never more than was reserved
         ended = generation.ended_at or time.perf_counter()
-        row = LedgerRow(
+        return LedgerRow(
             completion_id=generation.id,
             key_id=context.key_id,
             model=context.entry.id,
@@ -227,14 +277,6 @@ class CompletionService:
             status=ledger_status(generation),
             created_at=int(time.time() * 1000),
         )
-        try:
-            await self._writer.settle(row, reserved=not is_free(context.entry))
-        except Exception:  # the reservation stays held; logged for the operator
-            log.exception("could not write the ledger row of %s", generation.id)
-        try:
-            await self._limiter.settle(context.admission, context.spec, usage.total_tokens)
-        except Exception:  # the reservation stays held; logged for the operator
-            log.exception("could not settle the rate limits of %s", generation.id)
 
     async def shutdown(self) -> None:
         """Cancel every live generation and wait for them to settle."""

@@ -25,12 +25,17 @@ from typing import Any, Literal
 import msgspec
 
 from tokenwire.errors import GatewayError
+from tokenwire.wire.schema import MAX_OUTPUT_TOKENS
 
 ProviderKind = Literal["sim", "local", "openai", "anthropic", "gemini"]
 
 
 class ConfigError(GatewayError):
     """The configuration is invalid (raised at start-up, never for a request)."""
+
+
+DEFAULT_MAX_OUTPUT_TOKENS = 32_768
+DEFAULT_CONTEXT_TOKENS = 131_072
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -87,6 +92,9 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     first_token_timeout_s: float = 120.0
     idle_timeout_s: float = 60.0
     max_connections: int = 2048
+    # OpenAI-compatible only: the field that carries the admitted token limit when a request
+    # has none (OpenAI's reasoning models accept only max_completion_tokens)
+    output_limit_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
 
 class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -102,6 +110,8 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
     deployments: list[DeploymentConfig] = msgspec.field(default_factory=list)
     input_usd_per_mtok: str | float = "0"
     output_usd_per_mtok: str | float = "0"
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS  # a larger max_tokens is a 400
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS  # the largest prompt the model accepts
 
 
 class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -135,7 +145,9 @@ class DeploymentEntry(msgspec.Struct, frozen=True):
 class ModelEntry(msgspec.Struct, frozen=True):
     """A catalog entry, prices in integer micro-dollars per 1M tokens.
 
-    ``provider`` and ``upstream_model`` are the first deployment's.
+    ``provider`` and ``upstream_model`` are the first deployment's. ``max_output_tokens``
+    bounds a request's ``max_tokens`` (and what is reserved for it); ``context_tokens`` is
+    the largest prompt the model takes, which bounds what a prompt can cost.
     """
 
     id: str
@@ -144,6 +156,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
     input_micro_per_mtok: int
     output_micro_per_mtok: int
     deployments: tuple[DeploymentEntry, ...] = ()
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
 
     def all_deployments(self) -> tuple[DeploymentEntry, ...]:
         """The deployments, or the single one implied by provider and upstream_model."""
@@ -282,8 +296,16 @@ def load_settings(
                 )
             if deployment.weight < 1:
                 raise ConfigError(f"model {model.id!r}: deployment weights must be >= 1")
+        if not 1 <= model.max_output_tokens <= MAX_OUTPUT_TOKENS:
+            raise ConfigError(
+                f"model {model.id!r}: max_output_tokens must be 1 to {MAX_OUTPUT_TOKENS}"
+            )
+        if model.context_tokens < 1:
+            raise ConfigError(f"model {model.id!r}: context_tokens must be >= 1")
         models[model.id] = ModelEntry(
             id=model.id,
+            max_output_tokens=model.max_output_tokens,
+            context_tokens=model.context_tokens,
             provider=deployments[0].provider,
             upstream_model=deployments[0].upstream_model,
             deployments=deployments if len(deployments) > 1 else (),

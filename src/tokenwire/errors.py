@@ -11,6 +11,7 @@ where they occur and never leave it.
 ::
 
     GatewayError                      500 api_error
+    ├── InternalError                 500 internal_error        (a bug: logged, never detailed)
     ├── InvalidRequest                400 invalid_request_error
     │   ├── BodyTooLarge              413
     │   └── UnsupportedParameter      400 (a parameter a provider cannot honour)
@@ -33,6 +34,7 @@ where they occur and never leave it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 
@@ -77,6 +79,31 @@ class GatewayError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers this error carries (e.g. ``Retry-After``)."""
         return {}
+
+
+class InternalError(GatewayError):
+    """Something unexpected failed inside the gateway: the client sees a generic 500.
+
+    The exception that caused it goes to the log (with its trace), never to the client.
+    """
+
+    default_code = "internal_error"
+
+    def __init__(self, message: str = "", *, reference: str | None = None) -> None:
+        text = message or "The server had an internal error; it has been logged."
+        if reference:
+            text += f" Reference: {reference}."
+        super().__init__(text)
+
+
+def unexpected(exc: BaseException, log: logging.Logger, what: str) -> InternalError:
+    """An exception outside the tree, logged with its trace, as the ``InternalError`` to report.
+
+    ``what`` names the failing work for the operator (e.g. ``"completion chatcmpl-…"``); the
+    client sees only a generic message with that reference.
+    """
+    log.error("unexpected error in %s", what, exc_info=exc)
+    return InternalError(reference=what)
 
 
 class InvalidRequest(GatewayError):

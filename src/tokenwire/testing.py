@@ -84,6 +84,11 @@ class ServerThread:
         self._server.should_exit = True
         self._thread.join(timeout=15)
 
+    @property
+    def running(self) -> bool:
+        """Whether the server thread is still alive (``stop`` waits up to 15 s for it)."""
+        return self._thread.is_alive()
+
     def __enter__(self) -> ServerThread:
         self.start()
         return self

@@ -36,9 +36,10 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 
+from tokenwire.accounting.budget import estimate_prompt_tokens, prompt_token_bound
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger, LedgerRow
-from tokenwire.completions import estimate_prompt_tokens
+from tokenwire.config import DEFAULT_CONTEXT_TOKENS as CONTEXT
 from tokenwire.providers.sim import plan
 from tokenwire.storage.engine import make_engine
 from tokenwire.storage.tables import credit_events, reservations
@@ -113,8 +114,9 @@ def prompt_sizes(body: dict[str, Any]) -> tuple[int, int]:
 
 
 def worst_case(body: dict[str, Any]) -> int:
-    estimate, _ = prompt_sizes(body)
-    return estimate * INPUT_MICRO_PER_TOKEN + body["max_tokens"] * OUTPUT_MICRO_PER_TOKEN
+    """What admission reserves: the prompt's bound and max_tokens at full price."""
+    bound = prompt_token_bound(decode_chat_request(json.dumps(body).encode()), CONTEXT)
+    return bound * INPUT_MICRO_PER_TOKEN + body["max_tokens"] * OUTPUT_MICRO_PER_TOKEN
 
 
 @st.composite

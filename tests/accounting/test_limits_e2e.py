@@ -35,9 +35,10 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tokenwire.accounting.budget import estimate_prompt_tokens, prompt_token_bound
 from tokenwire.accounting.keys import KeyLimits, KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
-from tokenwire.completions import estimate_prompt_tokens
+from tokenwire.config import DEFAULT_CONTEXT_TOKENS as CONTEXT
 from tokenwire.limits.base import gcra
 from tokenwire.providers.sim import SimPlan, plan
 from tokenwire.storage.engine import make_engine
@@ -99,10 +100,9 @@ def prompt_estimate(body: dict[str, Any]) -> int:
 
 
 def worst_case(body: dict[str, Any]) -> int:
-    """The reservation of a ``priced-sim`` request, in micro-dollars."""
-    return (
-        prompt_estimate(body) * INPUT_MICRO_PER_TOKEN + body["max_tokens"] * OUTPUT_MICRO_PER_TOKEN
-    )
+    """The reservation of a ``priced-sim`` request (the prompt's bound), in micro-dollars."""
+    bound = prompt_token_bound(decode_chat_request(json.dumps(body).encode()), CONTEXT)
+    return bound * INPUT_MICRO_PER_TOKEN + body["max_tokens"] * OUTPUT_MICRO_PER_TOKEN
 
 
 _GO_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")

@@ -24,9 +24,10 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from tokenwire.accounting.budget import prompt_token_bound
 from tokenwire.accounting.keys import KeyLimits
 from tokenwire.accounting.ledger import Ledger
-from tokenwire.completions import estimate_prompt_tokens
+from tokenwire.config import DEFAULT_CONTEXT_TOKENS
 from tokenwire.providers.sim import plan
 from tokenwire.storage.engine import make_engine
 from tokenwire.storage.tables import credit_events, reservations, usage_ledger
@@ -191,7 +192,8 @@ async def test_one_balance_across_processes(cluster: Cluster, http: aiohttp.Clie
     k = 5
     body = chat("supercalifragilistic", model="priced-sim", max_tokens=20)
     request = decode_chat_request(json.dumps(body).encode())
-    worst = estimate_prompt_tokens(request) * INPUT_MICRO_PER_TOKEN + 20 * OUTPUT_MICRO_PER_TOKEN
+    bound = prompt_token_bound(request, DEFAULT_CONTEXT_TOKENS)
+    worst = bound * INPUT_MICRO_PER_TOKEN + 20 * OUTPUT_MICRO_PER_TOKEN
     sim = plan(request)
     cost = (
         sim.prompt_tokens * INPUT_MICRO_PER_TOKEN + sim.completion_tokens * OUTPUT_MICRO_PER_TOKEN

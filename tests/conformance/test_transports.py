@@ -32,7 +32,7 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tokenwire.completions import estimate_prompt_tokens
+from tokenwire.accounting.budget import estimate_prompt_tokens
 from tokenwire.providers.sim import SimPlan, plan
 from tokenwire.testing import GatewayServer, SimUpstreamServer
 from tokenwire.wire.schema import decode_chat_request

@@ -110,10 +110,10 @@ async def test_token_estimates_are_reconciled_on_settle(clock: FakeClock) -> Non
     exc = await refused(limiter, "k", spec, 50)
     assert exc.code == "rate_limit_exceeded"
     assert exc.message == "Rate limit reached: 100 tokens per 60 s."
-    await limiter.settle(first, spec, 20)  # 40 tokens refunded
+    await limiter.release(first, spec, 20)  # 40 tokens refunded
     second = await limiter.admit("k", spec, 50, "b")
     assert second.headers["x-ratelimit-remaining-tokens"] == "30"
-    await limiter.settle(second, spec, 79)  # 29 more consumed
+    await limiter.release(second, spec, 79)  # 29 more consumed
     third = await limiter.admit("k", spec, 1, "c")
     assert third.headers["x-ratelimit-remaining-tokens"] == "0"
     await refused(limiter, "k", spec, 1)
@@ -146,7 +146,7 @@ async def test_concurrent_streams_are_capped_and_released_on_settle(clock: FakeC
     assert exc.message == "At most 2 streams may run at once for this key."
     assert exc.retry_after_s == 1.0
     await limiter.admit("other-key", spec, 10, "c")
-    await limiter.settle(first, spec, 10)
+    await limiter.release(first, spec, 10)
     await limiter.admit("k", spec, 10, "c")
     await refused(limiter, "k", spec, 10, "d")
 

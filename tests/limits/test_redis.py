@@ -24,6 +24,7 @@ from tokenwire.limits import redis as redis_limits
 from tokenwire.limits.base import Admission, LimitExceeded, LimitSpec, RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
 from tokenwire.limits.redis import LimiterUnavailable, RedisRateLimiter, redact_url
+from tokenwire.testing_services import PrivateRedis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -54,12 +55,19 @@ async def make(prefix: str) -> AsyncIterator[MakeLimiter]:
     """Build limiters on the test's prefix (as separate gateway processes would); closed after."""
     made: list[RedisRateLimiter] = []
 
-    def factory(*, window_s: float = 60.0, auth_failures_per_window: int = 30) -> RedisRateLimiter:
+    def factory(
+        *,
+        window_s: float = 60.0,
+        auth_failures_per_window: int = 30,
+        slot_lease_s: float = redis_limits.SLOT_LEASE_S,
+        url: str = REDIS_URL,
+    ) -> RedisRateLimiter:
         limiter = RedisRateLimiter(
-            REDIS_URL,
+            url,
             prefix=prefix,
             window_s=window_s,
             auth_failures_per_window=auth_failures_per_window,
+            slot_lease_s=slot_lease_s,
         )
         made.append(limiter)
         return limiter
@@ -157,10 +165,10 @@ async def test_token_estimates_are_reconciled_on_settle(make: MakeLimiter) -> No
     exc = await refused(limiter, "k", spec, 50)
     assert exc.code == "rate_limit_exceeded"
     assert exc.message == "Rate limit reached: 100 tokens per 60 s."
-    await limiter.settle(first, spec, 20)  # 40 tokens refunded
+    await limiter.release(first, spec, 20)  # 40 tokens refunded
     second = await limiter.admit("k", spec, 50, "b")
     assert second.headers["x-ratelimit-remaining-tokens"] == "30"
-    await limiter.settle(second, spec, 79)  # 29 more consumed
+    await limiter.release(second, spec, 79)  # 29 more consumed
     third = await limiter.admit("k", spec, 1, "c")
     assert third.headers["x-ratelimit-remaining-tokens"] == "0"
     await refused(limiter, "k", spec, 1)
@@ -193,7 +201,7 @@ async def test_concurrent_streams_are_capped_and_released_on_settle(make: MakeLi
     assert exc.message == "At most 2 streams may run at once for this key."
     assert exc.retry_after_s == 1.0
     await limiter.admit("other-key", spec, 10, "c")
-    await limiter.settle(first, spec, 10)
+    await limiter.release(first, spec, 10)
     await limiter.admit("k", spec, 10, "c")
     await refused(limiter, "k", spec, 10, "d")
 
@@ -256,22 +264,71 @@ async def test_keys_are_named_by_prefix_and_expire(make: MakeLimiter, prefix: st
     assert 11_000 < ttls["r:key1"] <= 12_000  # 1 of 5 per 60 s
     assert 5_000 < ttls["t:key1"] <= 6_000  # 100 of 1000 per 60 s
     assert 1_000 < ttls["a:9.9.9.9"] <= 2_000  # 1 of 30 per 60 s
-    assert ttls["s:key1"] > 3_000_000  # an hour, for a process that never settles
+    assert 25_000 < ttls["s:key1"] <= 30_000  # one slot lease, renewed while the stream runs
 
 
-async def test_unsettled_stream_slots_age_out(
-    make: MakeLimiter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A slot never settled (its process crashed) frees itself when its own expiry passes."""
-    limiter = make(window_s=60.0)
+async def test_slots_of_a_process_that_stopped_renewing_age_out(make: MakeLimiter) -> None:
+    """A slot whose process died (no release, no renewal) frees itself when its lease ends."""
+    crashed = make(slot_lease_s=0.3)
+    alive = make()
     spec = LimitSpec(max_streams=2)
-    monkeypatch.setattr(redis_limits, "STREAM_TTL_S", 0.2)
-    await limiter.admit("k", spec, 0, "crashed")
-    monkeypatch.setattr(redis_limits, "STREAM_TTL_S", 3600.0)
-    await limiter.admit("k", spec, 0, "alive")  # keeps the set itself from expiring
-    await refused(limiter, "k", spec, 0)
-    await admit_eventually(limiter, "k", spec, 0, timeout_s=2.0)
-    await refused(limiter, "k", spec, 0)
+    await crashed.admit("k", spec, 0, "crashed")
+    await crashed.aclose()  # the process is gone: nobody renews its slot
+    await alive.admit("k", spec, 0, "alive")  # keeps the set itself from expiring
+    await refused(alive, "k", spec, 0)
+    await admit_eventually(alive, "k", spec, 0, timeout_s=5.0)
+    await refused(alive, "k", spec, 0)
+
+
+async def test_a_renewed_slot_outlives_its_lease(make: MakeLimiter) -> None:
+    """While its process renews it, a slot stays taken for several leases."""
+    limiter = make(slot_lease_s=0.3)
+    spec = LimitSpec(max_streams=1)
+    await limiter.admit("k", spec, 0, "long")
+    deadline = time.monotonic() + 1.2  # four leases
+    while time.monotonic() < deadline:
+        await limiter.renew_once()
+        await refused(limiter, "k", spec, 0)
+        await asyncio.sleep(0.05)
+    assert limiter.held_slots == 1
+
+
+async def test_a_redis_that_restarted_empty_gets_live_slots_back(
+    make: MakeLimiter, private_redis: PrivateRedis
+) -> None:
+    """After Redis restarts empty, the next renewal puts the live slots back: the stream cap
+    holds again, and releases still free them."""
+    limiter = make(url=private_redis.url)
+    spec = LimitSpec(max_streams=1)
+    first = await limiter.admit("k", spec, 0, "live")
+    private_redis.restart()
+    other = make(url=private_redis.url)
+    probe = await other.admit("k", spec, 0, "probe")  # the empty Redis admits one more
+    await other.release(probe, spec, 0)
+    await limiter.renew_once()
+    await refused(other, "k", spec, 0)
+    await limiter.release(first, spec, 0)
+    await other.admit("k", spec, 0, "next")
+
+
+async def test_a_release_that_failed_is_retried_until_redis_takes_it(
+    make: MakeLimiter, private_redis: PrivateRedis
+) -> None:
+    """A release while Redis is unreachable raises, stops renewing the slot, and is sent
+    again by the renewal once Redis answers: the slot frees without waiting for its lease."""
+    limiter = make(url=private_redis.url)
+    spec = LimitSpec(max_streams=1)
+    admission = await limiter.admit("k", spec, 0, "s")
+    private_redis.pause()
+    try:
+        with pytest.raises(LimiterUnavailable):
+            await limiter.release(admission, spec, 0)
+    finally:
+        private_redis.resume()
+    assert limiter.held_slots == 0
+    await refused(limiter, "k", spec, 0)  # Redis never heard of the release
+    await limiter.renew_once()
+    await limiter.admit("k", spec, 0, "next")
 
 
 async def test_two_processes_share_one_budget(make: MakeLimiter) -> None:
@@ -308,7 +365,7 @@ async def test_each_call_is_one_round_trip(
     limiter = make()
     spec = LimitSpec(rpm=5, tpm=1000, max_streams=2)
     warm = await limiter.admit("warm", spec, 1, "w")  # loads the script if the server lacks it
-    await limiter.settle(warm, spec, 1)
+    await limiter.release(warm, spec, 1)
     await limiter.auth_blocked("c")
     sent: list[str] = []
     original: Callable[..., Awaitable[Any]] = Redis.execute_command
@@ -320,7 +377,7 @@ async def test_each_call_is_one_round_trip(
     monkeypatch.setattr(Redis, "execute_command", counting)
     admission = await limiter.admit("k", spec, 10, "a")
     assert sent == ["EVALSHA"]
-    await limiter.settle(admission, spec, 5)
+    await limiter.release(admission, spec, 5)
     await limiter.auth_blocked("c")
     await limiter.auth_failed("c")
     assert sent == ["EVALSHA"] * 4
@@ -342,7 +399,7 @@ async def test_redis_down_raises_limiter_unavailable() -> None:
     admission = Admission("k", "s", 1)
     calls: list[Callable[[], Awaitable[object]]] = [
         lambda: limiter.admit("k", spec, 1, "s"),
-        lambda: limiter.settle(admission, spec, 1),
+        lambda: limiter.release(admission, spec, 1),
         lambda: limiter.auth_blocked("c"),
         lambda: limiter.auth_failed("c"),
     ]
@@ -390,7 +447,7 @@ async def test_memory_and_redis_agree_on_a_random_sequence(make: MakeLimiter, se
             pair = pending.pop(rng.randrange(len(pending)))
             actual = rng.randint(0, 300)
             for backend, admission in zip(backends, pair, strict=True):
-                await backend.settle(admission, specs[admission.key_id], actual)
+                await backend.release(admission, specs[admission.key_id], actual)
             continue
         key = rng.choice(sorted(specs))
         tokens = rng.randint(0, 600)

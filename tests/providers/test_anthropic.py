@@ -229,7 +229,11 @@ def test_defaults_max_tokens_and_forces_streaming() -> None:
             UnsupportedParameter,
             "tools[0].type",
         ),
-        ({"tools": [{"type": "function", "function": {}}]}, InvalidRequest, "tools[0].function"),
+        (
+            {"tools": [{"type": "function", "function": {}}]},
+            InvalidRequest,
+            "tools[0].function.name",
+        ),
         ({"tool_choice": "required"}, InvalidRequest, "tool_choice"),
         ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, InvalidRequest, "tool_choice"),
     ],

@@ -244,8 +244,24 @@ ASSISTANT_CALL = {
         ),
         (
             {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search"}]},
+            InvalidRequest,
+            "tools[0].type",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "custom", "custom": {"name": "x"}}],
+            },
             UnsupportedParameter,
             "tools[0].type",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema", "json_schema": "x"},
+            },
+            InvalidRequest,
+            "response_format.json_schema",
         ),
         (
             {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
@@ -262,7 +278,7 @@ ASSISTANT_CALL = {
                 "messages": [{"role": "user", "content": "x"}],
                 "response_format": {"type": "grammar"},
             },
-            UnsupportedParameter,
+            InvalidRequest,
             "response_format.type",
         ),
     ],

@@ -15,7 +15,7 @@ from tokenwire.errors import BodyTooLarge, GatewayError, InvalidRequest
 from tokenwire.state import AppState, get_state
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
-from tokenwire.streams.store import body_digest
+from tokenwire.streams.store import request_digest
 from tokenwire.wire.chunks import CompletionBuilder
 from tokenwire.wire.schema import decode_chat_request
 
@@ -61,7 +61,7 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         raw,
         "sse" if chat_request.stream else "json",
         resumable=request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true"),
-        idempotency=None if idempotency_key is None else (idempotency_key, body_digest(body)),
+        idempotency=None if idempotency_key is None else (idempotency_key, request_digest(raw)),
     )
     if not chat_request.stream:
         return JSONCompletion(generation)
@@ -87,7 +87,7 @@ async def completions_endpoint(scope: Scope, receive: Receive, send: Send) -> No
     except GatewayError as exc:
         response = error_response(exc)
     except Exception as exc:  # noqa: BLE001 - rendered as a 500 without a stack trace
-        response = internal_error_response(exc)
+        response = internal_error_response(exc, "POST /v1/chat/completions")
     await response(scope, receive, send)
 
 

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwire.errors import GatewayError
+from tokenwire.errors import GatewayError, unexpected
 
 log = logging.getLogger("tokenwire.api")
 
@@ -57,19 +57,10 @@ async def handle_http_exception(_request: Request, exc: Exception) -> Response:
     return json_response(body, exc.status_code, dict(exc.headers or {}))
 
 
-def internal_error_response(exc: Exception) -> Response:
+def internal_error_response(exc: Exception, what: str) -> Response:
     """A generic 500 body; the exception and its trace go to the log only."""
-    log.error("unhandled error", exc_info=exc)
-    body = {
-        "error": {
-            "message": "The server had an internal error; it has been logged.",
-            "type": "api_error",
-            "param": None,
-            "code": "internal_error",
-        }
-    }
-    return json_response(body, 500)
+    return error_response(unexpected(exc, log, what))
 
 
-async def handle_unexpected(_request: Request, exc: Exception) -> Response:
-    return internal_error_response(exc)
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    return internal_error_response(exc, f"{request.method} {request.url.path}")

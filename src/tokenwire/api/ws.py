@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenwire.accounting.keys import KeyRecord
@@ -33,11 +32,12 @@ from tokenwire.errors import (
     InvalidRequest,
     NotFound,
     RateLimited,
+    unexpected,
 )
 from tokenwire.state import AppState, get_state
 from tokenwire.streams.events import Event, Finish, StreamError, TextDelta, Usage
 from tokenwire.streams.source import StreamSource
-from tokenwire.streams.store import body_digest
+from tokenwire.streams.store import request_digest
 from tokenwire.wire import ws as proto
 from tokenwire.wire.chunks import ChunkEncoder, error_json
 from tokenwire.wire.schema import convert_chat_request
@@ -284,8 +284,8 @@ class WSSession:
                 return
             except proto.RequestFailed as exc:
                 await self._send(proto.error_message(exc.error, exc.request_id))
-            except GatewayError as exc:
-                await self._send(proto.error_message(exc))
+            except Exception as exc:  # noqa: BLE001 - logged; fails this message, not the socket
+                await self._send(proto.error_message(_as_gateway_error(exc, "a message")))
 
     async def _authenticate(self, message: proto.ClientMessage) -> None:
         if not isinstance(message, proto.AuthMessage):
@@ -363,12 +363,11 @@ class WSSession:
         self._check_new_request_id(request_id)
         idempotency = None
         if message.idempotency_key is not None:
-            digest = body_digest(msgspec.json.encode(message.body, order="sorted"))
-            idempotency = (message.idempotency_key, digest)
+            idempotency = (message.idempotency_key, request_digest(message.body))
         try:
             generation = await self._start(message.body, message.resumable, idempotency)
-        except GatewayError as exc:
-            raise proto.RequestFailed(exc, request_id) from None
+        except Exception as exc:  # noqa: BLE001 - logged; fails this request only
+            raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
         self._serve(request_id, generation, 0)
 
     async def _resume(self, message: proto.ResumeMessage) -> None:
@@ -379,8 +378,8 @@ class WSSession:
             generation = await self._state.completions.streams.get(
                 message.stream_id, self._key.id, message.starting_after
             )
-        except GatewayError as exc:
-            raise proto.RequestFailed(exc, request_id) from None
+        except Exception as exc:  # noqa: BLE001 - logged; fails this request only
+            raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
         self._serve(request_id, generation, message.starting_after)
 
     def _request_done(self, request_id: str) -> None:
@@ -413,6 +412,13 @@ class WSSession:
     # -- serving requests --------------------------------------------------------------------
 
     async def _serve_envelope(self, request_id: str, generation: StreamSource, after: int) -> None:
+        try:
+            await self._stream_envelope(request_id, generation, after)
+        except Exception as exc:  # noqa: BLE001 - logged; ends this request, not the socket
+            error = _as_gateway_error(exc, request_id)
+            await self._send(proto.error_message(error, request_id))
+
+    async def _stream_envelope(self, request_id: str, generation: StreamSource, after: int) -> None:
         include_usage = generation.include_usage
         encoder = ChunkEncoder(
             completion_id=generation.id,
@@ -423,23 +429,24 @@ class WSSession:
         seq = after
         finish: str | None = None
         usage: Usage | None = None
-        async for batch in generation.read(after=after):
-            parts: list[bytes] = []
-            assert batch is not None
-            for event, number in merge_text(batch, seq):
-                if isinstance(event, StreamError):
-                    parts.append(proto.error_message(event.error, request_id))
-                    continue
-                if isinstance(event, Finish):
-                    finish = event.reason
-                elif isinstance(event, Usage):
-                    usage = event
-                chunk = encoder.encode(event, include_usage=include_usage)
-                if chunk is not None:
-                    parts.append(proto.envelope_chunk(chunk, request_id, number))
-            seq += len(batch)
-            for part in parts:
-                await self._send(part)
+        async with contextlib.aclosing(generation.read(after=after)) as batches:
+            async for batch in batches:
+                parts: list[bytes] = []
+                assert batch is not None
+                for event, number in merge_text(batch, seq):
+                    if isinstance(event, StreamError):
+                        parts.append(proto.error_message(event.error, request_id))
+                        continue
+                    if isinstance(event, Finish):
+                        finish = event.reason
+                    elif isinstance(event, Usage):
+                        usage = event
+                    chunk = encoder.encode(event, include_usage=include_usage)
+                    if chunk is not None:
+                        parts.append(proto.envelope_chunk(chunk, request_id, number))
+                seq += len(batch)
+                for part in parts:
+                    await self._send(part)
         finish = finish or generation.finish_reason  # a resume may start after the finish
         usage = usage or generation.usage
         if finish is not None and generation.error is None:
@@ -451,6 +458,9 @@ class WSSession:
             self._compat_busy = True
             try:
                 await self._serve_compatible(item)
+            except Exception as exc:  # noqa: BLE001 - logged; the next request is served
+                await self._send(error_json(_as_gateway_error(exc, "a compatible request")))
+                await self._finish_compatible()
             finally:
                 self._compat_busy = False
                 self._rearm_idle()
@@ -460,12 +470,11 @@ class WSSession:
             if isinstance(item, GatewayError):
                 raise item
             generation = await self._start(item)
-        except GatewayError as exc:
-            await self._send(error_json(exc))
+        except Exception as exc:  # noqa: BLE001 - reported like any refusal, in order
+            await self._send(error_json(_as_gateway_error(exc, "a compatible request")))
             await self._finish_compatible()
             return
-        body = item
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = generation.include_usage
         encoder = ChunkEncoder(
             completion_id=generation.id,
             created=generation.created,
@@ -473,13 +482,14 @@ class WSSession:
             include_usage=include_usage,
         )
         seq = 0
-        async for batch in generation.read():
-            assert batch is not None
-            for event, _number in merge_text(batch, seq):
-                chunk = encoder.encode(event, include_usage=include_usage)
-                if chunk is not None:
-                    await self._send(chunk)
-            seq += len(batch)
+        async with contextlib.aclosing(generation.read()) as batches:
+            async for batch in batches:
+                assert batch is not None
+                for event, _number in merge_text(batch, seq):
+                    chunk = encoder.encode(event, include_usage=include_usage)
+                    if chunk is not None:
+                        await self._send(chunk)
+                seq += len(batch)
         await self._finish_compatible()
 
     async def _finish_compatible(self) -> None:
@@ -491,6 +501,13 @@ class WSSession:
                     await self._closed_event.wait()
         if not self._client_closed:
             await self._send(proto.DONE.encode())
+
+
+def _as_gateway_error(exc: Exception, what: str) -> GatewayError:
+    """``exc`` as the error to report: itself, or a logged ``InternalError`` for a bug."""
+    if isinstance(exc, GatewayError):
+        return exc
+    return unexpected(exc, log, f"WebSocket request {what}")
 
 
 def _origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:

@@ -171,7 +171,7 @@ class RateLimiter(Protocol):
         """Admit a request or raise :class:`LimitExceeded` (consuming nothing)."""
         ...
 
-    async def settle(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
+    async def release(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
         """Release the stream slot and correct the token bucket by actual - estimated."""
         ...
 

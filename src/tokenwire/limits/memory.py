@@ -88,7 +88,7 @@ class MemoryRateLimiter:
         state = gcra(self._tat.get(name, now), now, 0, limit, self._window_s)
         return BucketState(limit, state.remaining, state.reset_s)
 
-    async def settle(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
+    async def release(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
         streams = self._streams.get(admission.key_id)
         if streams is not None:
             streams.discard(admission.stream_id)

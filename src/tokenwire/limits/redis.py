@@ -12,8 +12,12 @@ all-or-nothing admission), kept in Redis so several processes agree:
   stays on small numbers (a double holds epoch microseconds only to ~0.25 µs, too coarse next
   to a small interval) and follows :func:`tokenwire.limits.base.gcra` step for step, relative
   to now. A GCRA key expires (PX) when its bucket would be full again.
-* Open streams are a ZSET per key of stream ids scored by an expiry one hour ahead, so the
-  slots of a crashed process age out; expired entries are removed before counting.
+* Open streams are a ZSET per key of stream ids scored by an expiry: a **lease** of
+  ``SLOT_LEASE_S`` that the admitting process renews while the stream runs (one pipelined
+  script for all of its slots every third of a lease). Expired entries are removed before
+  counting, so the slots of a crashed process, or ones whose release failed while Redis was
+  unreachable, free themselves within a lease; a release that failed is retried with the next
+  renewal, and a Redis that restarted empty gets the live slots back from the renewal.
 * Keys: ``{prefix}r:{key_id}`` (requests), ``{prefix}t:{key_id}`` (tokens),
   ``{prefix}s:{key_id}`` (streams), ``{prefix}a:{client}`` (failed authentications).
 
@@ -22,6 +26,8 @@ Redis errors become :class:`LimiterUnavailable` (503).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from urllib.parse import urlsplit
 
@@ -42,7 +48,7 @@ from tokenwire.limits.base import (
 
 log = logging.getLogger("tokenwire.limits")
 
-STREAM_TTL_S = 3600.0  # a stream slot nobody settles is freed after this
+SLOT_LEASE_S = 30.0  # a stream slot its process stops renewing is freed after this
 SOCKET_TIMEOUT_S = 2.0
 
 _COMMON = """
@@ -150,6 +156,18 @@ return 0
 """
 )
 
+# KEYS: the stream ZSETs, one per slot. ARGV: lease seconds, then the stream ids (same order).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local lease = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, string.format('%.17g', now + lease * 1e6), ARGV[i + 1])
+  redis.call('PEXPIRE', key, math.ceil(lease * 1000))
+end
+return #KEYS
+"""
+
 # KEYS: a. ARGV: limit, window, commit (1: count a failure). Returns {allowed, retry after}.
 _AUTH = (
     _COMMON
@@ -202,6 +220,7 @@ class RedisRateLimiter:
         prefix: str = "tokenwire:",
         window_s: float = 60.0,
         auth_failures_per_window: int = 30,
+        slot_lease_s: float = SLOT_LEASE_S,
     ) -> None:
         self._url = redact_url(redis_url)
         self._prefix = prefix
@@ -216,7 +235,14 @@ class RedisRateLimiter:
         )
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
+        self._renew = self._redis.register_script(_RENEW)
         self._auth = self._redis.register_script(_AUTH)
+        self._lease_s = slot_lease_s
+        # Stream slots this process holds (stream id → key id), renewed until released, and
+        # releases that failed (retried with each renewal until Redis takes them).
+        self._held: dict[str, str] = {}
+        self._unreleased: dict[str, tuple[Admission, LimitSpec, int]] = {}
+        self._renewer: asyncio.Task[None] | None = None
 
     def _keys(self, kinds: str, name: str) -> list[str]:
         return [f"{self._prefix}{kind}:{name}" for kind in kinds]
@@ -242,7 +268,7 @@ class RedisRateLimiter:
             tokens,
             _opt(spec.max_streams),
             stream_id,
-            STREAM_TTL_S,
+            self._lease_s,
         )
         now_us, open_streams = raw[0], raw[9]
         (r_ok, r_retry, *_), (t_ok, t_retry, *_) = raw[1:5], raw[5:9]
@@ -258,14 +284,65 @@ class RedisRateLimiter:
             open_streams=int(open_streams),
             headers=headers,
         )
+        if spec.max_streams is not None:
+            self._held[stream_id] = key_id
+            self._start_renewing()
         return Admission(key_id, stream_id, tokens, request_state, token_state, headers)
 
-    async def settle(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
+    async def release(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
+        """Free the slot and correct the token bucket; if Redis is unreachable, keep trying.
+
+        The slot stops being renewed at once, so even a release that never gets through frees
+        the slot when its lease runs out.
+        """
+        self._held.pop(admission.stream_id, None)
+        try:
+            await self._release(admission, spec, actual_tokens)
+        except LimiterUnavailable:
+            self._unreleased[admission.stream_id] = (admission, spec, actual_tokens)
+            self._start_renewing()
+            raise
+
+    async def _release(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
         delta = actual_tokens - admission.tokens
         keys = self._keys("ts", admission.key_id)
         await self._run(
             self._settle, keys, admission.stream_id, _opt(spec.tpm), delta, self._window_s
         )
+
+    def _start_renewing(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            loop = asyncio.get_running_loop()
+            self._renewer = loop.create_task(self._renew_loop(), name="limits-slot-renewer")
+
+    async def _renew_loop(self) -> None:
+        """Every third of a lease: renew held slots, retry failed releases; stop when idle."""
+        while self._held or self._unreleased:
+            await asyncio.sleep(self._lease_s / 3)
+            await self.renew_once()
+
+    async def renew_once(self) -> None:
+        """One renewal round (also called by tests): extend every held slot's lease, and send
+        again the releases Redis did not take. Failures are logged; the next round retries."""
+        for stream_id, (admission, spec, actual) in list(self._unreleased.items()):
+            try:
+                await self._release(admission, spec, actual)
+            except LimiterUnavailable:
+                break  # Redis is still away; keep the rest for the next round
+            self._unreleased.pop(stream_id, None)
+        held = list(self._held.items())
+        if not held:
+            return
+        keys = [f"{self._prefix}s:{key_id}" for _, key_id in held]
+        try:
+            await self._run(self._renew, keys, self._lease_s, *(sid for sid, _ in held))
+        except LimiterUnavailable:
+            return  # logged by _run; the leases last another two renewal periods
+
+    @property
+    def held_slots(self) -> int:
+        """Stream slots this process holds and renews."""
+        return len(self._held)
 
     async def _auth_step(self, client: str, commit: bool) -> float | None:
         keys = self._keys("a", client)
@@ -281,4 +358,8 @@ class RedisRateLimiter:
         await self._auth_step(client, commit=True)
 
     async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         await self._redis.aclose()

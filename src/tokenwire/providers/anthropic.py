@@ -72,7 +72,13 @@ from tokenwire.providers.http import UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import upstream_error
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire import schema
-from tokenwire.wire.schema import AssistantMessage, ToolMessage, UserMessage, content_text
+from tokenwire.wire.schema import (
+    AssistantMessage,
+    ChatRequest,
+    ToolMessage,
+    UserMessage,
+    content_text,
+)
 
 ANTHROPIC_VERSION = "2023-06-01"
 Block = dict[str, Any]
@@ -110,15 +116,22 @@ def _unsupported(param: str, what: str) -> UnsupportedParameter:
     return UnsupportedParameter(f"{what} is not supported by Anthropic models.", param=param)
 
 
-def _refuse_unsupported(call: ProviderCall) -> None:
-    request, raw = call.request, call.raw_body
+def _refuse_unsupported(request: ChatRequest) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(request, name):
             raise _unsupported(name, f"A non-zero '{name}'")
-    for name in ("logprobs", "top_logprobs", "logit_bias", "audio"):
-        if raw.get(name) not in (None, False, {}):
+    for name, value in (
+        ("logprobs", request.logprobs),
+        ("top_logprobs", request.top_logprobs is not None),
+        ("logit_bias", request.logit_bias),
+        ("audio", request.audio),
+        ("prediction", request.prediction),
+    ):
+        if value:
             raise _unsupported(name, f"'{name}'")
-    if raw.get("response_format") not in (None, {"type": "text"}):
+    if request.response_format is not None and not isinstance(
+        request.response_format, schema.TextFormat
+    ):
         raise _unsupported("response_format", "A 'response_format' other than text")
 
 
@@ -133,11 +146,7 @@ def _user_block(part: schema.UserPart, param: str) -> Block | None:
     if isinstance(part, schema.TextPart):
         return {"type": "text", "text": part.text} if part.text else None
     if isinstance(part, schema.ImageUrlPart):
-        url = part.image_url.get("url")
-        if not isinstance(url, str):
-            raise InvalidRequest(
-                "An image_url part needs a 'url' string.", param=f"{param}.image_url.url"
-            )
+        url = part.image_url.url
         if url.startswith(("http://", "https://")):
             return {"type": "image", "source": {"type": "url", "url": url}}
         media_type, data = _data_url(url, f"{param}.image_url.url")
@@ -146,8 +155,8 @@ def _user_block(part: schema.UserPart, param: str) -> Block | None:
         source = {"type": "base64", "media_type": media_type, "data": data}
         return {"type": "image", "source": source}
     if isinstance(part, schema.FilePart):
-        file_data = part.file.get("file_data")
-        if isinstance(file_data, str):
+        file_data = part.file.file_data
+        if file_data is not None:
             media_type, data = _data_url(file_data, f"{param}.file.file_data")
             if media_type == "application/pdf":
                 source = {"type": "base64", "media_type": media_type, "data": data}
@@ -223,50 +232,44 @@ def _messages(call: ProviderCall) -> tuple[list[str], list[Block]]:
     return system, turns
 
 
-def _tools(tools: list[dict[str, Any]]) -> list[Block]:
+def _tools(tools: list[schema.Tool]) -> list[Block]:
     result: list[Block] = []
     for i, tool in enumerate(tools):
-        if tool.get("type", "function") != "function":
-            raise _unsupported(f"tools[{i}].type", f"Tool type {tool.get('type')!r}")
-        function = tool.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(function, dict) or not isinstance(name, str) or not name:
-            raise InvalidRequest("A function tool needs a name.", param=f"tools[{i}].function")
-        parameters = function.get("parameters")
-        input_schema = dict(parameters) if isinstance(parameters, dict) else {"properties": {}}
-        entry: Block = {"name": name}
-        if function.get("description"):
-            entry["description"] = function["description"]
+        if not isinstance(tool, schema.FunctionTool):
+            raise _unsupported(f"tools[{i}].type", "A tool other than a function")
+        function = tool.function
+        input_schema = dict(function.parameters) if function.parameters else {"properties": {}}
+        entry: Block = {"name": function.name}
+        if function.description:
+            entry["description"] = function.description
         entry["input_schema"] = {"type": "object", **input_schema}
         result.append(entry)
     return result
 
 
-def _tool_choice(choice: str | dict[str, Any] | None) -> Block | None:
+_CHOICES = {"auto": "auto", "required": "any", "none": "none"}
+
+
+def _tool_choice(choice: schema.ToolChoice | None) -> Block | None:
     if choice is None:
         return None
     if isinstance(choice, str):
-        mapped = {"auto": "auto", "required": "any", "none": "none"}.get(choice)
-        if mapped is not None:
-            return {"type": mapped}
-    else:
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if choice.get("type") == "function" and isinstance(name, str) and name:
-            return {"type": "tool", "name": name}
-    raise InvalidRequest(
-        "'tool_choice' must be auto, required, none or a function.", param="tool_choice"
+        return {"type": _CHOICES[choice]}
+    if isinstance(choice, schema.FunctionChoice):
+        return {"type": "tool", "name": choice.function.name}
+    raise _unsupported(
+        "tool_choice", "A 'tool_choice' other than auto, required, none or a function"
     )
 
 
 def to_anthropic(call: ProviderCall, *, default_max_tokens: int = 4096) -> dict[str, Any]:
     """The Messages API body for ``call``, or InvalidRequest / UnsupportedParameter (400)."""
     request = call.request
-    _refuse_unsupported(call)
+    _refuse_unsupported(request)
     system, turns = _messages(call)
     body: dict[str, Any] = {
         "model": call.upstream_model,
-        "max_tokens": request.output_limit or default_max_tokens,
+        "max_tokens": call.output_limit or default_max_tokens,
         "messages": turns,
         "stream": True,
     }
@@ -281,7 +284,7 @@ def to_anthropic(call: ProviderCall, *, default_max_tokens: int = 4096) -> dict[
     choice = _tool_choice(request.tool_choice)
     if request.tools:
         body["tools"] = _tools(request.tools)
-        if call.raw_body.get("parallel_tool_calls") is False and choice != {"type": "none"}:
+        if request.parallel_tool_calls is False and choice != {"type": "none"}:
             choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
         if choice is not None:
             body["tool_choice"] = choice

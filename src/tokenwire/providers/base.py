@@ -19,11 +19,26 @@ from tokenwire.wire.schema import ChatRequest
 
 @dataclass(frozen=True, slots=True)
 class ProviderCall:
-    """One completion to run: the request, its original JSON, and the upstream model name."""
+    """One completion to run: the request, its original JSON, and the upstream model name.
+
+    Providers read the typed ``request`` only. ``raw_body`` is the client's JSON object as it
+    came, for an OpenAI-compatible upstream to receive vendor extensions unchanged; nothing
+    may *read* a field from it. ``max_output_tokens`` is the answer's limit that admission
+    reserved for (the request's own, or the configured default, capped by the model's):
+    providers send it upstream so that no answer is longer than what was paid for.
+    """
 
     request: ChatRequest
     upstream_model: str
     raw_body: dict[str, Any]
+    max_output_tokens: int | None = None
+
+    @property
+    def output_limit(self) -> int | None:
+        """The answer's token limit: the admitted one, else the request's own."""
+        if self.max_output_tokens is not None:
+            return self.max_output_tokens
+        return self.request.output_limit
 
 
 class Provider(Protocol):

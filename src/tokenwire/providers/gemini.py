@@ -80,7 +80,6 @@ from tokenwire.wire import schema
 from tokenwire.wire.schema import ChatRequest, content_text
 
 API_VERSION = "v1beta"
-_UNSUPPORTED = ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction")
 _FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 _MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
@@ -91,8 +90,14 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429:
 def to_gemini(call: ProviderCall) -> tuple[str, dict[str, Any]]:
     """The streaming request for ``call``: its path (with query) and its JSON body."""
     request = call.request
-    for key in _UNSUPPORTED:
-        if call.raw_body.get(key):
+    for key, value in (
+        ("logit_bias", request.logit_bias),
+        ("logprobs", request.logprobs),
+        ("top_logprobs", request.top_logprobs is not None),
+        ("audio", request.audio),
+        ("prediction", request.prediction),
+    ):
+        if value:
             raise UnsupportedParameter(f"Gemini models do not support {key!r}.", param=key)
     system, contents = _contents(request)
     body: dict[str, Any] = {}
@@ -104,7 +109,7 @@ def to_gemini(call: ProviderCall) -> tuple[str, dict[str, Any]]:
     tool_config = _tool_config(request)
     if tool_config is not None:
         body["toolConfig"] = {"functionCallingConfig": tool_config}
-    config = _generation_config(request, call.raw_body.get("response_format"))
+    config = _generation_config(request, call.output_limit)
     if config:
         body["generationConfig"] = config
     model = quote(call.upstream_model, safe="")
@@ -147,16 +152,16 @@ def _user_parts(content: str | list[Any], param: str) -> list[dict[str, Any]]:
             if part.text:
                 parts.append({"text": part.text})
         elif isinstance(part, schema.ImageUrlPart):
-            parts.append(_media(str(part.image_url.get("url", "")), f"{where}.image_url.url"))
+            parts.append(_media(part.image_url.url, f"{where}.image_url.url"))
         elif isinstance(part, schema.InputAudioPart):
             audio = part.input_audio
-            mime = f"audio/{audio.get('format', 'wav')}"
-            parts.append({"inlineData": {"mimeType": mime, "data": str(audio.get("data", ""))}})
+            mime = f"audio/{audio.format}"
+            parts.append({"inlineData": {"mimeType": mime, "data": audio.data}})
         elif isinstance(part, schema.FilePart):
-            if "file_data" not in part.file:
+            if part.file.file_data is None:
                 message = "Gemini cannot read OpenAI file ids; send 'file_data' (a data URL)."
                 raise UnsupportedParameter(message, param=f"{where}.file.file_id")
-            parts.append(_media(str(part.file["file_data"]), f"{where}.file.file_data"))
+            parts.append(_media(part.file.file_data, f"{where}.file.file_data"))
     return parts
 
 
@@ -214,21 +219,19 @@ def _tool_response(
     return {"functionResponse": {"name": name, "response": response}}
 
 
-def _declarations(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _declarations(tools: list[schema.Tool]) -> list[dict[str, Any]]:
     declarations: list[dict[str, Any]] = []
     for k, tool in enumerate(tools):
-        if tool.get("type", "function") != "function":
+        if not isinstance(tool, schema.FunctionTool):
             raise UnsupportedParameter(
                 "Gemini takes function tools only.", param=f"tools[{k}].type"
             )
-        function = tool.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise InvalidRequest("A function tool needs a name.", param=f"tools[{k}].function")
-        declaration: dict[str, Any] = {"name": function["name"]}
-        if function.get("description"):
-            declaration["description"] = function["description"]
-        if function.get("parameters"):
-            declaration["parametersJsonSchema"] = function["parameters"]
+        function = tool.function
+        declaration: dict[str, Any] = {"name": function.name}
+        if function.description:
+            declaration["description"] = function.description
+        if function.parameters:
+            declaration["parametersJsonSchema"] = function.parameters
         declarations.append(declaration)
     return declarations
 
@@ -242,21 +245,17 @@ def _tool_config(request: ChatRequest) -> dict[str, Any] | None:
             return None
         raise InvalidRequest("'tool_choice' needs 'tools'.", param="tool_choice")
     if isinstance(choice, str):
-        if choice not in _MODES:
-            raise InvalidRequest(f"Unknown tool_choice {choice!r}.", param="tool_choice")
         return {"mode": _MODES[choice]}
-    function = choice.get("function")
-    name = function.get("name") if isinstance(function, dict) else None
-    if choice.get("type") != "function" or not isinstance(name, str):
+    if not isinstance(choice, schema.FunctionChoice):
         text = "Gemini takes tool_choice 'auto', 'none', 'required' or one named function."
         raise UnsupportedParameter(text, param="tool_choice")
-    return {"mode": "ANY", "allowedFunctionNames": [name]}
+    return {"mode": "ANY", "allowedFunctionNames": [choice.function.name]}
 
 
-def _generation_config(request: ChatRequest, response_format: Any) -> dict[str, Any]:
+def _generation_config(request: ChatRequest, output_limit: int | None) -> dict[str, Any]:
     config: dict[str, Any] = {}
-    if request.output_limit is not None:
-        config["maxOutputTokens"] = request.output_limit
+    if output_limit is not None:
+        config["maxOutputTokens"] = output_limit
     if request.stop_sequences:
         config["stopSequences"] = request.stop_sequences
     for name, value in (
@@ -268,14 +267,14 @@ def _generation_config(request: ChatRequest, response_format: Any) -> dict[str, 
     ):
         if value is not None:
             config[name] = value
-    if isinstance(response_format, dict) and response_format.get("type") != "text":
-        kind = response_format.get("type")
-        if kind not in ("json_object", "json_schema"):
-            raise UnsupportedParameter(f"Unknown type {kind!r}.", param="response_format.type")
+    response_format = request.response_format
+    if isinstance(response_format, schema.JSONObjectFormat | schema.JSONSchemaFormat):
         config["responseMimeType"] = "application/json"
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if kind == "json_schema" and schema is not None:
-            config["responseJsonSchema"] = schema
+    if (
+        isinstance(response_format, schema.JSONSchemaFormat)
+        and response_format.json_schema.schema is not None
+    ):
+        config["responseJsonSchema"] = response_format.json_schema.schema
     return config
 
 

@@ -194,7 +194,7 @@ class LocalProvider:
         return self._tokens_generated
 
     def stream(self, call: ProviderCall) -> AsyncIterator[Event]:
-        return self._stream(call.request)
+        return self._stream(call.request, call.output_limit)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -205,14 +205,14 @@ class LocalProvider:
                 await asyncio.to_thread(self._executor.shutdown, wait=True)
             self._model = None  # the last reference: llama.cpp frees the model and context
 
-    async def _stream(self, request: ChatRequest) -> AsyncIterator[Event]:
+    async def _stream(self, request: ChatRequest, limit: int | None) -> AsyncIterator[Event]:
         if self._pending > self.max_queue:
             msg = f"The local model {self.name!r} is busy ({self.max_queue} requests waiting)."
             raise RateLimited(msg, retry_after_s=max(1.0, self._avg_job_s))
         self._pending += 1
         try:
             model = await self._load()
-            prompt = await asyncio.to_thread(_prepare, model, request)
+            prompt = await asyncio.to_thread(_prepare, model, request, limit)
             self._waiting += 1
             try:
                 await self._slot.acquire()
@@ -331,11 +331,9 @@ class LocalProvider:
         return count, "stop" if stopped else finish
 
 
-def _prepare(model: _Model, request: ChatRequest) -> _Prompt:
+def _prepare(model: _Model, request: ChatRequest, limit: int | None) -> _Prompt:
     """Render the chat template and tokenize (thread-safe: read-only use of the vocab)."""
-    if request.tools and (
-        request.tool_choice == "required" or isinstance(request.tool_choice, dict)
-    ):
+    if request.tools and request.tool_choice not in (None, "none", "auto"):
         raise UnsupportedParameter("The local model cannot call tools.", param="tool_choice")
     messages = cast(Any, [_message_dict(m) for m in request.messages])
     try:
@@ -360,7 +358,6 @@ def _prepare(model: _Model, request: ChatRequest) -> _Prompt:
             param="messages",
             code="context_length_exceeded",
         )
-    limit = request.output_limit
     seed = secrets.randbelow(_RANDOM_SEED) if request.seed is None else request.seed % _RANDOM_SEED
     return _Prompt(
         tokens=tokens,

@@ -2,7 +2,8 @@
 
 The client's original body is passed through (vendor extensions included) with the upstream
 model name, ``stream: true`` and ``stream_options.include_usage`` forced, so usage is always
-the upstream's own figure. The SSE reply is parsed incrementally into typed events.
+the upstream's own figure, and the admitted token limit added when the client sent none.
+The SSE reply is parsed incrementally into typed events.
 Connections come from one aiohttp pool per provider; closing the event iterator (a cancel or
 a client gone) closes the upstream connection at once.
 """
@@ -159,9 +160,11 @@ class OpenAICompatProvider:
         first_token_timeout_s: float = 120.0,
         idle_timeout_s: float = 60.0,
         max_connections: int = 2048,
+        output_limit_field: str = "max_tokens",
     ) -> None:
         self.name = name
         self._url = base_url.rstrip("/") + "/chat/completions"
+        self._output_limit_field = output_limit_field
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -173,11 +176,18 @@ class OpenAICompatProvider:
         )
 
     def upstream_body(self, call: ProviderCall) -> dict[str, Any]:
-        """The body sent upstream: the client's, with model, streaming and usage forced."""
+        """The body sent upstream: the client's, with model, streaming and usage forced.
+
+        A request without a token limit gets the admitted one (``output_limit_field``: OpenAI's
+        reasoning models take only ``max_completion_tokens``, most other servers
+        ``max_tokens``), so no answer outgrows what admission reserved.
+        """
         body = dict(call.raw_body)
         body["model"] = call.upstream_model
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+        if call.request.output_limit is None and call.max_output_tokens is not None:
+            body[self._output_limit_field] = call.max_output_tokens
         return body
 
     def stream(self, call: ProviderCall) -> AsyncIterator[Event]:

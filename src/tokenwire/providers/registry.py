@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping
+from typing import Any
 
 from tokenwire.config import ModelEntry, ProviderConfig, Settings
 from tokenwire.errors import ModelNotFound
@@ -38,15 +39,17 @@ def build_provider(name: str, config: ProviderConfig, env: Mapping[str, str]) ->
             return f"provider {name!r} is not configured: set {config.api_key_env}"
         if not config.base_url:
             return f"provider {name!r} is not configured: set base_url in the config file"
-        return http_provider(
-            name,
-            base_url=config.base_url,
-            api_key=api_key,
-            connect_timeout_s=config.connect_timeout_s,
-            first_token_timeout_s=config.first_token_timeout_s,
-            idle_timeout_s=config.idle_timeout_s,
-            max_connections=config.max_connections,
-        )
+        options: dict[str, Any] = {
+            "base_url": config.base_url,
+            "api_key": api_key,
+            "connect_timeout_s": config.connect_timeout_s,
+            "first_token_timeout_s": config.first_token_timeout_s,
+            "idle_timeout_s": config.idle_timeout_s,
+            "max_connections": config.max_connections,
+        }
+        if config.kind == "openai":
+            options["output_limit_field"] = config.output_limit_field
+        return http_provider(name, **options)
     if config.kind == "local":
         if importlib.util.find_spec("llama_cpp") is None:
             return f"provider {name!r} needs llama-cpp-python: pip install 'tokenwire[local]'"
@@ -78,6 +81,16 @@ class ProviderRegistry:
                 self._unavailable[name] = built
             else:
                 self._providers[name] = built
+
+    def add(self, name: str, provider: Provider) -> None:
+        """Add (or replace) the provider called ``name``: a custom upstream adapter, or a test
+        double. Models whose deployments name it use it from their next request on."""
+        self._providers[name] = provider
+        self._unavailable.pop(name, None)
+        self._routed.clear()
+        self._deployment_states = {
+            key: state for key, state in self._deployment_states.items() if key[0] != name
+        }
 
     def unavailable_reason(self, entry: ModelEntry) -> str | None:
         """Why no deployment of the model can serve it, or None if one can."""

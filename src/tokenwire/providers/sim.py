@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -96,60 +96,125 @@ def _seed(request: ChatRequest) -> int:
     return int.from_bytes(digest.digest(), "big")
 
 
-def _forced_tool(request: ChatRequest) -> str | None:
-    if not request.tools:
-        return None
-    choice = request.tool_choice
-    if isinstance(choice, dict):
-        function = choice.get("function")
-        if isinstance(function, dict):
-            named = function.get("name")
-            return named if isinstance(named, str) else None
-    if choice == "required":
-        first = request.tools[0].get("function", {})
-        name = first.get("name") if isinstance(first, dict) else None
-        return name if isinstance(name, str) else None
-    return None
+def _opening(request: ChatRequest) -> tuple[random.Random, tuple[str, str, tuple[str, ...]] | None]:
+    """The request's PRNG and, when ``tool_choice`` forces a function, the call it makes."""
+    rng = random.Random(_seed(request))
+    tool = request.forced_function
+    if tool is None:
+        return rng, None
+    word = rng.choice(_WORDS)
+    fragments = ('{"query": ', f'"{word}"', "}")
+    return rng, (f"call_{rng.getrandbits(48):012x}", tool, fragments)
+
+
+def _words(rng: random.Random, count: int) -> Iterator[str]:
+    for i in range(count):
+        word = rng.choice(_WORDS)
+        yield word.capitalize() if i == 0 else " " + word
+
+
+def tokens(request: ChatRequest, *, cap: int | None = None) -> Generator[str, None, FinishReason]:
+    """The answer's tokens, one at a time (never the whole answer at once); returns the finish.
+
+    ``cap`` (the admitted output limit) bounds a request without ``max_tokens``. A stop
+    sequence cuts the text before its first occurrence: a token is released only once no
+    stop sequence can start inside it, so the stream never shows text the cut would remove.
+    """
+    rng, _ = _opening(request)
+    limit = request.output_limit
+    count = limit if limit is not None else DEFAULT_TOKENS
+    if cap is not None:
+        count = min(count, cap)
+    finish: FinishReason = "length" if limit is not None or count < DEFAULT_TOKENS else "stop"
+    stops = request.stop_sequences
+    if not stops:
+        yield from _words(rng, count)
+        return finish
+    longest = max(len(stop) for stop in stops)
+    pending: list[str] = []  # tokens not yet released; ``text`` is their concatenation
+    text = ""
+    for word in _words(rng, count):
+        pending.append(word)
+        text += word
+        cut = _earliest(text, stops)
+        if cut is not None and len(text) - cut >= longest:  # no earlier match can still come
+            yield from _up_to(pending, cut)
+            return "stop"
+        # release the first pending token once no stop sequence can start inside it
+        while pending and len(text) - len(pending[0]) >= longest - 1:
+            first = len(pending[0])
+            if cut is not None and cut < first:
+                break
+            yield pending.pop(0)
+            text = text[first:]
+            cut = None if cut is None else cut - first
+    cut = _earliest(text, stops)
+    if cut is not None:
+        yield from _up_to(pending, cut)
+        return "stop"
+    yield from pending
+    return finish
+
+
+def _earliest(text: str, stops: list[str]) -> int | None:
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    return min(found) if found else None
+
+
+def _up_to(pending: list[str], cut: int) -> Iterator[str]:
+    """The pending tokens up to ``cut`` characters, the last one shortened."""
+    for token in pending:
+        if cut <= 0:
+            return
+        yield token[:cut]
+        cut -= len(token)
 
 
 def plan(request: ChatRequest) -> SimPlan:
-    """The exact output the simulator produces for ``request``."""
-    rng = random.Random(_seed(request))
+    """The exact output the simulator produces for ``request`` (for clients and tests)."""
+    _, tool_call = _opening(request)
     prompt = prompt_tokens(request)
-    tool = _forced_tool(request)
-    if tool is not None:
-        word = rng.choice(_WORDS)
-        fragments = ('{"query": ', f'"{word}"', "}")
-        call_id = f"call_{rng.getrandbits(48):012x}"
-        return SimPlan((), "tool_calls", prompt, (call_id, tool, fragments))
-    limit = request.output_limit
-    count = limit if limit is not None else DEFAULT_TOKENS
-    tokens = []
-    for i in range(count):
-        word = rng.choice(_WORDS)
-        tokens.append(word.capitalize() if i == 0 else " " + word)
-    finish: FinishReason = "length" if limit is not None else "stop"
-    stops = request.stop_sequences
-    if stops:
-        text = "".join(tokens)
-        cuts = [text.find(s) for s in stops if s in text]
-        if cuts:
-            cut = min(cuts)
-            kept: list[str] = []
-            length = 0
-            for token in tokens:
-                if length + len(token) > cut:
-                    if cut > length:
-                        kept.append(token[: cut - length])
-                    break
-                kept.append(token)
-                length += len(token)
-            tokens, finish = kept, "stop"
-    return SimPlan(tuple(tokens), finish, prompt)
+    if tool_call is not None:
+        return SimPlan((), "tool_calls", prompt, tool_call)
+    stream = tokens(request)
+    words: list[str] = []
+    while True:
+        try:
+            words.append(next(stream))
+        except StopIteration as end:
+            return SimPlan(tuple(words), end.value, prompt)
 
 
-async def run_plan(sim_plan: SimPlan, *, ttft_s: float, itl_s: float) -> AsyncIterator[Event]:
-    """Emit a plan's events with the simulated timing."""
+async def run_request(
+    request: ChatRequest, *, ttft_s: float, itl_s: float, cap: int | None = None
+) -> AsyncIterator[Event]:
+    """The simulator's events for ``request``, generated as they are sent (lazily)."""
+    sleep = asyncio.sleep
+    _, tool_call = _opening(request)
+    prompt = prompt_tokens(request)
+    await sleep(ttft_s)
+    if tool_call is not None:
+        async for event in run_plan(SimPlan((), "tool_calls", prompt, tool_call), 0, itl_s):
+            yield event
+        return
+    stream = tokens(request, cap=cap)
+    count = 0
+    while True:
+        try:
+            token = next(stream)
+        except StopIteration as end:
+            finish: FinishReason = end.value
+            break
+        if count:
+            await sleep(itl_s)
+        count += 1
+        yield TextDelta(token)
+    yield Usage(prompt, count)
+    yield Finish(finish)
+
+
+async def run_plan(sim_plan: SimPlan, ttft_s: float, itl_s: float) -> AsyncIterator[Event]:
+    """Emit a materialized plan's events with the simulated timing."""
     sleep = asyncio.sleep
     await sleep(ttft_s)
     if sim_plan.tool_call is not None:
@@ -181,7 +246,9 @@ class SimProvider:
         self._itl_s = itl_ms / 1000
 
     def stream(self, call: ProviderCall) -> AsyncIterator[Event]:
-        return run_plan(plan(call.request), ttft_s=self._ttft_s, itl_s=self._itl_s)
+        return run_request(
+            call.request, ttft_s=self._ttft_s, itl_s=self._itl_s, cap=call.max_output_tokens
+        )
 
     async def aclose(self) -> None:
         return None

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from tokenwire.api.errors import error_response, json_response
 from tokenwire.completions import new_completion_id
 from tokenwire.errors import GatewayError
-from tokenwire.providers.sim import plan, run_plan
+from tokenwire.providers.sim import run_request
 from tokenwire.simupstream.faults import ConnectionDropped, Fault, requested_fault
 from tokenwire.streams.events import Usage
 from tokenwire.wire import sse
@@ -123,7 +123,7 @@ class _SimStream:
             if fault is not None and not fault.after_first_token:
                 await self._strike(send, receive)
                 return
-            events = run_plan(plan(request), ttft_s=self._ttft_s, itl_s=self._itl_s)
+            events = run_request(request, ttft_s=self._ttft_s, itl_s=self._itl_s)
             pending_usage: Usage | None = None
             sent = 0
             async for event in events:
@@ -168,7 +168,7 @@ def create_sim_app(*, ttft_ms: float, itl_ms: float) -> Starlette:
         if chat.stream:
             return _SimStream(chat, ttft_s, itl_s, stats, fault)
         builder = CompletionBuilder()
-        async for event in run_plan(plan(chat), ttft_s=ttft_s, itl_s=itl_s):
+        async for event in run_request(chat, ttft_s=ttft_s, itl_s=itl_s):
             builder.add(event)
         return json_response(
             builder.build(completion_id=new_completion_id(), created=0, model=chat.model)

@@ -43,6 +43,17 @@ class Usage(msgspec.Struct, frozen=True):
         return self.prompt_tokens + self.completion_tokens
 
 
+class PromptUsage(msgspec.Struct, frozen=True):
+    """The upstream's prompt token count, reported before the answer (Anthropic's
+    ``message_start``, Gemini's first ``usageMetadata``); not logged.
+
+    A generation cancelled or failed before the final :class:`Usage` bills these instead of
+    an estimate, and it caps the answer so that its cost stays within the reservation.
+    """
+
+    prompt_tokens: int
+
+
 class Finish(msgspec.Struct, frozen=True):
     """The completion ended normally with this finish reason."""
 
@@ -62,4 +73,4 @@ class Routed(msgspec.Struct, frozen=True):
     upstream_model: str
 
 
-Event = TextDelta | ToolCallDelta | Usage | Finish | StreamError | Routed
+Event = TextDelta | ToolCallDelta | Usage | PromptUsage | Finish | StreamError | Routed

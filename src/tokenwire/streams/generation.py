@@ -11,6 +11,15 @@ The log always ends in one of two canonical shapes, whatever order the provider 
     deltas…, Finish(reason), Usage        (completed, or cancelled with reason "cancelled")
     deltas…, StreamError                  (failed; usage so far is on ``Generation.usage``)
 
+**Every generation ends**, however its provider behaves: a gateway error, a cancel, or any
+other exception (a bug below us, reported as a logged ``500 internal_error``) all lead to one
+``finally`` that ends the log, runs the ``on_end`` hook (limits: the stream slot is free
+before a reader sees the end) and then the ``on_settle`` hook (money), each exactly once.
+
+A generation may be given a completion budget: it stops with ``length`` once it has appended
+that many deltas, and a :class:`~tokenwire.streams.events.PromptUsage` may lower the budget
+(``limit_for_prompt``) so that what it costs stays within what was reserved.
+
 Lifecycle (``_TRANSITIONS`` is the whole table; anything else is a bug and raises)::
 
     PENDING ──first delta──► STREAMING ──► COMPLETED | FAILED | CANCELLED
@@ -21,15 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Literal
 
-from tokenwire.errors import GatewayError, UpstreamError
+from tokenwire.errors import GatewayError, UpstreamError, unexpected
 from tokenwire.streams.events import (
     Event,
     Finish,
     FinishReason,
+    PromptUsage,
     Routed,
     StreamError,
     TextDelta,
@@ -37,6 +48,8 @@ from tokenwire.streams.events import (
     Usage,
 )
 from tokenwire.streams.log import MemoryStreamLog
+
+_log = logging.getLogger("tokenwire.generation")
 
 
 class GenerationState(enum.Enum):
@@ -75,9 +88,12 @@ class Generation:
         events: AsyncIterator[Event],
         prompt_tokens_estimate: int,
         disconnect_grace_s: float = 0.0,
+        on_end: SettleHook | None = None,
         on_settle: SettleHook | None = None,
         key_id: str = "",
         include_usage: bool = False,
+        completion_limit: int | None = None,
+        limit_for_prompt: Callable[[int], int] | None = None,
     ) -> None:
         self.id = completion_id
         self.model = model
@@ -95,10 +111,15 @@ class Generation:
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
+        self.reported_prompt_tokens: int | None = None  # the upstream's early count, if any
         self._events = events
         self._prompt_estimate = prompt_tokens_estimate
         self._grace_s = disconnect_grace_s
+        self._on_end = on_end
         self._on_settle = on_settle
+        self._completion_limit = completion_limit if completion_limit is not None else 1 << 62
+        self._limit_for_prompt = limit_for_prompt
+        self._usage_seen: Usage | None = None
         self._readers = 0
         self._deltas = 0
         self._grace_handle: asyncio.TimerHandle | None = None
@@ -106,6 +127,7 @@ class Generation:
         self.extend_grace: GraceHook | None = None  # set by a shared stream store
         self._task: asyncio.Task[None] | None = None
         self._running = False
+        self._ending = False  # the provider loop is over: a cancel has nothing left to stop
         self._settled = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -126,7 +148,7 @@ class Generation:
 
     def cancel(self, cause: CancelCause) -> None:
         """Stop generating (closes the upstream request); the log ends with ``cancelled``."""
-        if self.finished or self._task is None:
+        if self.finished or self._ending or self._task is None:
             return
         if self.cancel_cause is None:
             self.cancel_cause = cause
@@ -188,53 +210,118 @@ class Generation:
         self.state = new
 
     async def _run(self) -> None:
-        log = self.log
+        """Pull the provider's events; whatever happens, end the log and settle exactly once.
+
+        The provider loop may end normally, by a cancel, by a gateway error, or by any other
+        exception (a bug somewhere below): all of them lead to the same ``finally``, which ends
+        the log, releases limits and settles. Nothing that raises can skip it.
+        """
         usage: Usage | None = None
         finish: FinishReason | None = None
         error: GatewayError | None = None
         self._running = True
         try:
-            if self.cancel_cause is not None:
-                raise asyncio.CancelledError  # cancelled before the first step
-            async for event in self._events:
-                if isinstance(event, TextDelta | ToolCallDelta):
-                    if self._deltas == 0:
-                        self.first_token_at = time.perf_counter()
-                        self._move(GenerationState.STREAMING)
-                    self._deltas += 1
-                    log.append(event)
-                elif isinstance(event, Usage):
-                    usage = event
-                elif isinstance(event, Finish):
-                    finish = event.reason
-                elif isinstance(event, Routed):
-                    self.provider = event.provider
-                else:
-                    error = event.error
-                    break
-            if error is None and finish is None:
-                error = UpstreamError("The upstream ended the stream without a finish reason.")
-        except asyncio.CancelledError:
-            finish = "cancelled"
-            error = None
-        except GatewayError as exc:
-            error = exc
+            try:
+                usage, finish, error = await self._pull()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                usage, finish, error = self._usage_seen, "cancelled", None
+            except GatewayError as exc:
+                usage, error = self._usage_seen, exc
+            except Exception as exc:  # noqa: BLE001 - a bug below us: logged, reported as a 500
+                usage, error = self._usage_seen, unexpected(exc, _log, f"completion {self.id}")
+            finally:
+                self._ending = True  # from here on a cancel changes nothing
+                await self._close_events()
         finally:
-            await _aclose(self._events)
-        self._finish(usage, finish, error)
-        try:
-            if self._on_settle is not None:
-                await asyncio.shield(self._on_settle(self))
-        finally:
-            self._settled.set()
+            await self._end(usage, finish, error)
 
-    def _finish(
+    async def _pull(self) -> tuple[Usage | None, FinishReason | None, GatewayError | None]:
+        """Append the provider's deltas to the log; the usage, finish and error it reported."""
+        log = self.log
+        finish: FinishReason | None = None
+        if self.cancel_cause is not None:
+            raise asyncio.CancelledError  # cancelled before the first step
+        async for event in self._events:
+            if isinstance(event, TextDelta | ToolCallDelta):
+                if self._deltas >= self._completion_limit:
+                    return None, "length", None  # one delta beyond the budget: stop here
+                if self._deltas == 0:
+                    self.first_token_at = time.perf_counter()
+                    self._move(GenerationState.STREAMING)
+                self._deltas += 1
+                log.append(event)
+            elif isinstance(event, Usage):
+                self._usage_seen = event
+            elif isinstance(event, PromptUsage):
+                self.reported_prompt_tokens = event.prompt_tokens
+                if self._limit_for_prompt is not None:
+                    limit = self._limit_for_prompt(event.prompt_tokens)
+                    self._completion_limit = min(self._completion_limit, max(0, limit))
+                    if self._deltas > self._completion_limit:
+                        return None, "length", None
+            elif isinstance(event, Finish):
+                finish = event.reason
+            elif isinstance(event, Routed):
+                self.provider = event.provider
+            else:
+                return self._usage_seen, None, event.error
+        if finish is None:
+            error = UpstreamError("The upstream ended the stream without a finish reason.")
+            return self._usage_seen, None, error
+        return self._usage_seen, finish, None
+
+    async def _close_events(self) -> None:
+        """Close the provider's iterator (this closes the upstream request)."""
+        try:
+            await _aclose(self._events)
+        except Exception as exc:  # noqa: BLE001 - closing must not stop the ending
+            _log.warning("closing the provider stream of %s failed: %r", self.id, exc)
+
+    async def _end(
         self, usage: Usage | None, finish: FinishReason | None, error: GatewayError | None
     ) -> None:
+        """Release limits, end the log (readers see the end), then settle money; in that order.
+
+        Limits are released before readers see the end, so a client that sends its next
+        request the moment it reads ``[DONE]`` finds its stream slot free; money settles after.
+        """
         self.ended_at = time.perf_counter()
-        if usage is None or (finish == "cancelled" and usage.completion_tokens < self._deltas):
-            usage = Usage(self._prompt_estimate, self._deltas, estimated=True)
-        self.usage = usage
+        self.usage = self._final_usage(usage, finish, error)
+        try:
+            if self._on_end is not None:
+                await _run_hook(self._on_end(self), self.id, "releasing the limits of")
+        finally:
+            self._close_log(finish, error)
+            try:
+                if self._on_settle is not None:
+                    await _run_hook(self._on_settle(self), self.id, "settling")
+            finally:
+                self._settled.set()
+
+    def _final_usage(
+        self, usage: Usage | None, finish: FinishReason | None, error: GatewayError | None
+    ) -> Usage:
+        """What is billed: the upstream's final figures, else the best we know.
+
+        Without final figures (a cancel, a failure, a stop at the budget, an upstream that
+        reports none), the prompt is the upstream's own count when it gave one (early, or
+        before failing), else our estimate; the answer is at least the deltas received. Such
+        usage is marked ``estimated``.
+        """
+        if usage is not None and error is None and finish not in (None, "cancelled"):
+            return usage
+        prompt = self.reported_prompt_tokens
+        completion = self._deltas
+        if usage is not None and not usage.estimated:
+            prompt = usage.prompt_tokens
+            completion = max(completion, usage.completion_tokens)
+        return Usage(self._prompt_estimate if prompt is None else prompt, completion, True)
+
+    def _close_log(self, finish: FinishReason | None, error: GatewayError | None) -> None:
+        assert self.usage is not None
         if error is not None:
             self.error = error
             self._move(GenerationState.FAILED)
@@ -246,7 +333,7 @@ class Generation:
                 GenerationState.CANCELLED if finish == "cancelled" else GenerationState.COMPLETED
             )
             self.log.append(Finish(finish))
-            self.log.append(usage)
+            self.log.append(self.usage)
         self.log.close()
 
     def read(
@@ -254,6 +341,14 @@ class Generation:
     ) -> AsyncGenerator[list[Event] | None, None]:
         """Batches of events after ``after`` (see :func:`read_events`)."""
         return read_events(self, after=after, heartbeat_s=heartbeat_s)
+
+
+async def _run_hook(hook: Awaitable[None], completion_id: str, what: str) -> None:
+    """Await a settle or release hook to its end (shielded from a cancel); log what it raised."""
+    try:
+        await asyncio.shield(hook)
+    except BaseException as exc:  # noqa: BLE001 - a hook's failure must not stop the ending
+        _log.error("%s %s failed", what, completion_id, exc_info=exc)
 
 
 async def _aclose(events: AsyncIterator[Event]) -> None:

@@ -22,7 +22,9 @@ identical requests racing each other start one generation, never two.
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
+from typing import Any, Protocol
+
+import msgspec
 
 from tokenwire.errors import (
     IdempotencyConflict,
@@ -33,10 +35,18 @@ from tokenwire.errors import (
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
 
+_DELIVERY_FIELDS = frozenset({"stream", "stream_options"})
 
-def body_digest(body: bytes) -> str:
-    """The fingerprint that makes a retried request "the same request"."""
-    return hashlib.sha256(body).hexdigest()
+
+def request_digest(body: dict[str, Any]) -> str:
+    """The fingerprint that makes a retried request "the same request", on any transport.
+
+    It is taken over the decoded body in a canonical form (keys sorted at every level, no
+    whitespace) without the fields that only say how the answer is delivered (``stream``,
+    ``stream_options``), so the same request sent over SSE, WebSocket or as JSON matches.
+    """
+    canonical = {k: v for k, v in body.items() if k not in _DELIVERY_FIELDS}
+    return hashlib.sha256(msgspec.json.encode(canonical, order="sorted")).hexdigest()
 
 
 def check_cursor_sign(after: int) -> None:

@@ -18,21 +18,45 @@ from tokenwire.errors import InvalidRequest
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 
+MAX_OUTPUT_TOKENS = 2**31 - 1
+"""No model's output limit is above this; each model has its own, lower one (``config.py``)."""
+TokenLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+ShortText = Annotated[str, msgspec.Meta(max_length=512)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+StopSequence = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
 
 class TextPart(msgspec.Struct, tag_field="type", tag="text"):
     text: str
 
 
+class ImageUrl(msgspec.Struct, omit_defaults=True):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ImageUrlPart(msgspec.Struct, tag_field="type", tag="image_url"):
-    image_url: dict[str, Any]
+    image_url: ImageUrl
+
+
+class InputAudio(msgspec.Struct):
+    data: str
+    format: Annotated[str, msgspec.Meta(pattern="^[a-z0-9]{1,16}$")]
 
 
 class InputAudioPart(msgspec.Struct, tag_field="type", tag="input_audio"):
-    input_audio: dict[str, Any]
+    input_audio: InputAudio
+
+
+class FileRef(msgspec.Struct, omit_defaults=True):
+    file_data: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
 
 
 class FilePart(msgspec.Struct, tag_field="type", tag="file"):
-    file: dict[str, Any]
+    file: FileRef
 
 
 class RefusalPart(msgspec.Struct, tag_field="type", tag="refusal"):
@@ -87,25 +111,118 @@ class StreamOptions(msgspec.Struct, omit_defaults=True):
     include_usage: bool = False
 
 
+class FunctionDefinition(msgspec.Struct, omit_defaults=True):
+    """A function the model may call; ``parameters`` is a JSON Schema object."""
+
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(msgspec.Struct, tag_field="type", tag="function"):
+    function: FunctionDefinition
+
+
+class CustomTool(msgspec.Struct, tag_field="type", tag="custom"):
+    """OpenAI's free-form tool (passed through to OpenAI-compatible upstreams only)."""
+
+    custom: dict[str, Any]
+
+
+Tool = FunctionTool | CustomTool
+
+
+class NamedFunction(msgspec.Struct):
+    name: Name
+
+
+class FunctionChoice(msgspec.Struct, tag_field="type", tag="function"):
+    """``{"type": "function", "function": {"name": …}}``: call this function."""
+
+    function: NamedFunction
+
+
+class CustomChoice(msgspec.Struct, tag_field="type", tag="custom"):
+    custom: NamedFunction
+
+
+class AllowedToolsChoice(msgspec.Struct, tag_field="type", tag="allowed_tools"):
+    allowed_tools: dict[str, Any]
+
+
+ToolChoice = (
+    Literal["none", "auto", "required"] | FunctionChoice | CustomChoice | AllowedToolsChoice
+)
+
+
+class TextFormat(msgspec.Struct, tag_field="type", tag="text"):
+    pass
+
+
+class JSONObjectFormat(msgspec.Struct, tag_field="type", tag="json_object"):
+    pass
+
+
+class JSONSchemaSpec(msgspec.Struct, omit_defaults=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class JSONSchemaFormat(msgspec.Struct, tag_field="type", tag="json_schema"):
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = TextFormat | JSONObjectFormat | JSONSchemaFormat
+
+
+class AudioOutput(msgspec.Struct):
+    voice: str | dict[str, Any]
+    format: str
+
+
+class Prediction(msgspec.Struct, tag_field="type", tag="content"):
+    content: str | list[TextPart]
+
+
 class ChatRequest(msgspec.Struct, omit_defaults=True):
-    """A validated ``POST /v1/chat/completions`` body."""
+    """A validated ``POST /v1/chat/completions`` body: every field a provider reads is typed.
+
+    Providers read only these typed values (never the raw body); the OpenAI-compatible
+    provider additionally passes the original body through, so vendor extensions still reach
+    upstreams that understand them.
+    """
 
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    messages: list[Message]
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: PosInt | None = None
-    max_completion_tokens: PosInt | None = None
-    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    max_tokens: TokenLimit | None = None
+    max_completion_tokens: TokenLimit | None = None
+    stop: StopSequence | Annotated[list[StopSequence], msgspec.Meta(max_length=4)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    n: PosInt | None = None
-    user: str | None = None
-    seed: int | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
+    user: ShortText | None = None
+    seed: Int64 | None = None
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]] | None = None
+    audio: AudioOutput | None = None
+    prediction: Prediction | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    metadata: dict[str, ShortText] | None = None
+    store: bool | None = None
+    service_tier: ShortText | None = None
+    reasoning_effort: ShortText | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -120,11 +237,32 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
         return self.max_tokens
 
     @property
+    def output_limit_param(self) -> str:
+        """The field that carries :attr:`output_limit` (for error messages)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
     def stop_sequences(self) -> list[str]:
         """``stop`` as a list (OpenAI accepts a string or up to four strings)."""
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def function_tools(self) -> list[FunctionDefinition]:
+        """The function tools' definitions, in order."""
+        return [tool.function for tool in self.tools or () if isinstance(tool, FunctionTool)]
+
+    @property
+    def forced_function(self) -> str | None:
+        """The function ``tool_choice`` forces: a named one, or the first for ``required``."""
+        choice = self.tool_choice
+        if isinstance(choice, FunctionChoice):
+            return choice.function.name
+        functions = self.function_tools
+        if choice == "required" and functions:
+            return functions[0].name
+        return None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -175,24 +313,17 @@ def convert_chat_request(body: dict[str, Any]) -> ChatRequest:
 
 def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
     text = str(exc)
-    return InvalidRequest(
-        f"Invalid request: {text}", param=param_from_message(text), code="invalid_value"
-    )
-
-
-def _check_semantics(request: ChatRequest) -> None:
-    if not request.messages:
-        raise InvalidRequest(
-            "'messages' must contain at least one message.", param="messages", code="invalid_value"
-        )
-    if request.n is not None and request.n > 1:
-        raise InvalidRequest(
+    param = param_from_message(text)
+    if param == "n":
+        return InvalidRequest(
             "n > 1 is not supported by this gateway; request one choice (n=1) per call.",
             param="n",
             code="unsupported_value",
         )
-    if any(not s for s in request.stop_sequences):
-        raise InvalidRequest("'stop' sequences must not be empty strings.", param="stop")
+    return InvalidRequest(f"Invalid request: {text}", param=param, code="invalid_value")
+
+
+def _check_semantics(request: ChatRequest) -> None:
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest(
             "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
