@@ -92,6 +92,10 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     first_token_timeout_s: float = 120.0
     idle_timeout_s: float = 60.0
     max_connections: int = 2048
+    # An idle pooled connection is dropped after this; keep it below the upstream's own idle
+    # timeout (uvicorn: 5 s), since a request sent on a connection the upstream is closing
+    # cannot be retried safely (it may have reached the upstream).
+    keepalive_timeout_s: float = 4.0
     # OpenAI-compatible only: the field that carries the admitted token limit when a request
     # has none (OpenAI's reasoning models accept only max_completion_tokens)
     output_limit_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"

@@ -224,12 +224,29 @@ class ProviderUnavailable(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """The upstream failed (connection error, bad response)."""
+    """The upstream failed (connection error, bad response).
+
+    ``request_sent`` is False only when the request provably never reached the upstream (the
+    connection could not be made): only then may it be sent again, here or elsewhere, without
+    risking a second generation billed upstream.
+    """
 
     status = 502
     type = "api_error"
     default_code = "upstream_error"
     retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        request_sent: bool = True,
+    ) -> None:
+        super().__init__(message, param=param, code=code, status=status)
+        self.request_sent = request_sent
 
 
 class UpstreamTimeout(UpstreamError):

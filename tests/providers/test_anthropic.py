@@ -20,6 +20,8 @@ import msgspec
 import openai
 import pytest
 
+from tokenwire.accounting.budget import estimate_prompt_tokens
+from tokenwire.accounting.ledger import LedgerRow
 from tokenwire.errors import (
     GatewayError,
     InvalidRequest,
@@ -30,7 +32,7 @@ from tokenwire.errors import (
 )
 from tokenwire.providers.anthropic import AnthropicProvider, StreamTranslator, to_anthropic
 from tokenwire.providers.base import ProviderCall
-from tokenwire.streams.events import Event, Finish, TextDelta, ToolCallDelta, Usage
+from tokenwire.streams.events import Event, Finish, PromptUsage, TextDelta, ToolCallDelta, Usage
 from tokenwire.testing import GatewayServer
 from tokenwire.testing_upstreams.anthropic_fake import AnthropicFake, plan_reply, validate
 from tokenwire.wire.schema import decode_chat_request
@@ -339,6 +341,7 @@ def test_text_stream_translation(chunk_size: int | None) -> None:
     """message_start (with cache usage), ping, text blocks and message_stop, however chunked."""
     events, translator = translate((GOLDEN / "text_stream.sse").read_bytes(), chunk_size)
     assert events == [
+        PromptUsage(25 + 100 + 2000),  # from message_start, before any text
         TextDelta("Hi"),
         TextDelta("Hello"),
         TextDelta("!"),
@@ -353,7 +356,8 @@ def test_text_stream_translation(chunk_size: int | None) -> None:
 def test_tool_stream_translation(chunk_size: int | None) -> None:
     """tool_use blocks become indexed ToolCallDeltas; an argument-less call gets '{}'."""
     events, _ = translate((GOLDEN / "tool_stream.sse").read_bytes(), chunk_size)
-    assert events == [
+    assert events[0] == PromptUsage(472)
+    assert events[1:] == [
         TextDelta("Okay"),
         TextDelta(", let me check."),
         ToolCallDelta(
@@ -371,7 +375,12 @@ def test_tool_stream_translation(chunk_size: int | None) -> None:
 def test_thinking_and_unknown_events_are_ignored() -> None:
     """Thinking blocks, signature deltas and unknown event types produce nothing."""
     events, _ = translate((GOLDEN / "thinking_stream.sse").read_bytes())
-    assert events == [TextDelta("27 * 453 = 12,231"), Usage(12, 40), Finish("stop")]
+    assert events == [
+        PromptUsage(12),
+        TextDelta("27 * 453 = 12,231"),
+        Usage(12, 40),
+        Finish("stop"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -405,7 +414,7 @@ def test_error_event_keeps_anthropic_status() -> None:
     with pytest.raises(UpstreamStatusError) as info:
         for sse in SSEParser().feed((GOLDEN / "error_stream.sse").read_bytes()):
             events.extend(translator.feed(sse.data))
-    assert events == [TextDelta("Par")]
+    assert [e for e in events if not isinstance(e, PromptUsage)] == [TextDelta("Par")]
     error = info.value
     assert error.http_status == 529 and error.is_retryable
     assert error.to_body()["error"]["type"] == "overloaded_error" and "Overloaded" in error.message
@@ -455,10 +464,12 @@ async def provider(fake: AnthropicFake) -> AsyncIterator[Callable[..., Anthropic
 async def collect(
     provider: AnthropicProvider, body: dict[str, Any]
 ) -> tuple[list[Event], GatewayError | None]:
+    """The stream's events but PromptUsage (checked on its own), and the error that ended it."""
     events: list[Event] = []
     try:
         async for event in provider.stream(make_call(body)):
-            events.append(event)
+            if not isinstance(event, PromptUsage):
+                events.append(event)
     except GatewayError as exc:
         return events, exc
     return events, None
@@ -636,6 +647,7 @@ async def test_closing_the_iterator_closes_the_upstream_connection(
 ) -> None:
     """aclose() mid-stream drops the connection: the fake sees its stream cancelled."""
     iterator = provider().stream(make_call(with_text("one two [[fault:stall:1]]")))
+    assert isinstance(await anext(iterator), PromptUsage)  # message_start, before any text
     assert await anext(iterator) == TextDelta("Echo:")
     assert fake.stats.streams_open == 1 and fake.stats.connections_open == 1
     await iterator.aclose()  # type: ignore[attr-defined]
@@ -781,3 +793,41 @@ def test_gateway_client_hangup_closes_the_upstream(
     while fake.stats.streams_cancelled == before and time.monotonic() < end:
         time.sleep(0.01)
     assert fake.stats.streams_cancelled == before + 1
+
+
+def test_a_cancelled_stream_bills_the_prompt_anthropic_reported(
+    gateway_pair: tuple[GatewayServer, AnthropicFake],
+) -> None:
+    """A stream the client leaves after message_start is billed for the input tokens Anthropic
+    reported there, not the gateway's estimate, plus the tokens streamed."""
+    gateway, fake = gateway_pair
+    content = "count these words for the bill please [[fault:stall:1]]"
+    stream = sdk(gateway).chat.completions.create(
+        model="claude-sonnet-4.5", messages=[{"role": "user", "content": content}], stream=True
+    )
+    stream_id = ""
+    for chunk in stream:
+        stream_id = chunk.id
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    reported = plan_reply(fake.requests[-1].body).input_tokens
+
+    async def row() -> LedgerRow | None:
+        rows = await gateway.state.ledger.rows(key_id=gateway.api_key_id, limit=50)
+        return next((r for r in rows if r.completion_id == stream_id), None)
+
+    deadline = time.monotonic() + 10
+    found = None
+    while found is None and time.monotonic() < deadline:
+        found = asyncio.run_coroutine_threadsafe(row(), gateway.loop_of_server()).result()
+        time.sleep(0.01)
+    assert found is not None and found.status == "client_disconnected"
+    estimate = estimate_prompt_tokens(
+        decode_chat_request(
+            json.dumps({"model": "m", "messages": [{"role": "user", "content": content}]}).encode()
+        )
+    )
+    assert reported != estimate  # otherwise this test could not tell them apart
+    assert (found.prompt_tokens, found.completion_tokens) == (reported, 1)
+    assert found.usage_estimated

@@ -33,7 +33,7 @@ from tokenwire.providers.gemini import (
     to_gemini,
     tool_call_id,
 )
-from tokenwire.streams.events import Event, Finish, TextDelta, ToolCallDelta, Usage
+from tokenwire.streams.events import Event, Finish, PromptUsage, TextDelta, ToolCallDelta, Usage
 from tokenwire.testing import GatewayServer
 from tokenwire.testing_upstreams.gemini_fake import (
     REPLY_TOKENS,
@@ -127,7 +127,8 @@ async def collect(
     events: list[Event] = []
     try:
         async for event in provider.stream(call_for(body)):
-            events.append(event)
+            if not isinstance(event, PromptUsage):  # bookkeeping, checked on its own
+                events.append(event)
     except GatewayError as exc:
         return events, exc
     return events, None
@@ -314,7 +315,7 @@ def test_text_thoughts_and_usage_translate() -> None:
             "usageMetadata": usage,
         }
     )
-    assert stream.feed_chunk(first) == [TextDelta("Hel")]
+    assert stream.feed_chunk(first) == [PromptUsage(4), TextDelta("Hel")]  # the prompt, once
     assert stream.feed_chunk(last) == [TextDelta("lo"), Finish("stop")]
     assert stream.end() == [Usage(4, 11)]
 
@@ -363,7 +364,7 @@ def test_blocked_prompt_is_a_content_filter_finish() -> None:
     """A prompt blocked before any candidate (promptFeedback.blockReason) ends as content_filter."""
     stream = GeminiStream("gemini")
     value = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 3}}
-    assert stream.feed_chunk(chunk(value)) == [Finish("content_filter")]
+    assert stream.feed_chunk(chunk(value)) == [PromptUsage(3), Finish("content_filter")]
     assert stream.end() == [Usage(3, 0)]
 
 
@@ -563,7 +564,10 @@ async def test_cancelling_mid_stream_closes_the_upstream_connection(
 ) -> None:
     """Closing the event iterator after a token drops the connection to the fake."""
     events = (await provider()).stream(call_for(chat("FAULT:stall@1")))
-    assert await anext(events) == TextDelta(reply(2))
+    first = await anext(events)
+    if isinstance(first, PromptUsage):  # when the fake reports usage with its first chunk
+        first = await anext(events)
+    assert first == TextDelta(reply(2))
     assert fake.open_streams == 1
     await events.aclose()  # type: ignore[attr-defined]
     assert await wait_for(lambda: fake.disconnects == 1 and fake.open_streams == 0)

@@ -17,11 +17,11 @@ from starlette.routing import Route
 
 from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.config import DeploymentEntry, ModelEntry, RoutingConfig
-from tokenwire.errors import InvalidRequest, UpstreamError, UpstreamStatusError
+from tokenwire.errors import InvalidRequest, UpstreamError, UpstreamStatusError, UpstreamTimeout
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.router import DeploymentState, RoutedModel
 from tokenwire.storage.engine import make_engine
-from tokenwire.streams.events import Event, Finish, Routed, TextDelta, Usage
+from tokenwire.streams.events import Event, Finish, PromptUsage, Routed, TextDelta, Usage
 from tokenwire.testing import GatewayServer, ServerThread, SimUpstreamServer
 from tokenwire.wire.schema import decode_chat_request
 
@@ -31,9 +31,15 @@ FAST = RoutingConfig(max_attempts=3, backoff_base_s=0.001, backoff_max_s=0.002, 
 class Scripted:
     """A provider whose calls fail with the queued errors, then succeed."""
 
-    def __init__(self, name: str, failures: list[Exception] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        failures: list[Exception] | None = None,
+        prelude: list[Event] | None = None,
+    ) -> None:
         self.name = name
         self.failures = list(failures or [])
+        self.prelude = list(prelude or [])  # yielded before each failure or answer
         self.calls = 0
         self.release: asyncio.Event | None = None
 
@@ -42,6 +48,8 @@ class Scripted:
 
     async def _stream(self, call: ProviderCall) -> AsyncIterator[Event]:
         self.calls += 1
+        for event in self.prelude:
+            yield event
         if self.failures:
             raise self.failures.pop(0)
         if self.release is not None:
@@ -100,10 +108,31 @@ async def test_retry_after_cools_a_deployment_for_that_long() -> None:
 
 
 async def test_single_deployment_retries_with_backoff() -> None:
-    """A connection error then success on the same deployment: the client sees only success."""
-    only = Scripted("a", [UpstreamError("reset")])
+    """An upstream it could not reach, then success on the same deployment: the client sees
+    only success."""
+    only = Scripted("a", [UpstreamError("refused", request_sent=False)])
     assert TextDelta("a:m-a") in await collect(model(only))
     assert only.calls == 2
+
+
+async def test_a_request_that_may_have_reached_the_upstream_is_never_sent_again() -> None:
+    """A dropped connection or a timeout after the request was sent is not retried (it may be
+    generating, and billed, upstream), on this deployment or another; it counts as a failure."""
+    for error in (UpstreamError("reset"), UpstreamTimeout("no first token")):
+        a, b = Scripted("a", [error]), Scripted("b")
+        routed = model(a, b)
+        with pytest.raises(UpstreamError):
+            await collect(routed)
+        assert a.calls + b.calls == 1
+        assert max(d.consecutive_failures for d in routed._deployments) == 1
+
+
+async def test_prompt_usage_before_the_first_token_does_not_commit_the_route() -> None:
+    """A PromptUsage reported before an error still lets the router fall back."""
+    a = Scripted("a", [UpstreamStatusError("overloaded", status=529)], prelude=[PromptUsage(5)])
+    b = Scripted("b")
+    events = await collect(model(a, b))
+    assert TextDelta("b:m-b") in events and events[0] == PromptUsage(5)
 
 
 async def test_client_errors_are_not_retried_and_attempts_are_capped() -> None:

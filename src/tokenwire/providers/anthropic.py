@@ -34,7 +34,8 @@ message is sent as is, so Anthropic continues it (prefill).
 
 Stream (:class:`StreamTranslator`, sans-I/O)::
 
-    message_start                   remember usage.input_tokens (+ cache creation/read tokens)
+    message_start                   PromptUsage(usage.input_tokens + cache creation/read tokens):
+                                    billed if the stream is cut before message_stop
     content_block_start text        TextDelta of its initial text, if any
     content_block_start tool_use    ToolCallDelta(index=<n-th tool call>, id, name, "")
     content_block_delta text_delta  TextDelta
@@ -70,7 +71,15 @@ from tokenwire.errors import (
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.http import UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import upstream_error
-from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
+from tokenwire.streams.events import (
+    Event,
+    Finish,
+    FinishReason,
+    PromptUsage,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from tokenwire.wire import schema
 from tokenwire.wire.schema import (
     AssistantMessage,
@@ -406,6 +415,8 @@ class StreamTranslator:
             return []
         if kind == "message_start":
             self._take_usage((event.message or {}).get("usage"))
+            if self.usage:
+                return [PromptUsage(self.result().prompt_tokens)]
         elif kind == "message_delta":
             if event.delta is not None and event.delta.stop_reason:
                 self.stop_reason = event.delta.stop_reason
@@ -436,6 +447,7 @@ class AnthropicProvider:
         first_token_timeout_s: float = 120.0,
         idle_timeout_s: float = 60.0,
         max_connections: int = 2048,
+        keepalive_timeout_s: float = 4.0,
         default_max_tokens: int = 4096,
     ) -> None:
         self.name = name
@@ -454,6 +466,7 @@ class AnthropicProvider:
             connect_timeout_s=connect_timeout_s,
             idle_timeout_s=idle_timeout_s,
             max_connections=max_connections,
+            keepalive_timeout_s=keepalive_timeout_s,
         )
 
     def stream(self, call: ProviderCall) -> AsyncIterator[Event]:

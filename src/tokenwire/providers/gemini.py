@@ -44,6 +44,8 @@ Reply (Gemini → events)::
                                               Finish content_filter
     any other finishReason                    Finish stop
     promptFeedback.blockReason (no candidate) Finish content_filter
+    usageMetadata of the first chunk          PromptUsage(promptTokenCount), billed if the stream
+                                              is cut before its end
     usageMetadata of the last chunk           Usage(promptTokenCount, candidatesTokenCount +
                                               thoughtsTokenCount): thinking is billed as output
     HTTP error {"error": {code, message,      UpstreamStatusError, status kept, code = status
@@ -75,7 +77,15 @@ from tokenwire.errors import (
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.http import UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import parse_retry_after
-from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
+from tokenwire.streams.events import (
+    Event,
+    Finish,
+    FinishReason,
+    PromptUsage,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from tokenwire.wire import schema
 from tokenwire.wire.schema import ChatRequest, content_text
 
@@ -383,9 +393,11 @@ class GeminiStream:
             raw_code = chunk.error.get("code")
             status = raw_code if isinstance(raw_code, int) and 400 <= raw_code < 600 else 502
             raise gemini_error(self.provider, status, msgspec.json.encode({"error": chunk.error}))
-        if chunk.usage_metadata is not None:
-            self._usage = chunk.usage_metadata
         events: list[Event] = []
+        if chunk.usage_metadata is not None:
+            if self._usage is None and chunk.usage_metadata.prompt_token_count:
+                events.append(PromptUsage(chunk.usage_metadata.prompt_token_count))
+            self._usage = chunk.usage_metadata
         if not chunk.candidates:
             feedback = chunk.prompt_feedback
             if feedback is not None and feedback.block_reason and not self.finished:
@@ -442,6 +454,7 @@ class GeminiProvider:
         first_token_timeout_s: float = 120.0,
         idle_timeout_s: float = 60.0,
         max_connections: int = 2048,
+        keepalive_timeout_s: float = 4.0,
     ) -> None:
         self.name = name
         base = base_url.rstrip("/")
@@ -454,6 +467,7 @@ class GeminiProvider:
             connect_timeout_s=connect_timeout_s,
             idle_timeout_s=idle_timeout_s,
             max_connections=max_connections,
+            keepalive_timeout_s=keepalive_timeout_s,
         )
 
     def stream(self, call: ProviderCall) -> AsyncIterator[Event]:

@@ -16,7 +16,7 @@ import msgspec
 from yarl import URL
 
 from tokenwire.errors import GatewayError, UpstreamError, UpstreamTimeout
-from tokenwire.streams.events import Event
+from tokenwire.streams.events import Event, PromptUsage
 from tokenwire.wire.sse import SSEParser
 
 
@@ -24,17 +24,24 @@ class UpstreamPool:
     """A lazily created aiohttp session with a large connection pool and the upstream timeouts.
 
     ``connect_timeout_s`` bounds the TCP connect, ``idle_timeout_s`` the silence between two
-    reads of a response (the mid-stream stall guard). The first-token timeout belongs to the
-    provider's read loop, which knows what a first token is.
+    reads of a response (the mid-stream stall guard), ``keepalive_timeout_s`` how long an idle
+    connection stays pooled. The first-token timeout belongs to the provider's read loop,
+    which knows what a first token is.
     """
 
     def __init__(
-        self, *, connect_timeout_s: float, idle_timeout_s: float, max_connections: int
+        self,
+        *,
+        connect_timeout_s: float,
+        idle_timeout_s: float,
+        max_connections: int,
+        keepalive_timeout_s: float = 4.0,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
         )
         self._max_connections = max_connections
+        self._keepalive_timeout_s = keepalive_timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}  # parsed once: a provider posts to one or two URLs
 
@@ -47,7 +54,10 @@ class UpstreamPool:
         """
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
+                limit=self._max_connections,
+                limit_per_host=0,
+                ttl_dns_cache=300,
+                keepalive_timeout=self._keepalive_timeout_s,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
@@ -65,21 +75,15 @@ class UpstreamPool:
     async def post(
         self, url: str, payload: bytes, headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
-        """POST, retrying once when a pooled keep-alive connection turns out to be closed.
+        """POST once; never retried here.
 
-        A server may close an idle keep-alive connection just as the pool hands it out
-        (uvicorn's default idle timeout is 5 s); the request was then never processed, so one
-        retry on a fresh connection is safe. A refused connection is not retried here (the
-        router decides about retries).
+        A POST that failed after its connection was made may have reached the upstream (and
+        be generating, and billed there), so it is not sent again: the error says whether the
+        request was provably never sent (the connection could not be made) and the router
+        retries only those. Pooled connections idle for ``keepalive_timeout_s`` are dropped
+        before the upstream drops them, so a request rarely meets a connection being closed.
         """
-        session = self.session()
-        target = self._url(url)
-        try:
-            return await session.post(target, data=payload, headers=headers)
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            return await session.post(target, data=payload, headers=headers)
+        return await self.session().post(self._url(url), data=payload, headers=headers)
 
     async def aclose(self) -> None:
         """Close the pool's connections."""
@@ -107,6 +111,18 @@ class EventTranslator(Protocol):
 ErrorForStatus = Callable[[str, int, bytes, str | None], GatewayError]
 
 
+async def _post(
+    pool: UpstreamPool, name: str, url: str, payload: bytes, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """The POST; a connection that could not be made is an error whose request was not sent."""
+    try:
+        return await pool.post(url, payload, headers)
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        raise UpstreamError(
+            f"Upstream {name!r} could not be reached: {type(exc).__name__}", request_sent=False
+        ) from None
+
+
 async def stream_events(
     pool: UpstreamPool,
     *,
@@ -120,44 +136,51 @@ async def stream_events(
 ) -> AsyncGenerator[Event, None]:
     """POST ``payload`` and yield the translated events of the SSE reply.
 
-    Everything up to the first event happens under ``first_token_timeout_s`` and without
-    yielding, so an error before it keeps its HTTP status (the gateway answers with it); an
-    error after events were read is raised after those events. Foreign exceptions become
-    gateway errors naming the upstream. Closing the iterator early (a cancel) drops the
-    upstream connection; a body read to its end goes back to the pool.
+    Everything up to the first output event happens under ``first_token_timeout_s`` and
+    yields nothing but :class:`PromptUsage` (bookkeeping: the router may still retry), so an
+    error before it keeps its HTTP status (the gateway answers with it); an error after
+    events were read is raised after those events. Foreign exceptions become gateway errors
+    naming the upstream; each says whether the request may have reached it. Closing the
+    iterator early (a cancel) drops the upstream connection; a body read to its end goes back
+    to the pool.
     """
     parser = SSEParser()
     response: aiohttp.ClientResponse | None = None
     complete = False  # the body was read to its end
+    deadline = asyncio.get_running_loop().time() + first_token_timeout_s
     try:
         pending: list[Event] = []
         late_error: Exception | None = None
         try:
-            async with asyncio.timeout(first_token_timeout_s):
-                response = await pool.post(url, payload, headers)
+            async with asyncio.timeout_at(deadline):
+                response = await _post(pool, name, url, payload, headers)
                 if response.status >= 400:
                     body = await response.content.read(65536)
                     retry_after = response.headers.get("Retry-After")
                     raise error_for_status(name, response.status, body, retry_after)
-                while not pending and late_error is None and not translator.done:
+            while not pending and late_error is None and not translator.done:
+                async with asyncio.timeout_at(deadline):
                     data = await response.content.readany()
-                    if not data:
-                        complete = True
-                        pending.extend(translator.end())
+                if not data:
+                    complete = True
+                    pending.extend(translator.end())
+                    break
+                for sse in parser.feed(data):
+                    try:
+                        pending.extend(translator.feed(sse.data))
+                    except (GatewayError, msgspec.DecodeError) as exc:
+                        if not pending:
+                            raise
+                        late_error = exc  # report it after the events before it
                         break
-                    for sse in parser.feed(data):
-                        try:
-                            pending.extend(translator.feed(sse.data))
-                        except (GatewayError, msgspec.DecodeError) as exc:
-                            if not pending:
-                                raise
-                            late_error = exc  # report it after the events before it
-                            break
-                        if translator.done:
-                            break
+                    if translator.done:
+                        break
+                while pending and isinstance(pending[0], PromptUsage):
+                    yield pending.pop(0)  # bookkeeping: reported at once, commits nothing
         except TimeoutError:
             raise UpstreamTimeout(
-                f"Upstream {name!r} sent no token within {first_token_timeout_s:g} s."
+                f"Upstream {name!r} sent no token within {first_token_timeout_s:g} s.",
+                request_sent=True,
             ) from None
         for event in pending:
             yield event
@@ -182,7 +205,9 @@ async def stream_events(
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"Upstream {name!r} connection failed: {type(exc).__name__}") from None
+        raise UpstreamError(
+            f"Upstream {name!r} connection failed: {type(exc).__name__}", request_sent=True
+        ) from None
     finally:
         if response is not None:
             if translator.done or complete:

@@ -160,6 +160,7 @@ class OpenAICompatProvider:
         first_token_timeout_s: float = 120.0,
         idle_timeout_s: float = 60.0,
         max_connections: int = 2048,
+        keepalive_timeout_s: float = 4.0,
         output_limit_field: str = "max_tokens",
     ) -> None:
         self.name = name
@@ -173,6 +174,7 @@ class OpenAICompatProvider:
             connect_timeout_s=connect_timeout_s,
             idle_timeout_s=idle_timeout_s,
             max_connections=max_connections,
+            keepalive_timeout_s=keepalive_timeout_s,
         )
 
     def upstream_body(self, call: ProviderCall) -> dict[str, Any]:

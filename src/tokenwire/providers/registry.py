@@ -46,6 +46,7 @@ def build_provider(name: str, config: ProviderConfig, env: Mapping[str, str]) ->
             "first_token_timeout_s": config.first_token_timeout_s,
             "idle_timeout_s": config.idle_timeout_s,
             "max_connections": config.max_connections,
+            "keepalive_timeout_s": config.keepalive_timeout_s,
         }
         if config.kind == "openai":
             options["output_limit_field"] = config.output_limit_field

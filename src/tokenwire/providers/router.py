@@ -5,11 +5,12 @@ A model maps to one or more deployments (provider + upstream model + weight). Ea
 1. picks, among deployments that are not cooling down, the one with the fewest requests in
    flight (ties broken at random by weight); if all are cooling down, the one that recovers
    first;
-2. **before the first event**, a retryable failure (connection error, timeout, 429, 5xx) moves
-   on: to another healthy deployment at once, or, when there is none, to the same one after
-   an exponential backoff with jitter, or after the upstream's ``Retry-After`` when it is short
-   enough; at most ``routing.max_attempts`` tries in all;
-3. **after the first event** nothing is replayed: a failure ends the stream with an in-band
+2. **before the first token**, a retryable failure (the upstream could not be reached, or
+   answered 429 or 5xx; never one the request may have reached) moves on: to another
+   healthy deployment at once, or, when there is none, to the same one after an exponential
+   backoff with jitter, or after the upstream's ``Retry-After`` when it is short enough; at
+   most ``routing.max_attempts`` tries in all;
+3. **after the first token** nothing is replayed: a failure ends the stream with an in-band
    error (the Generation does that).
 
 A 429 with ``Retry-After`` cools its deployment down for that long; ``breaker_threshold``
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from tokenwire.config import DeploymentEntry, ModelEntry, RoutingConfig
 from tokenwire.errors import GatewayError, ProviderUnavailable, UpstreamError, UpstreamStatusError
 from tokenwire.providers.base import Provider, ProviderCall
-from tokenwire.streams.events import Event, Routed
+from tokenwire.streams.events import Event, PromptUsage, Routed
 
 
 @dataclass
@@ -47,10 +48,12 @@ class DeploymentState:
 
 
 def is_retryable(error: GatewayError) -> bool:
-    """Whether another attempt (here or elsewhere) might succeed: upstream trouble only."""
+    """Whether another attempt may be made: an upstream that answered 429 or 5xx, or one the
+    request provably never reached. A request that may have reached an upstream (a dropped
+    connection, a timeout) is never sent again: it may be generating, and billed, there."""
     if isinstance(error, UpstreamStatusError):
         return error.is_retryable
-    return isinstance(error, UpstreamError)
+    return isinstance(error, UpstreamError) and not error.request_sent
 
 
 class RoutedModel:
@@ -134,12 +137,16 @@ class RoutedModel:
             try:
                 try:
                     first = await anext(events)
+                    while isinstance(first, PromptUsage):  # bookkeeping commits to nothing
+                        yield first
+                        first = await anext(events)
                 except StopAsyncIteration:
                     return
                 except GatewayError as exc:
+                    if isinstance(exc, UpstreamError):
+                        self._failed(deployment, exc)  # the deployment's health either way
                     if not is_retryable(exc):
                         raise
-                    self._failed(deployment, exc)
                     last_error = exc
                     continue
                 deployment.consecutive_failures = 0
