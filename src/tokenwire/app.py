@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
@@ -15,7 +16,9 @@ from starlette.websockets import WebSocket
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
+from tokenwire.accounting.outbox import LedgerOutbox
 from tokenwire.accounting.tickets import TicketStore
+from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.api import (
     admin,
     chat,
@@ -28,7 +31,12 @@ from tokenwire.api import (
     webhooks,
     ws,
 )
-from tokenwire.api.errors import handle_gateway_error, handle_http_exception, handle_unexpected
+from tokenwire.api.errors import (
+    handle_database_error,
+    handle_gateway_error,
+    handle_http_exception,
+    handle_unexpected,
+)
 from tokenwire.completions import CompletionService
 from tokenwire.config import LimitsConfig, Settings, load_settings
 from tokenwire.errors import GatewayError
@@ -40,6 +48,9 @@ from tokenwire.storage.engine import make_engine, migrate
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.store import StreamStore
 
+STALE_RESERVATION_S = 6 * 3600
+"""A reservation this old belongs to a process that died: it is settled as ``abandoned``."""
+
 
 async def build_state(settings: Settings, env: Mapping[str, str] | None = None) -> AppState:
     """Open the database (migrating it), load the secret, build providers."""
@@ -48,7 +59,9 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     await migrate(engine)
     registry = ProviderRegistry(settings, environ)
     ledger = Ledger(engine)
-    await ledger.release_stale_reservations(older_than_s=6 * 3600)
+    writer = LedgerWriter(ledger, LedgerOutbox(settings.data_dir / "ledger-outbox"))
+    await writer.replay()  # rows an earlier run could not write, before anything is abandoned
+    await ledger.abandon_stale_reservations(older_than_s=STALE_RESERVATION_S)
     limiter = make_limiter(settings.limits)
     streams = make_stream_store(settings)
     await streams.start()
@@ -69,6 +82,7 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
             default_max_tokens=settings.accounting.default_max_tokens,
             streams=streams,
             stream_grace_s=settings.server.stream_grace_s,
+            writer=writer,
         ),
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
         ledger=ledger,
@@ -201,6 +215,8 @@ def create_app(
         exception_handlers={
             GatewayError: handle_gateway_error,
             HTTPException: handle_http_exception,
+            sa.exc.DBAPIError: handle_database_error,
+            sa.exc.TimeoutError: handle_database_error,
             Exception: handle_unexpected,
         },
     )

@@ -177,7 +177,14 @@ class CompletionService:
             if not is_free(entry):
                 prompt_bound = prompt_token_bound(request, entry.context_tokens)
                 reserved = worst_case_micro(entry, prompt_bound, max_output)
-                await self._ledger.reserve(key.id, completion_id, reserved)
+                await self._ledger.reserve(
+                    key.id,
+                    completion_id,
+                    reserved,
+                    model=entry.id,
+                    provider=entry.provider,
+                    transport=transport,
+                )
         except BaseException:
             await self._release_limits(admission, spec, 0, completion_id)
             raise

@@ -26,6 +26,7 @@ where they occur and never leave it.
     ├── RateLimited                   429 rate_limit_exceeded   (retry_after_s)
     ├── ProviderUnavailable           503 provider_unavailable  (not configured / not built)
     ├── StreamStoreUnavailable        503 stream_store_unavailable (Redis, for shared streams)
+    ├── DatabaseUnavailable           503 database_unavailable  (keys and credits cannot be read)
     ├── UpstreamError                 502 upstream_error        (retryable)
     │   ├── UpstreamTimeout           504 upstream_timeout
     │   └── UpstreamStatusError       the upstream's own status and body
@@ -213,6 +214,18 @@ class StreamStoreUnavailable(GatewayError):
     status = 503
     type = "api_error"
     default_code = "stream_store_unavailable"
+
+
+class DatabaseUnavailable(GatewayError):
+    """The database that holds keys and credits cannot be reached (or refuses the work)."""
+
+    status = 503
+    type = "api_error"
+    default_code = "database_unavailable"
+    retryable = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class ProviderUnavailable(GatewayError):

@@ -151,10 +151,13 @@ async def test_credit_is_idempotent_on_payment_id(books: Books) -> None:
     assert orphan == 0
 
 
-async def test_release_stale_reservations(books: Books) -> None:
-    """Reservations older than the cutoff are given back to their keys; newer ones stay held."""
+async def test_abandon_stale_reservations(books: Books) -> None:
+    """Reservations older than the cutoff get one free ``abandoned`` row and are given back;
+    newer ones stay held; the real row replayed later replaces it and is charged then."""
     record, _ = await books.keys.create("stale", grant_micro=10_000)
-    await books.ledger.reserve(record.id, "chatcmpl-old", 2_000)
+    await books.ledger.reserve(
+        record.id, "chatcmpl-old", 2_000, model="priced", provider="sim", transport="ws"
+    )
     await books.ledger.reserve(record.id, "chatcmpl-new", 3_000)
     async with books.engine.begin() as conn:
         await conn.execute(
@@ -163,10 +166,23 @@ async def test_release_stale_reservations(books: Books) -> None:
             .values(created_at=int(time.time()) - 7 * 3600)
         )
     assert await books.ledger.balance(record.id) == 5_000
-    assert await books.ledger.release_stale_reservations(older_than_s=6 * 3600) == 1
+    assert await books.ledger.abandon_stale_reservations(older_than_s=6 * 3600) == 1
     assert await books.ledger.balance(record.id) == 7_000
-    assert await books.ledger.release_stale_reservations(older_than_s=6 * 3600) == 0
+    assert await books.ledger.abandon_stale_reservations(older_than_s=6 * 3600) == 0
     assert await books.count(reservations, record.id) == 1
+    [abandoned] = await books.ledger.rows(key_id=record.id)
+    assert (abandoned.completion_id, abandoned.status, abandoned.cost_micro) == (
+        "chatcmpl-old",
+        "abandoned",
+        0,
+    )
+    assert (abandoned.model, abandoned.provider, abandoned.transport) == ("priced", "sim", "ws")
+    late = replace(abandoned, status="completed", cost_micro=1_200, prompt_tokens=9)
+    assert await books.ledger.settle_many([(late, True)]) == {"chatcmpl-old"}
+    assert await books.ledger.settle_many([(late, True)]) == set()  # a second replay: nothing
+    [row] = await books.ledger.rows(key_id=record.id)
+    assert (row.status, row.cost_micro, row.prompt_tokens) == ("completed", 1_200, 9)
+    assert await books.ledger.balance(record.id) == 7_000 - 1_200
 
 
 def _ms(text: str) -> int:

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenwire.errors import NotFound
+from tokenwire.storage.engine import database_errors
 from tokenwire.storage.tables import api_keys, credit_events
 
 KEY_PREFIX = "tw-"
@@ -306,10 +307,11 @@ class KeyStore:
             self._cache[digest] = (record, time.monotonic() + self._ttl_s)
 
     async def _lookup(self, digest: str) -> KeyRecord | None:
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(sa.select(api_keys).where(api_keys.c.secret_hash == digest))
-            ).first()
+        with database_errors("checking the API key"):
+            async with self._engine.connect() as conn:
+                row = (
+                    await conn.execute(sa.select(api_keys).where(api_keys.c.secret_hash == digest))
+                ).first()
         return None if row is None else _row_to_record(row)
 
     def forget(self, key_id: str) -> None:

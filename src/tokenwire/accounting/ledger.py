@@ -7,11 +7,15 @@ The invariant, for every key at every moment::
 * **reserve** (at admission, priced models only): subtract the worst-case cost from the
   balance if the balance covers it (one conditional ``UPDATE``, atomic on SQLite and
   PostgreSQL alike) and record the reservation. Concurrent requests therefore never take a
-  balance below zero; only a completion that costs more than its reservation (a prompt larger
-  than estimated) can, by at most that one request's difference.
+  balance below zero, and since a completion is never charged more than its reservation
+  (``completions.py``), no completion can either.
 * **settle** (when the completion ends, once): insert the ledger row keyed by the completion
   id (a second attempt inserts nothing and changes nothing), delete the reservation, and give
   back ``reserved - cost``.
+* **abandon** (at start-up, for reservations older than hours: their process died before it
+  could settle them): one ``abandoned`` row at no cost, and the reservation given back. If the
+  real row turns up later (replayed from that process's outbox), it replaces the abandoned one
+  and its cost is charged then.
 * **top-up**: a credit event plus the balance change; a payment id can be applied only once.
 """
 
@@ -26,9 +30,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokenwire.errors import InsufficientQuota, NotFound
+from tokenwire.storage.engine import database_errors
 from tokenwire.storage.tables import api_keys, credit_events, reservations, usage_ledger
 
-LEDGER_STATUSES = ("completed", "cancelled", "client_disconnected", "upstream_error")
+LEDGER_STATUSES = ("completed", "cancelled", "client_disconnected", "upstream_error", "abandoned")
+ABANDONED = "abandoned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,28 +94,45 @@ class Ledger:
             raise NotFound(f"No API key with id {key_id!r}.", param="id")
         return int(value)
 
-    async def reserve(self, key_id: str, completion_id: str, amount_micro: int) -> None:
-        """Hold ``amount_micro`` of the key's balance, or raise ``InsufficientQuota`` (402)."""
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                api_keys.update()
-                .where(api_keys.c.id == key_id, api_keys.c.balance_micro >= amount_micro)
-                .values(balance_micro=api_keys.c.balance_micro - amount_micro)
-            )
-            if result.rowcount == 0:
-                raise InsufficientQuota(
-                    "You exceeded your current quota: this request may cost up to "
-                    f"${amount_micro / 1_000_000:.6f}, more than the key's credit balance. "
-                    "Top up the key or lower max_tokens."
+    async def reserve(
+        self,
+        key_id: str,
+        completion_id: str,
+        amount_micro: int,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        transport: str | None = None,
+    ) -> None:
+        """Hold ``amount_micro`` of the key's balance, or raise ``InsufficientQuota`` (402).
+
+        ``model``, ``provider`` and ``transport`` describe the completion, for the row written
+        if its process dies before settling it.
+        """
+        with database_errors("reserving credit for the request"):
+            async with self._engine.begin() as conn:
+                result = await conn.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == key_id, api_keys.c.balance_micro >= amount_micro)
+                    .values(balance_micro=api_keys.c.balance_micro - amount_micro)
                 )
-            await conn.execute(
-                reservations.insert().values(
-                    completion_id=completion_id,
-                    key_id=key_id,
-                    amount_micro=amount_micro,
-                    created_at=int(time.time()),
+                if result.rowcount == 0:
+                    raise InsufficientQuota(
+                        "You exceeded your current quota: this request may cost up to "
+                        f"${amount_micro / 1_000_000:.6f}, more than the key's credit balance. "
+                        "Top up the key or lower max_tokens."
+                    )
+                await conn.execute(
+                    reservations.insert().values(
+                        completion_id=completion_id,
+                        key_id=key_id,
+                        amount_micro=amount_micro,
+                        created_at=int(time.time()),
+                        model=model,
+                        provider=provider,
+                        transport=transport,
+                    )
                 )
-            )
 
     async def settle(self, row: LedgerRow, *, reserved: bool = True) -> bool:
         """Write the ledger row and settle its reservation, once. True if this call did it.
@@ -152,21 +175,24 @@ class Ledger:
             return set()
         ids = [row.completion_id for row, _ in items]
         async with self._engine.begin() as conn:
-            existing = set(
-                (
-                    await conn.scalars(
-                        sa.select(usage_ledger.c.completion_id).where(
-                            usage_ledger.c.completion_id.in_(ids)
-                        )
-                    )
-                ).all()
+            found = await conn.execute(
+                sa.select(usage_ledger.c.completion_id, usage_ledger.c.status).where(
+                    usage_ledger.c.completion_id.in_(ids)
+                )
             )
+            existing = {str(cid): str(status) for cid, status in found}
+            late = [
+                row
+                for row, _ in items
+                if existing.get(row.completion_id) == ABANDONED and row.status != ABANDONED
+            ]
+            await self._replace_abandoned(conn, late)
             new = {}
             for row, reserved in items:
                 if row.completion_id not in existing and row.completion_id not in new:
                     new[row.completion_id] = (row, reserved)
             if not new:
-                return set()
+                return {row.completion_id for row in late}
             await conn.execute(
                 _insert_ignoring_duplicates(conn, usage_ledger),
                 [asdict(row) for row, _ in new.values()],
@@ -195,7 +221,27 @@ class Ledger:
                     .where(api_keys.c.id == key_id)
                     .values(balance_micro=api_keys.c.balance_micro + refund)
                 )
-        return set(new)
+        return set(new) | {row.completion_id for row in late}
+
+    @staticmethod
+    async def _replace_abandoned(conn: AsyncConnection, rows: list[LedgerRow]) -> None:
+        """The real rows of completions abandoned earlier: they replace the free ``abandoned``
+        rows, and their cost is charged now (the abandonment gave the reservation back)."""
+        for row in rows:
+            await conn.execute(
+                usage_ledger.update()
+                .where(
+                    usage_ledger.c.completion_id == row.completion_id,
+                    usage_ledger.c.status == ABANDONED,
+                )
+                .values(**asdict(row))
+            )
+            if row.cost_micro:
+                await conn.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == row.key_id)
+                    .values(balance_micro=api_keys.c.balance_micro - row.cost_micro)
+                )
 
     async def credit(
         self,
@@ -233,27 +279,38 @@ class Ledger:
             )
         return int(balance or 0), applied
 
-    async def release_stale_reservations(self, older_than_s: float) -> int:
-        """Give back reservations left by a process that died mid-completion."""
+    async def abandon_stale_reservations(self, older_than_s: float) -> int:
+        """Settle reservations left by a process that died mid-completion: one ``abandoned``
+        row each, at no cost, and the reservation given back. Returns how many."""
         cutoff = int(time.time() - older_than_s)
-        released = 0
-        async with self._engine.begin() as conn:
-            rows = (
+        async with self._engine.connect() as conn:
+            stale = (
                 await conn.execute(
                     sa.select(reservations).where(reservations.c.created_at < cutoff)
                 )
             ).all()
-            for row in rows:
-                await conn.execute(
-                    reservations.delete().where(reservations.c.completion_id == row.completion_id)
-                )
-                await conn.execute(
-                    api_keys.update()
-                    .where(api_keys.c.id == row.key_id)
-                    .values(balance_micro=api_keys.c.balance_micro + row.amount_micro)
-                )
-                released += 1
-        return released
+        rows = [
+            LedgerRow(
+                completion_id=r.completion_id,
+                key_id=r.key_id,
+                model=r.model or "unknown",
+                provider=r.provider or "unknown",
+                transport=r.transport or "unknown",
+                prompt_tokens=0,
+                completion_tokens=0,
+                usage_estimated=True,
+                cost_micro=0,
+                ttft_ms=None,
+                duration_ms=0,
+                finish_reason=None,
+                status=ABANDONED,
+                created_at=int(r.created_at) * 1000,
+            )
+            for r in stale
+        ]
+        if rows:
+            await self.settle_many([(row, True) for row in rows])
+        return len(rows)
 
     async def rows(
         self,

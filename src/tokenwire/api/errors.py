@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwire.errors import GatewayError, unexpected
+from tokenwire.errors import DatabaseUnavailable, GatewayError, unexpected
 
 log = logging.getLogger("tokenwire.api")
 
@@ -55,6 +55,17 @@ async def handle_http_exception(_request: Request, exc: Exception) -> Response:
         }
     }
     return json_response(body, exc.status_code, dict(exc.headers or {}))
+
+
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    """A database outage in any route: 503 ``database_unavailable``, not a 500."""
+    log.error("database unavailable in %s %s: %r", request.method, request.url.path, exc)
+    what = f"{request.method} {request.url.path}"
+    return error_response(
+        DatabaseUnavailable(
+            f"The database is unavailable, so {what} is not possible right now; retry shortly."
+        )
+    )
 
 
 def internal_error_response(exc: Exception, what: str) -> Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -9,7 +11,25 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from tokenwire.errors import DatabaseUnavailable
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+CONNECT_TIMEOUT_S = 5.0  # a database that does not answer fails a request in bounded time
+STATEMENT_TIMEOUT_S = 15.0
+DATABASE_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError, OSError)
+"""What a database outage looks like from here (connection refused, reset, timed out, a
+statement the server refused), translated by :func:`database_errors`."""
+
+
+@contextlib.contextmanager
+def database_errors(what: str) -> Iterator[None]:
+    """Turn a database failure inside the block into :class:`DatabaseUnavailable` (503)."""
+    try:
+        yield
+    except DATABASE_ERRORS as exc:
+        raise DatabaseUnavailable(
+            f"The database is unavailable, so {what} is not possible right now; retry shortly."
+        ) from exc
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -29,7 +49,14 @@ def make_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(
+        url,
+        pool_size=10,
+        max_overflow=20,
+        pool_pre_ping=True,
+        pool_timeout=CONNECT_TIMEOUT_S,
+        connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": STATEMENT_TIMEOUT_S},
+    )
 
 
 def _upgrade(connection: sa.Connection) -> None:

@@ -36,6 +36,10 @@ reservations = sa.Table(
     sa.Column("key_id", sa.String(32), nullable=False, index=True),
     sa.Column("amount_micro", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # what the completion was, for the row written if its process dies before settling it
+    sa.Column("model", sa.String(256), nullable=True),
+    sa.Column("provider", sa.String(64), nullable=True),
+    sa.Column("transport", sa.String(8), nullable=True),
 )
 
 # One row per completion, written once (the primary key makes the write idempotent).
