@@ -21,7 +21,6 @@ returned.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated, Any, TypeVar
 
@@ -39,7 +38,7 @@ from tokenwire.api.usage import parse_instant_ms, query_params, time_range, tota
 from tokenwire.config import usd_to_micro
 from tokenwire.errors import InvalidRequest, NotFound, PermissionDenied
 from tokenwire.state import AppState, get_state
-from tokenwire.wire.schema import param_from_message
+from tokenwire.wire.untrusted import decode_json
 
 S = TypeVar("S")
 
@@ -83,32 +82,6 @@ class TopupRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     amount_usd: Amount
     note: Note | None = None
-
-
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
-
-
-def decode_json(body: bytes, kind: type[S]) -> S:
-    """Decode and validate a JSON body as ``kind``, or 400 naming the offending field."""
-    if not body.strip():
-        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        unknown = _UNKNOWN_FIELD.search(text)
-        param = unknown.group(1) if unknown else param_from_message(text)
-        raise InvalidRequest(
-            f"Invalid request: {text}", param=param, code="invalid_value"
-        ) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(
-            f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
-        ) from None
-    except UnicodeDecodeError:
-        raise InvalidRequest(
-            "The request body is not valid UTF-8.", code="invalid_encoding"
-        ) from None
 
 
 def key_status(record: KeyRecord, now: float | None = None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -18,14 +17,16 @@ from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import body_digest
 from tokenwire.wire.chunks import CompletionBuilder
 from tokenwire.wire.schema import decode_chat_request
+from tokenwire.wire.untrusted import decode_json_value, parse_count
 
 RETRY_MS = 1000  # the ``retry:`` SSE field sent on resumable streams
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or ``BodyTooLarge`` (413) as soon as it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    # A malformed length is left to the server's HTTP parser; the count below still holds.
+    declared = parse_count(request.headers.get("content-length", ""), max_digits=30)
+    if declared is not None and declared > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
@@ -46,8 +47,10 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
     state = get_state(request)
     key = await authenticate(request)
     body = await read_body(request, state.settings.server.max_body_bytes)
+    # Plain JSON first: a body nested too deeply is a 400 here, before the typed decoder
+    # (which raises RecursionError near 1000 levels under a field typed Any) sees it.
+    raw = decode_json_value(body, what="JSON body of your request")
     chat_request = decode_chat_request(body)
-    raw = msgspec.json.decode(body)
     if not isinstance(raw, dict):  # pragma: no cover - decode_chat_request guarantees an object
         raise InvalidRequest("The request body must be a JSON object.")
     idempotency_key = request.headers.get("idempotency-key")

@@ -30,10 +30,11 @@ from tokenwire.api.auth import authenticate
 from tokenwire.api.errors import json_response
 from tokenwire.errors import InvalidRequest
 from tokenwire.state import get_state
+from tokenwire.wire.untrusted import parse_count
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-_UNIX = re.compile(r"\d{1,12}(?:\.\d{1,6})?")
+_UNIX = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
 _LATEST_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
 # "…T12:00:00 02:00": a "+02:00" offset whose "+" an unencoded query string turned into a space
 _LOST_PLUS = re.compile(r"(.+[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:?\d{2})")
@@ -123,11 +124,12 @@ async def get_usage(request: Request) -> Response:
     limit = DEFAULT_LIMIT
     if params.get("limit"):
         raw = params["limit"]
-        if not raw.isdecimal() or not 1 <= int(raw) <= MAX_LIMIT:
+        parsed = parse_count(raw, max_digits=len(str(MAX_LIMIT)))
+        if parsed is None or not 1 <= parsed <= MAX_LIMIT:
             raise InvalidRequest(
                 f"'limit' must be an integer from 1 to {MAX_LIMIT}; got {raw!r}.", param="limit"
             )
-        limit = int(raw)
+        limit = parsed
     ledger = get_state(request).ledger
     rows = await ledger.rows(key_id=key.id, since_ms=start, until_ms=end, model=model, limit=limit)
     (totals,) = await ledger.totals(

@@ -33,12 +33,11 @@ from starlette.responses import Response
 
 from tokenwire.accounting.costcalc import parse_usd
 from tokenwire.accounting.pricing import usd
-from tokenwire.api.admin import decode_json
 from tokenwire.api.chat import read_body
 from tokenwire.api.errors import json_response
 from tokenwire.errors import GatewayError, InvalidRequest
 from tokenwire.state import get_state
-from tokenwire.wire.schema import param_from_message
+from tokenwire.wire.untrusted import decode_json, param_from_message, parse_count
 
 SECRET_ENV = "TOKENWIRE_WEBHOOK_SECRET"
 SIGNATURE_HEADER = "Tokenwire-Signature"
@@ -84,8 +83,8 @@ def verify_signature(
         name, sep, value = item.strip().partition("=")
         if not sep:
             continue
-        if name == "t" and value.isdigit() and len(value) <= 12:
-            timestamp = int(value)
+        if name == "t" and (seconds := parse_count(value, max_digits=12)) is not None:
+            timestamp = seconds
         elif name == "v1":
             candidates.append(value.strip().encode("latin-1", "replace"))
     if timestamp is None or not candidates:
@@ -132,7 +131,7 @@ async def _handle(request: Request, secret: bytes | None) -> Response:
             {"received": True, "ignored": True, "id": event.id, "type": event.type}
         )
     try:
-        payment = msgspec.convert(event.data, PaymentSucceeded)
+        payment = msgspec.convert(event.data, PaymentSucceeded)  # depth checked by decode_json
     except msgspec.ValidationError as exc:
         text = str(exc)
         param = param_from_message(text)

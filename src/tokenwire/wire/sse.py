@@ -111,8 +111,8 @@ class SSEParser:
         elif name == "id":
             if "\0" not in value:
                 self._last_id = value
-        elif name == "retry" and value.isdigit():
-            self._retry = int(value)
+        elif name == "retry" and value.isascii() and value.isdigit() and len(value) <= 15:
+            self._retry = int(value)  # ASCII digits only: "²".isdigit() is true
         return None
 
     def _dispatch(self) -> SSEEvent | None:
