@@ -15,8 +15,14 @@ from starlette.responses import Response
 
 from tokenwire import __version__
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
-from tokenwire.api.errors import json_response
-from tokenwire.api.webhooks import SIGNATURE_HEADER, PaymentSucceeded, WebhookEvent
+from tokenwire.api.formats import INSTANT_PATTERN
+from tokenwire.api.webhooks import (
+    PAYMENT_SUCCEEDED,
+    SIGNATURE_HEADER,
+    PaymentSucceeded,
+    WebhookEvent,
+)
+from tokenwire.state import get_state
 from tokenwire.wire.schema import ChatRequest
 
 _ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -72,7 +78,12 @@ _TOTAL_SCHEMA = {
         "cost_usd": _USD_STRING,
     },
 }
-_TIME_DOC = "Unix seconds or ISO 8601 (UTC unless a zone is given)"
+_TIME_DOC = (
+    "Unix seconds or ISO 8601 (UTC unless a zone is given); 'end' must be later than 'start' "
+    "(400 empty_time_range otherwise)"
+)
+# Empty means no bound, as if the parameter were left out.
+_INSTANT = {"type": "string", "pattern": f"(?:{INSTANT_PATTERN})|^$"}
 
 
 def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -109,9 +120,45 @@ def _errors(*statuses: int) -> dict[str, Any]:
     }
 
 
+def _webhook_body(event: dict[str, Any]) -> dict[str, Any]:
+    """A ``payment.succeeded`` event must carry a PaymentSucceeded ``data``; others anything."""
+    payment = {
+        "type": "object",
+        "required": ["id", "type", "data"],
+        "properties": {
+            "id": {"type": "string", "minLength": 1, "maxLength": 255},
+            "type": {"const": PAYMENT_SUCCEEDED},
+            "data": {"$ref": "#/components/schemas/PaymentSucceeded"},
+        },
+    }
+    other = {"allOf": [event, {"properties": {"type": {"not": {"const": PAYMENT_SUCCEEDED}}}}]}
+    return {"oneOf": [payment, other]}
+
+
+def _allow_models(components: dict[str, Any], model_ids: tuple[str, ...]) -> None:
+    """Key requests' ``models`` items: the catalog's ids (anything else is refused)."""
+    for name in ("CreateKeyRequest", "UpdateKeyRequest"):
+        for branch in components[name]["properties"]["models"]["anyOf"]:
+            if branch.get("type") == "array":
+                branch["items"] = {"enum": list(model_ids)}
+
+
+_GROUP = "(?:key|key_id|model|day)"
+GROUP_BY_PATTERN = rf"^ *(?:{_GROUP} *)?(?:, *(?:{_GROUP} *)?)*$"
+
+
+def openapi_json_for(request: Request) -> bytes:
+    """The document for this app (its model catalog), encoded once per catalog."""
+    return _encoded(tuple(get_state(request).registry.models))
+
+
 @cache
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI document (built once)."""
+def _encoded(model_ids: tuple[str, ...]) -> bytes:
+    return msgspec.json.encode(openapi_document(model_ids))
+
+
+def openapi_document(model_ids: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The OpenAPI document; with ``model_ids``, the catalog a key may be limited to."""
     (request_schema, create_key, update_key, topup, event, _), components = (
         msgspec.json.schema_components(
             [
@@ -125,6 +172,8 @@ def openapi_document() -> dict[str, Any]:
             ref_template="#/components/schemas/{name}",
         )
     )
+    if model_ids:
+        _allow_models(components, model_ids)
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
     components["UsageTotal"] = _TOTAL_SCHEMA
@@ -200,8 +249,8 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "The calling key's own ledger rows, totals and balance.",
                     "security": bearer,
                     "parameters": [
-                        _query("start", f"From this time (inclusive): {_TIME_DOC}."),
-                        _query("end", f"Until this time (exclusive): {_TIME_DOC}."),
+                        _query("start", f"From this time (inclusive): {_TIME_DOC}.", _INSTANT),
+                        _query("end", f"Until this time (exclusive): {_TIME_DOC}.", _INSTANT),
                         _query("model", "Only this model."),
                         _query(
                             "limit",
@@ -328,11 +377,12 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Requests, tokens and cost grouped by key, model and day (admin).",
                     "security": bearer,
                     "parameters": [
-                        _query("start", f"From this time (inclusive): {_TIME_DOC}."),
-                        _query("end", f"Until this time (exclusive): {_TIME_DOC}."),
+                        _query("start", f"From this time (inclusive): {_TIME_DOC}.", _INSTANT),
+                        _query("end", f"Until this time (exclusive): {_TIME_DOC}.", _INSTANT),
                         _query(
                             "group_by",
                             "Comma-separated: any of key, model, day (UTC). Default: all three.",
+                            {"type": "string", "pattern": GROUP_BY_PATTERN},
                         ),
                         _query("key_id", "Only this key."),
                         _query("model", "Only this model."),
@@ -360,16 +410,8 @@ def openapi_document() -> dict[str, Any]:
                     "description": "No bearer key: the body is authenticated by the "
                     f"`{SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex HMAC-SHA256 of "
                     '"<t>.<raw body>">` header, keyed with TOKENWIRE_WEBHOOK_SECRET.',
-                    "security": [],
-                    "parameters": [
-                        {
-                            "name": SIGNATURE_HEADER,
-                            "in": "header",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "requestBody": _body(event),
+                    "security": [{"webhookSignature": []}],
+                    "requestBody": _body(_webhook_body(event)),
                     "responses": {
                         "200": _json(
                             "Received: applied (true, or false for a payment already applied) "
@@ -391,11 +433,20 @@ def openapi_document() -> dict[str, Any]:
         },
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer"},
+                "webhookSignature": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": SIGNATURE_HEADER,
+                    "description": "t=<Unix seconds>,v1=<hex HMAC-SHA256 of "
+                    '"<t>.<raw body>"> keyed with TOKENWIRE_WEBHOOK_SECRET.',
+                },
+            },
         },
     }
 
 
-async def openapi_json(_request: Request) -> Response:
+async def openapi_json(request: Request) -> Response:
     """Serve the OpenAPI document."""
-    return json_response(openapi_document())
+    return Response(openapi_json_for(request), media_type="application/json")

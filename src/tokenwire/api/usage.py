@@ -59,9 +59,13 @@ def parse_instant_ms(value: str) -> int:
                 f"{value!r} is neither Unix seconds nor an ISO 8601 time "
                 "(e.g. 1735689600 or 2025-01-01T00:00:00Z)"
             ) from None
+        if moment.year < 1970:
+            raise ValueError(f"{value!r} is outside the years 1970-9999")
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        ms = int(moment.timestamp() * 1000)
+        # The written date is in 1970-9999; its zone may move the instant a few hours past
+        # either end (1970-01-01T00:00+01:00), which is still a fine bound for a query.
+        return int(moment.timestamp() * 1000)
     if not 0 <= ms < _LATEST_MS:
         raise ValueError(f"{value!r} is outside the years 1970-9999")
     return ms
@@ -95,7 +99,9 @@ def time_range(params: dict[str, str]) -> tuple[int | None, int | None]:
             raise InvalidRequest(f"Invalid {name!r}: {exc}.", param=name) from None
     start, end = bounds
     if start is not None and end is not None and end <= start:
-        raise InvalidRequest("'end' must be later than 'start'.", param="end")
+        raise InvalidRequest(
+            "'end' must be later than 'start'.", param="end", code="empty_time_range"
+        )
     return start, end
 
 

@@ -31,10 +31,11 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwire.accounting.costcalc import parse_usd
 from tokenwire.accounting.pricing import usd
+from tokenwire.api.admin import PositiveAmount
 from tokenwire.api.chat import read_body
 from tokenwire.api.errors import json_response
+from tokenwire.api.formats import read_usd
 from tokenwire.errors import GatewayError, InvalidRequest
 from tokenwire.state import get_state
 from tokenwire.wire.untrusted import decode_json, param_from_message, parse_count
@@ -56,7 +57,7 @@ class PaymentSucceeded(msgspec.Struct):
     """``data`` of a ``payment.succeeded`` event."""
 
     key_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    amount_usd: str | int | float
+    amount_usd: PositiveAmount
     payment_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -140,12 +141,7 @@ async def _handle(request: Request, secret: bytes | None) -> Response:
             param=f"data.{param}" if param else "data",
             code="invalid_value",
         ) from None
-    try:
-        amount = parse_usd(payment.amount_usd, positive=True)
-    except ValueError as exc:
-        raise InvalidRequest(
-            f"Invalid 'data.amount_usd': {exc}.", param="data.amount_usd"
-        ) from None
+    amount = read_usd(payment.amount_usd, "data.amount_usd", positive=True)
     balance, applied = await state.ledger.credit(
         payment.key_id,
         amount,
