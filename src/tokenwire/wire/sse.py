@@ -63,6 +63,9 @@ class SSEParser:
             if buffer.startswith(b"\n"):
                 buffer = buffer[1:]
         if not self._started and buffer:
+            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
+                self._buffer = buffer  # maybe a BOM split across chunks: wait for the rest
+                return []
             if buffer.startswith(b"\xef\xbb\xbf"):
                 buffer = buffer[3:]
             self._started = True
