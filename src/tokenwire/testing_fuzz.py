@@ -46,9 +46,16 @@ def json_values(max_leaves: int = 20) -> st.SearchStrategy[Any]:
     )
 
 
+def mostly(good: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``good`` three times in four, ``other`` otherwise."""
+    return st.integers(0, 3).flatmap(lambda pick: other if pick == 0 else good)
+
+
 def shaped_like(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[str, Any]]:
-    """Objects with some of ``fields`` (plausible values, or any JSON) and maybe others."""
-    values = {name: strategy | json_values(5) for name, strategy in fields.items()}
-    return st.fixed_dictionaries({}, optional=values) | st.dictionaries(
+    """Objects with some of ``fields``: mostly plausible values, sometimes any JSON; and now
+    and then an object of other keys."""
+    values = {name: mostly(s, json_values(5)) for name, s in fields.items()}
+    other = st.dictionaries(
         st.sampled_from(sorted(fields)) | st.text(max_size=8), json_values(8), max_size=5
     )
+    return mostly(st.fixed_dictionaries({}, optional=values), other)

@@ -68,7 +68,7 @@ from tokenwire.errors import (
     UpstreamStatusError,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import UpstreamPool, stream_events
+from tokenwire.providers.http import MAX_TOKEN_COUNT, UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import upstream_error
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire import schema
@@ -353,13 +353,23 @@ class StreamTranslator:
 
     def _take_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
-            self.usage.update((k, v) for k, v in usage.items() if type(v) is int)
+            for name, value in usage.items():
+                if type(value) is not int:
+                    continue
+                if not 0 <= value <= MAX_TOKEN_COUNT:
+                    raise UpstreamError(
+                        f"Upstream {self.provider!r} reported an impossible {name}: {value}."
+                    )
+                self.usage[name] = value
 
     def result(self) -> Usage:
         """Usage so far; prompt tokens include cache writes and reads, as OpenAI counts them."""
         get = self.usage.get
         prompt = get("input_tokens", 0) + get("cache_creation_input_tokens", 0)
-        return Usage(prompt + get("cache_read_input_tokens", 0), get("output_tokens", 0))
+        prompt += get("cache_read_input_tokens", 0)
+        if prompt > MAX_TOKEN_COUNT:
+            raise UpstreamError(f"Upstream {self.provider!r} reported {prompt} prompt tokens.")
+        return Usage(prompt, get("output_tokens", 0))
 
     def end(self) -> list[Event]:
         """The body ended: fine after ``message_stop``, a cut stream before it."""

@@ -73,7 +73,7 @@ from tokenwire.errors import (
     UpstreamStatusError,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import UpstreamPool, stream_events
+from tokenwire.providers.http import MAX_TOKEN_COUNT, TokenCount, UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import parse_retry_after
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire import schema
@@ -303,9 +303,9 @@ class _Candidate(msgspec.Struct, rename="camel"):
 
 
 class _UsageMetadata(msgspec.Struct, rename="camel"):
-    prompt_token_count: int = 0
-    candidates_token_count: int = 0
-    thoughts_token_count: int = 0
+    prompt_token_count: TokenCount = 0
+    candidates_token_count: TokenCount = 0
+    thoughts_token_count: TokenCount = 0
 
 
 class _PromptFeedback(msgspec.Struct, rename="camel"):
@@ -424,6 +424,8 @@ class GeminiStream:
         if usage is None:
             return []
         completion = usage.candidates_token_count + usage.thoughts_token_count
+        if completion > MAX_TOKEN_COUNT:
+            raise UpstreamError(f"Upstream {self.provider!r} reported {completion} output tokens.")
         return [Usage(usage.prompt_token_count, completion)]
 
 
