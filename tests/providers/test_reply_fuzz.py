@@ -8,8 +8,8 @@ translators' documented signal for a malformed event; ``stream_events`` turns it
 reads them: token counts that fit the ledger's 32-bit columns and are not negative (a
 negative count would be a refund paid by the upstream), tool-call indexes from 0.
 
-CI budget (derandomized): per provider 300 sequences of arbitrary JSON, 300 of event-shaped
-JSON and 200 of arbitrary text, each up to 6 events. ``TOKENWIRE_FUZZ_SCALE`` multiplies them.
+CI budget (derandomized): per provider 200 sequences of arbitrary JSON, 200 of event-shaped
+JSON and 150 of arbitrary text, each up to 6 events. ``TOKENWIRE_FUZZ_SCALE`` multiplies them.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def as_data(values: list[Any]) -> list[str]:
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@fuzz_settings(300)
+@fuzz_settings(200)
 @given(data=st.data())
 def test_arbitrary_json_gives_events_or_a_gateway_error(provider: str, data: st.DataObject) -> None:
     """Any JSON values as event data end in sane events or a GatewayError / DecodeError."""
@@ -208,7 +208,7 @@ def test_arbitrary_json_gives_events_or_a_gateway_error(provider: str, data: st.
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@fuzz_settings(300)
+@fuzz_settings(200)
 @given(data=st.data())
 def test_event_shaped_json_gives_events_or_a_gateway_error(
     provider: str, data: st.DataObject
@@ -219,7 +219,7 @@ def test_event_shaped_json_gives_events_or_a_gateway_error(
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@fuzz_settings(200)
+@fuzz_settings(150)
 @given(data=st.data())
 def test_arbitrary_text_gives_events_or_a_gateway_error(provider: str, data: st.DataObject) -> None:
     """Arbitrary strings (not JSON, [DONE], half objects) as event data too."""
