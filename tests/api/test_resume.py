@@ -227,7 +227,7 @@ def test_resume_errors(gateway: GatewayServer, tmp_path: Path) -> None:
         headers={"Authorization": f"Bearer {gateway.api_key}", "Last-Event-ID": "x"},
         timeout=10,
     )
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
     finished = requests.get(
         url + f"?starting_after={events[-1][0]}",
         headers={"Authorization": f"Bearer {gateway.api_key}"},

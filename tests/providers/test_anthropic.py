@@ -831,3 +831,16 @@ def test_a_cancelled_stream_bills_the_prompt_anthropic_reported(
     assert reported != estimate  # otherwise this test could not tell them apart
     assert (found.prompt_tokens, found.completion_tokens) == (reported, 1)
     assert found.usage_estimated
+
+
+def test_deeply_nested_tool_arguments_are_a_400_not_a_crash() -> None:
+    """Tool-call arguments nested 5,000 deep are refused with a 400 naming the field."""
+    deep = "[" * 5000 + "]" * 5000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]}],
+    }
+    with pytest.raises(InvalidRequest) as info:
+        to_anthropic(make_call(body))
+    assert info.value.param == "messages[1].tool_calls[0].function.arguments"

@@ -705,3 +705,25 @@ def test_gateway_streams_gemini_through_the_openai_sdk(tmp_path: Path) -> None:
     assert tool_chunks[-1].choices[0].finish_reason == "tool_calls"
     assert requests[0].body["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
     assert requests[0].headers["x-goog-api-key"] == "k"
+
+
+def test_deeply_nested_tool_json_is_a_400_not_a_crash() -> None:
+    """Tool-call arguments nested 5,000 deep are refused naming the field; a tool result that
+    deep is passed as text."""
+    deep = "[" * 5000 + "]" * 5000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": deep},
+        ],
+    }
+    with pytest.raises(InvalidRequest) as info:
+        to_gemini(call_for(body))
+    assert info.value.param == "messages[1].tool_calls[0].function.arguments"
+    call["function"]["arguments"] = "{}"
+    _, translated = to_gemini(call_for(body))
+    response = translated["contents"][-1]["parts"][0]["functionResponse"]["response"]
+    assert response == {"content": deep}

@@ -49,7 +49,7 @@ def _content_bound(content: str | list[Any] | None) -> int:
         return _utf8(content)
     total = 0
     for part in content:
-        if isinstance(part, schema.TextPart):
+        if isinstance(part, schema.TextPart | schema.TextOnlyPart):
             total += _utf8(part.text)
         elif isinstance(part, schema.RefusalPart):
             total += _utf8(part.refusal)

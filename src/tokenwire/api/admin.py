@@ -21,7 +21,6 @@ returned.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated, Any, TypeVar
 
@@ -29,27 +28,58 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwire.accounting.costcalc import parse_usd
+from tokenwire.accounting.costcalc import MAX_USD
 from tokenwire.accounting.keys import KeyLimits, KeyRecord
 from tokenwire.accounting.pricing import usd
 from tokenwire.api.auth import authenticate
 from tokenwire.api.chat import read_body
 from tokenwire.api.errors import json_response
+from tokenwire.api.formats import (
+    INSTANT_PATTERN,
+    MAX_UNIX_S,
+    POSITIVE_USD_PATTERN,
+    USD_PATTERN,
+    read_usd,
+)
 from tokenwire.api.usage import parse_instant_ms, query_params, time_range, total_object
 from tokenwire.config import usd_to_micro
 from tokenwire.errors import InvalidRequest, NotFound, PermissionDenied
 from tokenwire.state import AppState, get_state
-from tokenwire.wire.schema import param_from_message
+from tokenwire.wire.untrusted import decode_json
 
 S = TypeVar("S")
 
 MAX_LIMIT_VALUE = 2_147_483_647  # the columns are 32-bit integers
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT_VALUE)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# The constraints below are the whole syntax of each field: /openapi.json is generated from
+# them, so a body the document calls valid is refused only for the reasons it states
+# (an unknown model id, an expiry in the past).
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"\S")]  # not blank
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Models = Annotated[list[ModelId], msgspec.Meta(min_length=1)]  # null, not [], allows every model
 Note = Annotated[str, msgspec.Meta(max_length=500)]
-Amount = str | int | float  # USD; checked exactly by parse_usd
-Instant = int | str  # Unix seconds or ISO 8601
+# USD, read exactly by parse_usd; a JSON number with a fraction is read through its shortest
+# decimal form and must have at most 6 decimals too.
+Amount = Annotated[
+    Annotated[str, msgspec.Meta(pattern=USD_PATTERN)]
+    | Annotated[int, msgspec.Meta(ge=0, le=MAX_USD)]
+    | Annotated[float, msgspec.Meta(ge=0, le=MAX_USD)],
+    msgspec.Meta(description='USD: a string such as "12.50" (at most 6 decimals) or a number.'),
+]
+PositiveAmount = Annotated[
+    Annotated[str, msgspec.Meta(pattern=POSITIVE_USD_PATTERN)]
+    | Annotated[int, msgspec.Meta(ge=1, le=MAX_USD)]
+    | Annotated[float, msgspec.Meta(gt=0, le=MAX_USD)],
+    msgspec.Meta(description='USD above 0: a string such as "10.00" or a number.'),
+]
+Instant = Annotated[
+    Annotated[int, msgspec.Meta(ge=0, le=MAX_UNIX_S)]
+    | Annotated[str, msgspec.Meta(pattern=INSTANT_PATTERN)],
+    msgspec.Meta(
+        description="Unix seconds or ISO 8601 (UTC unless a zone is given); it must be in "
+        "the future (400 expiry_not_in_future otherwise): revoke a key to stop it now."
+    ),
+]
 UNSET = msgspec.UNSET
 UnsetType = msgspec.UnsetType
 
@@ -62,7 +92,7 @@ class CreateKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     tpm: Limit | None = None
     max_concurrent_streams: Limit | None = None
     credits_usd: Amount | None = None
-    models: list[ModelId] | None = None
+    models: Models | None = None
     expires_at: Instant | None = None
     admin: bool = False
 
@@ -74,41 +104,15 @@ class UpdateKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     rpm: Limit | UnsetType | None = UNSET
     tpm: Limit | UnsetType | None = UNSET
     max_concurrent_streams: Limit | UnsetType | None = UNSET
-    models: list[ModelId] | UnsetType | None = UNSET
+    models: Models | UnsetType | None = UNSET
     expires_at: Instant | UnsetType | None = UNSET
 
 
 class TopupRequest(msgspec.Struct, forbid_unknown_fields=True):
     """``POST /v1/admin/keys/{id}/topup``: a positive USD amount, such as ``"10.00"``."""
 
-    amount_usd: Amount
+    amount_usd: PositiveAmount
     note: Note | None = None
-
-
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
-
-
-def decode_json(body: bytes, kind: type[S]) -> S:
-    """Decode and validate a JSON body as ``kind``, or 400 naming the offending field."""
-    if not body.strip():
-        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        unknown = _UNKNOWN_FIELD.search(text)
-        param = unknown.group(1) if unknown else param_from_message(text)
-        raise InvalidRequest(
-            f"Invalid request: {text}", param=param, code="invalid_value"
-        ) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(
-            f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
-        ) from None
-    except UnicodeDecodeError:
-        raise InvalidRequest(
-            "The request body is not valid UTF-8.", code="invalid_encoding"
-        ) from None
 
 
 def key_status(record: KeyRecord, now: float | None = None) -> str:
@@ -154,10 +158,7 @@ async def _body(request: Request, state: AppState, kind: type[S]) -> S:
 
 
 def _amount(value: object, param: str, *, positive: bool) -> int:
-    try:
-        return parse_usd(value, positive=positive)
-    except ValueError as exc:
-        raise InvalidRequest(f"Invalid {param!r}: {exc}.", param=param) from None
+    return read_usd(value, param, positive=positive)
 
 
 def _expiry(value: int | str, param: str = "expires_at") -> int:
@@ -174,6 +175,7 @@ def _expiry(value: int | str, param: str = "expires_at") -> int:
         raise InvalidRequest(
             f"Invalid {param!r}: {value!r} is not in the future; revoke a key to stop it now.",
             param=param,
+            code="expiry_not_in_future",
         )
     return seconds
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -17,15 +16,17 @@ from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import request_digest
 from tokenwire.wire.chunks import CompletionBuilder
-from tokenwire.wire.schema import decode_chat_request
+from tokenwire.wire.schema import chat_request_from
+from tokenwire.wire.untrusted import decode_json_value, parse_count
 
 RETRY_MS = 1000  # the ``retry:`` SSE field sent on resumable streams
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or ``BodyTooLarge`` (413) as soon as it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    # A malformed length is left to the server's HTTP parser; the count below still holds.
+    declared = parse_count(request.headers.get("content-length", ""), max_digits=30)
+    if declared is not None and declared > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
@@ -46,10 +47,10 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
     state = get_state(request)
     key = await authenticate(request)
     body = await read_body(request, state.settings.server.max_body_bytes)
-    chat_request = decode_chat_request(body)
-    raw = msgspec.json.decode(body)
-    if not isinstance(raw, dict):  # pragma: no cover - decode_chat_request guarantees an object
-        raise InvalidRequest("The request body must be a JSON object.")
+    # Decoded once: plain JSON (nesting bounded: a 400, not a RecursionError), then validated
+    # into typed values; the plain object is what an OpenAI-compatible upstream receives.
+    raw = decode_json_value(body, what="JSON body of your request")
+    chat_request = chat_request_from(raw)
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
         raise InvalidRequest(

@@ -7,7 +7,7 @@ document cannot drift from what the server accepts.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from starlette.requests import Request
@@ -15,8 +15,14 @@ from starlette.responses import Response
 
 from tokenwire import __version__
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
-from tokenwire.api.errors import json_response
-from tokenwire.api.webhooks import SIGNATURE_HEADER, PaymentSucceeded, WebhookEvent
+from tokenwire.api.formats import INSTANT_PATTERN
+from tokenwire.api.webhooks import (
+    PAYMENT_SUCCEEDED,
+    SIGNATURE_HEADER,
+    PaymentSucceeded,
+    WebhookEvent,
+)
+from tokenwire.state import get_state
 from tokenwire.wire.schema import ChatRequest
 
 _ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -38,6 +44,24 @@ _ERROR_SCHEMA = {
 }
 
 
+_SSE_EVENT = {
+    "description": "One server-sent event (the schema of each event, as OpenAPI 3.1 tools "
+    'read it): a chat.completion.chunk (or an in-band {"error"}) as JSON in data, '
+    "numbered by id, and a last one whose data is [DONE].",
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"const": "message"},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "retry": {"type": "integer", "minimum": 0},
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {"type": "string", "contentMediaType": "application/json"},
+            ]
+        },
+    },
+}
 _INT_OR_NULL = {"type": ["integer", "null"]}
 _USD_STRING = {"type": "string", "pattern": r"^-?\d+\.\d{6}$"}
 _API_KEY_SCHEMA = {
@@ -72,7 +96,12 @@ _TOTAL_SCHEMA = {
         "cost_usd": _USD_STRING,
     },
 }
-_TIME_DOC = "Unix seconds or ISO 8601 (UTC unless a zone is given)"
+_TIME_DOC = (
+    "Unix seconds or ISO 8601 (UTC unless a zone is given); 'end' must be later than 'start' "
+    "(400 empty_time_range otherwise)"
+)
+# Empty means no bound, as if the parameter were left out.
+_INSTANT = {"type": "string", "pattern": f"(?:{INSTANT_PATTERN})|^$"}
 
 
 def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -109,9 +138,83 @@ def _errors(*statuses: int) -> dict[str, Any]:
     }
 
 
+def _webhook_body(event: dict[str, Any]) -> dict[str, Any]:
+    """A ``payment.succeeded`` event must carry a PaymentSucceeded ``data``; others anything."""
+    payment = {
+        "type": "object",
+        "required": ["id", "type", "data"],
+        "properties": {
+            "id": {"type": "string", "minLength": 1, "maxLength": 255},
+            "type": {"const": PAYMENT_SUCCEEDED},
+            "data": {"$ref": "#/components/schemas/PaymentSucceeded"},
+        },
+    }
+    other = {"allOf": [event, {"properties": {"type": {"not": {"const": PAYMENT_SUCCEEDED}}}}]}
+    return {"oneOf": [payment, other]}
+
+
+def _allow_models(components: dict[str, Any], model_ids: tuple[str, ...]) -> None:
+    """Key requests' ``models`` items: the catalog's ids (anything else is refused)."""
+    for name in ("CreateKeyRequest", "UpdateKeyRequest"):
+        for branch in components[name]["properties"]["models"]["anyOf"]:
+            if branch.get("type") == "array":
+                branch["items"] = {"enum": list(model_ids)}
+
+
+_GROUP = "(?:key|key_id|model|day)"
+GROUP_BY_PATTERN = rf"^ *(?:{_GROUP} *)?(?:, *(?:{_GROUP} *)?)*$"
+
+
+class CatalogModel(NamedTuple):
+    """What the document says about one model of the catalog."""
+
+    id: str
+    max_output_tokens: int
+    available: bool  # its provider is configured here
+
+
+def _chat_rules(components: dict[str, Any], catalog: tuple[CatalogModel, ...]) -> None:
+    """The chat request's rules that depend on this gateway or span fields, as JSON Schema:
+    ``model`` is one the gateway serves, ``max_tokens`` at most that model's output limit,
+    and ``stream_options`` only with ``stream: true``."""
+    chat = components["ChatRequest"]
+    rules: list[dict[str, Any]] = [
+        {
+            "if": {
+                "properties": {"stream_options": {"type": "object"}},
+                "required": ["stream_options"],
+            },
+            "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+        }
+    ]
+    served = [model for model in catalog if model.available]
+    if served:
+        chat["properties"]["model"] = {"enum": [model.id for model in served]}
+    for model in served:
+        limit = {"maximum": model.max_output_tokens}
+        then = {"properties": {"max_tokens": limit, "max_completion_tokens": limit}}
+        rules.append({"if": {"properties": {"model": {"const": model.id}}}, "then": then})
+    chat["allOf"] = rules
+
+
+def openapi_json_for(request: Request) -> bytes:
+    """The document for this app (its model catalog), encoded once per catalog."""
+    registry = get_state(request).registry
+    catalog = tuple(
+        CatalogModel(entry.id, entry.max_output_tokens, registry.unavailable_reason(entry) is None)
+        for entry in registry.models.values()
+    )
+    return _encoded(catalog)
+
+
 @cache
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI document (built once)."""
+def _encoded(catalog: tuple[CatalogModel, ...]) -> bytes:
+    return msgspec.json.encode(openapi_document(catalog))
+
+
+def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
+    """The OpenAPI document; with ``catalog``, the models of this gateway (which a key may be
+    limited to, which a request may name, and their output limits)."""
     (request_schema, create_key, update_key, topup, event, _), components = (
         msgspec.json.schema_components(
             [
@@ -125,6 +228,9 @@ def openapi_document() -> dict[str, Any]:
             ref_template="#/components/schemas/{name}",
         )
     )
+    if catalog:
+        _allow_models(components, tuple(model.id for model in catalog))
+    _chat_rules(components, catalog)
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
     components["UsageTotal"] = _TOTAL_SCHEMA
@@ -153,7 +259,7 @@ def openapi_document() -> dict[str, Any]:
                             "SSE stream of chat.completion.chunk objects ending in data: [DONE].",
                             "content": {
                                 "application/json": {"schema": {"type": "object"}},
-                                "text/event-stream": {"schema": {"type": "string"}},
+                                "text/event-stream": {"schema": _SSE_EVENT},
                             },
                         },
                         **_errors(400, 401, 404, 413, 429, 502, 503, 504),
@@ -200,8 +306,8 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "The calling key's own ledger rows, totals and balance.",
                     "security": bearer,
                     "parameters": [
-                        _query("start", f"From this time (inclusive): {_TIME_DOC}."),
-                        _query("end", f"Until this time (exclusive): {_TIME_DOC}."),
+                        _query("start", f"From this time (inclusive): {_TIME_DOC}.", _INSTANT),
+                        _query("end", f"Until this time (exclusive): {_TIME_DOC}.", _INSTANT),
                         _query("model", "Only this model."),
                         _query(
                             "limit",
@@ -328,11 +434,12 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Requests, tokens and cost grouped by key, model and day (admin).",
                     "security": bearer,
                     "parameters": [
-                        _query("start", f"From this time (inclusive): {_TIME_DOC}."),
-                        _query("end", f"Until this time (exclusive): {_TIME_DOC}."),
+                        _query("start", f"From this time (inclusive): {_TIME_DOC}.", _INSTANT),
+                        _query("end", f"Until this time (exclusive): {_TIME_DOC}.", _INSTANT),
                         _query(
                             "group_by",
                             "Comma-separated: any of key, model, day (UTC). Default: all three.",
+                            {"type": "string", "pattern": GROUP_BY_PATTERN},
                         ),
                         _query("key_id", "Only this key."),
                         _query("model", "Only this model."),
@@ -360,16 +467,8 @@ def openapi_document() -> dict[str, Any]:
                     "description": "No bearer key: the body is authenticated by the "
                     f"`{SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex HMAC-SHA256 of "
                     '"<t>.<raw body>">` header, keyed with TOKENWIRE_WEBHOOK_SECRET.',
-                    "security": [],
-                    "parameters": [
-                        {
-                            "name": SIGNATURE_HEADER,
-                            "in": "header",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "requestBody": _body(event),
+                    "security": [{"webhookSignature": []}],
+                    "requestBody": _body(_webhook_body(event)),
                     "responses": {
                         "200": _json(
                             "Received: applied (true, or false for a payment already applied) "
@@ -391,11 +490,20 @@ def openapi_document() -> dict[str, Any]:
         },
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer"},
+                "webhookSignature": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": SIGNATURE_HEADER,
+                    "description": "t=<Unix seconds>,v1=<hex HMAC-SHA256 of "
+                    '"<t>.<raw body>"> keyed with TOKENWIRE_WEBHOOK_SECRET.',
+                },
+            },
         },
     }
 
 
-async def openapi_json(_request: Request) -> Response:
+async def openapi_json(request: Request) -> Response:
     """Serve the OpenAPI document."""
-    return json_response(openapi_document())
+    return Response(openapi_json_for(request), media_type="application/json")

@@ -14,16 +14,22 @@ from tokenwire.api.chat import RETRY_MS
 from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import InvalidRequest
 from tokenwire.state import get_state
+from tokenwire.wire.untrusted import parse_count
+
+MAX_CURSOR_DIGITS = 15  # event numbers stay far below 10**15 (and 2**53, for JavaScript clients)
 
 
 def _cursor(request: Request) -> int:
-    raw = request.headers.get("last-event-id") or request.query_params.get("starting_after") or "0"
-    if not raw.isdigit():
+    header = request.headers.get("last-event-id")
+    raw = header or request.query_params.get("starting_after") or "0"
+    cursor = parse_count(raw, max_digits=MAX_CURSOR_DIGITS)
+    if cursor is None:
         raise InvalidRequest(
-            "The cursor (Last-Event-ID or starting_after) must be a whole number.",
-            param="starting_after",
+            "The cursor (Last-Event-ID or starting_after) must be a whole number "
+            f"of at most {MAX_CURSOR_DIGITS} digits.",
+            param="Last-Event-ID" if header else "starting_after",
         )
-    return int(raw)
+    return cursor
 
 
 async def resume_stream(request: Request) -> SSEStream:

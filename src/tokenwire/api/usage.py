@@ -30,10 +30,11 @@ from tokenwire.api.auth import authenticate
 from tokenwire.api.errors import json_response
 from tokenwire.errors import InvalidRequest
 from tokenwire.state import get_state
+from tokenwire.wire.untrusted import parse_count
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-_UNIX = re.compile(r"\d{1,12}(?:\.\d{1,6})?")
+_UNIX = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
 _LATEST_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
 # "…T12:00:00 02:00": a "+02:00" offset whose "+" an unencoded query string turned into a space
 _LOST_PLUS = re.compile(r"(.+[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:?\d{2})")
@@ -58,9 +59,13 @@ def parse_instant_ms(value: str) -> int:
                 f"{value!r} is neither Unix seconds nor an ISO 8601 time "
                 "(e.g. 1735689600 or 2025-01-01T00:00:00Z)"
             ) from None
+        if moment.year < 1970:
+            raise ValueError(f"{value!r} is outside the years 1970-9999")
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        ms = int(moment.timestamp() * 1000)
+        # The written date is in 1970-9999; its zone may move the instant a few hours past
+        # either end (1970-01-01T00:00+01:00), which is still a fine bound for a query.
+        return int(moment.timestamp() * 1000)
     if not 0 <= ms < _LATEST_MS:
         raise ValueError(f"{value!r} is outside the years 1970-9999")
     return ms
@@ -94,7 +99,9 @@ def time_range(params: dict[str, str]) -> tuple[int | None, int | None]:
             raise InvalidRequest(f"Invalid {name!r}: {exc}.", param=name) from None
     start, end = bounds
     if start is not None and end is not None and end <= start:
-        raise InvalidRequest("'end' must be later than 'start'.", param="end")
+        raise InvalidRequest(
+            "'end' must be later than 'start'.", param="end", code="empty_time_range"
+        )
     return start, end
 
 
@@ -123,11 +130,12 @@ async def get_usage(request: Request) -> Response:
     limit = DEFAULT_LIMIT
     if params.get("limit"):
         raw = params["limit"]
-        if not raw.isdecimal() or not 1 <= int(raw) <= MAX_LIMIT:
+        parsed = parse_count(raw, max_digits=len(str(MAX_LIMIT)))
+        if parsed is None or not 1 <= parsed <= MAX_LIMIT:
             raise InvalidRequest(
                 f"'limit' must be an integer from 1 to {MAX_LIMIT}; got {raw!r}.", param="limit"
             )
-        limit = int(raw)
+        limit = parsed
     ledger = get_state(request).ledger
     rows = await ledger.rows(key_id=key.id, since_ms=start, until_ms=end, model=model, limit=limit)
     (totals,) = await ledger.totals(

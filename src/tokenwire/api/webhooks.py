@@ -31,14 +31,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwire.accounting.costcalc import parse_usd
 from tokenwire.accounting.pricing import usd
-from tokenwire.api.admin import decode_json
+from tokenwire.api.admin import PositiveAmount
 from tokenwire.api.chat import read_body
 from tokenwire.api.errors import json_response
+from tokenwire.api.formats import read_usd
 from tokenwire.errors import GatewayError, InvalidRequest
 from tokenwire.state import get_state
-from tokenwire.wire.schema import param_from_message
+from tokenwire.wire.untrusted import decode_json, param_from_message, parse_count
 
 SECRET_ENV = "TOKENWIRE_WEBHOOK_SECRET"
 SIGNATURE_HEADER = "Tokenwire-Signature"
@@ -57,7 +57,7 @@ class PaymentSucceeded(msgspec.Struct):
     """``data`` of a ``payment.succeeded`` event."""
 
     key_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    amount_usd: str | int | float
+    amount_usd: PositiveAmount
     payment_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -84,8 +84,8 @@ def verify_signature(
         name, sep, value = item.strip().partition("=")
         if not sep:
             continue
-        if name == "t" and value.isdigit() and len(value) <= 12:
-            timestamp = int(value)
+        if name == "t" and (seconds := parse_count(value, max_digits=12)) is not None:
+            timestamp = seconds
         elif name == "v1":
             candidates.append(value.strip().encode("latin-1", "replace"))
     if timestamp is None or not candidates:
@@ -132,7 +132,7 @@ async def _handle(request: Request, secret: bytes | None) -> Response:
             {"received": True, "ignored": True, "id": event.id, "type": event.type}
         )
     try:
-        payment = msgspec.convert(event.data, PaymentSucceeded)
+        payment = msgspec.convert(event.data, PaymentSucceeded)  # depth checked by decode_json
     except msgspec.ValidationError as exc:
         text = str(exc)
         param = param_from_message(text)
@@ -141,12 +141,7 @@ async def _handle(request: Request, secret: bytes | None) -> Response:
             param=f"data.{param}" if param else "data",
             code="invalid_value",
         ) from None
-    try:
-        amount = parse_usd(payment.amount_usd, positive=True)
-    except ValueError as exc:
-        raise InvalidRequest(
-            f"Invalid 'data.amount_usd': {exc}.", param="data.amount_usd"
-        ) from None
+    amount = read_usd(payment.amount_usd, "data.amount_usd", positive=True)
     balance, applied = await state.ledger.credit(
         payment.key_id,
         amount,

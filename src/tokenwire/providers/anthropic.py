@@ -69,7 +69,7 @@ from tokenwire.errors import (
     UpstreamStatusError,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import UpstreamPool, stream_events
+from tokenwire.providers.http import MAX_TOKEN_COUNT, UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import upstream_error
 from tokenwire.streams.events import (
     Event,
@@ -188,7 +188,7 @@ def _assistant_blocks(message: AssistantMessage, index: int) -> list[Block]:
         arguments = tool_call.function.arguments
         try:
             parsed = msgspec.json.decode(arguments) if arguments.strip() else {}
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # not JSON, or nested beyond the parser
             parsed = None
         if not isinstance(parsed, dict):
             raise InvalidRequest(
@@ -365,13 +365,23 @@ class StreamTranslator:
 
     def _take_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
-            self.usage.update((k, v) for k, v in usage.items() if type(v) is int)
+            for name, value in usage.items():
+                if type(value) is not int:
+                    continue
+                if not 0 <= value <= MAX_TOKEN_COUNT:
+                    raise UpstreamError(
+                        f"Upstream {self.provider!r} reported an impossible {name}: {value}."
+                    )
+                self.usage[name] = value
 
     def result(self) -> Usage:
         """Usage so far; prompt tokens include cache writes and reads, as OpenAI counts them."""
         get = self.usage.get
         prompt = get("input_tokens", 0) + get("cache_creation_input_tokens", 0)
-        return Usage(prompt + get("cache_read_input_tokens", 0), get("output_tokens", 0))
+        prompt += get("cache_read_input_tokens", 0)
+        if prompt > MAX_TOKEN_COUNT:
+            raise UpstreamError(f"Upstream {self.provider!r} reported {prompt} prompt tokens.")
+        return Usage(prompt, get("output_tokens", 0))
 
     def end(self) -> list[Event]:
         """The body ended: fine after ``message_stop``, a cut stream before it."""

@@ -75,7 +75,7 @@ from tokenwire.errors import (
     UpstreamStatusError,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import UpstreamPool, stream_events
+from tokenwire.providers.http import MAX_TOKEN_COUNT, TokenCount, UpstreamPool, stream_events
 from tokenwire.providers.openai_compat import parse_retry_after
 from tokenwire.streams.events import (
     Event,
@@ -203,7 +203,7 @@ def _assistant_parts(
         name, arguments = tool_call.function.name, tool_call.function.arguments
         try:
             args = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested beyond the parser
             args = None
         if not isinstance(args, dict):
             where = f"{param}.tool_calls[{j}].function.arguments"
@@ -223,7 +223,7 @@ def _tool_response(
     text = content_text(message.content)
     try:
         value: Any = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # plain text (or JSON too deep to read): sent as text
         value = text
     response = value if isinstance(value, dict) else {"content": value}
     return {"functionResponse": {"name": name, "response": response}}
@@ -312,9 +312,9 @@ class _Candidate(msgspec.Struct, rename="camel"):
 
 
 class _UsageMetadata(msgspec.Struct, rename="camel"):
-    prompt_token_count: int = 0
-    candidates_token_count: int = 0
-    thoughts_token_count: int = 0
+    prompt_token_count: TokenCount = 0
+    candidates_token_count: TokenCount = 0
+    thoughts_token_count: TokenCount = 0
 
 
 class _PromptFeedback(msgspec.Struct, rename="camel"):
@@ -435,6 +435,8 @@ class GeminiStream:
         if usage is None:
             return []
         completion = usage.candidates_token_count + usage.thoughts_token_count
+        if completion > MAX_TOKEN_COUNT:
+            raise UpstreamError(f"Upstream {self.provider!r} reported {completion} output tokens.")
         return [Usage(usage.prompt_token_count, completion)]
 
 

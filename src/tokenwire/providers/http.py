@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import aiohttp
 import msgspec
@@ -18,6 +18,14 @@ from yarl import URL
 from tokenwire.errors import GatewayError, UpstreamError, UpstreamTimeout
 from tokenwire.streams.events import Event, PromptUsage
 from tokenwire.wire.sse import SSEParser
+
+MAX_TOKEN_COUNT = 2**31 - 1
+"""The largest token count a reply may report (the ledger's token columns are 32-bit).
+
+A reply translator refuses a count outside ``0..MAX_TOKEN_COUNT`` as a malformed reply: a
+negative count would make the completion's cost negative, a refund paid by the upstream.
+"""
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_COUNT)]
 
 
 class UpstreamPool:
@@ -168,7 +176,7 @@ async def stream_events(
                 for sse in parser.feed(data):
                     try:
                         pending.extend(translator.feed(sse.data))
-                    except (GatewayError, msgspec.DecodeError) as exc:
+                    except (GatewayError, msgspec.DecodeError, RecursionError) as exc:
                         if not pending:
                             raise
                         late_error = exc  # report it after the events before it
@@ -202,6 +210,8 @@ async def stream_events(
         raise
     except msgspec.DecodeError as exc:
         raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
+    except RecursionError:
+        raise UpstreamError(f"Upstream {name!r} sent a chunk nested too deeply.") from None
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
     except aiohttp.ClientError as exc:

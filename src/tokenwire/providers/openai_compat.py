@@ -11,13 +11,13 @@ a client gone) closes the upstream connection at once.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from tokenwire.errors import UpstreamError, UpstreamStatusError
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import UpstreamPool, stream_events
+from tokenwire.providers.http import MAX_TOKEN_COUNT, TokenCount, UpstreamPool, stream_events
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire.sse import DONE_DATA
 
@@ -28,7 +28,7 @@ class _Function(msgspec.Struct):
 
 
 class _ToolCall(msgspec.Struct):
-    index: int = 0
+    index: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_COUNT)] = 0
     id: str | None = None
     function: _Function | None = None
 
@@ -44,8 +44,8 @@ class _Choice(msgspec.Struct):
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: TokenCount = 0
+    completion_tokens: TokenCount = 0
 
 
 class _Chunk(msgspec.Struct):

@@ -8,12 +8,12 @@ the original body through, so vendor extensions still reach upstreams that under
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from tokenwire.errors import InvalidRequest
+from tokenwire.wire.untrusted import param_from_message
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -28,6 +28,16 @@ StopSequence = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 
 
 class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+    """A text part among parts of several kinds (a user's, an assistant's)."""
+
+    text: str
+
+
+class TextOnlyPart(msgspec.Struct):
+    """A text part where only text parts are allowed (system, developer and tool messages):
+    its ``type`` is required as it is in a union, which a lone tagged struct would not do."""
+
+    type: Literal["text"]
     text: str
 
 
@@ -78,12 +88,12 @@ class ToolCall(msgspec.Struct):
 
 
 class SystemMessage(msgspec.Struct, tag_field="role", tag="system", omit_defaults=True):
-    content: str | list[TextPart]
+    content: str | list[TextOnlyPart]
     name: str | None = None
 
 
 class DeveloperMessage(msgspec.Struct, tag_field="role", tag="developer", omit_defaults=True):
-    content: str | list[TextPart]
+    content: str | list[TextOnlyPart]
     name: str | None = None
 
 
@@ -100,7 +110,7 @@ class AssistantMessage(msgspec.Struct, tag_field="role", tag="assistant", omit_d
 
 
 class ToolMessage(msgspec.Struct, tag_field="role", tag="tool", omit_defaults=True):
-    content: str | list[TextPart]
+    content: str | list[TextOnlyPart]
     tool_call_id: str
 
 
@@ -183,8 +193,9 @@ class AudioOutput(msgspec.Struct):
     format: str
 
 
-class Prediction(msgspec.Struct, tag_field="type", tag="content"):
-    content: str | list[TextPart]
+class Prediction(msgspec.Struct):
+    type: Literal["content"]
+    content: str | list[TextOnlyPart]
 
 
 class ChatRequest(msgspec.Struct, omit_defaults=True):
@@ -266,23 +277,16 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
-_PATH = re.compile(r"at `\$\.?([^`]*)`")
-_MISSING = re.compile(r"missing required field `([^`]*)`")
-
-
-def param_from_message(message: str) -> str | None:
-    """OpenAI's ``param`` from a msgspec error: ``at `$.messages[0].role``` becomes
-    ``messages[0].role``; a missing field is named too (``messages[0].tool_call_id``)."""
-    match = _PATH.search(message)
-    path = match.group(1) if match is not None else ""
-    missing = _MISSING.search(message)
-    if missing is not None:
-        return f"{path}.{missing.group(1)}" if path else missing.group(1)
-    return path or None
+_WHOLE_NUMBER_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs")
 
 
 def decode_chat_request(body: bytes) -> ChatRequest:
-    """Decode and validate a chat-completions body, or raise ``InvalidRequest``."""
+    """Decode and validate a chat-completions body, or raise ``InvalidRequest``.
+
+    For clients of the simulator and tests; the gateway's routes decode the JSON once with
+    :func:`~tokenwire.wire.untrusted.decode_json_value` and validate it with
+    :func:`chat_request_from`.
+    """
     if not body.strip():
         raise InvalidRequest("The request body is empty; send a JSON chat-completions object.")
     try:
@@ -297,18 +301,41 @@ def decode_chat_request(body: bytes) -> ChatRequest:
         raise InvalidRequest(
             "The request body is not valid UTF-8.", code="invalid_encoding"
         ) from None
+    except RecursionError:
+        raise InvalidRequest(
+            "The JSON body of your request is nested too deeply.", code="json_too_deep"
+        ) from None
+    _check_semantics(request)
+    return request
+
+
+def chat_request_from(body: Any, *, stream: bool | None = None) -> ChatRequest:
+    """Validate a decoded chat-completions body (HTTP, or a WebSocket message with
+    ``stream=True``, which always streams), or raise ``InvalidRequest`` naming the field.
+
+    JSON has one number type: ``5.0`` is the integer five (as JSON Schema says), so the
+    whole-number fields take it.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    values = dict(body)
+    for name in _WHOLE_NUMBER_FIELDS:
+        value = values.get(name)
+        if isinstance(value, float) and value.is_integer():
+            values[name] = int(value)
+    if stream is not None:
+        values["stream"] = stream
+    try:
+        request = msgspec.convert(values, ChatRequest)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
     _check_semantics(request)
     return request
 
 
 def convert_chat_request(body: dict[str, Any]) -> ChatRequest:
-    """Validate an already-parsed body (a WebSocket message), which always streams."""
-    try:
-        request = msgspec.convert({**body, "stream": True}, ChatRequest)
-    except msgspec.ValidationError as exc:
-        raise _invalid(exc) from None
-    _check_semantics(request)
-    return request
+    """Validate a WebSocket message's chat body, which always streams."""
+    return chat_request_from(body, stream=True)
 
 
 def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
@@ -336,4 +363,4 @@ def content_text(content: str | list[Any] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(part.text for part in content if isinstance(part, TextPart))
+    return "".join(part.text for part in content if isinstance(part, TextPart | TextOnlyPart))

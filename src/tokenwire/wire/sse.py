@@ -63,6 +63,9 @@ class SSEParser:
             if buffer.startswith(b"\n"):
                 buffer = buffer[1:]
         if not self._started and buffer:
+            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
+                self._buffer = buffer  # maybe a BOM split across chunks: wait for the rest
+                return []
             if buffer.startswith(b"\xef\xbb\xbf"):
                 buffer = buffer[3:]
             self._started = True
@@ -111,8 +114,8 @@ class SSEParser:
         elif name == "id":
             if "\0" not in value:
                 self._last_id = value
-        elif name == "retry" and value.isdigit():
-            self._retry = int(value)
+        elif name == "retry" and value.isascii() and value.isdigit() and len(value) <= 15:
+            self._retry = int(value)  # ASCII digits only: "²".isdigit() is true
         return None
 
     def _dispatch(self) -> SSEEvent | None:

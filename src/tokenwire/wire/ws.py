@@ -22,7 +22,12 @@ import msgspec
 from tokenwire.errors import GatewayError, InvalidRequest
 from tokenwire.streams.events import Usage
 from tokenwire.wire.chunks import usage_object
-from tokenwire.wire.schema import param_from_message
+from tokenwire.wire.untrusted import (
+    MAX_JSON_DEPTH,
+    may_be_too_deep,
+    param_from_message,
+    too_deep_path,
+)
 
 # Close codes (RFC 6455 and the IANA registry), all documented in docs/websocket-protocol.md.
 CLOSE_NORMAL = 1000
@@ -74,7 +79,7 @@ class CancelMessage(msgspec.Struct, tag_field="type", tag="chat.completion.cance
 
 class ResumeMessage(msgspec.Struct, tag_field="type", tag="chat.completion.resume"):
     stream_id: str
-    starting_after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    starting_after: Annotated[int, msgspec.Meta(ge=0, lt=10**15)] = 0
     request_id: RequestId | None = None
 
 
@@ -114,8 +119,14 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
         data = msgspec.json.decode(text)
     except msgspec.DecodeError:
         raise ProtocolViolation(CLOSE_INVALID_PAYLOAD, "message is not valid JSON") from None
+    except RecursionError:  # nested ~1000 deep: an error for this message, as over HTTP
+        raise RequestFailed(_too_deep(None), None) from None
     if not isinstance(data, dict):
         raise ProtocolViolation(CLOSE_INVALID_PAYLOAD, "message is not a JSON object")
+    if may_be_too_deep(text) and (field := too_deep_path(data)) is not None:
+        request_id = data.get("request_id")
+        valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
+        raise RequestFailed(_too_deep(field or None), request_id if valid_id else None)
     kind = data.get("type")
     if kind is None:
         return CompatibleRequest(body=data)
@@ -136,6 +147,14 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
         valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
         raise RequestFailed(error, request_id if valid_id else None) from None
     return message
+
+
+def _too_deep(param: str | None) -> InvalidRequest:
+    return InvalidRequest(
+        f"The message nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.",
+        param=param,
+        code="json_too_deep",
+    )
 
 
 _encode = msgspec.json.encode
