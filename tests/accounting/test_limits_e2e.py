@@ -686,6 +686,37 @@ async def test_max_concurrent_streams(
     assert rows[a.headers["x-stream-id"]].status == "completed"
 
 
+async def test_one_stream_key_serves_requests_one_after_another(
+    minute_window: GatewayServer, http: aiohttp.ClientSession
+) -> None:
+    """max_concurrent_streams=1, priced: each request sent the moment the previous one's
+    [DONE] (or JSON body, or WebSocket done) arrived is admitted, 20 times per transport: the
+    slot is free before the client sees the end, whatever the ledger is doing."""
+    gw = minute_window
+    async with accounts(gw) as acc:
+        record, key = await acc.keys.create(
+            "one-stream", limits=KeyLimits(max_concurrent_streams=1), grant_micro=10_000_000
+        )
+    body = chat("one after another", model="priced-sim", max_tokens=3)
+    for i in range(20):
+        reply = await sse(http, gw, key, body)
+        assert reply.status == 200, (i, reply.error)
+        async with http.post(
+            f"{gw.base_url}/v1/chat/completions", json=body, headers=bearer(key)
+        ) as response:
+            assert response.status == 200, (i, await response.text())
+    async with connect(ws_url(gw), additional_headers=bearer(key)) as ws:
+        for i in range(20):
+            done = await ws_request(ws, f"r{i}", body)
+            assert done["type"] == "chat.completion.done", (i, done)
+        for i in range(20):
+            await ws.send(json.dumps(body))
+            while (message := await ws.recv()) != "[DONE]":
+                assert "error" not in json.loads(message), (i, message)
+    async with accounts(gw) as acc:
+        assert await wait_for(lambda: settled(gw, acc, record.id, 80), 10)
+
+
 # -- failed authentication ---------------------------------------------------------------------
 
 

@@ -326,8 +326,38 @@ async def test_a_release_that_failed_is_retried_until_redis_takes_it(
     finally:
         private_redis.resume()
     assert limiter.held_slots == 0
-    await refused(limiter, "k", spec, 0)  # Redis never heard of the release
-    await limiter.renew_once()
+    client = Redis.from_url(private_redis.url)
+    try:
+        assert await client.zcard(f"{limiter._prefix}s:k") == 1  # Redis never heard of it
+        await limiter.renew_once()
+        assert await client.zcard(f"{limiter._prefix}s:k") == 0
+    finally:
+        await client.aclose()
+    await limiter.admit("k", spec, 0, "next")
+
+
+async def test_an_admission_that_timed_out_gives_back_the_slot_it_may_have_taken(
+    make: MakeLimiter, private_redis: PrivateRedis
+) -> None:
+    """Redis hung: the admission times out (503), but Redis runs it once it answers again;
+    the next admission first takes that slot back, so it is admitted, not refused."""
+    limiter = make(url=private_redis.url)
+    spec = LimitSpec(max_streams=1)
+    warm = await limiter.admit("k", spec, 0, "warm")  # the script is loaded in Redis
+    await limiter.release(warm, spec, 0)
+    private_redis.pause()
+    try:
+        with pytest.raises(LimiterUnavailable):
+            await limiter.admit("k", spec, 0, "timed-out")
+    finally:
+        private_redis.resume()
+    client = Redis.from_url(private_redis.url)
+    try:
+        async with asyncio.timeout(5):
+            while await client.zcard(f"{limiter._prefix}s:k") == 0:  # noqa: ASYNC110 - Redis state
+                await asyncio.sleep(0.01)  # the queued script ran after the resume
+    finally:
+        await client.aclose()
     await limiter.admit("k", spec, 0, "next")
 
 

@@ -17,7 +17,9 @@ all-or-nothing admission), kept in Redis so several processes agree:
   script for all of its slots every third of a lease). Expired entries are removed before
   counting, so the slots of a crashed process, or ones whose release failed while Redis was
   unreachable, free themselves within a lease; a release that failed is retried with the next
-  renewal, and a Redis that restarted empty gets the live slots back from the renewal.
+  renewal, and a Redis that restarted empty gets the live slots back from the renewal. An
+  admission that timed out may still have run when Redis answers again: its slot is taken
+  back like a failed release (before the next admission counts the slots).
 * Keys: ``{prefix}r:{key_id}`` (requests), ``{prefix}t:{key_id}`` (tokens),
   ``{prefix}s:{key_id}`` (streams), ``{prefix}a:{client}`` (failed authentications).
 
@@ -258,18 +260,29 @@ class RedisRateLimiter:
         return [float(v) for v in result] if isinstance(result, list) else []
 
     async def admit(self, key_id: str, spec: LimitSpec, tokens: int, stream_id: str) -> Admission:
+        if self._unreleased:  # Redis missed releases: count the slots right before admitting
+            await self._retry_releases()
         window = self._window_s
-        raw = await self._run(
-            self._admit,
-            self._keys("rts", key_id),
-            window,
-            _opt(spec.rpm),
-            _opt(spec.tpm),
-            tokens,
-            _opt(spec.max_streams),
-            stream_id,
-            self._lease_s,
-        )
+        try:
+            raw = await self._run(
+                self._admit,
+                self._keys("rts", key_id),
+                window,
+                _opt(spec.rpm),
+                _opt(spec.tpm),
+                tokens,
+                _opt(spec.max_streams),
+                stream_id,
+                self._lease_s,
+            )
+        except LimiterUnavailable:
+            if spec.max_streams is not None:
+                # A script that timed out may still run once Redis answers again (it got the
+                # bytes): take back the slot it may have added, as soon as Redis is back.
+                ghost = Admission(key_id, stream_id, 0)
+                self._unreleased[stream_id] = (ghost, LimitSpec(max_streams=spec.max_streams), 0)
+                self._start_renewing()
+            raise
         now_us, open_streams = raw[0], raw[9]
         (r_ok, r_retry, *_), (t_ok, t_retry, *_) = raw[1:5], raw[5:9]
         request_state = _bucket(spec.rpm, raw[1:5])
@@ -321,15 +334,19 @@ class RedisRateLimiter:
             await asyncio.sleep(self._lease_s / 3)
             await self.renew_once()
 
-    async def renew_once(self) -> None:
-        """One renewal round (also called by tests): extend every held slot's lease, and send
-        again the releases Redis did not take. Failures are logged; the next round retries."""
+    async def _retry_releases(self) -> None:
+        """Send again the releases Redis did not take; stop at the first that still fails."""
         for stream_id, (admission, spec, actual) in list(self._unreleased.items()):
             try:
                 await self._release(admission, spec, actual)
             except LimiterUnavailable:
-                break  # Redis is still away; keep the rest for the next round
+                return  # Redis is still away; keep the rest for the next round
             self._unreleased.pop(stream_id, None)
+
+    async def renew_once(self) -> None:
+        """One renewal round (also called by tests): extend every held slot's lease, and send
+        again the releases Redis did not take. Failures are logged; the next round retries."""
+        await self._retry_releases()
         held = list(self._held.items())
         if not held:
             return

@@ -29,10 +29,12 @@ Lifecycle (``_TRANSITIONS`` is the whole table; anything else is a bug and raise
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Literal
 
 from tokenwire.errors import GatewayError, UpstreamError, unexpected
@@ -50,6 +52,8 @@ from tokenwire.streams.events import (
 from tokenwire.streams.log import MemoryStreamLog
 
 _log = logging.getLogger("tokenwire.generation")
+END_HOOK_WAIT_S = 0.25
+"""How long the end of a stream waits for its limits to be released (see ``Generation._end``)."""
 
 
 class GenerationState(enum.Enum):
@@ -287,12 +291,15 @@ class Generation:
 
         Limits are released before readers see the end, so a client that sends its next
         request the moment it reads ``[DONE]`` finds its stream slot free; money settles after.
+        A release slower than ``END_HOOK_WAIT_S`` (a limiter store that hangs) goes on in the
+        background rather than holding back the end of the stream.
         """
         self.ended_at = time.perf_counter()
         self.usage = self._final_usage(usage, finish, error)
         try:
             if self._on_end is not None:
-                await _run_hook(self._on_end(self), self.id, "releasing the limits of")
+                hook = self._on_end(self)
+                await _run_hook(hook, self.id, "releasing the limits of", END_HOOK_WAIT_S)
         finally:
             self._close_log(finish, error)
             try:
@@ -343,12 +350,20 @@ class Generation:
         return read_events(self, after=after, heartbeat_s=heartbeat_s)
 
 
-async def _run_hook(hook: Awaitable[None], completion_id: str, what: str) -> None:
-    """Await a settle or release hook to its end (shielded from a cancel); log what it raised."""
-    try:
-        await asyncio.shield(hook)
-    except BaseException as exc:  # noqa: BLE001 - a hook's failure must not stop the ending
-        _log.error("%s %s failed", what, completion_id, exc_info=exc)
+async def _run_hook(
+    hook: Awaitable[None], completion_id: str, what: str, wait_s: float | None = None
+) -> None:
+    """Await a settle or release hook (shielded from a cancel) for up to ``wait_s`` (None: to
+    its end; after that it goes on in the background); log what it raised."""
+    task = asyncio.ensure_future(hook)
+    task.add_done_callback(partial(_log_hook_failure, completion_id=completion_id, what=what))
+    with contextlib.suppress(BaseException):  # its failure is logged by the callback
+        await asyncio.wait_for(asyncio.shield(task), wait_s)
+
+
+def _log_hook_failure(task: asyncio.Future[None], *, completion_id: str, what: str) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("%s %s failed", what, completion_id, exc_info=task.exception())
 
 
 async def _aclose(events: AsyncIterator[Event]) -> None:
