@@ -8,6 +8,7 @@ that :func:`stream_events` feeds with the reply's SSE events.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
@@ -15,9 +16,20 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from tokenwire.errors import GatewayError, UpstreamError, UpstreamTimeout
+from tokenwire.errors import (
+    GatewayError,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
 from tokenwire.streams.events import Event
 from tokenwire.wire.sse import SSEParser
+
+log = logging.getLogger("tokenwire.providers")
+
+CREDENTIAL_STATUSES = frozenset({401, 403})
+"""Upstream statuses that mean the gateway's own provider key was refused."""
 
 
 class UpstreamPool:
@@ -107,6 +119,31 @@ class EventTranslator(Protocol):
 ErrorForStatus = Callable[[str, int, bytes, str | None], GatewayError]
 
 
+def credentials_refused(name: str, error: GatewayError) -> GatewayError:
+    """``error``, or an :class:`UpstreamAuthError` when the upstream refused the gateway's key.
+
+    A 401/403 from an upstream is about the operator's provider key, not the client's: the
+    client gets a 502, and the operator an ERROR line naming the provider (never the key, nor
+    the upstream's message, which may quote part of it).
+    """
+    if isinstance(error, UpstreamStatusError) and error.http_status in CREDENTIAL_STATUSES:
+        code = f", code {error.code}" if error.code else ""
+        log.error(
+            "upstream %r refused the gateway's credentials (HTTP %d%s): check its API key",
+            name,
+            error.http_status,
+            code,
+        )
+        return UpstreamAuthError(name, error.http_status)
+    if isinstance(error, UpstreamAuthError):
+        log.error(
+            "upstream %r refused the gateway's credentials (HTTP %d): check its API key",
+            name,
+            error.upstream_status,
+        )
+    return error
+
+
 async def stream_events(
     pool: UpstreamPool,
     *,
@@ -175,8 +212,11 @@ async def stream_events(
                     yield event
                 if translator.done:
                     break
-    except GatewayError:
-        raise
+    except GatewayError as exc:
+        translated = credentials_refused(name, exc)
+        if translated is exc:
+            raise
+        raise translated from None
     except msgspec.DecodeError as exc:
         raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
     except (TimeoutError, aiohttp.ServerTimeoutError):
