@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,7 +21,7 @@ from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.openai_compat import OpenAICompatProvider
 from tokenwire.streams.events import Event, Finish, TextDelta, ToolCallDelta, Usage
 from tokenwire.testing import FAST_SIM, GatewayServer, ServerThread
-from tokenwire.wire.schema import decode_chat_request
+from tokenwire.wire.schema import ChatRequest, decode_chat_request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BODY = {"model": "public-name", "messages": [{"role": "user", "content": "hi"}], "vendor_x": 1}
@@ -71,9 +72,12 @@ async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[OpenAICompat
         await server.close()
 
 
+def run_request() -> ChatRequest:
+    return decode_chat_request(json.dumps(BODY).encode())
+
+
 async def run(provider: OpenAICompatProvider) -> list[Event]:
-    request = decode_chat_request(json.dumps(BODY).encode())
-    call = ProviderCall(request, "upstream-name", dict(BODY))
+    call = ProviderCall(run_request(), "upstream-name", dict(BODY))
     return [event async for event in provider.stream(call)]
 
 
@@ -288,3 +292,32 @@ async def test_connection_refused_is_an_upstream_error() -> None:
         assert info.value.retryable and "'gone'" in info.value.message
     finally:
         await provider.aclose()
+
+
+async def test_an_endless_upstream_line_is_an_upstream_error(
+    upstream: Callable[[Handler], Awaitable[OpenAICompatProvider]],
+) -> None:
+    """An upstream that sends a line without end (past 1 MiB) fails with UpstreamError, not unbounded memory."""
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk({"content": "ok"}))
+        try:
+            for _ in range(40):  # 2.5 MiB, never a newline
+                await response.write(b"x" * 65536)
+            await release.wait()
+        except ConnectionResetError:
+            pass  # the gateway hung up: what it should do
+        return response
+
+    provider = await upstream(handler, first_token_timeout_s=10.0, idle_timeout_s=10.0)
+    got: list[Event] = []
+    try:
+        with pytest.raises(UpstreamError, match="longer than 1048576 bytes"):
+            async for event in provider.stream(ProviderCall(run_request(), "m", dict(BODY))):
+                got.append(event)
+    finally:
+        release.set()
+    assert got == [TextDelta("ok")]

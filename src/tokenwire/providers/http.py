@@ -24,7 +24,7 @@ from tokenwire.errors import (
     UpstreamTimeout,
 )
 from tokenwire.streams.events import Event
-from tokenwire.wire.sse import SSEParser
+from tokenwire.wire.sse import SSEParser, SSETooLarge
 
 log = logging.getLogger("tokenwire.providers")
 
@@ -219,6 +219,8 @@ async def stream_events(
         raise translated from None
     except msgspec.DecodeError as exc:
         raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
+    except SSETooLarge as exc:
+        raise UpstreamError(f"Upstream {name!r} sent {exc}; the stream was cut.") from None
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
     except aiohttp.ClientError as exc:
