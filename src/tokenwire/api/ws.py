@@ -423,23 +423,26 @@ class WSSession:
         seq = after
         finish: str | None = None
         usage: Usage | None = None
-        async for batch in generation.read(after=after):
-            parts: list[bytes] = []
-            assert batch is not None
-            for event, number in merge_text(batch, seq):
-                if isinstance(event, StreamError):
-                    parts.append(proto.error_message(event.error, request_id))
-                    continue
-                if isinstance(event, Finish):
-                    finish = event.reason
-                elif isinstance(event, Usage):
-                    usage = event
-                chunk = encoder.encode(event, include_usage=include_usage)
-                if chunk is not None:
-                    parts.append(proto.envelope_chunk(chunk, request_id, number))
-            seq += len(batch)
-            for part in parts:
-                await self._send(part)
+        # aclosing: a task cancelled (or failing) while it hands chunks to the writer
+        # detaches its reader at once, not whenever the iterator happens to be collected.
+        async with contextlib.aclosing(generation.read(after=after)) as batches:
+            async for batch in batches:
+                parts: list[bytes] = []
+                assert batch is not None
+                for event, number in merge_text(batch, seq):
+                    if isinstance(event, StreamError):
+                        parts.append(proto.error_message(event.error, request_id))
+                        continue
+                    if isinstance(event, Finish):
+                        finish = event.reason
+                    elif isinstance(event, Usage):
+                        usage = event
+                    chunk = encoder.encode(event, include_usage=include_usage)
+                    if chunk is not None:
+                        parts.append(proto.envelope_chunk(chunk, request_id, number))
+                seq += len(batch)
+                for part in parts:
+                    await self._send(part)
         finish = finish or generation.finish_reason  # a resume may start after the finish
         usage = usage or generation.usage
         if finish is not None and generation.error is None:
@@ -473,13 +476,14 @@ class WSSession:
             include_usage=include_usage,
         )
         seq = 0
-        async for batch in generation.read():
-            assert batch is not None
-            for event, _number in merge_text(batch, seq):
-                chunk = encoder.encode(event, include_usage=include_usage)
-                if chunk is not None:
-                    await self._send(chunk)
-            seq += len(batch)
+        async with contextlib.aclosing(generation.read()) as batches:
+            async for batch in batches:
+                assert batch is not None
+                for event, _number in merge_text(batch, seq):
+                    chunk = encoder.encode(event, include_usage=include_usage)
+                    if chunk is not None:
+                        await self._send(chunk)
+                seq += len(batch)
         await self._finish_compatible()
 
     async def _finish_compatible(self) -> None:
