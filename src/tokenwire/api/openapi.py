@@ -280,7 +280,7 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [_KEY_ID],
                     "responses": {
                         "200": _json("The revoked key.", api_key),
-                        **_errors(401, 403, 404),
+                        **_errors(401, 403, 404, 409),
                     },
                 }
             },
