@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
@@ -134,11 +135,24 @@ class Gateway:
     lifespan included, goes through Starlette unchanged.
     """
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, trusted_proxies: list[str] | None = None) -> None:
         self.app = app
         self.state = app.state
+        # The one place that decides the client's address: X-Forwarded-For (and -Proto) are
+        # believed only from a peer in server.trusted_proxies (uvicorn's own rewrite is off,
+        # see server_options), so nobody else can pick the address the auth throttle counts.
+        self._proxied: Any = None
+        if trusted_proxies:
+            route: Any = self._route  # uvicorn types ASGI apps more narrowly than Starlette
+            self._proxied = ProxyHeadersMiddleware(route, trusted_hosts=trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._proxied is not None:
+            await self._proxied(scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
             and scope["path"] == "/v1/chat/completions"
@@ -204,7 +218,7 @@ def create_app(
             Exception: handle_unexpected,
         },
     )
-    return Gateway(starlette)
+    return Gateway(starlette, settings.server.trusted_proxies)
 
 
 def app_from_env() -> Gateway:
@@ -228,6 +242,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "ws_ping_timeout": server.ws_ping_interval_s,
         "ws_per_message_deflate": server.ws_per_message_deflate,
         "backlog": 4096,
+        "proxy_headers": False,  # the app reads forwarding headers itself (Gateway)
         "timeout_keep_alive": 75,  # longer than clients' pools keep idle connections
         "timeout_graceful_shutdown": 10,
     }

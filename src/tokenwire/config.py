@@ -15,6 +15,7 @@ Provider API keys are never in the file: a provider names the variable that hold
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from decimal import Decimal, InvalidOperation
@@ -57,6 +58,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     ws_messages_per_second: float = 100.0
     ws_allowed_origins: list[str] = msgspec.field(default_factory=list)
     ws_ticket_ttl_s: float = 60.0
+    # Hostile clients and networks (docs/configuration.md)
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)  # IPs / CIDRs, or "*"
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -293,6 +296,14 @@ def load_settings(
             ),
         )
     usd_to_micro(merged.accounting.free_grant_usd, what="accounting.free_grant_usd")
+    for proxy in server.trusted_proxies:
+        if proxy != "*":
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"server.trusted_proxies: {proxy!r} is not an IP address or network"
+                ) from None
     return Settings(
         data_dir=resolved_dir,
         database_url=database_url,

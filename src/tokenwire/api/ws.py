@@ -25,7 +25,7 @@ import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenwire.accounting.keys import KeyRecord
-from tokenwire.api.auth import authenticate_token, bearer_token
+from tokenwire.api.auth import authenticate_token, bearer_token, client_address
 from tokenwire.config import ServerConfig
 from tokenwire.errors import (
     AuthenticationError,
@@ -292,7 +292,7 @@ class WSSession:
             raise proto.ProtocolViolation(
                 proto.CLOSE_UNAUTHORIZED, "authenticate first: send {type: auth, api_key}"
             )
-        client = self._ws.client.host if self._ws.client is not None else "unknown"
+        client = client_address(self._ws)
         try:
             self._key = await authenticate_token(self._state, message.api_key, client)
         except AuthenticationError:
@@ -518,7 +518,7 @@ async def ws_chat(websocket: WebSocket) -> None:
         (p[len(proto.TICKET_PREFIX) :] for p in offered if p.startswith(proto.TICKET_PREFIX)), None
     )
     key: KeyRecord | None = None
-    client = websocket.client.host if websocket.client is not None else "unknown"
+    client = client_address(websocket)
     try:
         token = bearer_token(websocket)
         if token is not None:
