@@ -35,6 +35,7 @@ from tokenwire.config import LimitsConfig, Settings, load_settings
 from tokenwire.errors import GatewayError
 from tokenwire.limits.base import RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
+from tokenwire.protocols import server_protocols
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
@@ -233,10 +234,11 @@ def app_from_env() -> Gateway:
 def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn options that follow from the settings (used by ``serve`` and tests alike)."""
     server = settings.server
+    http, ws = server_protocols(server)  # httptools and websockets-sansio, with guards
     return {
         "loop": "uvloop",
-        "http": "httptools",
-        "ws": "websockets-sansio",
+        "http": http,
+        "ws": ws,
         "ws_max_size": server.ws_max_message_bytes,
         "ws_ping_interval": server.ws_ping_interval_s,
         "ws_ping_timeout": server.ws_ping_interval_s,

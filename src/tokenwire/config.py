@@ -60,6 +60,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     ws_ticket_ttl_s: float = 60.0
     # Hostile clients and networks (docs/configuration.md)
     trusted_proxies: list[str] = msgspec.field(default_factory=list)  # IPs / CIDRs, or "*"
+    header_timeout_s: float = 10.0  # to complete a request's headers, else the socket closes
+    sse_send_timeout_s: float = 30.0  # an HTTP client that accepts nothing this long: aborted
+    max_connections: int = 0  # open connections; 0: below the file descriptor limit
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
