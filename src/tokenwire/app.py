@@ -35,6 +35,7 @@ from tokenwire.config import LimitsConfig, Settings, load_settings
 from tokenwire.errors import GatewayError
 from tokenwire.limits.base import RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
+from tokenwire.monitor import HealthMonitor
 from tokenwire.protocols import server_protocols
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import AppState
@@ -54,6 +55,17 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     limiter = make_limiter(settings.limits)
     streams = make_stream_store(settings)
     await streams.start()
+    completions = CompletionService(
+        registry,
+        limiter=limiter,
+        ledger=ledger,
+        disconnect_grace_s=settings.server.disconnect_grace_s,
+        default_max_tokens=settings.accounting.default_max_tokens,
+        streams=streams,
+        stream_grace_s=settings.server.stream_grace_s,
+    )
+    monitor = make_monitor(settings, completions)
+    monitor.start()
     return AppState(
         settings=settings,
         engine=engine,
@@ -63,18 +75,32 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
             cache_ttl_s=settings.server.key_cache_ttl_s,
         ),
         registry=registry,
-        completions=CompletionService(
-            registry,
-            limiter=limiter,
-            ledger=ledger,
-            disconnect_grace_s=settings.server.disconnect_grace_s,
-            default_max_tokens=settings.accounting.default_max_tokens,
-            streams=streams,
-            stream_grace_s=settings.server.stream_grace_s,
-        ),
+        completions=completions,
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
         ledger=ledger,
         limiter=limiter,
+        monitor=monitor,
+    )
+
+
+def make_monitor(settings: Settings, completions: CompletionService) -> HealthMonitor:
+    """The /healthz watchdog; it probes Redis when limits or streams live there."""
+    server = settings.server
+    used_for = tuple(
+        name
+        for name, backend in (
+            ("limits", settings.limits.backend),
+            ("streams", server.stream_backend),
+        )
+        if backend == "redis"
+    )
+    return HealthMonitor(
+        completions.live,
+        max_loop_lag_s=server.health_max_loop_lag_s,
+        stall_s=server.health_stall_s,
+        probe_timeout_s=server.health_timeout_s,
+        redis_url=settings.limits.redis_url if used_for else None,
+        redis_used_for=used_for,
     )
 
 
@@ -119,6 +145,7 @@ def make_stream_store(settings: Settings) -> StreamStore:
 
 async def close_state(state: AppState) -> None:
     """Cancel live generations, close providers and the database."""
+    await state.monitor.aclose()
     await state.completions.shutdown()
     await state.completions.streams.aclose()
     await state.registry.aclose()

@@ -63,6 +63,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     header_timeout_s: float = 10.0  # to complete a request's headers, else the socket closes
     sse_send_timeout_s: float = 30.0  # an HTTP client that accepts nothing this long: aborted
     max_connections: int = 0  # open connections; 0: below the file descriptor limit
+    health_max_loop_lag_s: float = 5.0  # /healthz: the event loop is stuck past this lag
+    health_stall_s: float = 600.0  # /healthz: live generations, none moved for this long
+    health_timeout_s: float = 2.0  # /healthz: each database / Redis probe
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):

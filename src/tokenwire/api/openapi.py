@@ -383,8 +383,13 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "health",
                     "responses": {
-                        "200": {"description": "Healthy."},
-                        "503": {"description": "The database is unreachable."},
+                        "200": {"description": "Healthy: every check passed."},
+                        "503": {
+                            "description": (
+                                "Unhealthy: `failing` names the checks that failed (event_loop, "
+                                "generations, database, redis)."
+                            )
+                        },
                     },
                 }
             },

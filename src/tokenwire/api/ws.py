@@ -297,8 +297,8 @@ class WSSession:
             self._key = await authenticate_token(self._state, message.api_key, client)
         except AuthenticationError:
             raise proto.ProtocolViolation(proto.CLOSE_UNAUTHORIZED, "invalid API key") from None
-        except RateLimited as exc:
-            raise proto.ProtocolViolation(proto.CLOSE_TRY_AGAIN_LATER, exc.message) from None
+        except GatewayError as exc:  # throttled, or the throttle's store (Redis) is down
+            raise proto.ProtocolViolation(close_code(exc), exc.message[:120]) from None
         await self._send(b'{"type":"auth.ok"}')
 
     # -- messages ----------------------------------------------------------------------------
@@ -497,6 +497,17 @@ class WSSession:
             await self._send(proto.DONE.encode())
 
 
+def close_code(error: GatewayError) -> int:
+    """The close code for an error that ends a socket before it is authenticated."""
+    if isinstance(error, AuthenticationError):
+        return proto.CLOSE_UNAUTHORIZED
+    if error.http_status == 403:
+        return proto.CLOSE_FORBIDDEN
+    if error.http_status in (429, 503):  # throttled, or a store it needs is down for now
+        return proto.CLOSE_TRY_AGAIN_LATER
+    return proto.CLOSE_INTERNAL
+
+
 def _origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
     origin = websocket.headers.get("origin")
     if origin is None or "*" in allowed or origin in allowed:
@@ -528,13 +539,14 @@ async def ws_chat(websocket: WebSocket) -> None:
             key = None if key_id is None else await state.keys.get(key_id)
             if key is None or not key.is_active(time.time()):
                 raise AuthenticationError("invalid or expired ticket")
-    except AuthenticationError as exc:
+    except GatewayError as exc:  # a bad key, throttled, or Redis (the throttle's store) down
         await websocket.accept(subprotocol)
-        await websocket.close(proto.CLOSE_UNAUTHORIZED, exc.message[:120])
+        await websocket.close(close_code(exc), exc.message[:120])
         return
-    except RateLimited as exc:
+    except Exception as exc:  # e.g. the database is down: a clean 1011, never a 500
+        log.error("WebSocket authentication failed", exc_info=exc)
         await websocket.accept(subprotocol)
-        await websocket.close(proto.CLOSE_TRY_AGAIN_LATER, exc.message[:120])
+        await websocket.close(proto.CLOSE_INTERNAL, "internal error; try again later")
         return
     await websocket.accept(subprotocol)
     await WSSession(websocket, state, key).run()
