@@ -52,7 +52,7 @@ class HealthMonitor:
     ) -> None:
         self._live = live
         self.max_loop_lag_s = max_loop_lag_s
-        self.interval_s = min(1.0, max_loop_lag_s / 4)
+        self.interval_s = max(0.01, min(1.0, max_loop_lag_s / 4))
         self.stall_s = stall_s
         self.probe_timeout_s = probe_timeout_s
         self.redis_used_for = redis_used_for

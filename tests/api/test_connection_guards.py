@@ -132,6 +132,33 @@ async def test_keep_alive_connections_are_not_cut_by_the_header_timeout(
         writer.close()
 
 
+async def test_streams_and_websockets_outlive_the_header_timeout(
+    header_gateway: GatewayServer,
+) -> None:
+    """Once its headers are in, an SSE stream or a WebSocket may last longer than header_timeout_s."""
+    gateway = header_gateway
+    # about 1.5 s of tokens at 1 ms each, on both transports
+    body = {"model": "sim", "max_tokens": 1500, "messages": [{"role": "user", "content": "long"}]}
+    response = await asyncio.to_thread(
+        requests.post,
+        gateway.base_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {gateway.api_key}", "Connection": "close"},
+        json={**body, "stream": True},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert response.text.endswith("data: [DONE]\n\n")
+    ws_url = "ws" + gateway.base_url.removeprefix("http") + "/v1/ws/chat"
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    async with connect(ws_url, additional_headers=headers) as ws:
+        await ws.send(json.dumps(body))
+        started = time.monotonic()
+        async with asyncio.timeout(30):
+            while await ws.recv() != "[DONE]":
+                pass
+        assert time.monotonic() - started > 1.0  # the socket lived past the header timeout
+
+
 @pytest.fixture
 def capped_gateway(tmp_path: Path) -> Iterator[GatewayServer]:
     """At most 5 open connections."""
