@@ -69,19 +69,32 @@ def lag_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewaySer
         yield gateway
 
 
+def raw_healthz(sock: socket.socket) -> tuple[int, dict[str, Any]]:
+    """Read one ``Connection: close`` HTTP response to /healthz from ``sock``."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
 def test_a_blocked_event_loop_is_not_live(lag_gateway: GatewayServer) -> None:
-    """A probe that waited out a 1.5 s block of the gateway's loop gets 503 naming event_loop; then 200 again."""
+    """A probe that arrives while the gateway's loop is blocked past health_max_loop_lag_s gets 503 naming event_loop; then 200 again."""
     gateway = lag_gateway
     assert healthz(gateway)[0] == 200
-    blocking = threading.Event()
+    blocking, sent = threading.Event(), threading.Event()
 
     def wedge() -> None:  # the fault: synchronous work on the event loop
         blocking.set()
-        time.sleep(1.5)
+        sent.wait(10)  # the probe is in the socket, waiting for the loop...
+        time.sleep(0.6)  # ...which stays blocked for twice the allowed lag
 
     gateway.loop_of_server().call_soon_threadsafe(wedge)
     assert blocking.wait(10)
-    status, body = healthz(gateway)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        sent.set()
+        status, body = raw_healthz(sock)
     assert status == 503, body
     assert body["status"] == "unhealthy" and "event_loop" in body["failing"]
     assert body["checks"]["event_loop"]["ok"] is False
