@@ -55,18 +55,7 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     limiter = make_limiter(settings.limits)
     streams = make_stream_store(settings)
     await streams.start()
-    completions = CompletionService(
-        registry,
-        limiter=limiter,
-        ledger=ledger,
-        disconnect_grace_s=settings.server.disconnect_grace_s,
-        default_max_tokens=settings.accounting.default_max_tokens,
-        streams=streams,
-        stream_grace_s=settings.server.stream_grace_s,
-    )
-    monitor = make_monitor(settings, completions)
-    monitor.start()
-    return AppState(
+    state = AppState(
         settings=settings,
         engine=engine,
         keys=KeyStore(
@@ -75,15 +64,25 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
             cache_ttl_s=settings.server.key_cache_ttl_s,
         ),
         registry=registry,
-        completions=completions,
+        completions=CompletionService(
+            registry,
+            limiter=limiter,
+            ledger=ledger,
+            disconnect_grace_s=settings.server.disconnect_grace_s,
+            default_max_tokens=settings.accounting.default_max_tokens,
+            streams=streams,
+            stream_grace_s=settings.server.stream_grace_s,
+        ),
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
         ledger=ledger,
         limiter=limiter,
-        monitor=monitor,
+        monitor=make_monitor(settings),
     )
+    state.monitor.start(state.completions.live)
+    return state
 
 
-def make_monitor(settings: Settings, completions: CompletionService) -> HealthMonitor:
+def make_monitor(settings: Settings) -> HealthMonitor:
     """The /healthz watchdog; it probes Redis when limits or streams live there."""
     server = settings.server
     used_for = tuple(
@@ -95,7 +94,6 @@ def make_monitor(settings: Settings, completions: CompletionService) -> HealthMo
         if backend == "redis"
     )
     return HealthMonitor(
-        completions.live,
         max_loop_lag_s=server.health_max_loop_lag_s,
         stall_s=server.health_stall_s,
         probe_timeout_s=server.health_timeout_s,

@@ -36,13 +36,11 @@ class _Live(Protocol):
 class HealthMonitor:
     """The loop-lag and generation-progress watchdog, and the Redis probe.
 
-    ``live`` is the completion service's live generations (read, never changed);
     ``redis_url`` is None when no feature uses Redis.
     """
 
     def __init__(
         self,
-        live: Mapping[str, _Live],
         *,
         max_loop_lag_s: float,
         stall_s: float,
@@ -50,7 +48,7 @@ class HealthMonitor:
         redis_url: str | None = None,
         redis_used_for: tuple[str, ...] = (),
     ) -> None:
-        self._live = live
+        self._live: Mapping[str, _Live] = {}
         self.max_loop_lag_s = max_loop_lag_s
         self.interval_s = max(0.01, min(1.0, max_loop_lag_s / 4))
         self.stall_s = stall_s
@@ -70,8 +68,9 @@ class HealthMonitor:
         self._progress: dict[str, int] = {}
         self._progress_at = 0.0
 
-    def start(self) -> None:
-        """Start ticking on the running loop."""
+    def start(self, live: Mapping[str, _Live]) -> None:
+        """Start ticking on the running loop, watching ``live`` (read, never changed)."""
+        self._live = live
         loop = asyncio.get_running_loop()
         self._last_tick = self._progress_at = loop.time()
         self._task = loop.create_task(self._run(), name="health-monitor")
