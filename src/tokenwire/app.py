@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
@@ -42,6 +43,8 @@ from tokenwire.config import LimitsConfig, Settings, load_settings
 from tokenwire.errors import GatewayError
 from tokenwire.limits.base import RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
+from tokenwire.monitor import HealthMonitor
+from tokenwire.protocols import server_protocols
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
@@ -65,7 +68,7 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     limiter = make_limiter(settings.limits)
     streams = make_stream_store(settings)
     await streams.start()
-    return AppState(
+    state = AppState(
         settings=settings,
         engine=engine,
         keys=KeyStore(
@@ -87,6 +90,29 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
         ledger=ledger,
         limiter=limiter,
+        monitor=make_monitor(settings),
+    )
+    state.monitor.start(state.completions.live)
+    return state
+
+
+def make_monitor(settings: Settings) -> HealthMonitor:
+    """The /healthz watchdog; it probes Redis when limits or streams live there."""
+    server = settings.server
+    used_for = tuple(
+        name
+        for name, backend in (
+            ("limits", settings.limits.backend),
+            ("streams", server.stream_backend),
+        )
+        if backend == "redis"
+    )
+    return HealthMonitor(
+        max_loop_lag_s=server.health_max_loop_lag_s,
+        stall_s=server.health_stall_s,
+        probe_timeout_s=server.health_timeout_s,
+        redis_url=settings.limits.redis_url if used_for else None,
+        redis_used_for=used_for,
     )
 
 
@@ -131,6 +157,7 @@ def make_stream_store(settings: Settings) -> StreamStore:
 
 async def close_state(state: AppState) -> None:
     """Cancel live generations, close providers and the database."""
+    await state.monitor.aclose()
     await state.completions.shutdown()
     await state.completions.streams.aclose()
     await state.registry.aclose()
@@ -148,11 +175,24 @@ class Gateway:
     lifespan included, goes through Starlette unchanged.
     """
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, trusted_proxies: list[str] | None = None) -> None:
         self.app = app
         self.state = app.state
+        # The one place that decides the client's address: X-Forwarded-For (and -Proto) are
+        # believed only from a peer in server.trusted_proxies (uvicorn's own rewrite is off,
+        # see server_options), so nobody else can pick the address the auth throttle counts.
+        self._proxied: Any = None
+        if trusted_proxies:
+            route: Any = self._route  # uvicorn types ASGI apps more narrowly than Starlette
+            self._proxied = ProxyHeadersMiddleware(route, trusted_hosts=trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._proxied is not None:
+            await self._proxied(scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
             and scope["path"] == "/v1/chat/completions"
@@ -220,7 +260,7 @@ def create_app(
             Exception: handle_unexpected,
         },
     )
-    return Gateway(starlette)
+    return Gateway(starlette, settings.server.trusted_proxies)
 
 
 def app_from_env() -> Gateway:
@@ -235,15 +275,17 @@ def app_from_env() -> Gateway:
 def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn options that follow from the settings (used by ``serve`` and tests alike)."""
     server = settings.server
+    http, ws = server_protocols(server)  # httptools and websockets-sansio, with guards
     return {
         "loop": "uvloop",
-        "http": "httptools",
-        "ws": "websockets-sansio",
+        "http": http,
+        "ws": ws,
         "ws_max_size": server.ws_max_message_bytes,
         "ws_ping_interval": server.ws_ping_interval_s,
         "ws_ping_timeout": server.ws_ping_interval_s,
         "ws_per_message_deflate": server.ws_per_message_deflate,
         "backlog": 4096,
+        "proxy_headers": False,  # the app reads forwarding headers itself (Gateway)
         "timeout_keep_alive": 75,  # longer than clients' pools keep idle connections
         "timeout_graceful_shutdown": 10,
     }

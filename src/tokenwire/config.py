@@ -15,6 +15,7 @@ Provider API keys are never in the file: a provider names the variable that hold
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from decimal import Decimal, InvalidOperation
@@ -62,6 +63,14 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     ws_messages_per_second: float = 100.0
     ws_allowed_origins: list[str] = msgspec.field(default_factory=list)
     ws_ticket_ttl_s: float = 60.0
+    # Hostile clients and networks (docs/configuration.md)
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)  # IPs / CIDRs, or "*"
+    header_timeout_s: float = 10.0  # to complete a request's headers, else the socket closes
+    sse_send_timeout_s: float = 30.0  # an HTTP client that accepts nothing this long: aborted
+    max_connections: int = 0  # open connections; 0: below the file descriptor limit
+    health_max_loop_lag_s: float = 5.0  # /healthz: the event loop is stuck past this lag
+    health_stall_s: float = 600.0  # /healthz: live generations, none moved for this long
+    health_timeout_s: float = 2.0  # /healthz: each database / Redis probe
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -319,6 +328,14 @@ def load_settings(
             ),
         )
     usd_to_micro(merged.accounting.free_grant_usd, what="accounting.free_grant_usd")
+    for proxy in server.trusted_proxies:
+        if proxy != "*":
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"server.trusted_proxies: {proxy!r} is not an IP address or network"
+                ) from None
     return Settings(
         data_dir=resolved_dir,
         database_url=database_url,

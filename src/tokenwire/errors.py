@@ -29,6 +29,8 @@ where they occur and never leave it.
     ├── DatabaseUnavailable           503 database_unavailable  (keys and credits cannot be read)
     ├── UpstreamError                 502 upstream_error        (retryable)
     │   ├── UpstreamTimeout           504 upstream_timeout
+    │   ├── UpstreamAuthError         502 upstream_auth_error   (the operator's provider key
+    │   │                                 was refused; retryable on another deployment)
     │   └── UpstreamStatusError       the upstream's own status and body
     └── RecordedError                 an error another gateway process logged, as it was
 """
@@ -267,6 +269,27 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     default_code = "upstream_timeout"
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream refused the gateway's own credentials (HTTP 401/403, or a bad-key reply).
+
+    The client's key is fine: this is the operator's provider key, so the client gets a 502
+    (never a 401 that would blame its key) and the operator an ERROR log line naming the
+    provider. Retryable: another deployment, with another key, may accept the request; the
+    refusal counts toward the deployment's circuit breaker.
+    """
+
+    default_code = "upstream_auth_error"
+
+    def __init__(self, provider: str, upstream_status: int) -> None:
+        super().__init__(
+            f"Upstream {provider!r} refused the gateway's credentials (HTTP {upstream_status}); "
+            "the gateway operator has to fix its provider API key.",
+            request_sent=False,  # refused, not processed: another deployment may take it
+        )
+        self.provider = provider
+        self.upstream_status = upstream_status
 
 
 class UpstreamStatusError(UpstreamError):

@@ -13,6 +13,7 @@ from tokenwire.accounting.tickets import TicketStore
 from tokenwire.completions import CompletionService
 from tokenwire.config import Settings
 from tokenwire.limits.base import RateLimiter
+from tokenwire.monitor import HealthMonitor
 from tokenwire.providers.registry import ProviderRegistry
 
 
@@ -28,6 +29,7 @@ class AppState:
     tickets: TicketStore
     ledger: Ledger
     limiter: RateLimiter
+    monitor: HealthMonitor
 
 
 def get_state(connection: HTTPConnection) -> AppState:

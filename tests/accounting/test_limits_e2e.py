@@ -729,10 +729,10 @@ def auth_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gat
             yield gw
 
 
-async def test_failed_authentications_block_the_address(
+async def test_failed_authentications_block_the_address_but_never_a_valid_key(
     auth_gateway: GatewayServer, http: aiohttp.ClientSession
 ) -> None:
-    """Five bad keys from one address: then even a good key gets 429 too_many_failed_authentications (HTTP and WS) until the window lets it through."""
+    """Five bad keys from one address: a sixth bad key gets 429 too_many_failed_authentications (HTTP and WS), a good key is still served; after the window a bad key is a 401 again."""
     gw = auth_gateway
     body = chat("auth", max_tokens=2)
     assert (await sse(http, gw, gw.api_key, body)).status == 200
@@ -740,7 +740,8 @@ async def test_failed_authentications_block_the_address(
         bad = await sse(http, gw, f"tw-not-a-real-key-{i:02d}-xxxxxxxxxxxxxxxxxxxxxxxxxxxx", body)
         assert bad.status == 401, bad
         check_openai_error(bad.error, type_="authentication_error", code="invalid_api_key")
-    blocked = await sse(http, gw, gw.api_key, body)
+    wrong = "tw-not-a-real-key-99-xxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+    blocked = await sse(http, gw, wrong, body)
     blocked_at = time.monotonic()
     assert blocked.status == 429, blocked
     check_openai_error(
@@ -750,14 +751,20 @@ async def test_failed_authentications_block_the_address(
     assert 1 <= retry_after <= math.ceil(SHORT_WINDOW_S)
 
     with pytest.raises(ConnectionClosed) as closed:
-        async with connect(ws_url(gw), additional_headers=bearer(gw.api_key)) as ws:
+        async with connect(ws_url(gw), additional_headers=bearer(wrong)) as ws:
             await recv_json(ws)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013, closed.value
 
+    # the address is blocked, but a valid key is not refused, on either transport
+    assert (await sse(http, gw, gw.api_key, body)).status == 200
+    async with connect(ws_url(gw), additional_headers=bearer(gw.api_key)) as ws:
+        await ws.send(json.dumps(body))
+        assert (await recv_json(ws))["object"] == "chat.completion.chunk"
+
     served, served_at = await poll(
-        lambda: sse(http, gw, gw.api_key, body), lambda r: r.status != 429, SHORT_WINDOW_S + 3
+        lambda: sse(http, gw, wrong, body), lambda r: r.status != 429, SHORT_WINDOW_S + 3
     )
-    assert served.status == 200, served
+    assert served.status == 401, served
     assert served_at - blocked_at <= retry_after + 0.5
 
 

@@ -343,6 +343,23 @@ def test_rotate(gw: GatewayServer) -> None:
     assert models_status(gw, new) == 401
 
 
+def test_an_admin_key_cannot_revoke_itself(tmp_path: Path) -> None:
+    """Revoking the caller's own admin key is a 409 cannot_revoke_own_key that changes nothing; another admin key may revoke it."""
+    with GatewayServer(tmp_path / "gw", overrides=OVERRIDES) as gw:
+        keys = admin(gw, "GET", "/v1/admin/keys").json()["data"]
+        own = next(k for k in keys if k["prefix"] == gw.admin_key[:10])
+        refused = admin(gw, "POST", f"/v1/admin/keys/{own['id']}/revoke")
+        assert_error(refused, 409, "id")
+        assert refused.json()["error"]["code"] == "cannot_revoke_own_key"
+        assert get(gw, own["id"]) == own
+        assert models_status(gw, gw.admin_key) == 200
+        other = create(gw, name="second admin", admin=True)
+        revoked = call(gw, "POST", f"/v1/admin/keys/{own['id']}/revoke", other["key"])
+        assert revoked.status_code == 200, revoked.text
+        assert revoked.json()["status"] == "revoked"
+        assert models_status(gw, gw.admin_key) == 401
+
+
 def test_admin_usage_bad_queries(sqlite_gw: GatewayServer) -> None:
     """Bad group_by, times, reversed ranges and unknown parameters are 400 naming the parameter."""
     gw = sqlite_gw

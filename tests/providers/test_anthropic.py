@@ -26,12 +26,19 @@ from tokenwire.errors import (
     GatewayError,
     InvalidRequest,
     UnsupportedParameter,
+    UpstreamAuthError,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from tokenwire.providers.anthropic import AnthropicProvider, StreamTranslator, to_anthropic
+from tokenwire.providers.anthropic import (
+    AnthropicProvider,
+    StreamTranslator,
+    stream_error,
+    to_anthropic,
+)
 from tokenwire.providers.base import ProviderCall
+from tokenwire.providers.http import credentials_refused
 from tokenwire.streams.events import Event, Finish, PromptUsage, TextDelta, ToolCallDelta, Usage
 from tokenwire.testing import GatewayServer
 from tokenwire.testing_upstreams.anthropic_fake import AnthropicFake, plan_reply, validate
@@ -590,14 +597,24 @@ async def test_rate_limit_keeps_retry_after_and_error_type(
     assert "rate limit" in error.message
 
 
-async def test_wrong_key_is_a_401_without_the_key(
+async def test_wrong_key_is_a_502_upstream_auth_error_without_the_key(
     provider: Callable[..., AnthropicProvider],
 ) -> None:
-    """Anthropic's 401 is kept; the key sent is never echoed in the error."""
+    """Anthropic's 401 is the gateway's key: a 502 upstream_auth_error; the key is never echoed."""
     _, error = await collect(provider(api_key="sk-ant-wrong"), USER)
-    assert isinstance(error, UpstreamStatusError) and error.http_status == 401
-    assert error.to_body()["error"]["type"] == "authentication_error"
-    assert "sk-ant-wrong" not in error.message and not error.is_retryable
+    assert isinstance(error, UpstreamAuthError) and error.http_status == 502
+    assert error.upstream_status == 401 and error.retryable
+    assert error.to_body()["error"]["code"] == "upstream_auth_error"
+    assert "'anthropic'" in error.message and "sk-ant-wrong" not in error.message
+
+
+def test_authentication_error_event_is_an_upstream_auth_error() -> None:
+    """An in-stream ``authentication_error`` event also becomes UpstreamAuthError (502)."""
+    error = credentials_refused(
+        "anthropic", stream_error("anthropic", "authentication_error", "invalid x-api-key")
+    )
+    assert isinstance(error, UpstreamAuthError) and error.http_status == 502
+    assert error.upstream_status == 401
 
 
 @pytest.mark.parametrize(("fault", "events_before"), [("stall", 0), ("hang", 0), ("stall:1", 1)])

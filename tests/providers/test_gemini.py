@@ -20,6 +20,7 @@ from tokenwire.errors import (
     GatewayError,
     InvalidRequest,
     UnsupportedParameter,
+    UpstreamAuthError,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
@@ -477,13 +478,22 @@ async def test_translation_errors_happen_before_any_request(
 @pytest.mark.parametrize(
     ("api_key", "status"), [("wrong", 400), (None, 403)], ids=["wrong-key", "no-key"]
 )
-async def test_bad_api_key_is_reported_with_its_status(
+async def test_bad_api_key_is_an_upstream_auth_error(
     provider: ProviderFactory, api_key: str | None, status: int
 ) -> None:
-    """Google's 400 (bad key) and 403 (no key) come back as errors with that status."""
+    """Google's 400 API_KEY_INVALID (bad key) and 403 (no key) are the gateway's key: 502 upstream_auth_error."""
     events, error = await collect(await provider(api_key=api_key), chat("x"))
-    assert events == [] and isinstance(error, UpstreamStatusError)
-    assert error.http_status == status and "'gemini'" in error.message
+    assert events == [] and isinstance(error, UpstreamAuthError)
+    assert error.http_status == 502 and error.upstream_status == status
+    assert error.to_body()["error"]["code"] == "upstream_auth_error"
+    assert "'gemini'" in error.message and "wrong" not in error.message
+
+
+def test_a_plain_400_is_not_blamed_on_the_key() -> None:
+    """A 400 without the API_KEY_INVALID reason stays the client's invalid request."""
+    body = {"error": {"code": 400, "message": "bad field", "status": "INVALID_ARGUMENT"}}
+    error = gemini_error("gemini", 400, json.dumps(body).encode())
+    assert isinstance(error, UpstreamStatusError) and error.http_status == 400
 
 
 @pytest.mark.parametrize(

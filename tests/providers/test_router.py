@@ -17,7 +17,13 @@ from starlette.routing import Route
 
 from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.config import DeploymentEntry, ModelEntry, RoutingConfig
-from tokenwire.errors import InvalidRequest, UpstreamError, UpstreamStatusError, UpstreamTimeout
+from tokenwire.errors import (
+    InvalidRequest,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.router import DeploymentState, RoutedModel
 from tokenwire.storage.engine import make_engine
@@ -238,3 +244,26 @@ async def ledger_rows(url: str) -> list[LedgerRow]:
         return await Ledger(engine).rows()
     finally:
         await engine.dispose()
+
+
+async def test_a_refused_key_falls_back_and_is_not_retried() -> None:
+    """An UpstreamAuthError moves on to the other deployment, counts toward the breaker, and that deployment is not retried."""
+    refusing = Scripted("a", [UpstreamAuthError("a", 401)] * 10)
+    flaky = Scripted("b", [UpstreamStatusError("down", status=503)])
+    routed = model(refusing, flaky)
+    routed._deployments[1].in_flight = 1  # "a" is picked first
+    try:
+        events = await collect(routed)
+    finally:
+        routed._deployments[1].in_flight = 0
+    assert TextDelta("b:m-b") in events  # the third attempt went to "b" again, not to "a"
+    assert refusing.calls == 1 and flaky.calls == 2
+    assert routed._deployments[0].consecutive_failures == 1
+
+
+async def test_every_deployment_refusing_the_key_ends_at_once() -> None:
+    """When every deployment refused the gateway's key, the client gets the UpstreamAuthError without more tries."""
+    only = Scripted("a", [UpstreamAuthError("a", 403)] * 10)
+    with pytest.raises(UpstreamAuthError):
+        await collect(model(only))
+    assert only.calls == 1

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenwire.wire import sse
-from tokenwire.wire.sse import SSEParser
+from tokenwire.wire.sse import SSEParser, SSETooLarge
 
 
 def test_event_with_and_without_id() -> None:
@@ -61,3 +62,34 @@ def test_parser_is_split_invariant(payloads: list[str], cuts: list[int]) -> None
         position += cut
     got += [e.data for e in parser.feed(stream[position:])]
     assert got == payloads
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_a_line_that_never_ends_is_cut_at_the_limit(ending: bytes) -> None:
+    """An endless line raises SSETooLarge once past max_event_bytes; the buffer never holds more."""
+    parser = SSEParser(max_event_bytes=1000)
+    assert [e.data for e in parser.feed(b"data: ok" + ending + ending)] == ["ok"]
+    if ending == b"\r\n":
+        parser.feed(b"\r")  # a CR seen: the CR-aware path parses what follows
+    with pytest.raises(SSETooLarge):
+        for _ in range(100):
+            parser.feed(b"data: " + b"x" * 100)
+    assert len(parser._buffer) <= 1000
+
+
+def test_an_event_that_never_ends_is_cut_at_the_limit() -> None:
+    """Many data lines without the blank line that ends an event: SSETooLarge past the limit."""
+    parser = SSEParser(max_event_bytes=1000)
+    with pytest.raises(SSETooLarge):
+        for _ in range(100):
+            parser.feed(b"data: " + b"y" * 50 + b"\n")
+
+
+def test_events_up_to_the_limit_pass_and_the_default_is_one_mebibyte() -> None:
+    """An event of exactly max_event_bytes is fine, one after another; the default is 1 MiB."""
+    parser = SSEParser(max_event_bytes=1000)
+    for _ in range(5):
+        assert [len(e.data) for e in parser.feed(b"data: " + b"z" * 999 + b"\n\n")] == [999]
+    assert sse.MAX_EVENT_BYTES == 1 << 20
+    big = b"data: " + b"w" * 500_000 + b"\n\n"
+    assert [len(e.data) for e in SSEParser().feed(big)] == [500_000]

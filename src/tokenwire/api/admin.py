@@ -6,7 +6,8 @@
     GET   /v1/admin/keys                 list keys
     GET   /v1/admin/keys/{id}            one key
     PATCH /v1/admin/keys/{id}            change name, limits, models or expiry (null clears)
-    POST  /v1/admin/keys/{id}/revoke     revoke (requests with it get 401 at once)
+    POST  /v1/admin/keys/{id}/revoke     revoke (requests with it get 401 at once; not the
+                                         caller's own key: 409)
     POST  /v1/admin/keys/{id}/rotate     a new secret for the same key (the old one stops)
     POST  /v1/admin/keys/{id}/topup      add credit
     GET   /v1/admin/usage                totals by key, model and day
@@ -145,11 +146,17 @@ def key_object(record: KeyRecord) -> dict[str, Any]:
     }
 
 
-async def require_admin(request: Request) -> AppState:
-    """The app state, if the caller holds an active admin key (else 401 / 403)."""
+async def admin_caller(request: Request) -> KeyRecord:
+    """The caller's key, if it is an active admin key (else 401 / 403)."""
     key = await authenticate(request)
     if not key.is_admin:
         raise PermissionDenied("This endpoint needs an admin key.", code="admin_key_required")
+    return key
+
+
+async def require_admin(request: Request) -> AppState:
+    """The app state, if the caller holds an active admin key (else 401 / 403)."""
+    await admin_caller(request)
     return get_state(request)
 
 
@@ -271,9 +278,22 @@ async def update_key(request: Request) -> Response:
 
 
 async def revoke_key(request: Request) -> Response:
-    """Revoke a key (idempotent: revoking a revoked key keeps its first revocation time)."""
-    state = await require_admin(request)
-    return json_response(key_object(await state.keys.revoke(request.path_params["key_id"])))
+    """Revoke a key (idempotent: revoking a revoked key keeps its first revocation time).
+
+    An admin key may not revoke itself (409 ``cannot_revoke_own_key``): that would lock the
+    operator out of the admin API. Another admin key, or ``tokenwire keys revoke``, can.
+    """
+    caller = await admin_caller(request)
+    key_id = request.path_params["key_id"]
+    if key_id == caller.id:
+        raise InvalidRequest(
+            "An admin key cannot revoke itself; use another admin key or 'tokenwire keys revoke'.",
+            param="id",
+            code="cannot_revoke_own_key",
+            status=409,
+        )
+    state = get_state(request)
+    return json_response(key_object(await state.keys.revoke(key_id)))
 
 
 async def rotate_key(request: Request) -> Response:

@@ -23,6 +23,16 @@ def bearer_token(connection: HTTPConnection) -> str | None:
     return token.strip()
 
 
+def client_address(connection: HTTPConnection) -> str:
+    """The client's address, as the failed-authentication throttle counts it.
+
+    The ASGI ``client`` of the connection: the TCP peer, or, when that peer is one of
+    ``server.trusted_proxies``, the address its ``X-Forwarded-For`` names (the app rewrites
+    ``client`` in :class:`tokenwire.app.Gateway`; nothing else reads forwarding headers).
+    """
+    return connection.client.host if connection.client is not None else "unknown"
+
+
 async def authenticate(connection: HTTPConnection) -> KeyRecord:
     """The caller's active key, or ``AuthenticationError`` (401)."""
     token = bearer_token(connection)
@@ -31,12 +41,19 @@ async def authenticate(connection: HTTPConnection) -> KeyRecord:
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
             code="missing_api_key",
         )
-    client = connection.client.host if connection.client is not None else "unknown"
-    return await authenticate_token(get_state(connection), token, client)
+    return await authenticate_token(get_state(connection), token, client_address(connection))
 
 
 async def authenticate_token(state: AppState, token: str, client: str) -> KeyRecord:
-    """The active key for ``token``; repeated failures from ``client`` are throttled (429)."""
+    """The active key for ``token``; repeated failures from ``client`` are throttled (429).
+
+    The key is checked first (a cached HMAC lookup), so a valid key is never refused, even
+    from an address that others' failures have blocked. Only an invalid key from a blocked
+    address gets 429; an invalid key otherwise gets 401 and counts as a failure.
+    """
+    record = await state.keys.authenticate(token)
+    if record is not None:
+        return record
     blocked_for = await state.limiter.auth_blocked(client)
     if blocked_for is not None:
         raise RateLimited(
@@ -44,8 +61,5 @@ async def authenticate_token(state: AppState, token: str, client: str) -> KeyRec
             retry_after_s=blocked_for,
             code="too_many_failed_authentications",
         )
-    record = await state.keys.authenticate(token)
-    if record is None:
-        await state.limiter.auth_failed(client)
-        raise AuthenticationError("Incorrect, expired or revoked API key provided.")
-    return record
+    await state.limiter.auth_failed(client)
+    raise AuthenticationError("Incorrect, expired or revoked API key provided.")

@@ -386,7 +386,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "parameters": [_KEY_ID],
                     "responses": {
                         "200": _json("The revoked key.", api_key),
-                        **_errors(401, 403, 404),
+                        **_errors(401, 403, 404, 409),
                     },
                 }
             },
@@ -482,8 +482,13 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                 "get": {
                     "operationId": "health",
                     "responses": {
-                        "200": {"description": "Healthy."},
-                        "503": {"description": "The database is unreachable."},
+                        "200": {"description": "Healthy: every check passed."},
+                        "503": {
+                            "description": (
+                                "Unhealthy: `failing` names the checks that failed (event_loop, "
+                                "generations, database, redis)."
+                            )
+                        },
                     },
                 }
             },

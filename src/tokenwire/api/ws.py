@@ -24,7 +24,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenwire.accounting.keys import KeyRecord
-from tokenwire.api.auth import authenticate_token, bearer_token
+from tokenwire.api.auth import authenticate_token, bearer_token, client_address
 from tokenwire.config import ServerConfig
 from tokenwire.errors import (
     AuthenticationError,
@@ -292,13 +292,13 @@ class WSSession:
             raise proto.ProtocolViolation(
                 proto.CLOSE_UNAUTHORIZED, "authenticate first: send {type: auth, api_key}"
             )
-        client = self._ws.client.host if self._ws.client is not None else "unknown"
+        client = client_address(self._ws)
         try:
             self._key = await authenticate_token(self._state, message.api_key, client)
         except AuthenticationError:
             raise proto.ProtocolViolation(proto.CLOSE_UNAUTHORIZED, "invalid API key") from None
-        except RateLimited as exc:
-            raise proto.ProtocolViolation(proto.CLOSE_TRY_AGAIN_LATER, exc.message) from None
+        except GatewayError as exc:  # throttled, or the throttle's store (Redis) is down
+            raise proto.ProtocolViolation(close_code(exc), exc.message[:120]) from None
         await self._send(b'{"type":"auth.ok"}')
 
     # -- messages ----------------------------------------------------------------------------
@@ -429,6 +429,8 @@ class WSSession:
         seq = after
         finish: str | None = None
         usage: Usage | None = None
+        # aclosing: a task cancelled (or failing) while it hands chunks to the writer
+        # detaches its reader at once, not whenever the iterator happens to be collected.
         async with contextlib.aclosing(generation.read(after=after)) as batches:
             async for batch in batches:
                 parts: list[bytes] = []
@@ -510,6 +512,17 @@ def _as_gateway_error(exc: Exception, what: str) -> GatewayError:
     return unexpected(exc, log, f"WebSocket request {what}")
 
 
+def close_code(error: GatewayError) -> int:
+    """The close code for an error that ends a socket before it is authenticated."""
+    if isinstance(error, AuthenticationError):
+        return proto.CLOSE_UNAUTHORIZED
+    if error.http_status == 403:
+        return proto.CLOSE_FORBIDDEN
+    if error.http_status in (429, 503):  # throttled, or a store it needs is down for now
+        return proto.CLOSE_TRY_AGAIN_LATER
+    return proto.CLOSE_INTERNAL
+
+
 def _origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
     origin = websocket.headers.get("origin")
     if origin is None or "*" in allowed or origin in allowed:
@@ -531,7 +544,7 @@ async def ws_chat(websocket: WebSocket) -> None:
         (p[len(proto.TICKET_PREFIX) :] for p in offered if p.startswith(proto.TICKET_PREFIX)), None
     )
     key: KeyRecord | None = None
-    client = websocket.client.host if websocket.client is not None else "unknown"
+    client = client_address(websocket)
     try:
         token = bearer_token(websocket)
         if token is not None:
@@ -541,13 +554,14 @@ async def ws_chat(websocket: WebSocket) -> None:
             key = None if key_id is None else await state.keys.get(key_id)
             if key is None or not key.is_active(time.time()):
                 raise AuthenticationError("invalid or expired ticket")
-    except AuthenticationError as exc:
+    except GatewayError as exc:  # a bad key, throttled, or Redis (the throttle's store) down
         await websocket.accept(subprotocol)
-        await websocket.close(proto.CLOSE_UNAUTHORIZED, exc.message[:120])
+        await websocket.close(close_code(exc), exc.message[:120])
         return
-    except RateLimited as exc:
+    except Exception as exc:  # e.g. the database is down: a clean 1011, never a 500
+        log.error("WebSocket authentication failed", exc_info=exc)
         await websocket.accept(subprotocol)
-        await websocket.close(proto.CLOSE_TRY_AGAIN_LATER, exc.message[:120])
+        await websocket.close(proto.CLOSE_INTERNAL, "internal error; try again later")
         return
     await websocket.accept(subprotocol)
     await WSSession(websocket, state, key).run()

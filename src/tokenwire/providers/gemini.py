@@ -71,6 +71,7 @@ import msgspec
 from tokenwire.errors import (
     InvalidRequest,
     UnsupportedParameter,
+    UpstreamAuthError,
     UpstreamError,
     UpstreamStatusError,
 )
@@ -93,6 +94,7 @@ API_VERSION = "v1beta"
 _FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 _MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+_KEY_REFUSED = frozenset({"API_KEY_INVALID"})  # ErrorInfo reasons that blame the gateway's key
 
 # --- request translation (pure) -------------------------------------------------------------
 
@@ -339,11 +341,13 @@ def tool_call_id(index: int, name: str, arguments: str) -> str:
 
 def gemini_error(
     provider: str, status: int, body: bytes, retry_after: str | None = None
-) -> UpstreamStatusError:
+) -> UpstreamError:
     """A Gemini error body (``{"error": {code, message, status, details}}``) as a gateway error.
 
     The HTTP status is kept; the wait comes from ``Retry-After`` or else from the
-    ``google.rpc.RetryInfo`` detail (``"retryDelay": "7s"``) that 429 replies carry.
+    ``google.rpc.RetryInfo`` detail (``"retryDelay": "7s"``) that 429 replies carry. Google
+    answers a wrong API key with 400 and the ``google.rpc.ErrorInfo`` reason
+    ``API_KEY_INVALID``: that is the operator's key, an :class:`UpstreamAuthError`.
     """
     message = body[:500].decode("utf-8", "replace").strip() or "(empty body)"
     code: str | None = None
@@ -359,6 +363,8 @@ def gemini_error(
         message = str(err.get("message") or message)
         code = str(err["status"]) if err.get("status") else None
         for detail in err.get("details") or ():
+            if isinstance(detail, dict) and detail.get("reason") in _KEY_REFUSED:
+                return UpstreamAuthError(provider, status)
             delay = detail.get("retryDelay") if isinstance(detail, dict) else None
             if retry_s is None and isinstance(delay, str) and delay.endswith("s"):
                 retry_s = parse_retry_after(delay[:-1])

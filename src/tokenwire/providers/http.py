@@ -8,6 +8,7 @@ that :func:`stream_events` feeds with the reply's SSE events.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Annotated, Protocol
 
@@ -15,9 +16,20 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from tokenwire.errors import GatewayError, UpstreamError, UpstreamTimeout
+from tokenwire.errors import (
+    GatewayError,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
 from tokenwire.streams.events import Event, PromptUsage
-from tokenwire.wire.sse import SSEParser
+from tokenwire.wire.sse import SSEParser, SSETooLarge
+
+log = logging.getLogger("tokenwire.providers")
+
+CREDENTIAL_STATUSES = frozenset({401, 403})
+"""Upstream statuses that mean the gateway's own provider key was refused."""
 
 MAX_TOKEN_COUNT = 2**31 - 1
 """The largest token count a reply may report (the ledger's token columns are 32-bit).
@@ -131,6 +143,31 @@ async def _post(
         ) from None
 
 
+def credentials_refused(name: str, error: GatewayError) -> GatewayError:
+    """``error``, or an :class:`UpstreamAuthError` when the upstream refused the gateway's key.
+
+    A 401/403 from an upstream is about the operator's provider key, not the client's: the
+    client gets a 502, and the operator an ERROR line naming the provider (never the key, nor
+    the upstream's message, which may quote part of it).
+    """
+    if isinstance(error, UpstreamStatusError) and error.http_status in CREDENTIAL_STATUSES:
+        code = f", code {error.code}" if error.code else ""
+        log.error(
+            "upstream %r refused the gateway's credentials (HTTP %d%s): check its API key",
+            name,
+            error.http_status,
+            code,
+        )
+        return UpstreamAuthError(name, error.http_status)
+    if isinstance(error, UpstreamAuthError):
+        log.error(
+            "upstream %r refused the gateway's credentials (HTTP %d): check its API key",
+            name,
+            error.upstream_status,
+        )
+    return error
+
+
 async def stream_events(
     pool: UpstreamPool,
     *,
@@ -206,12 +243,17 @@ async def stream_events(
                     yield event
                 if translator.done:
                     break
-    except GatewayError:
-        raise
+    except GatewayError as exc:
+        translated = credentials_refused(name, exc)
+        if translated is exc:
+            raise
+        raise translated from None
     except msgspec.DecodeError as exc:
         raise UpstreamError(f"Upstream {name!r} sent a malformed chunk: {exc}") from None
     except RecursionError:
         raise UpstreamError(f"Upstream {name!r} sent a chunk nested too deeply.") from None
+    except SSETooLarge as exc:
+        raise UpstreamError(f"Upstream {name!r} sent {exc}; the stream was cut.") from None
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
     except aiohttp.ClientError as exc:

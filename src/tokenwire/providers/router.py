@@ -15,6 +15,8 @@ A model maps to one or more deployments (provider + upstream model + weight). Ea
 
 A 429 with ``Retry-After`` cools its deployment down for that long; ``breaker_threshold``
 consecutive failures cool it down for ``breaker_cooldown_s``; a success resets the count.
+A deployment that refused the gateway's own key (:class:`~tokenwire.errors.UpstreamAuthError`)
+counts as failed and is not tried again by the same request; others still are.
 The deployment that served is announced with a :class:`~tokenwire.streams.events.Routed`
 event, so the ledger names the provider that really answered.
 """
@@ -28,7 +30,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tokenwire.config import DeploymentEntry, ModelEntry, RoutingConfig
-from tokenwire.errors import GatewayError, ProviderUnavailable, UpstreamError, UpstreamStatusError
+from tokenwire.errors import (
+    GatewayError,
+    ProviderUnavailable,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamStatusError,
+)
 from tokenwire.providers.base import Provider, ProviderCall
 from tokenwire.streams.events import Event, PromptUsage, Routed
 
@@ -118,9 +126,13 @@ class RoutedModel:
 
     async def _stream(self, call: ProviderCall) -> AsyncIterator[Event]:
         tried: set[int] = set()
+        refused: set[int] = set()  # refused the gateway's key: not worth a second try
         last_error: GatewayError | None = None
         for attempt in range(self._config.max_attempts):
-            deployment = self.pick(tried)
+            if len(refused) == len(self._deployments):
+                break
+            exclude = tried | refused
+            deployment = self.pick(exclude if len(exclude) < len(self._deployments) else refused)
             index = self._deployments.index(deployment)
             if last_error is not None:
                 delay = self._delay(attempt, last_error, deployment)
@@ -147,6 +159,8 @@ class RoutedModel:
                         self._failed(deployment, exc)  # the deployment's health either way
                     if not is_retryable(exc):
                         raise
+                    if isinstance(exc, UpstreamAuthError):
+                        refused.add(index)
                     last_error = exc
                     continue
                 deployment.consecutive_failures = 0

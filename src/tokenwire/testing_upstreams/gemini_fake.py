@@ -7,7 +7,7 @@ cumulative ``usageMetadata``, ``modelVersion`` and ``responseId``, the last with
 ``finishReason``; errors are ``{"error": {"code", "message", "status", "details"?}}``.
 
 * **Auth**: ``x-goog-api-key`` (or ``?key=``); none → 403 ``PERMISSION_DENIED``, a wrong one →
-  400 ``INVALID_ARGUMENT`` (as Google does).
+  400 ``INVALID_ARGUMENT`` with the ``ErrorInfo`` reason ``API_KEY_INVALID`` (as Google does).
 * **Reply**: the words of :data:`REPLY_TOKENS` (one token each, :data:`TOKENS_PER_CHUNK` per
   event), cut at ``generationConfig.maxOutputTokens`` (``MAX_TOKENS``) or before the first
   ``stopSequences`` hit (``STOP``). Usage: prompt = words of every text part,
@@ -49,6 +49,14 @@ _UNREGISTERED = (
     "Method doesn't allow unregistered callers (callers without established identity). "
     "Please use API Key or other form of API consumer identity to call this API."
 )
+_BAD_KEY = [  # Google's details for a wrong key
+    {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "API_KEY_INVALID",
+        "domain": "googleapis.com",
+        "metadata": {"service": "generativelanguage.googleapis.com"},
+    }
+]
 _FAULT = re.compile(r"FAULT:([a-z0-9]+)(?:@(\d+))?")
 _PART_KINDS = ("text", "inlineData", "fileData", "functionCall", "functionResponse")
 _CONFIG_KEYS = {
@@ -245,7 +253,7 @@ class GeminiFake:
         if not key:
             return self._error(403, _UNREGISTERED)
         if key != self.api_key:
-            return self._error(400, "API key not valid. Please pass a valid API key.")
+            return self._error(400, "API key not valid. Please pass a valid API key.", _BAD_KEY)
         try:
             body = json.loads(await request.read())
         except ValueError:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
 DONE_DATA = "[DONE]"
+MAX_EVENT_BYTES = 1 << 20
+"""The parser's default bound on one line (buffered until its newline) and one event's data."""
 
 
 def event(data: bytes, *, event_id: int | None = None) -> bytes:
@@ -36,12 +38,33 @@ class SSEEvent:
     retry: int | None = None
 
 
+class SSETooLarge(ValueError):
+    """A line or an event's data grew past the parser's ``max_event_bytes``."""
+
+
 class SSEParser:
-    """Incremental SSE parser: ``feed(bytes)`` returns the events completed by those bytes."""
+    """Incremental SSE parser: ``feed(bytes)`` returns the events completed by those bytes.
 
-    __slots__ = ("_buffer", "_data", "_event", "_last_id", "_retry", "_skip_lf", "_started")
+    A peer that never ends a line (or an event) would grow the buffer without bound: past
+    ``max_event_bytes`` of one line or of one event's data, ``feed`` raises
+    :class:`SSETooLarge`.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "_buffer",
+        "_data",
+        "_event",
+        "_last_id",
+        "_max",
+        "_retry",
+        "_size",
+        "_skip_lf",
+        "_started",
+    )
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
+        self._size = 0  # of the pending event's data
         self._buffer = b""
         self._data: list[str] = []
         self._event = ""
@@ -76,6 +99,7 @@ class SSEParser:
                 dispatched = self._line(raw.decode("utf-8", "replace"))
                 if dispatched is not None:
                     events.append(dispatched)
+            self._check_buffer()
             return events
         start = 0
         length = len(buffer)
@@ -97,7 +121,13 @@ class SSEParser:
                 events.append(dispatched)
             start = end + step
         self._buffer = buffer[start:]
+        self._check_buffer()
         return events
+
+    def _check_buffer(self) -> None:
+        if len(self._buffer) > self._max:
+            self._buffer = b""
+            raise SSETooLarge(f"a line longer than {self._max} bytes")
 
     def _line(self, line: str) -> SSEEvent | None:
         if not line:
@@ -108,6 +138,9 @@ class SSEParser:
         if sep and value.startswith(" "):
             value = value[1:]
         if name == "data":
+            self._size += len(value) + 1
+            if self._size > self._max:
+                raise SSETooLarge(f"an event longer than {self._max} bytes")
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -119,6 +152,7 @@ class SSEParser:
         return None
 
     def _dispatch(self) -> SSEEvent | None:
+        self._size = 0
         if not self._data:
             self._event = ""
             return None
