@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
+from tokenwire.accounting.keys import KeyRecord, KeyStore
 from tokenwire.bench.command import bench
 from tokenwire.cli import accounts
-from tokenwire.config import Settings, load_settings, usd_to_micro
-from tokenwire.errors import GatewayError
-from tokenwire.storage.engine import make_engine, migrate
-
-T = TypeVar("T")
+from tokenwire.config import Settings, usd_to_micro
 
 app = typer.Typer(
     help="tokenwire: an OpenAI-compatible LLM gateway built for streaming.", no_args_is_help=True
@@ -42,20 +36,8 @@ DataDirOpt = Annotated[
 
 
 def _settings(config: Path | None, data_dir: Path | None) -> Settings:
-    try:
-        return load_settings(config, data_dir=data_dir)
-    except GatewayError as exc:
-        raise typer.BadParameter(exc.message) from None
-
-
-async def _with_keys(settings: Settings, action: Callable[[KeyStore], Awaitable[T]]) -> T:
-    engine = make_engine(settings.database_url)
-    try:
-        await migrate(engine)
-        store = KeyStore(engine, load_server_secret(settings.data_dir))
-        return await action(store)
-    finally:
-        await engine.dispose()
+    """The settings, or one ``error: …`` line and exit 1 (never a usage box or a traceback)."""
+    return accounts.load(config, data_dir)
 
 
 async def _bootstrap(store: KeyStore, grant_micro: int) -> list[tuple[KeyRecord, str]]:
@@ -68,7 +50,10 @@ async def _bootstrap(store: KeyStore, grant_micro: int) -> list[tuple[KeyRecord,
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on.")] = None,  # noqa: UP045
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,  # noqa: UP045
+    port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, max=65535, help="Port to listen on (1-65535).", show_default=False),
+    ] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = True,
@@ -80,7 +65,7 @@ def serve(
 
     settings = _settings(config, data_dir)
     grant = usd_to_micro(settings.accounting.free_grant_usd, what="accounting.free_grant_usd")
-    created = asyncio.run(_with_keys(settings, lambda store: _bootstrap(store, grant)))
+    created = accounts.run(settings, lambda stores: _bootstrap(stores.keys, grant))
     console = Console()
     if created:
         console.print("[bold]First start: these keys are shown once and never again.[/bold]")
@@ -91,7 +76,7 @@ def serve(
     uvicorn.run(
         create_app(settings, on_started=freeze_startup_heap),
         host=host or settings.server.host,
-        port=port or settings.server.port,
+        port=settings.server.port if port is None else port,
         access_log=access_log,
         log_level="info",
         **server_options(settings),
@@ -144,10 +129,10 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """List keys (prefixes only; secrets are never stored)."""
     settings = _settings(config, data_dir)
 
-    async def action(store: KeyStore) -> list[KeyRecord]:
-        return await store.list()
+    async def action(stores: accounts.Stores) -> list[KeyRecord]:
+        return await stores.keys.list()
 
-    records = asyncio.run(_with_keys(settings, action))
+    records = accounts.run(settings, action)
     table = Table("id", "name", "prefix", "admin", "status")
     for r in records:
         table.add_row(
@@ -165,12 +150,8 @@ def keys_revoke(key_id: str, config: ConfigOpt = None, data_dir: DataDirOpt = No
     """Revoke a key by id; requests with it get 401 from then on."""
     settings = _settings(config, data_dir)
 
-    async def action(store: KeyStore) -> KeyRecord:
-        return await store.revoke(key_id)
+    async def action(stores: accounts.Stores) -> KeyRecord:
+        return await stores.keys.revoke(key_id)
 
-    try:
-        record = asyncio.run(_with_keys(settings, action))
-    except GatewayError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+    record = accounts.run(settings, action)
     typer.echo(f"revoked {record.id} ({record.name})")
