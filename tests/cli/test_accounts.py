@@ -410,3 +410,21 @@ def test_create_prints_the_key_last_in_a_real_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("tw-")
     assert proc.stderr == ""
+
+
+def test_key_changes_say_when_a_running_gateway_sees_them(sqlite_cli: Cli) -> None:
+    """revoke, rotate and update say a running gateway applies them within key_cache_ttl_s, as configured; the help says so too."""
+    sqlite_cli.config.write_text(CONFIG + "\n[server]\nkey_cache_ttl_s = 2.5\n")
+    key_id, _ = create(sqlite_cli, "--name", "told")
+    within = "within 2.5 s on a running gateway (server.key_cache_ttl_s)"
+    assert within in sqlite_cli.ok("keys", "update", key_id, "--rpm", "7").stdout
+    assert within in sqlite_cli.ok("keys", "rotate", key_id).stdout
+    assert within in sqlite_cli.ok("keys", "revoke", key_id).stdout
+    sqlite_cli.config.write_text(CONFIG + "\n[server]\nkey_cache_ttl_s = 0\n")
+    other, _ = create(sqlite_cli, "--name", "uncached")
+    assert "at once on a running gateway" in sqlite_cli.ok("keys", "revoke", other).stdout
+    for command in ("revoke", "rotate", "update"):
+        shown = sqlite_cli.runner.invoke(app, ["keys", command, "--help"], env={"COLUMNS": "200"})
+        text = " ".join(shown.stdout.split())
+        assert "within server.key_cache_ttl_s (5 s by default)" in text, text
+        assert "from then on" not in text

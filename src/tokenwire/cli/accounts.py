@@ -2,8 +2,9 @@
 
 They work on the database directly (the one the gateway uses, found from ``--config`` and
 ``--data-dir`` as ``serve`` finds it), so they need no running server and no admin key. A
-running gateway caches key lookups for ``server.key_cache_ttl_s``: a key changed or rotated
-here takes effect there within that time.
+running gateway caches key lookups for ``server.key_cache_ttl_s``: a key changed, rotated or
+revoked here takes effect there within that time (the commands say how long); the admin API
+changes a key at once on the gateway that serves the call.
 
 Every failure is one ``error: …`` line on stderr and exit code 1, never a traceback.
 """
@@ -46,6 +47,14 @@ DataDirOpt = Annotated[
 LimitOpt = Optional[int]  # noqa: UP045
 TextOpt = Optional[str]  # noqa: UP045
 MAX_LIMIT_VALUE = 2_147_483_647
+
+
+def takes_effect(settings: Settings) -> str:
+    """When a running gateway with these settings notices a key changed here."""
+    ttl = settings.server.key_cache_ttl_s
+    if ttl == 0:
+        return "at once on a running gateway (server.key_cache_ttl_s = 0)"
+    return f"within {ttl:g} s on a running gateway (server.key_cache_ttl_s)"
 
 
 def fail(message: str) -> NoReturn:
@@ -215,7 +224,10 @@ def keys_update(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Change a key's name, limits, models or expiry; options left out stay as they are."""
+    """Change a key's name, limits, models or expiry; options left out stay as they are.
+
+    A running gateway applies it within server.key_cache_ttl_s (5 s by default).
+    """
     settings = load(config, data_dir)
     changes: dict[str, object] = {}
     pairs: list[tuple[str, str, object, bool, Callable[[Any], object]]] = [
@@ -250,6 +262,7 @@ def keys_update(
 
     record = run(settings, action)
     typer.echo(f"updated {record.id} ({record.name}): {_limits_text(record)}")
+    typer.echo(f"  this takes effect {takes_effect(settings)}")
 
 
 def keys_topup(
@@ -278,14 +291,19 @@ def keys_rotate(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Give a key a new secret (same id, limits and balance); the new key is the last line."""
+    """Give a key a new secret (same id, limits and balance); the new key is the last line.
+
+    A running gateway refuses the old secret within server.key_cache_ttl_s (5 s by default).
+    """
     settings = load(config, data_dir)
 
     async def action(stores: Stores) -> tuple[KeyRecord, str]:
         return await stores.keys.rotate(key_id)
 
     record, plaintext = run(settings, action)
-    typer.echo(f"rotated {record.id} ({record.name}); the old key no longer authenticates")
+    typer.echo(
+        f"rotated {record.id} ({record.name}); the old key stops working {takes_effect(settings)}"
+    )
     typer.echo(plaintext)
 
 

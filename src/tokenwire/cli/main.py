@@ -147,11 +147,18 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Revoke a key by id; requests with it get 401 from then on."""
+    """Revoke a key by id; requests with it get 401.
+
+    A running gateway refuses it within server.key_cache_ttl_s (5 s by default).
+
+    The admin API (POST /v1/admin/keys/ID/revoke) revokes at once on the gateway serving it.
+    """
     settings = _settings(config, data_dir)
 
     async def action(stores: accounts.Stores) -> KeyRecord:
         return await stores.keys.revoke(key_id)
 
     record = accounts.run(settings, action)
-    typer.echo(f"revoked {record.id} ({record.name})")
+    typer.echo(
+        f"revoked {record.id} ({record.name}); it stops working {accounts.takes_effect(settings)}"
+    )
