@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -132,6 +133,45 @@ def test_serve_refuses_bad_ports_and_values_before_starting(
     if message.startswith("error:") or message.startswith("$"):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "data").exists(), "nothing is created before the settings are valid"
+
+
+def test_sim_upstream_says_where_it_listens(tmp_path: Path) -> None:
+    """sim-upstream prints one line with its URL once it accepts connections."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenwire.cli", "sim-upstream", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "sim-upstream printed nothing"
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in line, line
+        models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+        assert models.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--itl-ms", "-5"], ["--ttft-ms", "-0.5"], ["--port", "0"], ["--port", "70000"]],
+)
+def test_sim_upstream_refuses_negative_delays_and_bad_ports(args: list[str]) -> None:
+    """sim-upstream exits with a usage error naming the option instead of serving."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenwire.cli", "sim-upstream", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert args[0] in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _free_port() -> int:

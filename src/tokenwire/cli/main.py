@@ -100,9 +100,11 @@ def freeze_startup_heap() -> None:
 @app.command("sim-upstream")
 def sim_upstream(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9100,
-    ttft_ms: Annotated[float, typer.Option(help="Delay before the first token.")] = 50.0,
-    itl_ms: Annotated[float, typer.Option(help="Delay between tokens.")] = 20.0,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Port to listen on (1-65535).")
+    ] = 9100,
+    ttft_ms: Annotated[float, typer.Option(min=0, help="Delay before the first token.")] = 50.0,
+    itl_ms: Annotated[float, typer.Option(min=0, help="Delay between tokens.")] = 20.0,
 ) -> None:
     """Serve the deterministic simulator as an OpenAI-compatible upstream (any key accepted)."""
     import uvicorn
@@ -111,17 +113,25 @@ def sim_upstream(
 
     sim = create_sim_app(ttft_ms=ttft_ms, itl_ms=itl_ms)
     freeze_startup_heap()
-    uvicorn.run(
-        sim,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        backlog=4096,
-        timeout_keep_alive=75,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            sim,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level="warning",
+            backlog=4096,
+            timeout_keep_alive=75,
+        )
     )
+    sock = server.config.bind_socket()  # a port in use: uvicorn's one-line error, exit 1
+    sock.listen(server.config.backlog)  # connections queue from here on, so the line is true
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address
+    url = f"http://{shown}:{sock.getsockname()[1]}"
+    typer.echo(f"sim-upstream listening on {url} (ttft {ttft_ms:g} ms, itl {itl_ms:g} ms)")
+    server.run(sockets=[sock])
 
 
 @keys_app.command("list")
