@@ -290,6 +290,7 @@ def test_usage(cli: Cli) -> None:
     assert one in table and "priced-sim" in table and "0.000345" in table and "total" in table
 
     cli.fails("usage", "--by", "colour", message="group_by")
+    cli.fails("usage", "--key", "key_nope", message="No API key with id 'key_nope'")
     cli.fails("usage", "--since", "last week", message="--since")
 
 
@@ -376,6 +377,7 @@ def test_cost_options_and_config(sqlite_cli: Cli, tmp_path: Path) -> None:
         (["--output-share", "half"], "--output-share"),
         (["--users", "-1"], "--users"),
         (["--days", "-3"], "--days"),
+        (["--days", "0"], "--days must be at least 1"),
         (["--config", str(tmp_path / "missing.toml")], "cannot read config file"),
     ]:
         failed = sqlite_cli.runner.invoke(app, [*base, *extra], env={})

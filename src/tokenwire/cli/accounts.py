@@ -364,6 +364,8 @@ def usage(
     since_ms, until_ms = bounds
 
     async def action(stores: Stores) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if key is not None and await stores.keys.get(key) is None:
+            raise NotFound(f"No API key with id {key!r}.")  # a typo must not read as "no usage"
         filters: dict[str, Any] = {"key_id": key, "since_ms": since_ms, "until_ms": until_ms}
         groups = await stores.ledger.totals(**filters, group_by=group_by)
         (overall,) = await stores.ledger.totals(**filters, group_by=())
@@ -423,7 +425,7 @@ def cost(
     output_share: Annotated[
         str, typer.Option(help="Share of tokens that are output (completion), 0-1.")
     ] = "0.5",
-    days: Annotated[int, typer.Option(help="Days in the period ('monthly' figure).")] = 30,
+    days: Annotated[int, typer.Option(help="Days in the period ('monthly' figure), >= 1.")] = 30,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -441,6 +443,8 @@ def cost(
     ):
         if value < 0:
             fail(f"{option} must not be negative")
+    if days < 1:
+        fail("--days must be at least 1")
     workload = Workload(users, requests_per_user, tokens_per_request, share, days)
     rows = project(settings.models.values(), workload)
     if as_json:
