@@ -431,3 +431,15 @@ def test_default_output_dir_is_ignored_by_git() -> None:
         check=False,
     )
     assert checked.returncode == 0, f"{out} is not ignored: {checked.stdout}{checked.stderr}"
+
+
+def test_documented_check_commands_spread_arrivals() -> None:
+    """Every documented 'tokenwire bench … --check' uses --ramp-s: a 200-stream burst misses the TTFT target by design."""
+    commands = []
+    for doc in ("README.md", "bench/README.md", "docs/benchmarks.md"):
+        text = (REPO / doc).read_text().replace("\\\n", " ")
+        commands += [line for line in text.splitlines() if line.startswith("tokenwire bench")]
+    checks = [command for command in commands if "--check" in command]
+    assert len(checks) >= 3, commands
+    for command in checks:
+        assert "--ramp-s" in command, command
