@@ -430,3 +430,17 @@ def test_key_changes_say_when_a_running_gateway_sees_them(sqlite_cli: Cli) -> No
         text = " ".join(shown.stdout.split())
         assert "within server.key_cache_ttl_s (5 s by default)" in text, text
         assert "from then on" not in text
+
+
+def test_documented_expiry_examples_are_accepted(sqlite_cli: Cli) -> None:
+    """Every --expires date in README.md and docs/ works as written (an example in the past would be refused)."""
+    import re
+
+    repo = Path(__file__).resolve().parents[2]
+    docs = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    examples = {
+        value for doc in docs for value in re.findall(r"--expires (\d\S*?)\]?\s", doc.read_text())
+    }
+    assert examples, "no --expires example found"
+    for value in sorted(examples):
+        sqlite_cli.ok("keys", "create", "--name", "doc-example", "--expires", value)
