@@ -444,3 +444,52 @@ def test_documented_expiry_examples_are_accepted(sqlite_cli: Cli) -> None:
     assert examples, "no --expires example found"
     for value in sorted(examples):
         sqlite_cli.ok("keys", "create", "--name", "doc-example", "--expires", value)
+
+
+def test_bad_input_is_one_error_line(tmp_path: Path) -> None:
+    """Bad options, unknown key ids, broken config and unusable databases: exit 1, one 'error:' line, no traceback."""
+    data = str(tmp_path / "data")
+    sqlite = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[server\n")
+    bad_port = tmp_path / "port.toml"
+    bad_port.write_text("[server]\nport = 99999\n")
+    long_name = "n" * 201
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["usage", "--since", "yesterday"], {}, "--since"),
+        (["usage", "--since", "2026-01-01", "--until", "2025-01-01"], {}, "--until"),
+        (["usage", "--key", "key_nope"], {}, "key_nope"),
+        (["keys", "create", "--name", "x", "--credits", "lots"], {}, "--credits"),
+        (["keys", "create", "--name", "x", "--credits", "NaN"], {}, "--credits"),
+        (["keys", "create", "--name", "x", "--models", "sim,nope"], {}, "nope"),
+        (["keys", "create", "--name", "x", "--models", ","], {}, "--models"),
+        (["keys", "create", "--name", " "], {}, "--name"),
+        (["keys", "create", "--name", long_name], {}, "--name"),
+        (["keys", "update", "key_nope", "--name", long_name], {}, "--name"),
+        (["keys", "show", "key_nope"], {}, "key_nope"),
+        (["keys", "update", "key_nope", "--rpm", "5"], {}, "key_nope"),
+        (["keys", "topup", "key_nope", "5"], {}, "key_nope"),
+        (["keys", "rotate", "key_nope"], {}, "key_nope"),
+        (["keys", "revoke", "key_nope"], {}, "key_nope"),
+        (["keys", "list"], {"TOKENWIRE_DATABASE_URL": "nonsense"}, "not a SQLAlchemy URL"),
+        (["keys", "show", "key_x"], {"TOKENWIRE_DATABASE_URL": "mysql://u@h/db"}, "mysql://"),
+        (["keys", "list", "--data-dir", "/proc/no-such-dir"], {}, "cannot use the database"),
+        (["keys", "list", "--config", str(tmp_path / "missing.toml")], {}, "cannot read config"),
+        (["keys", "revoke", "key_x", "--config", str(bad_toml)], {}, str(bad_toml)),
+        (["serve", "--config", str(bad_port)], {}, "$.server.port"),
+    ]
+    runner = CliRunner()
+    for args, env, message in cases:
+        argv = args if "--data-dir" in args else [*args, "--data-dir", data]
+        result = runner.invoke(app, argv, env={"TOKENWIRE_DATABASE_URL": sqlite, **env})
+        assert result.exit_code == 1, (args, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
+            args,
+            result.stderr,
+        )
+        assert message in result.stderr, (args, result.stderr)
+    listed = runner.invoke(
+        app, ["keys", "list", "--data-dir", data], env={"TOKENWIRE_DATABASE_URL": sqlite}
+    )
+    assert listed.exit_code == 0 and "key_" not in listed.stdout, "no key was created"

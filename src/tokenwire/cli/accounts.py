@@ -47,6 +47,7 @@ DataDirOpt = Annotated[
 LimitOpt = Optional[int]  # noqa: UP045
 TextOpt = Optional[str]  # noqa: UP045
 MAX_LIMIT_VALUE = 2_147_483_647
+MAX_NAME_LENGTH = 200  # the api_keys.name column
 
 
 def takes_effect(settings: Settings) -> str:
@@ -96,9 +97,17 @@ def run(settings: Settings, action: Callable[[Stores], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except GatewayError as exc:
         fail(exc.message)
-    except (SQLAlchemyError, OSError) as exc:
-        url = sa.make_url(settings.database_url).render_as_string(hide_password=True)
-        fail(f"cannot use the database {url}: {exc}")
+    except (SQLAlchemyError, OSError, ImportError) as exc:  # ImportError: a driver not installed
+        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        fail(f"cannot use the database {_shown_url(settings.database_url)}: {first_line}")
+
+
+def _shown_url(url: str) -> str:
+    """The database URL without its password, or a hint when it is not a URL at all."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        return "(database_url / TOKENWIRE_DATABASE_URL is not a SQLAlchemy URL)"
 
 
 def _limit(value: int | None, option: str) -> int | None:
@@ -122,6 +131,16 @@ def _models(settings: Settings, value: str) -> tuple[str, ...]:
     if unknown:
         fail(f"unknown model(s) {', '.join(unknown)}; the catalog has {', '.join(settings.models)}")
     return models
+
+
+def _name(value: str) -> str:
+    """A key's label as stored: stripped, 1 to 200 characters (as the admin API takes it)."""
+    name = value.strip()
+    if not name:
+        fail("--name must not be blank")
+    if len(name) > MAX_NAME_LENGTH:
+        fail(f"--name must be at most {MAX_NAME_LENGTH} characters")
+    return name
 
 
 def _expiry(value: str) -> int:
@@ -176,6 +195,7 @@ def keys_create(
 ) -> None:
     """Create a key; the key itself is the last line of output (shown only this once)."""
     settings = load(config, data_dir)
+    name = _name(name)
     limits = KeyLimits(
         allowed_models=None if models is None else _models(settings, models),
         rpm=_limit(rpm, "--rpm"),
@@ -251,9 +271,7 @@ def keys_update(
         elif clear:
             changes[column] = None
     if name is not None:
-        if not name.strip():
-            fail("--name must not be blank")
-        changes["name"] = name.strip()
+        changes["name"] = _name(name)
     if not changes:
         fail("nothing to change; see 'tokenwire keys update --help'")
 
@@ -362,6 +380,8 @@ def usage(
         except ValueError as exc:
             fail(f"{option}: {exc}")
     since_ms, until_ms = bounds
+    if since_ms is not None and until_ms is not None and until_ms <= since_ms:
+        fail("--until must be later than --since")
 
     async def action(stores: Stores) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if key is not None and await stores.keys.get(key) is None:
