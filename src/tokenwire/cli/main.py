@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from pathlib import Path
 from typing import Annotated, Optional
@@ -131,7 +132,10 @@ def sim_upstream(
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address
     url = f"http://{shown}:{sock.getsockname()[1]}"
     typer.echo(f"sim-upstream listening on {url} (ttft {ttft_ms:g} ms, itl {itl_ms:g} ms)")
-    server.run(sockets=[sock])
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal stop
+        server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's start-up failure code; it logged why
 
 
 @keys_app.command("list")
