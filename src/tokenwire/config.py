@@ -21,7 +21,7 @@ import tomllib
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -38,73 +38,81 @@ class ConfigError(GatewayError):
 DEFAULT_MAX_OUTPUT_TOKENS = 32_768
 DEFAULT_CONTEXT_TOKENS = 131_072
 
+# Ranges, checked as a file is read (a value outside names its key, e.g. `$.server.port`):
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Count = Annotated[int, msgspec.Meta(ge=0)]  # 0 has a meaning (keep none, queue none)
+Capacity = Annotated[int, msgspec.Meta(ge=1)]  # sizes, limits and tries: 0 would refuse all
+Delay = Annotated[float, msgspec.Meta(ge=0)]  # delays, graces and TTLs: 0 means none
+Interval = Annotated[float, msgspec.Meta(gt=0)]  # timeouts, periods and rates: 0 means nothing
+PORT_RANGE = "1-65535"
+
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 1_048_576
-    sse_heartbeat_s: float = 15.0
-    disconnect_grace_s: float = 0.0
-    key_cache_ttl_s: float = 5.0
-    stream_grace_s: float = 30.0  # resumable streams keep generating this long without a reader
-    stream_retention_s: float = 300.0  # and stay replayable this long after they end
-    stream_max_finished: int = 10_000
-    stream_max_events: int = 2_000_000
-    stream_max_events_per_stream: int = 100_000
+    port: Port = 8000
+    max_body_bytes: Capacity = 1_048_576
+    sse_heartbeat_s: Interval = 15.0
+    disconnect_grace_s: Delay = 0.0
+    key_cache_ttl_s: Delay = 5.0
+    stream_grace_s: Delay = 30.0  # resumable streams keep generating this long without a reader
+    stream_retention_s: Delay = 300.0  # and stay replayable this long after they end
+    stream_max_finished: Count = 10_000
+    stream_max_events: Count = 2_000_000
+    stream_max_events_per_stream: Count = 100_000
     stream_backend: Literal["memory", "redis"] = "memory"  # redis: [limits] redis_url, prefix
-    ws_max_message_bytes: int = 1_048_576
-    ws_max_concurrent_requests: int = 32
-    ws_done_grace_ms: float = 50.0
-    ws_auth_timeout_s: float = 10.0
-    ws_idle_timeout_s: float = 300.0
-    ws_send_timeout_s: float = 30.0
-    ws_ping_interval_s: float = 20.0
+    ws_max_message_bytes: Capacity = 1_048_576
+    ws_max_concurrent_requests: Capacity = 32
+    ws_done_grace_ms: Delay = 50.0
+    ws_auth_timeout_s: Interval = 10.0
+    ws_idle_timeout_s: Interval = 300.0
+    ws_send_timeout_s: Interval = 30.0
+    ws_ping_interval_s: Interval = 20.0
     ws_per_message_deflate: bool = False
-    ws_messages_per_second: float = 100.0
+    ws_messages_per_second: Interval = 100.0
     ws_allowed_origins: list[str] = msgspec.field(default_factory=list)
-    ws_ticket_ttl_s: float = 60.0
+    ws_ticket_ttl_s: Interval = 60.0
     # Hostile clients and networks (docs/configuration.md)
     trusted_proxies: list[str] = msgspec.field(default_factory=list)  # IPs / CIDRs, or "*"
-    header_timeout_s: float = 10.0  # to complete a request's headers, else the socket closes
-    sse_send_timeout_s: float = 30.0  # an HTTP client that accepts nothing this long: aborted
-    max_connections: int = 0  # open connections; 0: below the file descriptor limit
-    health_max_loop_lag_s: float = 5.0  # /healthz: the event loop is stuck past this lag
-    health_stall_s: float = 600.0  # /healthz: live generations, none moved for this long
-    health_timeout_s: float = 2.0  # /healthz: each database / Redis probe
+    header_timeout_s: Interval = 10.0  # to complete a request's headers, else the socket closes
+    sse_send_timeout_s: Interval = 30.0  # an HTTP client that accepts nothing this long: aborted
+    max_connections: Count = 0  # open connections; 0: below the file descriptor limit
+    health_max_loop_lag_s: Interval = 5.0  # /healthz: the event loop is stuck past this lag
+    health_stall_s: Interval = 600.0  # /healthz: live generations, none moved for this long
+    health_timeout_s: Interval = 2.0  # /healthz: each database / Redis probe
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "tokenwire:"
-    window_s: float = 60.0
-    auth_failures_per_window: int = 30
+    window_s: Interval = 60.0
+    auth_failures_per_window: Capacity = 30
 
 
 class AccountingConfig(msgspec.Struct, forbid_unknown_fields=True):
     free_grant_usd: str | float = "0"
-    default_max_tokens: int = 4096  # reserved for requests without max_tokens
-    webhook_tolerance_s: float = 300.0
+    default_max_tokens: Capacity = 4096  # reserved for requests without max_tokens
+    webhook_tolerance_s: Interval = 300.0
 
 
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     kind: ProviderKind
     base_url: str | None = None
     api_key_env: str | None = None
-    ttft_ms: float = 50.0
-    itl_ms: float = 20.0
+    ttft_ms: Delay = 50.0
+    itl_ms: Delay = 20.0
     model_path: str | None = None
-    max_queue: int = 8
-    n_ctx: int = 2048
-    n_threads: int | None = None
-    connect_timeout_s: float = 10.0
-    first_token_timeout_s: float = 120.0
-    idle_timeout_s: float = 60.0
-    max_connections: int = 2048
+    max_queue: Count = 8
+    n_ctx: Count = 2048  # 0: the model's own context size
+    n_threads: Capacity | None = None
+    connect_timeout_s: Interval = 10.0
+    first_token_timeout_s: Interval = 120.0
+    idle_timeout_s: Interval = 60.0
+    max_connections: Capacity = 2048
     # An idle pooled connection is dropped after this; keep it below the upstream's own idle
     # timeout (uvicorn: 5 s), since a request sent on a connection the upstream is closing
     # cannot be retried safely (it may have reached the upstream).
-    keepalive_timeout_s: float = 4.0
+    keepalive_timeout_s: Delay = 4.0
     # OpenAI-compatible only: the field that carries the admitted token limit when a request
     # has none (OpenAI's reasoning models accept only max_completion_tokens)
     output_limit_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
@@ -113,7 +121,7 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
 class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     provider: str
     upstream_model: str | None = None
-    weight: int = 1
+    weight: Capacity = 1
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -128,12 +136,12 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
-    max_attempts: int = 3  # tries before the first token, across deployments
-    backoff_base_s: float = 0.1
-    backoff_max_s: float = 2.0
-    max_retry_after_s: float = 5.0  # honour an upstream Retry-After up to this long
-    breaker_threshold: int = 3  # consecutive failures that cool a deployment down
-    breaker_cooldown_s: float = 30.0
+    max_attempts: Capacity = 3  # tries before the first token, across deployments
+    backoff_base_s: Delay = 0.1
+    backoff_max_s: Delay = 2.0
+    max_retry_after_s: Delay = 5.0  # honour an upstream Retry-After up to this long
+    breaker_threshold: Capacity = 3  # consecutive failures that cool a deployment down
+    breaker_cooldown_s: Delay = 30.0
 
 
 class FileConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -207,11 +215,41 @@ def usd_to_micro(value: str | float, *, what: str) -> int:
     return int(amount)
 
 
+def parse_port(text: str, what: str = "TOKENWIRE_PORT") -> int:
+    """A TCP port from 1 to 65535 given as text, or ``ConfigError`` naming ``what``."""
+    try:
+        port = int(text, 10)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{what}: {text!r} is not a port number ({PORT_RANGE})")
+    return port
+
+
 def _read_toml(text: str, source: str) -> FileConfig:
     try:
-        return msgspec.convert(tomllib.loads(text), FileConfig)
-    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    try:
+        return msgspec.convert(raw, FileConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_name_provider(str(exc), raw)}") from None
+
+
+def _name_provider(message: str, raw: dict[str, Any]) -> str:
+    """msgspec writes a provider's name as ``[...]``; find the provider and name it."""
+    providers = raw.get("providers")
+    if "$.providers[...]" not in message or not isinstance(providers, dict):
+        return message
+    for name, table in providers.items():
+        try:
+            msgspec.convert(table, ProviderConfig)
+        except msgspec.ValidationError as exc:
+            where = f"$.providers.{name}"
+            text = str(exc)
+            return text.replace("`$", f"`{where}") if "`$" in text else f"{text} - at `{where}`"
+    return message
 
 
 def _overlay(base: Any, over: Any, keys: dict[str, Any]) -> Any:
@@ -271,7 +309,7 @@ def load_settings(
     if environ.get("TOKENWIRE_HOST"):
         server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
     if environ.get("TOKENWIRE_PORT"):
-        server = msgspec.structs.replace(server, port=int(environ["TOKENWIRE_PORT"]))
+        server = msgspec.structs.replace(server, port=parse_port(environ["TOKENWIRE_PORT"]))
     limits = merged.limits
     if environ.get("TOKENWIRE_REDIS_URL"):
         limits = msgspec.structs.replace(
@@ -307,8 +345,6 @@ def load_settings(
                 raise ConfigError(
                     f"model {model.id!r} names unknown provider {deployment.provider!r}"
                 )
-            if deployment.weight < 1:
-                raise ConfigError(f"model {model.id!r}: deployment weights must be >= 1")
         if not 1 <= model.max_output_tokens <= MAX_OUTPUT_TOKENS:
             raise ConfigError(
                 f"model {model.id!r}: max_output_tokens must be 1 to {MAX_OUTPUT_TOKENS}"

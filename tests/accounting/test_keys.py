@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
-from tokenwire.accounting.keys import KeyStore, load_server_secret
+from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
 from tokenwire.errors import NotFound
 from tokenwire.storage.engine import make_engine, migrate
 from tokenwire.storage.tables import api_keys
@@ -86,5 +89,62 @@ async def test_concurrent_lookups_share_one_query_and_revoke_clears_cache(tmp_pa
         assert len(queries) == 1  # served from the cache
         await store.revoke(record.id)
         assert await store.authenticate(plaintext) is None
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("change", ["revoke", "rotate", "expire"])
+async def test_a_lookup_begun_before_a_change_does_not_outlive_it(
+    change: str, tmp_path: Path
+) -> None:
+    """A lookup that read the row before a revoke, rotation or expiry neither serves nor caches the old record after it."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        await migrate(engine)
+        store = KeyStore(engine, b"s", cache_ttl_s=60)
+        record, plaintext = await store.create("raced")
+        read, release = asyncio.Event(), asyncio.Event()
+        lookup = store._lookup
+
+        async def slow_lookup(digest: str) -> KeyRecord | None:
+            found = await lookup(digest)  # the row as it was before the change
+            read.set()
+            await release.wait()
+            return found
+
+        store._lookup = slow_lookup  # type: ignore[method-assign]
+        first = asyncio.create_task(store.authenticate(plaintext))
+        await read.wait()
+        if change == "revoke":
+            await store.revoke(record.id)
+        elif change == "rotate":
+            await store.rotate(record.id)
+        else:
+            await store.update(record.id, expires_at=int(time.time()) - 1)
+        store._lookup = lookup  # type: ignore[method-assign]
+        after = asyncio.create_task(store.authenticate(plaintext))  # begun after the change
+        release.set()
+        await first
+        assert await after is None
+        assert await store.authenticate(plaintext) is None
+    finally:
+        await engine.dispose()
+
+
+async def test_a_change_by_another_process_takes_effect_within_the_ttl(tmp_path: Path) -> None:
+    """A key revoked through another KeyStore (as the CLI does) is refused once cache_ttl_s has passed."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    now = [1000.0]
+    try:
+        await migrate(engine)
+        gateway = KeyStore(engine, b"s", cache_ttl_s=5, clock=lambda: now[0])
+        cli = KeyStore(engine, b"s")
+        record, plaintext = await cli.create("elsewhere")
+        assert await gateway.authenticate(plaintext) == record  # cached until 1005
+        await cli.revoke(record.id)
+        now[0] = 1002.0  # before refresh-ahead (the last half of the TTL) begins
+        assert await gateway.authenticate(plaintext) is not None  # the documented delay
+        now[0] = 1005.0
+        assert await gateway.authenticate(plaintext) is None
     finally:
         await engine.dispose()

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from tokenwire.bench.metrics import (
     summarize_row,
     timeline,
 )
-from tokenwire.bench.options import Scenario, parse_concurrency, parse_scenarios
+from tokenwire.bench.options import BenchOptions, Scenario, parse_concurrency, parse_scenarios
 from tokenwire.bench.sse import handle_line
 from tokenwire.bench.workload import StreamState, decode_message, request_body
 from tokenwire.errors import InvalidRequest
@@ -413,3 +414,32 @@ def test_option_parsing_sorts_and_rejects() -> None:
     assert caught.value.param == "--concurrency"
     with pytest.raises(InvalidRequest):
         parse_concurrency("0")
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_default_output_dir_is_ignored_by_git() -> None:
+    """What bench writes without --out (./bench-results/<timestamp>/…) is ignored by git."""
+    out = BenchOptions().out_dir(datetime(2026, 12, 5, 12, 0, 0))
+    assert not out.is_absolute()
+    checked = subprocess.run(
+        ["git", "check-ignore", "--no-index", str(out / "results.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, f"{out} is not ignored: {checked.stdout}{checked.stderr}"
+
+
+def test_documented_check_commands_spread_arrivals() -> None:
+    """Every documented 'tokenwire bench … --check' uses --ramp-s: a 200-stream burst misses the TTFT target by design."""
+    commands = []
+    for doc in ("README.md", "bench/README.md", "docs/benchmarks.md"):
+        text = (REPO / doc).read_text().replace("\\\n", " ")
+        commands += [line for line in text.splitlines() if line.startswith("tokenwire bench")]
+    checks = [command for command in commands if "--check" in command]
+    assert len(checks) >= 3, commands
+    for command in checks:
+        assert "--ramp-s" in command, command

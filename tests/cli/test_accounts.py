@@ -290,6 +290,7 @@ def test_usage(cli: Cli) -> None:
     assert one in table and "priced-sim" in table and "0.000345" in table and "total" in table
 
     cli.fails("usage", "--by", "colour", message="group_by")
+    cli.fails("usage", "--key", "key_nope", message="No API key with id 'key_nope'")
     cli.fails("usage", "--since", "last week", message="--since")
 
 
@@ -376,6 +377,7 @@ def test_cost_options_and_config(sqlite_cli: Cli, tmp_path: Path) -> None:
         (["--output-share", "half"], "--output-share"),
         (["--users", "-1"], "--users"),
         (["--days", "-3"], "--days"),
+        (["--days", "0"], "--days must be at least 1"),
         (["--config", str(tmp_path / "missing.toml")], "cannot read config file"),
     ]:
         failed = sqlite_cli.runner.invoke(app, [*base, *extra], env={})
@@ -410,3 +412,84 @@ def test_create_prints_the_key_last_in_a_real_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("tw-")
     assert proc.stderr == ""
+
+
+def test_key_changes_say_when_a_running_gateway_sees_them(sqlite_cli: Cli) -> None:
+    """revoke, rotate and update say a running gateway applies them within key_cache_ttl_s, as configured; the help says so too."""
+    sqlite_cli.config.write_text(CONFIG + "\n[server]\nkey_cache_ttl_s = 2.5\n")
+    key_id, _ = create(sqlite_cli, "--name", "told")
+    within = "within 2.5 s on a running gateway (server.key_cache_ttl_s)"
+    assert within in sqlite_cli.ok("keys", "update", key_id, "--rpm", "7").stdout
+    assert within in sqlite_cli.ok("keys", "rotate", key_id).stdout
+    assert within in sqlite_cli.ok("keys", "revoke", key_id).stdout
+    sqlite_cli.config.write_text(CONFIG + "\n[server]\nkey_cache_ttl_s = 0\n")
+    other, _ = create(sqlite_cli, "--name", "uncached")
+    assert "at once on a running gateway" in sqlite_cli.ok("keys", "revoke", other).stdout
+    for command in ("revoke", "rotate", "update"):
+        shown = sqlite_cli.runner.invoke(app, ["keys", command, "--help"], env={"COLUMNS": "200"})
+        text = " ".join(shown.stdout.split())
+        assert "within server.key_cache_ttl_s (5 s by default)" in text, text
+        assert "from then on" not in text
+
+
+def test_documented_expiry_examples_are_accepted(sqlite_cli: Cli) -> None:
+    """Every --expires date in README.md and docs/ works as written (an example in the past would be refused)."""
+    import re
+
+    repo = Path(__file__).resolve().parents[2]
+    docs = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    examples = {
+        value for doc in docs for value in re.findall(r"--expires (\d\S*?)\]?\s", doc.read_text())
+    }
+    assert examples, "no --expires example found"
+    for value in sorted(examples):
+        sqlite_cli.ok("keys", "create", "--name", "doc-example", "--expires", value)
+
+
+def test_bad_input_is_one_error_line(tmp_path: Path) -> None:
+    """Bad options, unknown key ids, broken config and unusable databases: exit 1, one 'error:' line, no traceback."""
+    data = str(tmp_path / "data")
+    sqlite = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[server\n")
+    bad_port = tmp_path / "port.toml"
+    bad_port.write_text("[server]\nport = 99999\n")
+    long_name = "n" * 201
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["usage", "--since", "yesterday"], {}, "--since"),
+        (["usage", "--since", "2026-01-01", "--until", "2025-01-01"], {}, "--until"),
+        (["usage", "--key", "key_nope"], {}, "key_nope"),
+        (["keys", "create", "--name", "x", "--credits", "lots"], {}, "--credits"),
+        (["keys", "create", "--name", "x", "--credits", "NaN"], {}, "--credits"),
+        (["keys", "create", "--name", "x", "--models", "sim,nope"], {}, "nope"),
+        (["keys", "create", "--name", "x", "--models", ","], {}, "--models"),
+        (["keys", "create", "--name", " "], {}, "--name"),
+        (["keys", "create", "--name", long_name], {}, "--name"),
+        (["keys", "update", "key_nope", "--name", long_name], {}, "--name"),
+        (["keys", "show", "key_nope"], {}, "key_nope"),
+        (["keys", "update", "key_nope", "--rpm", "5"], {}, "key_nope"),
+        (["keys", "topup", "key_nope", "5"], {}, "key_nope"),
+        (["keys", "rotate", "key_nope"], {}, "key_nope"),
+        (["keys", "revoke", "key_nope"], {}, "key_nope"),
+        (["keys", "list"], {"TOKENWIRE_DATABASE_URL": "nonsense"}, "not a SQLAlchemy URL"),
+        (["keys", "show", "key_x"], {"TOKENWIRE_DATABASE_URL": "mysql://u@h/db"}, "mysql://"),
+        (["keys", "list", "--data-dir", "/proc/no-such-dir"], {}, "cannot use the database"),
+        (["keys", "list", "--config", str(tmp_path / "missing.toml")], {}, "cannot read config"),
+        (["keys", "revoke", "key_x", "--config", str(bad_toml)], {}, str(bad_toml)),
+        (["serve", "--config", str(bad_port)], {}, "$.server.port"),
+    ]
+    runner = CliRunner()
+    for args, env, message in cases:
+        argv = args if "--data-dir" in args else [*args, "--data-dir", data]
+        result = runner.invoke(app, argv, env={"TOKENWIRE_DATABASE_URL": sqlite, **env})
+        assert result.exit_code == 1, (args, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
+            args,
+            result.stderr,
+        )
+        assert message in result.stderr, (args, result.stderr)
+    listed = runner.invoke(
+        app, ["keys", "list", "--data-dir", data], env={"TOKENWIRE_DATABASE_URL": sqlite}
+    )
+    assert listed.exit_code == 0 and "key_" not in listed.stdout, "no key was created"

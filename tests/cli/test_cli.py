@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 from typer.testing import CliRunner
 
@@ -96,6 +98,80 @@ def test_serve_first_start_prints_keys_once_and_serves(tmp_path: Path) -> None:
     finally:
         second.send_signal(signal.SIGINT)
         second.wait(timeout=15)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "config", "message"),
+    [
+        (["--port", "99999"], {}, None, "--port"),
+        (["--port", "-1"], {}, None, "--port"),
+        (["--port", "0"], {}, None, "--port"),
+        ([], {"TOKENWIRE_PORT": "abc"}, None, "error: TOKENWIRE_PORT: 'abc' is not a port number"),
+        ([], {"TOKENWIRE_PORT": "70000"}, None, "error: TOKENWIRE_PORT: '70000'"),
+        ([], {}, "[server]\nport = 99999\n", "$.server.port"),
+        ([], {}, "[server]\nkey_cache_ttl_s = -5\n", "$.server.key_cache_ttl_s"),
+    ],
+)
+def test_serve_refuses_bad_ports_and_values_before_starting(
+    args: list[str], env: dict[str, str], config: str | None, message: str, tmp_path: Path
+) -> None:
+    """serve exits non-zero naming the bad port or config value, without a traceback or a server."""
+    if config is not None:
+        (tmp_path / "bad.toml").write_text(config)
+        args = [*args, "--config", str(tmp_path / "bad.toml")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenwire.cli", "serve", *args],
+        env={**os.environ, "TOKENWIRE_DATA_DIR": str(tmp_path / "data"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
+    if message.startswith("error:") or message.startswith("$"):
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "data").exists(), "nothing is created before the settings are valid"
+
+
+def test_sim_upstream_says_where_it_listens(tmp_path: Path) -> None:
+    """sim-upstream prints one line with its URL once it accepts connections."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenwire.cli", "sim-upstream", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "sim-upstream printed nothing"
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in line, line
+        models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+        assert models.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--itl-ms", "-5"], ["--ttft-ms", "-0.5"], ["--port", "0"], ["--port", "70000"]],
+)
+def test_sim_upstream_refuses_negative_delays_and_bad_ports(args: list[str]) -> None:
+    """sim-upstream exits with a usage error naming the option instead of serving."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenwire.cli", "sim-upstream", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert args[0] in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _free_port() -> int:

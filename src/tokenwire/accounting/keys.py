@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,14 +127,26 @@ class KeyStore:
 
     Successful lookups are cached for ``cache_ttl_s`` (by digest, never by plaintext), and
     concurrent lookups of one key share a single database query: a burst of 200 requests
-    with one key costs one query, not 200. A key revoked here is dropped from the cache at
-    once; one revoked by another process stops working within ``cache_ttl_s``.
+    with one key costs one query, not 200. A key revoked, rotated or changed through this
+    store is refused (or served as changed) from the next request on: its cache entry is
+    dropped, and a lookup already under way neither fills the cache nor answers later
+    requests. One changed by another process (``tokenwire keys …``, another gateway) is
+    noticed within ``cache_ttl_s``. ``clock`` is the monotonic clock of the cache (tests).
     """
 
-    def __init__(self, engine: AsyncEngine, server_secret: bytes, cache_ttl_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        server_secret: bytes,
+        cache_ttl_s: float = 0.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._engine = engine
         self._secret = server_secret
         self._ttl_s = cache_ttl_s
+        self._clock = clock
+        self._changes = 0  # bumped by forget(): a lookup begun before a change is not cached
         self._cache: dict[str, tuple[KeyRecord, float]] = {}
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
@@ -260,7 +273,7 @@ class KeyStore:
             return None
         digest = self.digest(plaintext)
         cached = self._cache.get(digest)
-        now = time.monotonic()
+        now = self._clock()
         if cached is not None and cached[1] > now:
             record: KeyRecord | None = cached[0]
             if cached[1] - now < self._ttl_s / 2 and digest not in self._refreshing:
@@ -274,6 +287,7 @@ class KeyStore:
             if inflight is not None:
                 record = await asyncio.shield(inflight)
             else:
+                changes = self._changes
                 future = asyncio.get_running_loop().create_future()
                 self._inflight[digest] = future
                 try:
@@ -284,8 +298,9 @@ class KeyStore:
                     future.exception()  # retrieved: waiters re-raise it themselves
                     raise
                 finally:
-                    del self._inflight[digest]
-                if record is not None and self._ttl_s > 0:
+                    if self._inflight.get(digest) is future:
+                        del self._inflight[digest]
+                if record is not None and self._ttl_s > 0 and changes == self._changes:
                     if len(self._cache) > 100_000:
                         self._cache.clear()
                     self._cache[digest] = (record, now + self._ttl_s)
@@ -296,6 +311,7 @@ class KeyStore:
     async def _refresh(self, digest: str) -> None:
         try:
             await asyncio.sleep(0.005)  # after the request that noticed the age is admitted
+            changes = self._changes
             record = await self._lookup(digest)
         except Exception:  # noqa: BLE001 - the entry expires as usual; a request looks it up
             return
@@ -303,8 +319,8 @@ class KeyStore:
             del self._refreshing[digest]
         if record is None:
             self._cache.pop(digest, None)
-        elif digest in self._cache:  # not forgotten meanwhile
-            self._cache[digest] = (record, time.monotonic() + self._ttl_s)
+        elif digest in self._cache and changes == self._changes:  # nothing changed meanwhile
+            self._cache[digest] = (record, self._clock() + self._ttl_s)
 
     async def _lookup(self, digest: str) -> KeyRecord | None:
         with database_errors("checking the API key"):
@@ -315,5 +331,11 @@ class KeyStore:
         return None if row is None else _row_to_record(row)
 
     def forget(self, key_id: str) -> None:
-        """Drop a key from the cache (after it was revoked or changed here)."""
+        """Drop a key from the cache (after it was revoked or changed here).
+
+        Lookups under way may have read the row before the change: they are not cached, and
+        requests from now on start their own instead of waiting for them.
+        """
+        self._changes += 1
+        self._inflight.clear()
         self._cache = {d: v for d, v in self._cache.items() if v[0].id != key_id}

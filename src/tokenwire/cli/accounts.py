@@ -2,8 +2,9 @@
 
 They work on the database directly (the one the gateway uses, found from ``--config`` and
 ``--data-dir`` as ``serve`` finds it), so they need no running server and no admin key. A
-running gateway caches key lookups for ``server.key_cache_ttl_s``: a key changed or rotated
-here takes effect there within that time.
+running gateway caches key lookups for ``server.key_cache_ttl_s``: a key changed, rotated or
+revoked here takes effect there within that time (the commands say how long); the admin API
+changes a key at once on the gateway that serves the call.
 
 Every failure is one ``error: …`` line on stderr and exit code 1, never a traceback.
 """
@@ -46,6 +47,15 @@ DataDirOpt = Annotated[
 LimitOpt = Optional[int]  # noqa: UP045
 TextOpt = Optional[str]  # noqa: UP045
 MAX_LIMIT_VALUE = 2_147_483_647
+MAX_NAME_LENGTH = 200  # the api_keys.name column
+
+
+def takes_effect(settings: Settings) -> str:
+    """When a running gateway with these settings notices a key changed here."""
+    ttl = settings.server.key_cache_ttl_s
+    if ttl == 0:
+        return "at once on a running gateway (server.key_cache_ttl_s = 0)"
+    return f"within {ttl:g} s on a running gateway (server.key_cache_ttl_s)"
 
 
 def fail(message: str) -> NoReturn:
@@ -87,9 +97,17 @@ def run(settings: Settings, action: Callable[[Stores], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except GatewayError as exc:
         fail(exc.message)
-    except (SQLAlchemyError, OSError) as exc:
-        url = sa.make_url(settings.database_url).render_as_string(hide_password=True)
-        fail(f"cannot use the database {url}: {exc}")
+    except (SQLAlchemyError, OSError, ImportError) as exc:  # ImportError: a driver not installed
+        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        fail(f"cannot use the database {_shown_url(settings.database_url)}: {first_line}")
+
+
+def _shown_url(url: str) -> str:
+    """The database URL without its password, or a hint when it is not a URL at all."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        return "(database_url / TOKENWIRE_DATABASE_URL is not a SQLAlchemy URL)"
 
 
 def _limit(value: int | None, option: str) -> int | None:
@@ -113,6 +131,16 @@ def _models(settings: Settings, value: str) -> tuple[str, ...]:
     if unknown:
         fail(f"unknown model(s) {', '.join(unknown)}; the catalog has {', '.join(settings.models)}")
     return models
+
+
+def _name(value: str) -> str:
+    """A key's label as stored: stripped, 1 to 200 characters (as the admin API takes it)."""
+    name = value.strip()
+    if not name:
+        fail("--name must not be blank")
+    if len(name) > MAX_NAME_LENGTH:
+        fail(f"--name must be at most {MAX_NAME_LENGTH} characters")
+    return name
 
 
 def _expiry(value: str) -> int:
@@ -167,6 +195,7 @@ def keys_create(
 ) -> None:
     """Create a key; the key itself is the last line of output (shown only this once)."""
     settings = load(config, data_dir)
+    name = _name(name)
     limits = KeyLimits(
         allowed_models=None if models is None else _models(settings, models),
         rpm=_limit(rpm, "--rpm"),
@@ -215,7 +244,10 @@ def keys_update(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Change a key's name, limits, models or expiry; options left out stay as they are."""
+    """Change a key's name, limits, models or expiry; options left out stay as they are.
+
+    A running gateway applies it within server.key_cache_ttl_s (5 s by default).
+    """
     settings = load(config, data_dir)
     changes: dict[str, object] = {}
     pairs: list[tuple[str, str, object, bool, Callable[[Any], object]]] = [
@@ -239,9 +271,7 @@ def keys_update(
         elif clear:
             changes[column] = None
     if name is not None:
-        if not name.strip():
-            fail("--name must not be blank")
-        changes["name"] = name.strip()
+        changes["name"] = _name(name)
     if not changes:
         fail("nothing to change; see 'tokenwire keys update --help'")
 
@@ -250,6 +280,7 @@ def keys_update(
 
     record = run(settings, action)
     typer.echo(f"updated {record.id} ({record.name}): {_limits_text(record)}")
+    typer.echo(f"  this takes effect {takes_effect(settings)}")
 
 
 def keys_topup(
@@ -278,14 +309,19 @@ def keys_rotate(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Give a key a new secret (same id, limits and balance); the new key is the last line."""
+    """Give a key a new secret (same id, limits and balance); the new key is the last line.
+
+    A running gateway refuses the old secret within server.key_cache_ttl_s (5 s by default).
+    """
     settings = load(config, data_dir)
 
     async def action(stores: Stores) -> tuple[KeyRecord, str]:
         return await stores.keys.rotate(key_id)
 
     record, plaintext = run(settings, action)
-    typer.echo(f"rotated {record.id} ({record.name}); the old key no longer authenticates")
+    typer.echo(
+        f"rotated {record.id} ({record.name}); the old key stops working {takes_effect(settings)}"
+    )
     typer.echo(plaintext)
 
 
@@ -344,8 +380,12 @@ def usage(
         except ValueError as exc:
             fail(f"{option}: {exc}")
     since_ms, until_ms = bounds
+    if since_ms is not None and until_ms is not None and until_ms <= since_ms:
+        fail("--until must be later than --since")
 
     async def action(stores: Stores) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if key is not None and await stores.keys.get(key) is None:
+            raise NotFound(f"No API key with id {key!r}.")  # a typo must not read as "no usage"
         filters: dict[str, Any] = {"key_id": key, "since_ms": since_ms, "until_ms": until_ms}
         groups = await stores.ledger.totals(**filters, group_by=group_by)
         (overall,) = await stores.ledger.totals(**filters, group_by=())
@@ -405,7 +445,7 @@ def cost(
     output_share: Annotated[
         str, typer.Option(help="Share of tokens that are output (completion), 0-1.")
     ] = "0.5",
-    days: Annotated[int, typer.Option(help="Days in the period ('monthly' figure).")] = 30,
+    days: Annotated[int, typer.Option(help="Days in the period ('monthly' figure), >= 1.")] = 30,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -423,6 +463,8 @@ def cost(
     ):
         if value < 0:
             fail(f"{option} must not be negative")
+    if days < 1:
+        fail("--days must be at least 1")
     workload = Workload(users, requests_per_user, tokens_per_request, share, days)
     rows = project(settings.models.values(), workload)
     if as_json:

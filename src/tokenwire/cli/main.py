@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import gc
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
+from tokenwire.accounting.keys import KeyRecord, KeyStore
 from tokenwire.bench.command import bench
 from tokenwire.cli import accounts
-from tokenwire.config import Settings, load_settings, usd_to_micro
-from tokenwire.errors import GatewayError
-from tokenwire.storage.engine import make_engine, migrate
-
-T = TypeVar("T")
+from tokenwire.config import Settings, usd_to_micro
 
 app = typer.Typer(
     help="tokenwire: an OpenAI-compatible LLM gateway built for streaming.", no_args_is_help=True
@@ -42,20 +37,8 @@ DataDirOpt = Annotated[
 
 
 def _settings(config: Path | None, data_dir: Path | None) -> Settings:
-    try:
-        return load_settings(config, data_dir=data_dir)
-    except GatewayError as exc:
-        raise typer.BadParameter(exc.message) from None
-
-
-async def _with_keys(settings: Settings, action: Callable[[KeyStore], Awaitable[T]]) -> T:
-    engine = make_engine(settings.database_url)
-    try:
-        await migrate(engine)
-        store = KeyStore(engine, load_server_secret(settings.data_dir))
-        return await action(store)
-    finally:
-        await engine.dispose()
+    """The settings, or one ``error: …`` line and exit 1 (never a usage box or a traceback)."""
+    return accounts.load(config, data_dir)
 
 
 async def _bootstrap(store: KeyStore, grant_micro: int) -> list[tuple[KeyRecord, str]]:
@@ -68,7 +51,10 @@ async def _bootstrap(store: KeyStore, grant_micro: int) -> list[tuple[KeyRecord,
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on.")] = None,  # noqa: UP045
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,  # noqa: UP045
+    port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, max=65535, help="Port to listen on (1-65535).", show_default=False),
+    ] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = True,
@@ -80,7 +66,7 @@ def serve(
 
     settings = _settings(config, data_dir)
     grant = usd_to_micro(settings.accounting.free_grant_usd, what="accounting.free_grant_usd")
-    created = asyncio.run(_with_keys(settings, lambda store: _bootstrap(store, grant)))
+    created = accounts.run(settings, lambda stores: _bootstrap(stores.keys, grant))
     console = Console()
     if created:
         console.print("[bold]First start: these keys are shown once and never again.[/bold]")
@@ -91,7 +77,7 @@ def serve(
     uvicorn.run(
         create_app(settings, on_started=freeze_startup_heap),
         host=host or settings.server.host,
-        port=port or settings.server.port,
+        port=settings.server.port if port is None else port,
         access_log=access_log,
         log_level="info",
         **server_options(settings),
@@ -115,9 +101,11 @@ def freeze_startup_heap() -> None:
 @app.command("sim-upstream")
 def sim_upstream(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9100,
-    ttft_ms: Annotated[float, typer.Option(help="Delay before the first token.")] = 50.0,
-    itl_ms: Annotated[float, typer.Option(help="Delay between tokens.")] = 20.0,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Port to listen on (1-65535).")
+    ] = 9100,
+    ttft_ms: Annotated[float, typer.Option(min=0, help="Delay before the first token.")] = 50.0,
+    itl_ms: Annotated[float, typer.Option(min=0, help="Delay between tokens.")] = 20.0,
 ) -> None:
     """Serve the deterministic simulator as an OpenAI-compatible upstream (any key accepted)."""
     import uvicorn
@@ -126,17 +114,28 @@ def sim_upstream(
 
     sim = create_sim_app(ttft_ms=ttft_ms, itl_ms=itl_ms)
     freeze_startup_heap()
-    uvicorn.run(
-        sim,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        backlog=4096,
-        timeout_keep_alive=75,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            sim,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level="warning",
+            backlog=4096,
+            timeout_keep_alive=75,
+        )
     )
+    sock = server.config.bind_socket()  # a port in use: uvicorn's one-line error, exit 1
+    sock.listen(server.config.backlog)  # connections queue from here on, so the line is true
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address
+    url = f"http://{shown}:{sock.getsockname()[1]}"
+    typer.echo(f"sim-upstream listening on {url} (ttft {ttft_ms:g} ms, itl {itl_ms:g} ms)")
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal stop
+        server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's start-up failure code; it logged why
 
 
 @keys_app.command("list")
@@ -144,10 +143,10 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """List keys (prefixes only; secrets are never stored)."""
     settings = _settings(config, data_dir)
 
-    async def action(store: KeyStore) -> list[KeyRecord]:
-        return await store.list()
+    async def action(stores: accounts.Stores) -> list[KeyRecord]:
+        return await stores.keys.list()
 
-    records = asyncio.run(_with_keys(settings, action))
+    records = accounts.run(settings, action)
     table = Table("id", "name", "prefix", "admin", "status")
     for r in records:
         table.add_row(
@@ -162,15 +161,18 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Revoke a key by id; requests with it get 401 from then on."""
+    """Revoke a key by id; requests with it get 401.
+
+    A running gateway refuses it within server.key_cache_ttl_s (5 s by default).
+
+    The admin API (POST /v1/admin/keys/ID/revoke) revokes at once on the gateway serving it.
+    """
     settings = _settings(config, data_dir)
 
-    async def action(store: KeyStore) -> KeyRecord:
-        return await store.revoke(key_id)
+    async def action(stores: accounts.Stores) -> KeyRecord:
+        return await stores.keys.revoke(key_id)
 
-    try:
-        record = asyncio.run(_with_keys(settings, action))
-    except GatewayError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"revoked {record.id} ({record.name})")
+    record = accounts.run(settings, action)
+    typer.echo(
+        f"revoked {record.id} ({record.name}); it stops working {accounts.takes_effect(settings)}"
+    )
