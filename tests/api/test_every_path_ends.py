@@ -21,6 +21,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from tokenwire.accounting.keys import KeyLimits
 from tokenwire.providers.base import ProviderCall
@@ -283,3 +284,33 @@ async def test_the_longest_answer_streams_without_blocking_the_gateway(
             assert health.status == 200
         # leaving the block closes the connection: the generation is cancelled and settles
     await assert_all_settled(server)
+
+
+async def test_a_key_revoked_through_the_admin_api_stops_its_open_socket(
+    server: GatewayServer, one_stream_key: str
+) -> None:
+    """A WebSocket authenticated before its key was revoked (admin API) gets an
+    authentication error for its next request and is closed with 3000."""
+    headers = {"Authorization": f"Bearer {one_stream_key}"}
+    ws_url = server.base_url.replace("http", "ws") + "/v1/ws/chat"
+    async with asyncio.timeout(20), connect(ws_url, additional_headers=headers) as ws:
+        create = {"type": "chat.completion.create", "request_id": "before", "body": body("sim")}
+        await ws.send(json.dumps(create))
+        while json.loads(await ws.recv())["type"] != "chat.completion.done":
+            pass
+        key_id = (await on_server(server, server.state.keys.authenticate(one_stream_key))).id
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{server.base_url}/v1/admin/keys/{key_id}/revoke",
+                headers={"Authorization": f"Bearer {server.admin_key}"},
+            ) as response,
+        ):
+            assert response.status == 200
+        await ws.send(json.dumps({**create, "request_id": "after"}))
+        message = json.loads(await ws.recv())
+        assert message["type"] == "error" and message["request_id"] == "after"
+        assert message["error"]["status"] == 401
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 3000

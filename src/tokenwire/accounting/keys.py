@@ -148,6 +148,7 @@ class KeyStore:
         self._clock = clock
         self._changes = 0  # bumped by forget(): a lookup begun before a change is not cached
         self._cache: dict[str, tuple[KeyRecord, float]] = {}
+        self._by_id: dict[str, tuple[KeyRecord | None, float]] = {}  # for current()
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
 
@@ -261,10 +262,33 @@ class KeyStore:
         self.forget(key_id)
         return _row_to_record(row)
 
+    async def current(self, record: KeyRecord) -> KeyRecord | None:
+        """``record`` as it stands now, if still active (a revoked, expired or deleted key:
+        None): for a WebSocket authenticated earlier, before each request. Cached by id like
+        :meth:`authenticate`, so a change here counts at once, another process's within the
+        cache TTL."""
+        now = self._clock()
+        cached = self._by_id.get(record.id)
+        if cached is not None and cached[1] > now:
+            fresh = cached[0]
+        else:
+            changes = self._changes
+            fresh = await self.get(record.id)
+            if self._ttl_s > 0 and changes == self._changes:
+                if len(self._by_id) > 100_000:
+                    self._by_id.clear()
+                self._by_id[record.id] = (fresh, now + self._ttl_s)
+        if fresh is None or not fresh.is_active(time.time()):
+            return None
+        return fresh
+
     async def get(self, key_id: str) -> KeyRecord | None:
         """The key with this id (active or not), or None."""
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
+        with database_errors("checking the API key"):
+            async with self._engine.connect() as conn:
+                row = (
+                    await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))
+                ).first()
         return None if row is None else _row_to_record(row)
 
     async def authenticate(self, plaintext: str) -> KeyRecord | None:
@@ -338,4 +362,5 @@ class KeyStore:
         """
         self._changes += 1
         self._inflight.clear()
+        self._by_id.pop(key_id, None)
         self._cache = {d: v for d, v in self._cache.items() if v[0].id != key_id}

@@ -283,7 +283,7 @@ class WSSession:
                 self._close_soon(exc.code, exc.reason)
                 return
             except proto.RequestFailed as exc:
-                await self._send(proto.error_message(exc.error, exc.request_id))
+                await self._report(exc.error, exc.request_id, compatible=False)
             except Exception as exc:  # noqa: BLE001 - logged; fails this message, not the socket
                 await self._send(proto.error_message(_as_gateway_error(exc, "a message")))
 
@@ -373,10 +373,10 @@ class WSSession:
     async def _resume(self, message: proto.ResumeMessage) -> None:
         request_id = message.request_id or message.stream_id
         self._check_new_request_id(request_id)
-        assert self._key is not None
         try:
+            key = await self._live_key()
             generation = await self._state.completions.streams.get(
-                message.stream_id, self._key.id, message.starting_after
+                message.stream_id, key.id, message.starting_after
             )
         except Exception as exc:  # noqa: BLE001 - logged; fails this request only
             raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
@@ -403,11 +403,30 @@ class WSSession:
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
     ) -> StreamSource:
-        assert self._key is not None
         request = convert_chat_request(body)
+        key = await self._live_key()
         return await self._state.completions.start(
-            self._key, request, body, "ws", resumable=resumable, idempotency=idempotency
+            key, request, body, "ws", resumable=resumable, idempotency=idempotency
         )
+
+    async def _live_key(self) -> KeyRecord:
+        """The socket's key as it stands now: one revoked (or expired) since the socket was
+        authenticated fails this request and closes the socket with 3000."""
+        assert self._key is not None
+        key = await self._state.keys.current(self._key)
+        if key is None:
+            raise AuthenticationError("This API key was revoked or has expired.")
+        self._key = key
+        return key
+
+    async def _report(self, error: GatewayError, request_id: str | None, compatible: bool) -> None:
+        """Send one request's error; a key found revoked then closes the socket (3000)."""
+        if compatible:
+            await self._send(error_json(error))
+        else:
+            await self._send(proto.error_message(error, request_id))
+        if isinstance(error, AuthenticationError):
+            self._close_soon(proto.CLOSE_UNAUTHORIZED, "API key revoked or expired")
 
     # -- serving requests --------------------------------------------------------------------
 
@@ -473,8 +492,10 @@ class WSSession:
                 raise item
             generation = await self._start(item)
         except Exception as exc:  # noqa: BLE001 - reported like any refusal, in order
-            await self._send(error_json(_as_gateway_error(exc, "a compatible request")))
-            await self._finish_compatible()
+            error = _as_gateway_error(exc, "a compatible request")
+            await self._report(error, None, compatible=True)
+            if not isinstance(error, AuthenticationError):
+                await self._finish_compatible()
             return
         include_usage = generation.include_usage
         encoder = ChunkEncoder(
