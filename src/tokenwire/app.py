@@ -245,6 +245,7 @@ def create_app(
         Route("/v1/admin/keys/{key_id}/rotate", admin.rotate_key, methods=["POST"]),
         Route("/v1/admin/keys/{key_id}/topup", admin.topup_key, methods=["POST"]),
         Route("/v1/admin/usage", admin.usage_report, methods=["GET"]),
+        Route("/v1/admin/runtime", admin.runtime, methods=["GET"]),
         Route("/v1/billing/webhook", webhooks.webhook_endpoint(env), methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),

@@ -6,6 +6,7 @@ read back after each one.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -396,3 +397,37 @@ def test_openapi_documents_the_accounting_routes(sqlite_gw: GatewayServer) -> No
     assert schemas["CreateKeyRequest"]["additionalProperties"] is False
     assert schemas["CreateKeyRequest"]["properties"]["rpm"]["anyOf"][0]["minimum"] == 1
     assert "amount_usd" in schemas["TopupRequest"]["required"]
+
+
+def test_runtime_counts_return_after_traffic(gw: GatewayServer) -> None:
+    """GET /v1/admin/runtime (admin only) reports the process's counts; after 20 streamed
+    completions they are back where they were: no task, file, connection or slot left."""
+    admin = {"Authorization": f"Bearer {gw.admin_key}"}
+    user = {"Authorization": f"Bearer {gw.api_key}"}
+    refused = requests.get(f"{gw.base_url}/v1/admin/runtime", headers=user, timeout=10)
+    assert refused.status_code == 403
+
+    def counts() -> dict[str, Any]:
+        reply = requests.get(f"{gw.base_url}/v1/admin/runtime", headers=admin, timeout=10)
+        assert reply.status_code == 200
+        data: dict[str, Any] = reply.json()
+        return data
+
+    before = counts()
+    body = {"model": "sim", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    for _ in range(20):
+        with requests.post(
+            f"{gw.base_url}/v1/chat/completions", json=body, headers=user, stream=True, timeout=10
+        ) as reply:
+            assert reply.status_code == 200
+            assert reply.text.rstrip().endswith("data: [DONE]")
+    deadline = time.monotonic() + 10
+    after = counts()
+    while (after["live_generations"] or after["ledger_queued"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        after = counts()
+    for name in ("live_generations", "stream_slots_held", "ledger_queued", "ledger_held_in_memory"):
+        assert after[name] == 0, name
+    assert after["tasks"] <= before["tasks"] + 2  # the ledger writer may have started
+    assert after["open_fds"] <= before["open_fds"] + 2  # a pooled database connection
+    assert after["db_connections_checked_out"] == 0

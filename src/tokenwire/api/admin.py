@@ -11,6 +11,8 @@
     POST  /v1/admin/keys/{id}/rotate     a new secret for the same key (the old one stops)
     POST  /v1/admin/keys/{id}/topup      add credit
     GET   /v1/admin/usage                totals by key, model and day
+    GET   /v1/admin/runtime              what this process holds now (tasks, files, database
+                                         connections, stream slots, unwritten ledger rows)
 
 A key without admin rights gets 403 ``permission_error``; no key or a bad one, 401. Bodies are
 validated in full (types, ranges, unknown fields) before anything is written, so a request
@@ -45,6 +47,7 @@ from tokenwire.api.formats import (
 from tokenwire.api.usage import parse_instant_ms, query_params, time_range, total_object
 from tokenwire.config import usd_to_micro
 from tokenwire.errors import InvalidRequest, NotFound, PermissionDenied
+from tokenwire.runtime import snapshot
 from tokenwire.state import AppState, get_state
 from tokenwire.wire.untrusted import decode_json
 
@@ -346,6 +349,12 @@ def parse_group_by(value: str | None) -> tuple[str, ...]:
             param="group_by",
         )
     return tuple(dict.fromkeys(GROUPS[n] for n in names))
+
+
+async def runtime(request: Request) -> Response:
+    """This process's counts of what it holds (``tokenwire.runtime``): leaks show here."""
+    state = await require_admin(request)
+    return json_response(snapshot(state))
 
 
 async def usage_report(request: Request) -> Response:

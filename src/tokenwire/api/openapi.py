@@ -63,6 +63,23 @@ _SSE_EVENT = {
     },
 }
 _INT_OR_NULL = {"type": ["integer", "null"]}
+_COUNT = {"type": "integer", "minimum": 0}
+_RUNTIME_SCHEMA = {
+    "type": "object",
+    "required": ["pid", "tasks", "live_generations", "stream_slots_held", "ledger_queued"],
+    "properties": {
+        "pid": {"type": "integer"},
+        "tasks": _COUNT,
+        "open_fds": {"type": ["integer", "null"], "minimum": 0},
+        "db_connections_checked_out": {"type": ["integer", "null"]},
+        "live_generations": _COUNT,
+        "stream_slots_held": _COUNT,
+        "ledger_queued": _COUNT,
+        "ledger_held_in_memory": _COUNT,
+        "ledger_outbox_files": _COUNT,
+        "ledger_write_failures": _COUNT,
+    },
+}
 _USD_STRING = {"type": "string", "pattern": r"^-?\d+\.\d{6}$"}
 _API_KEY_SCHEMA = {
     "type": "object",
@@ -425,6 +442,18 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             },
                         ),
                         **_errors(400, 401, 403, 404),
+                    },
+                }
+            },
+            "/v1/admin/runtime": {
+                "get": {
+                    "operationId": "adminRuntime",
+                    "summary": "What this gateway process holds now: tasks, open files, "
+                    "database connections, stream slots, unwritten ledger rows (admin).",
+                    "security": bearer,
+                    "responses": {
+                        "200": _json("The process's counts.", _RUNTIME_SCHEMA),
+                        **_errors(401, 403),
                     },
                 }
             },

@@ -175,6 +175,11 @@ class RateLimiter(Protocol):
         """Release the stream slot and correct the token bucket by actual - estimated."""
         ...
 
+    @property
+    def held_slots(self) -> int:
+        """Stream slots this process holds (admitted, not yet released)."""
+        ...
+
     async def auth_blocked(self, client: str) -> float | None:
         """Seconds until ``client`` may try a key again, or None if it may now."""
         ...

@@ -101,6 +101,11 @@ class MemoryRateLimiter:
             current = max(self._tat.get(name, now), now)
             self._tat[name] = max(now, current + (actual_tokens - admission.tokens) * interval)
 
+    @property
+    def held_slots(self) -> int:
+        """Stream slots held (admitted, not yet released)."""
+        return sum(len(streams) for streams in self._streams.values())
+
     async def auth_blocked(self, client: str) -> float | None:
         now = time.monotonic()
         peek = gcra(self._tat.get("a:" + client, now), now, 1, self._auth_limit, self._window_s)
