@@ -2,8 +2,8 @@
 make it 503 naming the failing check; and a WebSocket upgrade during a Redis outage is answered
 cleanly (a close code with a reason, never an HTTP 500).
 
-The Redis tests start a ``redis-server`` of their own (``private_redis``, local to this file)
-and kill it; the shared Redis on 6379 is never touched.
+The Redis tests start a ``redis-server`` of their own (the ``private_redis`` fixture) and kill
+it; the shared Redis on 6379 is never touched.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import requests
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tokenwire.testing import FAST_SIM, GatewayServer
+from tokenwire.testing_services import PrivateRedis
 
 
 def healthz(gateway: GatewayServer) -> tuple[int, dict[str, Any]]:
@@ -174,59 +172,12 @@ def end_all(gateway: GatewayServer) -> None:
 # -- a Redis outage ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A redis-server of this test's own (the test may kill it); its URL and process."""
-    executable = shutil.which("redis-server")
-    assert executable is not None, "redis-server is needed for these tests"
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            executable,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        end = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < end, "the private redis-server did not start"
-                threading.Event().wait(0.02)
-        yield url, process
-    finally:
-        client.close()
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-
-
 @pytest.fixture
 def redis_gateway(
-    tmp_path: Path, private_redis: tuple[str, subprocess.Popen[bytes]]
-) -> Iterator[tuple[GatewayServer, subprocess.Popen[bytes]]]:
+    tmp_path: Path, private_redis: PrivateRedis
+) -> Iterator[tuple[GatewayServer, PrivateRedis]]:
     """Limits and resumable streams in the private Redis."""
-    url, process = private_redis
+    url = private_redis.url
     overrides = (
         FAST_SIM
         + f"""
@@ -241,7 +192,7 @@ health_timeout_s = 1.0
 """
     )
     with GatewayServer(tmp_path / "gw", overrides=overrides) as gateway:
-        yield gateway, process
+        yield gateway, private_redis
 
 
 def ws_url(gateway: GatewayServer) -> str:
@@ -262,16 +213,15 @@ async def ws_close(gateway: GatewayServer, headers: dict[str, str], first: str |
 
 
 async def test_redis_outage_makes_healthz_fail_and_websockets_answer_cleanly(
-    redis_gateway: tuple[GatewayServer, subprocess.Popen[bytes]],
+    redis_gateway: tuple[GatewayServer, PrivateRedis],
 ) -> None:
     """With Redis killed: /healthz is 503 naming redis; WebSocket upgrades get close codes with reasons or in-band errors, never a 500."""
-    gateway, process = redis_gateway
+    gateway, redis_server = redis_gateway
     status, body = await asyncio.to_thread(healthz, gateway)
     assert status == 200, body
     assert body["checks"]["redis"] == {"ok": True, "used_for": ["limits", "streams"]}
 
-    process.kill()
-    process.wait(10)
+    redis_server.kill()
 
     status, body = await asyncio.to_thread(healthz, gateway)
     assert status == 503, body
