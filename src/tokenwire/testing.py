@@ -33,6 +33,30 @@ itl_ms = 1.0
 """
 
 
+def priced_model(model_id: str = "priced-sim", provider: str = "sim", *, extra: str = "") -> str:
+    """TOML for a model priced like Claude Sonnet ($3 / $15 per 1M tokens: 3 and 15
+    micro-dollars a token) that a ``sim`` provider serves: what credit tests run on."""
+    return f"""
+[[models]]
+id = "{model_id}"
+provider = "{provider}"
+upstream_model = "sim"
+input_usd_per_mtok = "3.00"
+output_usd_per_mtok = "15.00"
+{extra}
+"""
+
+
+def paced_sim(name: str = "paced", *, ttft_ms: float = 5.0, itl_ms: float = 15.0) -> str:
+    """TOML for a sim provider whose answers take real time (for load under faults)."""
+    return f"""
+[providers.{name}]
+kind = "sim"
+ttft_ms = {ttft_ms}
+itl_ms = {itl_ms}
+"""
+
+
 class ServerThread:
     """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread."""
 

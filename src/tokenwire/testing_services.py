@@ -66,7 +66,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 import redis
@@ -192,7 +192,43 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class PrivateRedis:
+class _OwnedServer:
+    """What both private servers share: a temp dir of their own, removed with the server by
+    :meth:`close` (idempotent; also run at interpreter exit), and use as a context manager."""
+
+    _root: Path | None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _halt(self) -> None:
+        """Stop the server at once."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the server at once and remove its dir."""
+        try:
+            self._halt()
+        finally:
+            if self._root is not None:
+                shutil.rmtree(self._root, ignore_errors=True)
+                self._root = None
+            atexit.unregister(self.close)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PrivateRedis(_OwnedServer):
     """A ``redis-server`` of its own on a loopback port, without persistence, to break.
 
     Nothing runs until :meth:`start` (or ``with``); the port chosen then is kept for the
@@ -369,27 +405,8 @@ class PrivateRedis:
         if self._process is not None and self.running:
             self._process.send_signal(signal.SIGCONT)
 
-    def close(self) -> None:
-        """Kill the server and remove its dir (idempotent; also run at interpreter exit)."""
-        try:
-            self.kill()
-        finally:
-            if self._root is not None:
-                shutil.rmtree(self._root, ignore_errors=True)
-                self._root = None
-            atexit.unregister(self.close)
-
-    def __enter__(self) -> PrivateRedis:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def _halt(self) -> None:
+        self.kill()
 
 
 def postgres_bin_dir() -> Path:
@@ -409,7 +426,7 @@ def postgres_bin_dir() -> Path:
     return max(candidates, key=version)
 
 
-class PrivatePostgres:
+class PrivatePostgres(_OwnedServer):
     """A throwaway PostgreSQL cluster of its own on a loopback port, to break.
 
     Nothing runs until :meth:`start` (or ``with``), which runs ``initdb`` the first time.
@@ -633,27 +650,8 @@ class PrivatePostgres:
         self.stop(mode)
         self.start()
 
-    def close(self) -> None:
-        """Stop the server at once and remove its dir (idempotent; also run at exit)."""
-        try:
-            self.stop("immediate", timeout_s=10)
-        finally:
-            if self._root is not None:
-                shutil.rmtree(self._root, ignore_errors=True)
-                self._root = None
-            atexit.unregister(self.close)
-
-    def __enter__(self) -> PrivatePostgres:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def _halt(self) -> None:
+        self.stop("immediate", timeout_s=10)
 
     # -- SQL ---------------------------------------------------------------------------------
 

@@ -20,20 +20,10 @@ from websockets.asyncio.client import connect
 
 from tokenwire.accounting.budget import estimate_prompt_tokens
 from tokenwire.providers.sim import plan
-from tokenwire.testing import FAST_SIM, GatewayServer
+from tokenwire.testing import FAST_SIM, GatewayServer, priced_model
 from tokenwire.wire.schema import decode_chat_request
 
-CATALOG = (
-    FAST_SIM
-    + """
-[[models]]
-id = "priced-sim"
-provider = "sim"
-upstream_model = "sim"
-input_usd_per_mtok = "3.00"
-output_usd_per_mtok = "15.00"
-"""
-)
+CATALOG = FAST_SIM + priced_model()
 
 
 @pytest.fixture

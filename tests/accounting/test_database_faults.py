@@ -27,26 +27,11 @@ import sqlalchemy as sa
 
 from tokenwire.providers.sim import plan
 from tokenwire.storage.tables import reservations
-from tokenwire.testing import FAST_SIM, GatewayServer
+from tokenwire.testing import FAST_SIM, GatewayServer, paced_sim, priced_model
 from tokenwire.testing_services import PrivateDatabase
 from tokenwire.wire.schema import decode_chat_request
 
-CATALOG = (
-    FAST_SIM
-    + """
-[providers.paced]
-kind = "sim"
-ttft_ms = 5.0
-itl_ms = 15.0
-
-[[models]]
-id = "priced-sim"
-provider = "paced"
-upstream_model = "sim"
-input_usd_per_mtok = "3.00"
-output_usd_per_mtok = "15.00"
-"""
-)
+CATALOG = FAST_SIM + paced_sim() + priced_model(provider="paced")
 CONCURRENCY = 40
 TOKENS = 20
 GRANT_MICRO = 100_000_000

@@ -31,7 +31,7 @@ from tokenwire.accounting.keys import KeyLimits
 from tokenwire.limits.redis import RedisRateLimiter
 from tokenwire.providers.sim import plan
 from tokenwire.storage.tables import reservations
-from tokenwire.testing import FAST_SIM, GatewayServer
+from tokenwire.testing import FAST_SIM, GatewayServer, paced_sim, priced_model
 from tokenwire.testing_services import PrivateRedis
 from tokenwire.wire.schema import decode_chat_request
 
@@ -51,19 +51,9 @@ stream_backend = "redis"
 backend = "redis"
 redis_url = "{redis_url}"
 redis_prefix = "{PREFIX}"
-
-[providers.paced]
-kind = "sim"
-ttft_ms = 5.0
-itl_ms = 15.0
-
-[[models]]
-id = "priced-sim"
-provider = "paced"
-upstream_model = "sim"
-input_usd_per_mtok = "3.00"
-output_usd_per_mtok = "15.00"
 """
+        + paced_sim()
+        + priced_model(provider="paced")
     )
 
 
