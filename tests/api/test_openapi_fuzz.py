@@ -31,6 +31,7 @@ import jsonschema
 import pytest
 import requests
 import schemathesis
+from hypothesis import HealthCheck, settings
 from schemathesis.checks import CheckContext, not_a_server_error
 from schemathesis.core import NotSet
 from schemathesis.specs.openapi.checks import (
@@ -151,6 +152,44 @@ def test_every_operation_agrees_with_the_document(case: Any, gw: GatewayServer) 
     """Generated requests (valid and invalid by the schema) get no 5xx and the answer the document promises."""
     headers, extra = credentials(gw, case)
     case.call_and_validate(headers=headers, checks=CHECKS, timeout=10, **extra)
+
+
+def test_sequences_of_key_operations_agree_with_the_document(
+    api_schema: Any, gw: GatewayServer
+) -> None:
+    """Stateful: a key is created, then got, updated, topped up, rotated and revoked through
+    the document's links, in generated sequences; every answer passes the same checks. Only
+    keys the sequence created are touched (the list, which would lead to the test's own keys,
+    is left out)."""
+    key_operations = api_schema.include(
+        operation_id=[
+            "adminCreateKey",
+            "adminGetKey",
+            "adminUpdateKey",
+            "adminTopupKey",
+            "adminRotateKey",
+            "adminRevokeKey",
+        ]
+    )
+
+    class KeyLifecycle(key_operations.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            headers, extra = credentials(gw, case)
+            return {"headers": headers, "timeout": 10, **extra}
+
+        def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
+            case.validate_response(response, checks=CHECKS)
+
+    KeyLifecycle.run(
+        settings=settings(
+            max_examples=10 * SCALE,
+            stateful_step_count=8,
+            derandomize=SCALE == 1,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
 
 
 def test_gateway_still_serves_after_the_fuzzing(gw: GatewayServer) -> None:

@@ -63,6 +63,17 @@ _SSE_EVENT = {
     },
 }
 _INT_OR_NULL = {"type": ["integer", "null"]}
+_KEY_LINKS = {
+    name: {"operationId": operation, "parameters": {"key_id": "$response.body#/id"}}
+    for name, operation in (
+        ("GetKey", "adminGetKey"),
+        ("UpdateKey", "adminUpdateKey"),
+        ("TopUpKey", "adminTopupKey"),
+        ("RotateKey", "adminRotateKey"),
+        ("RevokeKey", "adminRevokeKey"),
+    )
+}
+"""What a new key's id leads to: the operations on that key (schemathesis chains them)."""
 _COUNT = {"type": "integer", "minimum": 0}
 _RUNTIME_SCHEMA = {
     "type": "object",
@@ -357,7 +368,10 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "security": bearer,
                     "requestBody": _body(create_key),
                     "responses": {
-                        "201": _json("The key, with its plaintext `key` (shown once).", api_key),
+                        "201": {
+                            **_json("The key, with its plaintext `key` (shown once).", api_key),
+                            "links": _KEY_LINKS,
+                        },
                         **_errors(400, 401, 403),
                     },
                 },
