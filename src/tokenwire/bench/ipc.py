@@ -2,7 +2,8 @@
 
 The runner writes commands to the worker's stdin and reads replies from its stdout. A row is
 two steps so that resource sampling covers only the load: ``Prepare`` (build requests, open
-WebSockets) → ``Prepared``, then ``Go`` → ``Progress``… → ``RowDone``.
+WebSockets) → ``Prepared``, then ``Go`` → ``Progress``… → ``RowDone``. ``Release`` →
+``Released`` closes the worker's connections before the gateway's counts are taken.
 """
 
 from __future__ import annotations
@@ -44,11 +45,15 @@ class Go(msgspec.Struct, tag="go", frozen=True):
     pass
 
 
+class Release(msgspec.Struct, tag="release", frozen=True):
+    """Close every connection the worker holds (keep-alive pools, WebSockets)."""
+
+
 class Quit(msgspec.Struct, tag="quit", frozen=True):
     pass
 
 
-Command = Prepare | Go | Quit
+Command = Prepare | Go | Release | Quit
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):
@@ -72,11 +77,15 @@ class RowDone(msgspec.Struct, tag="done", frozen=True):
     records: list[RequestRecord]
 
 
+class Released(msgspec.Struct, tag="released", frozen=True):
+    pass
+
+
 class Failed(msgspec.Struct, tag="failed", frozen=True):
     message: str
 
 
-Reply = Ready | Prepared | Progress | RowDone | Failed
+Reply = Ready | Prepared | Progress | RowDone | Released | Failed
 
 _HEADER = struct.Struct(">I")
 _encode = msgspec.msgpack.Encoder().encode

@@ -20,6 +20,8 @@ from tokenwire.bench.ipc import (
     Progress,
     Quit,
     Ready,
+    Release,
+    Released,
     Reply,
     RowDone,
     RowSpec,
@@ -101,6 +103,13 @@ class LoadGenerator:
                 return reply
             else:
                 raise WorkerFailed(f"load generator {self.name}: unexpected reply {reply!r}")
+
+    async def release(self) -> None:
+        """Have the worker close every connection it holds; the next row opens new ones."""
+        await self._send(Release())
+        reply = await self._reply()
+        if not isinstance(reply, Released):
+            raise WorkerFailed(f"load generator {self.name}: expected Released, got {reply!r}")
 
     async def stop(self) -> None:
         """Ask an idle worker to quit, terminate a busy one; kill it if it is not gone in 10 s."""

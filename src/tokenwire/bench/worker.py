@@ -37,6 +37,8 @@ from tokenwire.bench.ipc import (
     Progress,
     Quit,
     Ready,
+    Release,
+    Released,
     Reply,
     RowDone,
     RowSpec,
@@ -224,9 +226,10 @@ class Worker:
                 self.send(Progress(done=last))
 
     async def close(self) -> None:
-        """Close sockets and sessions."""
+        """Close sockets and sessions (a later row opens new ones)."""
         await self._close_sockets()
-        for session in self._sessions.values():
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
             await session.close()
 
 
@@ -247,6 +250,9 @@ async def serve(out: BinaryIO) -> None:
                     worker.send(await worker.prepare(command.spec))
                 elif isinstance(command, Go):
                     worker.send(await worker.go())
+                elif isinstance(command, Release):
+                    await worker.close()
+                    worker.send(Released())
             except Exception:  # noqa: BLE001 - reported to the runner, which fails the run
                 worker.send(Failed(message=traceback.format_exc()))
     finally:
