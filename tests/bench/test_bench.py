@@ -1,7 +1,8 @@
 """``tokenwire bench``: real runs (started servers and ``--target``), the results, the metrics.
 
 The end-to-end runs are kept small (a few seconds each): sim-upstream with a 5 ms first token
-and 2 ms between tokens, 8 tokens per request.
+and 2 ms between tokens, 8 tokens per request, and ``--settle-s 0`` (the gateway's counts are
+taken as soon as it is quiet, without waiting for its idle upstream connections to close).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ import jsonschema
 import matplotlib.image
 import pytest
 
+from tokenwire.bench.leaks import (
+    COUNTS,
+    RUNTIME_PATH,
+    TOLERANCE,
+    LeakAccount,
+    ProbeError,
+    Snapshot,
+    settle,
+)
 from tokenwire.bench.metrics import (
     Dist,
     RequestRecord,
@@ -31,6 +41,7 @@ from tokenwire.bench.metrics import (
     timeline,
 )
 from tokenwire.bench.options import BenchOptions, Scenario, parse_concurrency, parse_scenarios
+from tokenwire.bench.results import check
 from tokenwire.bench.sse import handle_line
 from tokenwire.bench.workload import StreamState, decode_message, request_body
 from tokenwire.errors import InvalidRequest
@@ -91,6 +102,8 @@ def started_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
         "--requests-per-user",
         str(REQUESTS_PER_USER),
         "--pause-s",
+        "0",
+        "--settle-s",
         "0",
         "--out",
         str(out),
@@ -164,6 +177,109 @@ def test_plots_are_non_trivial_pngs(started_run: tuple[int, str, Path]) -> None:
         assert float(image.std()) > 0.01, name
 
 
+def test_leak_accounting_shows_no_growth(started_run: tuple[int, str, Path]) -> None:
+    """Per concurrency, the gateway's runtime counts after the rows equal those after the warm-up."""
+    _, output, out = started_run
+    document = load_results(out)
+    assert document["setup"]["key_max_streams"] == 2 * max(CONCURRENCY)
+    leaks = document["leaks"]
+    assert leaks["source"] == RUNTIME_PATH
+    accounts = {a["concurrency"]: a for a in leaks["per_concurrency"]}
+    assert sorted(accounts) == list(CONCURRENCY)
+    for concurrency, account in accounts.items():
+        assert account["passed"], (concurrency, account["reasons"], output)
+        before, after = account["before"], account["after"]
+        assert before["quiet"] and after["quiet"]
+        assert before["pid"] == after["pid"] == document["setup"]["gateway_pid"]
+        deltas = {c["name"]: c["delta"] for c in account["counts"]}
+        assert list(deltas) == list(COUNTS)
+        # open descriptors may differ by pooled connections (the tolerance); nothing else may
+        assert {name: d for name, d in deltas.items() if name != "open_fds"} == dict.fromkeys(
+            COUNTS[:1] + COUNTS[2:], 0
+        ), account["counts"]
+        assert deltas["open_fds"] <= TOLERANCE["open_fds"]
+        assert before["counts"]["live_generations"] == after["counts"]["live_generations"] == 0
+        assert account["rss_after_warmup_mib"] > 10 and account["rss_peak_mib"] > 10
+        assert account["rss_growth_pct"] is not None
+        timeline = account["timeline"]  # the polls during the measured rows, as columns
+        assert len(timeline["t_s"]) == len(timeline["tasks"]) == account["peak_polls"] >= 1
+    markdown = (out / "results.md").read_text()
+    for concurrency in CONCURRENCY:
+        assert f"## Leak accounting, {concurrency} streams" in markdown
+    assert "| stream_slots_held | 0 | 0 | +0 |" in markdown
+
+
+def snapshot_of(pid: int = 7, **counts: int) -> Snapshot:
+    """A quiet snapshot: every count 0 unless given."""
+    return Snapshot(pid, {name: counts.get(name, 0) for name in COUNTS}, True, 1.0, 5)
+
+
+def test_check_fails_on_a_leak_or_rss_growth_and_passes_without() -> None:
+    """--check fails when a count grows past its tolerance or RSS grows over the limit."""
+    opts = BenchOptions(scenarios=(Scenario.SSE,), check=True)
+    clean = LeakAccount(1000, snapshot_of(tasks=5, open_fds=40), snapshot_of(tasks=5, open_fds=52))
+    clean.rss_after_warmup_mib, clean.rss_peak_mib = 180.0, 197.0  # +9.4 %, fds +12 <= 16
+    assert check([], opts, [clean]).passed, check([], opts, [clean]).reasons
+
+    leaky = LeakAccount(1000, snapshot_of(tasks=5), snapshot_of(tasks=6, stream_slots_held=3))
+    result = check([], opts, [leaky])
+    assert not result.passed
+    assert any("tasks 5 → 6 (+1, allowed +0)" in r for r in result.reasons), result.reasons
+    assert any("stream_slots_held 0 → 3" in r for r in result.reasons), result.reasons
+
+    fds = LeakAccount(1000, snapshot_of(open_fds=40), snapshot_of(open_fds=57))
+    assert not check([], opts, [fds]).passed  # +17 > 16
+
+    grown = LeakAccount(1000, snapshot_of(), snapshot_of())
+    grown.rss_after_warmup_mib, grown.rss_peak_mib = 180.0, 200.0  # +11.1 %
+    (reason,) = check([], opts, [grown]).reasons
+    assert "RSS grew 11.1 %" in reason
+
+    restarted = LeakAccount(1000, snapshot_of(pid=7), snapshot_of(pid=8))
+    assert "different gateway process" in check([], opts, [restarted]).reasons[0]
+    stuck = LeakAccount(1000, snapshot_of(), Snapshot(7, {n: 0 for n in COUNTS}, False, 120, 9))
+    assert "not quiet" in check([], opts, [stuck]).reasons[0]
+    assert not check([], opts, []).passed  # sse alone and no leak figures: nothing judged
+
+
+def test_settle_waits_for_quiet_and_ignores_a_passing_task() -> None:
+    """The snapshot waits until nothing is live, then keeps each count's minimum of the last second."""
+    now = [0.0]
+    answers = iter(
+        [{"live_generations": 3, "ledger_queued": 1, "tasks": 40}] * 5  # still finishing
+        + [{"live_generations": 0, "ledger_queued": 0, "tasks": 6}]  # a periodic task runs
+        + [{"live_generations": 0, "ledger_queued": 0, "tasks": 5}] * 200
+    )
+
+    async def read() -> dict[str, Any]:
+        answer = next(answers)
+        return {"pid": 7, **dict.fromkeys(COUNTS, 0), **answer}
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    def clock() -> float:
+        return now[0]
+
+    import asyncio
+
+    before = asyncio.run(settle(read, 2.0, clock=clock, sleep=sleep))
+    assert before.quiet and before.pid == 7
+    assert before.counts["tasks"] == 5 and before.counts["live_generations"] == 0
+    assert 3.0 <= before.waited_s <= 3.5  # 1 s until quiet, then 2 s
+    start = now[0]
+    after = asyncio.run(settle(read, 30.0, baseline=before, clock=clock, sleep=sleep))
+    assert after.counts == before.counts
+    assert now[0] - start <= 1.5  # back to the baseline: no need to wait 30 s
+
+    async def refuse() -> dict[str, Any]:
+        raise ProbeError("GET /v1/admin/runtime: HTTP 403")
+
+    now[0] = 0.0
+    with pytest.raises(ProbeError, match="403"):
+        asyncio.run(settle(refuse, 0.0, quiet_limit_s=2.0, clock=clock, sleep=sleep))
+
+
 # --- --target --------------------------------------------------------------------------------
 
 
@@ -202,6 +318,10 @@ def test_target_mode_measures_a_running_gateway(tmp_path: Path) -> None:
             upstream.base_url,
             "--target-pid",
             str(os.getpid()),
+            "--admin-key",
+            gateway.admin_key,
+            "--settle-s",
+            "0",
             "--scenarios",
             "direct,sse,ws,ws-mux",
             "--concurrency",
@@ -228,6 +348,13 @@ def test_target_mode_measures_a_running_gateway(tmp_path: Path) -> None:
     assert records[("sse", 3)]["server_peak_rss_mib"] is not None  # sampled via --target-pid
     assert records[("sse", 3)]["overhead_vs_direct"]["tokens_per_s_ratio"] > 0
     assert not (out / "ttft_distribution.png").exists()
+    (account,) = document["leaks"]["per_concurrency"]  # counted through --admin-key
+    assert account["before"]["pid"] == account["after"]["pid"] == os.getpid()
+    assert account["before"]["quiet"] and account["after"]["quiet"]
+    assert {c["name"]: c["delta"] for c in account["counts"]}["live_generations"] == 0
+    assert document["options"]["admin_key"] == gateway.admin_key[:6] + "…"
+    written = (out / "results.json").read_text()
+    assert gateway.admin_key not in written and gateway.api_key not in written
 
 
 def test_target_without_websocket_or_upstream_reports_unsupported_and_skipped(
@@ -276,6 +403,8 @@ def test_invalid_options_exit_2_naming_the_option(tmp_path: Path) -> None:
     assert "carrier-pigeon" in done.stderr and "--scenarios" in done.stderr
     done = run_bench("--target", "http://127.0.0.1:9", "--out", str(tmp_path))
     assert done.returncode == 2 and "--key" in done.stderr
+    done = run_bench("--admin-key", "tw-x", "--out", str(tmp_path))
+    assert done.returncode == 2 and "--admin-key" in done.stderr
 
 
 # --- metric definitions ----------------------------------------------------------------------

@@ -16,6 +16,8 @@ Modules, in the order data flows through them:
   drives it from the runner over :mod:`~tokenwire.bench.ipc` frames.
 - :mod:`~tokenwire.bench.resources`: psutil sampling of CPU seconds and RSS.
 - :mod:`~tokenwire.bench.metrics`: per-request records, percentiles, rows, overheads.
+- :mod:`~tokenwire.bench.leaks`: the gateway's runtime counts (``GET /v1/admin/runtime``)
+  before and after the load, and its RSS growth: leak accounting.
 - :mod:`~tokenwire.bench.runner`: the schedule (warm-up, rounds, sweep) and exit codes.
 - :mod:`~tokenwire.bench.report` and :mod:`~tokenwire.bench.plots`: JSON, Markdown, tables, PNGs.
 

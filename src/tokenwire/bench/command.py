@@ -137,6 +137,14 @@ def bench(
         Optional[str],  # noqa: UP045
         typer.Option(help="API key for --target.", rich_help_panel=SERVERS),
     ] = None,
+    admin_key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Admin key for --target: count what the gateway holds (GET /v1/admin/runtime) "
+            "before and after the load.",
+            rich_help_panel=SERVERS,
+        ),
+    ] = None,
     model: Annotated[
         str,
         typer.Option(help="Model to request from --target.", rich_help_panel=SERVERS),
@@ -196,12 +204,30 @@ def bench(
         bool,
         typer.Option(
             help="Exit 1 unless sse keeps --min-ratio of direct tok/s and TTFT p50 overhead "
-            "<= --max-ttft-overhead-ms at every concurrency.",
+            "<= --max-ttft-overhead-ms at every concurrency (when both ran), the gateway "
+            "holds no more after the load than before it, and its RSS grew at most "
+            "--max-rss-growth-pct.",
             rich_help_panel=OUTPUT,
         ),
     ] = False,
     min_ratio: Annotated[float, typer.Option(rich_help_panel=OUTPUT)] = 0.90,
     max_ttft_overhead_ms: Annotated[float, typer.Option(rich_help_panel=OUTPUT)] = 10.0,
+    max_rss_growth_pct: Annotated[
+        float,
+        typer.Option(
+            help="--check: the gateway's peak RSS in the measured rows may exceed its RSS at the "
+            "end of the warm-up by at most this much.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = 10.0,
+    settle_s: Annotated[
+        float,
+        typer.Option(
+            help="Leak accounting: once the gateway is quiet, wait this long before counting what "
+            "it holds (its pooled upstream connections close after 4-8 s idle).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = 10.0,
 ) -> None:
     """Measure streaming through the gateway: TTFT, ITL, TPOT, E2E, tokens/s, CPU, memory.
 
@@ -229,6 +255,7 @@ def bench(
             idle_websockets=idle_websockets,
             target=target,
             key=key,
+            admin_key=admin_key,
             model=model,
             upstream=upstream,
             start_upstream=start_upstream,
@@ -242,6 +269,8 @@ def bench(
             check=check,
             min_ratio=min_ratio,
             max_ttft_overhead_ms=max_ttft_overhead_ms,
+            max_rss_growth_pct=max_rss_growth_pct,
+            settle_s=settle_s,
         )
         validate(opts)
     except InvalidRequest as exc:

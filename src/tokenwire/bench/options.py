@@ -70,6 +70,7 @@ class BenchOptions:
     idle_websockets: int = 0
     target: str | None = None
     key: str | None = None
+    admin_key: str | None = None
     model: str = DEFAULT_MODEL
     upstream: str | None = None
     start_upstream: bool = False
@@ -83,6 +84,8 @@ class BenchOptions:
     check: bool = False
     min_ratio: float = 0.90
     max_ttft_overhead_ms: float = 10.0
+    max_rss_growth_pct: float = 10.0
+    settle_s: float = 10.0
 
     def out_dir(self, now: datetime) -> Path:
         """``--out``, or ``./bench-results/<timestamp>``."""
@@ -144,6 +147,17 @@ def validate(opts: BenchOptions) -> None:
             opts.target is None or opts.key is not None,
             "--key",
             "--target needs --key (an API key of that gateway)",
+        ),
+        (
+            opts.target is not None or opts.admin_key is None,
+            "--admin-key",
+            "--admin-key only applies with --target (bench makes its own admin key)",
+        ),
+        (opts.settle_s >= 0, "--settle-s", "--settle-s must be >= 0"),
+        (
+            opts.max_rss_growth_pct > 0,
+            "--max-rss-growth-pct",
+            "--max-rss-growth-pct must be > 0",
         ),
         (
             opts.target is not None or opts.target_pid is None,

@@ -11,11 +11,12 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
+from tokenwire.bench.leaks import RUNTIME_PATH, TOLERANCE, LeakAccount, Snapshot
 from tokenwire.bench.metrics import DIST_STATS, Dist, Overhead, RowMetrics, dist_dict
 from tokenwire.bench.options import SCENARIO_DESCRIPTIONS, BenchOptions, Scenario
 from tokenwire.bench.results import RowRun, RunOutcome, ScenarioRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CLIENT_DESCRIPTION = (
     "one load-generator process per scenario on uvloop: aiohttp for SSE, websockets for "
     "WebSocket; every chunk decoded with msgspec; stamps are time.perf_counter() on receipt"
@@ -35,10 +36,34 @@ def options_dict(opts: BenchOptions) -> dict[str, Any]:
     raw = asdict(opts)
     raw["scenarios"] = [s.value for s in opts.scenarios]
     raw["concurrency"] = list(opts.concurrency)
-    raw["key"] = None if opts.key is None else opts.key[:6] + "…"  # never the whole key
+    for name in ("key", "admin_key"):  # never a whole key
+        raw[name] = None if raw[name] is None else _shorten(raw[name])
     for name in ("out", "profile"):
         raw[name] = None if raw[name] is None else str(raw[name])
     return raw
+
+
+SECRET_OPTIONS = ("--key", "--admin-key")
+
+
+def _shorten(key: str) -> str:
+    return key[:6] + "…"
+
+
+def masked_argv(argv: list[str]) -> list[str]:
+    """The command line with the values of ``--key`` and ``--admin-key`` shortened."""
+    masked: list[str] = []
+    secret_next = False
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if secret_next:
+            masked.append(_shorten(arg))
+        elif eq and name in SECRET_OPTIONS:
+            masked.append(f"{name}={_shorten(value)}")
+        else:
+            masked.append(arg)
+        secret_next = arg in SECRET_OPTIONS
+    return masked
 
 
 def _overhead_json(o: Overhead | None) -> dict[str, Any] | None:
@@ -176,6 +201,52 @@ def record_json(record: ScenarioRecord, save_itl: bool) -> dict[str, Any]:
     }
 
 
+def _snapshot_json(snapshot: Snapshot | None) -> dict[str, Any] | None:
+    if snapshot is None:
+        return None
+    return {
+        "pid": snapshot.pid,
+        "quiet": snapshot.quiet,
+        "waited_s": _round(snapshot.waited_s, 2),
+        "polls": snapshot.polls,
+        "rss_mib": _round(snapshot.rss_mib, 1),
+        "counts": snapshot.counts,
+    }
+
+
+def leak_json(account: LeakAccount, max_rss_growth_pct: float) -> dict[str, Any]:
+    """One concurrency's leak accounting and RSS growth as a JSON object."""
+    reasons = account.reasons(max_rss_growth_pct)
+    return {
+        "concurrency": account.concurrency,
+        "passed": not reasons,
+        "reasons": reasons,
+        "before": _snapshot_json(account.before),
+        "after": _snapshot_json(account.after),
+        "counts": [
+            {
+                "name": c.name,
+                "before": c.before,
+                "after": c.after,
+                "delta": c.delta,
+                "peak": c.peak,
+                "tolerance": c.tolerance,
+                "leaked": c.leaked,
+            }
+            for c in account.counts()
+        ],
+        "peak_polls": account.peak_polls,
+        "timeline": {
+            name: [_round(v, 1) if isinstance(v, float) else v for v in values]
+            for name, values in account.timeline.items()
+        },
+        "rss_after_warmup_mib": _round(account.rss_after_warmup_mib, 1),
+        "rss_peak_mib": _round(account.rss_peak_mib, 1),
+        "rss_growth_pct": _round(account.rss_growth_pct, 2),
+        "problems": account.problems,
+    }
+
+
 def build_document(outcome: RunOutcome) -> dict[str, Any]:
     """The whole run as the JSON document ``results.schema.json`` describes."""
     opts, ends, idle = outcome.opts, outcome.endpoints, outcome.idle
@@ -185,7 +256,7 @@ def build_document(outcome: RunOutcome) -> dict[str, Any]:
         "tool": "tokenwire bench",
         "started_at": outcome.started_at.isoformat(),
         "finished_at": None if outcome.finished_at is None else outcome.finished_at.isoformat(),
-        "argv": outcome.argv,
+        "argv": masked_argv(outcome.argv),
         "exit_code": outcome.exit_code,
         "options": options_dict(opts),
         "setup": {
@@ -204,13 +275,25 @@ def build_document(outcome: RunOutcome) -> dict[str, Any]:
             "ws_compression": "on" if opts.ws_compression else "off",
             "ws_compression_negotiated": outcome.ws_compression_negotiated,
             "client": CLIENT_DESCRIPTION,
+            "key_max_streams": ends.key_max_streams,
         },
         "environment": outcome.environment,
         "notes": outcome.notes,
         "warmup_problems": outcome.warmup_problems,
         "check": None
         if outcome.check is None
-        else {"passed": outcome.check.passed, "reasons": outcome.check.reasons},
+        else {
+            "passed": outcome.check.passed,
+            "reasons": outcome.check.reasons,
+            "notes": outcome.check.notes,
+        },
+        "leaks": {
+            "source": None if ends.admin_key is None else RUNTIME_PATH,
+            "settle_s": opts.settle_s,
+            "tolerance": dict(TOLERANCE),
+            "max_rss_growth_pct": opts.max_rss_growth_pct,
+            "per_concurrency": [leak_json(a, opts.max_rss_growth_pct) for a in outcome.leaks],
+        },
         "idle_websockets": None
         if idle is None
         else {
@@ -262,6 +345,18 @@ def describe(outcome: RunOutcome) -> str:
             f"ws: {opts.ws_mode} mode, one socket per user; ws-mux: envelope mode, "
             f"{opts.mux_streams_per_socket} streams per socket; WebSocket compression "
             f"{'on' if opts.ws_compression else 'off'}",
+            "leak accounting: "
+            + (
+                f"GET {RUNTIME_PATH} after the warm-up and after the rows, settled "
+                f"{opts.settle_s:g} s"
+                if ends.admin_key is not None
+                else "no admin key"
+            )
+            + (
+                ""
+                if ends.key_max_streams is None
+                else f"; the API key allows {ends.key_max_streams} streams"
+            ),
         ]
     )
 
@@ -333,6 +428,54 @@ def _loadavg(value: object) -> str:
     return " ".join(f"{float(v):.2f}" for v in value)
 
 
+def _int_cell(value: int | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+d}" if signed else str(value)
+
+
+def rss_line(account: LeakAccount, max_growth_pct: float) -> str:
+    """The gateway's RSS after the warm-up, its peak in the measured rows, the growth."""
+    growth = account.rss_growth_pct
+    return (
+        f"gateway RSS {_cell(account.rss_after_warmup_mib)} MiB at the end of the warm-up, peak "
+        f"{_cell(account.rss_peak_mib)} MiB in the measured rows: "
+        f"{'-' if growth is None else f'{growth:+.1f}'} % (limit {max_growth_pct:g} %)"
+    )
+
+
+def leak_markdown(outcome: RunOutcome) -> list[str]:
+    """Per concurrency: the runtime counts before, after, Δ, and the RSS growth."""
+    opts = outcome.opts
+    lines: list[str] = []
+    for account in outcome.leaks:
+        lines += ["", f"## Leak accounting, {account.concurrency} streams", ""]
+        counts = account.counts()
+        if counts:
+            before, after = account.before, account.after
+            lines += [
+                f"Gateway counts (`GET {RUNTIME_PATH}`) after the warm-up and after the last "
+                f"row, every client connection closed, the gateway quiet and then settled "
+                f"{opts.settle_s:g} s (pid {before.pid if before else '-'} → "
+                f"{after.pid if after else '-'}); peak = highest count polled during the "
+                f"measured rows (polled {account.peak_polls} times).",
+                "",
+                "| count | before | after | Δ | peak | allowed Δ |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c.name} | {_int_cell(c.before)} | {_int_cell(c.after)} | "
+                f"{_int_cell(c.delta, signed=True)}{' **leak**' if c.leaked else ''} | "
+                f"{_int_cell(c.peak)} | {c.tolerance} |"
+                for c in counts
+            ]
+            lines.append("")
+        lines.append(rss_line(account, opts.max_rss_growth_pct) + ".")
+        reasons = account.reasons(opts.max_rss_growth_pct)
+        lines += ["", "Result: " + ("no growth" if not reasons else "; ".join(reasons)) + "."]
+    return lines
+
+
 def markdown(outcome: RunOutcome) -> str:
     """``results.md``: the setup, one table row per scenario x concurrency, notes."""
     lines = ["# tokenwire bench results", ""]
@@ -360,9 +503,11 @@ def markdown(outcome: RunOutcome) -> str:
             f"{_cell(idle.rss_after_mib)} MiB: **{_cell(idle.kib_per_connection)} KiB per "
             "connection**.",
         ]
+    lines += leak_markdown(outcome)
     if outcome.check is not None:
         verdict = "PASS" if outcome.check.passed else "FAIL: " + "; ".join(outcome.check.reasons)
         lines += ["", f"Check: {verdict}"]
+        lines += [f"- {note}" for note in outcome.check.notes]
     problems = [
         f"- {r.scenario.value} c={r.concurrency}: {p}"
         for r in outcome.records
@@ -443,7 +588,10 @@ def print_tables(outcome: RunOutcome, console: Console) -> None:
                 console.print(f"{r.scenario.value} c={r.concurrency}: {problem}", highlight=False)
     for note in outcome.notes + outcome.warmup_problems:
         console.print(f"note: {note}", highlight=False)
+    print_leaks(outcome, console)
     if outcome.check is not None:
+        for note in outcome.check.notes:
+            console.print(f"check: {note}", highlight=False)
         if outcome.check.passed:
             console.print("[bold green]check PASS[/bold green]")
         else:
@@ -452,6 +600,33 @@ def print_tables(outcome: RunOutcome, console: Console) -> None:
     if failed:
         names = ", ".join(f"{r.scenario.value} c={r.concurrency}" for r in failed)
         console.print(f"[bold red]errors or wrong outputs in:[/bold red] {names}")
+
+
+def print_leaks(outcome: RunOutcome, console: Console) -> None:
+    """One table per concurrency with runtime counts; the RSS growth line."""
+    for account in outcome.leaks:
+        counts = account.counts()
+        if counts:
+            table = Table(title=f"Gateway runtime counts, c={account.concurrency}")
+            for col in ("count", "before", "after", "Δ", "peak", "allowed Δ"):
+                table.add_column(col, justify="right")
+            for c in counts:
+                delta = _int_cell(c.delta, signed=True)
+                table.add_row(
+                    c.name,
+                    _int_cell(c.before),
+                    _int_cell(c.after),
+                    f"[bold red]{delta}[/bold red]" if c.leaked else delta,
+                    _int_cell(c.peak),
+                    str(c.tolerance),
+                )
+            console.print(table)
+        console.print(
+            f"c={account.concurrency}: {rss_line(account, outcome.opts.max_rss_growth_pct)}",
+            highlight=False,
+        )
+        for problem in account.problems:
+            console.print(f"c={account.concurrency}: {problem}", highlight=False)
 
 
 def scenario_label(scenario: Scenario) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from tokenwire.bench.leaks import LeakAccount
 from tokenwire.bench.metrics import (
     Overhead,
     RequestRecord,
@@ -158,19 +159,32 @@ def aggregate(rows: list[RowRun], opts: BenchOptions) -> list[ScenarioRecord]:
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """``--check``: the ``sse`` row against ``direct`` at every concurrency."""
+    """``--check``: ``sse`` against ``direct`` at every concurrency, leaks and RSS growth."""
 
     passed: bool
     reasons: list[str]
+    notes: list[str] = field(default_factory=list)  # what was not judged, and why
 
 
-def check(records: list[ScenarioRecord], opts: BenchOptions) -> CheckResult:
-    """Pass when, at every concurrency, ``sse`` keeps ``--min-ratio`` of direct's tokens/s and
-    adds at most ``--max-ttft-overhead-ms`` to TTFT p50, and no row failed."""
+def check(
+    records: list[ScenarioRecord], opts: BenchOptions, leaks: list[LeakAccount] | None = None
+) -> CheckResult:
+    """Pass when nothing below fails.
+
+    - At every concurrency, ``sse`` keeps ``--min-ratio`` of direct's tokens/s and adds at
+      most ``--max-ttft-overhead-ms`` to TTFT p50 (judged when both scenarios are asked for).
+    - The gateway holds no more after the rows than after the warm-up (each count within its
+      tolerance, :mod:`tokenwire.bench.leaks`), and its peak RSS in the measured rows is at
+      most ``--max-rss-growth-pct`` above its RSS at the end of the warm-up.
+    """
     reasons: list[str] = []
+    notes: list[str] = []
     sse_records = [r for r in records if r.scenario is Scenario.SSE and r.overhead is not None]
-    if not sse_records:
-        reasons.append("--check needs the direct and sse scenarios")
+    both = Scenario.DIRECT in opts.scenarios and Scenario.SSE in opts.scenarios
+    if both and not sse_records:
+        reasons.append("--check: no sse row has a direct row to compare with")
+    elif not both:
+        notes.append("throughput and TTFT not judged: that needs the direct and sse scenarios")
     for r in sse_records:
         assert r.overhead is not None
         ratio = r.overhead.tokens_per_s_ratio
@@ -181,7 +195,16 @@ def check(records: list[ScenarioRecord], opts: BenchOptions) -> CheckResult:
             reasons.append(
                 f"c={r.concurrency}: TTFT p50 overhead {ttft} ms > {opts.max_ttft_overhead_ms:g}"
             )
-    return CheckResult(passed=not reasons, reasons=reasons)
+    accounts = leaks or []
+    for account in accounts:
+        reasons += account.reasons(opts.max_rss_growth_pct)
+    if not any(a.counts() for a in accounts):
+        notes.append("leaks not judged: no runtime counts (--target without --admin-key)")
+    if not any(a.rss_growth_pct is not None for a in accounts):
+        notes.append("RSS growth not judged: the gateway's RSS was not sampled")
+    if not both and not any(a.counts() or a.rss_growth_pct is not None for a in accounts):
+        reasons.append("--check had nothing to judge")
+    return CheckResult(passed=not reasons, reasons=reasons, notes=notes)
 
 
 @dataclass(slots=True)
@@ -198,6 +221,7 @@ class RunOutcome:
     records: list[ScenarioRecord] = field(default_factory=list)
     idle: IdleResult | None = None
     check: CheckResult | None = None
+    leaks: list[LeakAccount] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     ws_compression_negotiated: bool | None = None
     warmup_problems: list[str] = field(default_factory=list)

@@ -6,6 +6,12 @@ the scenarios in order with ``direct`` first (A/B alternation: every round has i
 baseline), with ``--pause-s`` between rows. ``--idle-websockets`` runs first, on the fresh
 gateway.
 
+Leak accounting (:mod:`tokenwire.bench.leaks`, when an admin key can read the gateway's
+runtime counts): after the warm-up the load generators close their connections and the
+gateway's counts are taken once it is quiet; one more warm-up round then opens the
+connections again, so the measured rows start warm as before; after the last measured row
+the connections are closed again and the counts taken again.
+
 Exit codes: 0 every row completed correctly (and ``--check`` passed); 1 a row had errors or
 wrong outputs, ``--check`` failed, or a load generator failed; 2 the servers would not start
 or an optional package is missing; 130 Ctrl-C; 128 + N on signal N (SIGTERM, SIGHUP). The
@@ -43,6 +49,7 @@ from rich.progress import (
 from tokenwire.bench import report, ws
 from tokenwire.bench.errors import MissingDependency, ServerStartFailed, WorkerFailed
 from tokenwire.bench.ipc import RowSpec
+from tokenwire.bench.leaks import LeakAccount, ProbeError, RuntimeProbe, poll_peaks, settle
 from tokenwire.bench.loadgen import LoadGenerator
 from tokenwire.bench.metrics import summarize_row
 from tokenwire.bench.options import UPSTREAM_MODEL, BenchOptions, Scenario
@@ -80,6 +87,8 @@ class RunContext:
     client_baselines: dict[Scenario, float | None] = field(default_factory=dict)
     server_watches: dict[str, ProcessWatch] = field(default_factory=dict)
     unsupported: dict[Scenario, str] = field(default_factory=dict)
+    profiler: Profiler | None = None
+    probe_problem: str | None = None  # an admin key was given but the runtime counts failed
 
 
 def _headers_json(key: str) -> dict[str, str]:
@@ -186,15 +195,38 @@ async def run_row(
     return row
 
 
-def schedule(opts: BenchOptions) -> Iterator[tuple[int, str, int, Scenario]]:
+Step = tuple[str, int, Scenario]  # (label, round number (0 = warm-up), scenario)
+
+
+def warmup_steps(opts: BenchOptions) -> list[Step]:
+    """The unrecorded rounds before the measured ones."""
+    return [
+        (f"warm-up {number}", 0, scenario)
+        for number in range(1, opts.warmup + 1)
+        for scenario in opts.scenarios
+    ]
+
+
+def rewarm_steps(opts: BenchOptions) -> list[Step]:
+    """One more warm-up round after the leak baseline (which closed the connections)."""
+    return [("re-warm", 0, scenario) for scenario in opts.scenarios] if opts.warmup else []
+
+
+def measured_steps(opts: BenchOptions) -> list[Step]:
+    """The measured rounds, scenarios in order (direct first)."""
+    return [
+        (f"round {number}", number, scenario)
+        for number in range(1, opts.rounds + 1)
+        for scenario in opts.scenarios
+    ]
+
+
+def schedule(opts: BenchOptions, leaks: bool) -> Iterator[tuple[int, str, int, Scenario]]:
     """(concurrency, label, round number (0 = warm-up), scenario) in run order."""
     for concurrency in opts.concurrency:
-        for number in range(1, opts.warmup + 1):
-            for scenario in opts.scenarios:
-                yield concurrency, f"warm-up {number}", 0, scenario
-        for number in range(1, opts.rounds + 1):
-            for scenario in opts.scenarios:
-                yield concurrency, f"round {number}", number, scenario
+        steps = warmup_steps(opts) + (rewarm_steps(opts) if leaks else []) + measured_steps(opts)
+        for label, round_no, scenario in steps:
+            yield concurrency, label, round_no, scenario
 
 
 async def start_loadgens(ctx: RunContext) -> None:
@@ -235,6 +267,108 @@ async def idle_websockets(ctx: RunContext, outcome: RunOutcome) -> None:
     )
 
 
+async def run_steps(
+    ctx: RunContext, outcome: RunOutcome, concurrency: int, steps: list[Step]
+) -> list[RowRun]:
+    """Run rows in order; keep the measured ones, note problems in the warm-up ones."""
+    rows: list[RowRun] = []
+    for label, round_no, scenario in steps:
+        if round_no > 0 and ctx.profiler is None and ctx.opts.profile is not None:
+            ctx.profiler = await start_profiler(ctx, outcome)
+        row = await run_row(ctx, scenario, concurrency, label, round_no)
+        if round_no > 0:
+            outcome.rows.append(row)
+            rows.append(row)
+        elif row.metrics is not None and (row.metrics.errors or row.metrics.wrong):
+            outcome.warmup_problems.append(
+                f"{label} {scenario.value} c={concurrency}: {row.metrics.errors} errors, "
+                f"{row.metrics.wrong} wrong: {'; '.join(row.metrics.problems)}"
+            )
+        ctx.progress.advance(ctx.rows_task)
+        if row.metrics is not None and ctx.opts.pause_s:
+            await asyncio.sleep(ctx.opts.pause_s)
+    return rows
+
+
+async def runtime_probe(ctx: RunContext, outcome: RunOutcome) -> RuntimeProbe | None:
+    """A reader of the gateway's runtime counts, or None (with a note) when there is none."""
+    admin_key = ctx.endpoints.admin_key
+    if admin_key is None:
+        return None
+    probe = RuntimeProbe(ctx.endpoints.gateway_url, admin_key)
+    try:
+        await probe.read()
+    except ProbeError as exc:
+        outcome.notes.append(f"leak accounting impossible: {exc}")
+        ctx.probe_problem = str(exc)
+        return None
+    return probe
+
+
+async def snapshot(
+    ctx: RunContext, probe: RuntimeProbe, account: LeakAccount, baseline: bool
+) -> None:
+    """Close the clients' connections, let the gateway settle, take its counts."""
+    ctx.progress.update(
+        ctx.requests_task,
+        description=f"c={account.concurrency}: gateway settling, counting what it holds",
+        total=None,
+        completed=0,
+    )
+    await asyncio.gather(*(g.release() for g in ctx.loadgens.values()))
+    try:
+        taken = await settle(
+            probe.read, ctx.opts.settle_s, baseline=None if baseline else account.before
+        )
+    except ProbeError as exc:
+        account.problems.append(f"no runtime counts {'before' if baseline else 'after'}: {exc}")
+        return
+    gateway = ctx.server_watches.get(GATEWAY)
+    taken.rss_mib = None if gateway is None else gateway.rss_mib()
+    if baseline:
+        account.before = taken
+    else:
+        account.after = taken
+    counts = ", ".join(f"{k} {v}" for k, v in taken.counts.items())
+    ctx.console.print(
+        f"{'before' if baseline else 'after':<9} c={account.concurrency:<5} pid {taken.pid}: "
+        f"{counts} ({taken.waited_s:.1f} s)",
+        highlight=False,
+    )
+
+
+async def measure_concurrency(
+    ctx: RunContext, outcome: RunOutcome, concurrency: int, probe: RuntimeProbe | None
+) -> None:
+    """Warm-up, leak baseline, re-warm, measured rounds, leak count at one concurrency."""
+    opts = ctx.opts
+    gateway = ctx.server_watches.get(GATEWAY)
+    account = LeakAccount(concurrency)
+    if ctx.probe_problem is not None:
+        account.problems.append(f"leak accounting impossible: {ctx.probe_problem}")
+    if probe is not None or gateway is not None or ctx.probe_problem is not None:
+        outcome.leaks.append(account)
+    await run_steps(ctx, outcome, concurrency, warmup_steps(opts))
+    if probe is not None:
+        await snapshot(ctx, probe, account, baseline=True)
+        await run_steps(ctx, outcome, concurrency, rewarm_steps(opts))
+    if gateway is not None:
+        account.rss_after_warmup_mib = gateway.rss_mib()
+    rss = (lambda: None) if gateway is None else gateway.rss_mib
+    peaks = None if probe is None else asyncio.create_task(poll_peaks(probe.read, account, rss))
+    try:
+        rows = await run_steps(ctx, outcome, concurrency, measured_steps(opts))
+    finally:
+        if peaks is not None:
+            peaks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await peaks
+    measured = [p for r in rows if (p := r.peak_rss_mib(GATEWAY)) is not None]
+    account.rss_peak_mib = max(measured) if measured else None
+    if probe is not None:
+        await snapshot(ctx, probe, account, baseline=False)
+
+
 async def measure(ctx: RunContext, outcome: RunOutcome) -> None:
     """Start the load generators, run the idle sockets and every row, stop the generators."""
     ends = ctx.endpoints
@@ -244,30 +378,19 @@ async def measure(ctx: RunContext, outcome: RunOutcome) -> None:
         )
     if ends.upstream_pid is not None:
         ctx.server_watches[UPSTREAM] = ProcessWatch(ends.upstream_pid)
-    profiler: Profiler | None = None
     try:
         await start_loadgens(ctx)
+        probe = await runtime_probe(ctx, outcome)
         if ctx.opts.idle_websockets:
             await idle_websockets(ctx, outcome)
-        steps = list(schedule(ctx.opts))
-        ctx.progress.update(ctx.rows_task, total=len(steps))
-        for concurrency, label, round_no, scenario in steps:
-            if round_no > 0 and profiler is None and ctx.opts.profile is not None:
-                profiler = await start_profiler(ctx, outcome)
-            row = await run_row(ctx, scenario, concurrency, label, round_no)
-            if round_no > 0:
-                outcome.rows.append(row)
-            elif row.metrics is not None and (row.metrics.errors or row.metrics.wrong):
-                outcome.warmup_problems.append(
-                    f"{label} {scenario.value} c={concurrency}: {row.metrics.errors} errors, "
-                    f"{row.metrics.wrong} wrong: {'; '.join(row.metrics.problems)}"
-                )
-            ctx.progress.advance(ctx.rows_task)
-            if row.metrics is not None and ctx.opts.pause_s:
-                await asyncio.sleep(ctx.opts.pause_s)
+        ctx.progress.update(
+            ctx.rows_task, total=len(list(schedule(ctx.opts, leaks=probe is not None)))
+        )
+        for concurrency in ctx.opts.concurrency:
+            await measure_concurrency(ctx, outcome, concurrency, probe)
     finally:
-        if profiler is not None:
-            await profiler.stop()
+        if ctx.profiler is not None:
+            await ctx.profiler.stop()
         await asyncio.gather(*(g.stop() for g in ctx.loadgens.values()), return_exceptions=True)
 
 
@@ -421,7 +544,7 @@ def finish(outcome: RunOutcome, out_dir: Path, console: Console) -> None:
     negotiated = [r.compression for r in outcome.rows if r.compression is not None]
     outcome.ws_compression_negotiated = any(negotiated) if negotiated else None
     if opts.check:
-        outcome.check = check(outcome.records, opts)
+        outcome.check = check(outcome.records, opts, outcome.leaks)
     outcome.exit_code = exit_code(outcome)
     out_dir.mkdir(parents=True, exist_ok=True)
     report.print_tables(outcome, console)

@@ -102,11 +102,13 @@ class ServerProcess:
             popen.wait(timeout=5)
 
 
-def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+def http_get(
+    url: str, headers: dict[str, str] | None = None, timeout_s: float = 2.0
+) -> tuple[int, bytes]:
     """GET ``url``: (status, body), or (0, b"") when nothing answers."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
         return int(exc.code), b""
@@ -152,9 +154,32 @@ upstream_model = "{UPSTREAM_MODEL}"
 """
 
 
-def create_key(config: Path, data_dir: Path) -> str:
+def stream_limit(opts: BenchOptions) -> int:
+    """The ``--max-streams`` of the key bench makes: twice the highest concurrency.
+
+    The in-process limiter counts a key's stream slots only when the key has a limit, so the
+    key gets one, and it must never refuse a request of the run. Each user has one stream open
+    at a time and the gateway frees a slot before the client sees the stream end, so the
+    concurrency itself would do; twice it leaves room for streams a client gave up on
+    (``--timeout-s``) that the gateway has not cancelled yet.
+    """
+    return 2 * max(opts.concurrency)
+
+
+def create_key(
+    config: Path,
+    data_dir: Path,
+    *,
+    name: str = "bench",
+    admin: bool = False,
+    max_streams: int | None = None,
+) -> str:
     """``tokenwire keys create``; the key is the last line it prints."""
-    argv = [*tokenwire_argv(), "keys", "create", "--name", "bench"]
+    argv = [*tokenwire_argv(), "keys", "create", "--name", name]
+    if admin:
+        argv.append("--admin")
+    if max_streams is not None:
+        argv += ["--max-streams", str(max_streams)]
     argv += ["--config", str(config), "--data-dir", str(data_dir)]
     done = subprocess.run(argv, capture_output=True, text=True, env=clean_env(), check=False)
     if done.returncode != 0:
@@ -186,6 +211,8 @@ class Endpoints:
     gateway_pid: int | None
     upstream_pid: int | None
     gateway_children: bool = False  # sample the gateway's child processes too (granian)
+    admin_key: str | None = None  # reads GET /v1/admin/runtime (leak accounting)
+    key_max_streams: int | None = None  # the stream limit of the key bench made
     notes: list[str] = field(default_factory=list)
 
 
@@ -208,12 +235,20 @@ class ServerStack:
         wait_until(lambda: http_get(url + "/v1/models")[0] == 200, server, "/v1/models", 30)
         return server
 
-    def start_gateway(self, upstream: str, opts: BenchOptions) -> tuple[ServerProcess, str, str]:
-        """Write the config, create a key, start the gateway; (process, base URL, key)."""
+    def start_gateway(
+        self, upstream: str, opts: BenchOptions
+    ) -> tuple[ServerProcess, str, str, str]:
+        """Write the config, create the keys, start the gateway.
+
+        Returns (process, base URL, API key, admin key). The API key has a stream limit
+        (:func:`stream_limit`) so that its stream slots are counted; the admin key reads
+        ``GET /v1/admin/runtime``.
+        """
         config = self.workdir / "gateway.toml"
         config.write_text(gateway_config(upstream, opts))
         data_dir = self.workdir / "data"
-        key = create_key(config, data_dir)
+        key = create_key(config, data_dir, max_streams=stream_limit(opts))
+        admin_key = create_key(config, data_dir, name="bench-admin", admin=True)
         port = free_port()
         env: dict[str, str] = {}
         if opts.gateway_server == "granian":
@@ -231,14 +266,14 @@ class ServerStack:
         self.servers.append(server)
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: gateway_ready(url, key, DEFAULT_MODEL), server, "/v1/models", limit_s=60)
-        return server, url, key
+        return server, url, key, admin_key
 
     def start(self, opts: BenchOptions) -> Endpoints:
         """Start what ``opts`` needs: both servers, or an upstream for a target's direct row."""
         if opts.target is None:
             upstream = self.start_upstream(opts)
             upstream_url = f"http://127.0.0.1:{_port_of(upstream)}"
-            gateway, url, key = self.start_gateway(upstream_url, opts)
+            gateway, url, key, admin_key = self.start_gateway(upstream_url, opts)
             return Endpoints(
                 mode="started",
                 gateway_url=url,
@@ -248,6 +283,8 @@ class ServerStack:
                 gateway_pid=gateway.pid,
                 upstream_pid=upstream.pid,
                 gateway_children=opts.gateway_server == "granian",
+                admin_key=admin_key,
+                key_max_streams=stream_limit(opts),
             )
         endpoints = Endpoints(
             mode="target",
@@ -257,6 +294,7 @@ class ServerStack:
             upstream_url=None if opts.upstream is None else base_url(opts.upstream),
             gateway_pid=opts.target_pid,
             upstream_pid=None,
+            admin_key=opts.admin_key,
         )
         if opts.start_upstream:
             upstream = self.start_upstream(opts)
@@ -278,6 +316,10 @@ class ServerStack:
             )
         if opts.target_pid is None:
             endpoints.notes.append("server CPU and RSS not sampled: no --target-pid")
+        if opts.admin_key is None:
+            endpoints.notes.append(
+                "leak accounting skipped: no --admin-key to read GET /v1/admin/runtime"
+            )
         return endpoints
 
     def stop(self) -> None:
