@@ -239,6 +239,34 @@ class LeakAccount:
             return None
         return (peak - warm) / warm * 100
 
+    @property
+    def rss_trend_mib_per_min(self) -> float | None:
+        """The slope of the gateway's RSS over the second half of the measured rows, MiB/min.
+
+        Context for the growth figure: a leak keeps climbing to the end, while a working set
+        that grew once (the first time the load took its steady shape) stays flat.
+        """
+        points = [
+            (t, r)
+            for t, r in zip(
+                self.timeline.get("t_s", []), self.timeline.get("rss_mib", []), strict=True
+            )
+            if t is not None and r is not None
+        ]
+        if len(points) < 3:
+            return None
+        half = points[-1][0] / 2
+        late = [(t, r) for t, r in points if t >= half]
+        if len(late) < 3:
+            return None
+        mean_t = sum(t for t, _ in late) / len(late)
+        mean_r = sum(r for _, r in late) / len(late)
+        spread = sum((t - mean_t) ** 2 for t, _ in late)
+        if spread <= 0:
+            return None
+        slope = sum((t - mean_t) * (r - mean_r) for t, r in late) / spread
+        return slope * 60
+
     def note_peaks(
         self, sample: dict[str, Any], t_s: float | None = None, rss_mib: float | None = None
     ) -> None:

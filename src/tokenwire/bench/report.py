@@ -243,6 +243,7 @@ def leak_json(account: LeakAccount, max_rss_growth_pct: float) -> dict[str, Any]
         "rss_after_warmup_mib": _round(account.rss_after_warmup_mib, 1),
         "rss_peak_mib": _round(account.rss_peak_mib, 1),
         "rss_growth_pct": _round(account.rss_growth_pct, 2),
+        "rss_trend_mib_per_min": _round(account.rss_trend_mib_per_min, 3),
         "problems": account.problems,
     }
 
@@ -436,11 +437,12 @@ def _int_cell(value: int | None, signed: bool = False) -> str:
 
 def rss_line(account: LeakAccount, max_growth_pct: float) -> str:
     """The gateway's RSS after the warm-up, its peak in the measured rows, the growth."""
-    growth = account.rss_growth_pct
+    growth, trend = account.rss_growth_pct, account.rss_trend_mib_per_min
     return (
         f"gateway RSS {_cell(account.rss_after_warmup_mib)} MiB at the end of the warm-up, peak "
         f"{_cell(account.rss_peak_mib)} MiB in the measured rows: "
         f"{'-' if growth is None else f'{growth:+.1f}'} % (limit {max_growth_pct:g} %)"
+        + ("" if trend is None else f"; {trend:+.2f} MiB/min over the second half of the rows")
     )
 
 
