@@ -93,6 +93,34 @@ async def test_concurrent_lookups_share_one_query_and_revoke_clears_cache(tmp_pa
         await engine.dispose()
 
 
+async def test_rechecking_a_key_by_id_is_cached_and_single_flight(tmp_path: Path) -> None:
+    """1,000 WebSocket requests re-checking one key at once cost one query (the 1,000-socket
+    bench regressed when each cache miss read the database); a local revoke counts at once."""
+    import asyncio
+
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    queries: list[str] = []
+
+    @sa.event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if "FROM api_keys" in statement:
+            queries.append(statement)
+
+    try:
+        await migrate(engine)
+        store = KeyStore(engine, b"s", cache_ttl_s=60)
+        record, _ = await store.create("socket")
+        queries.clear()
+        results = await asyncio.gather(*(store.current(record) for _ in range(1000)))
+        assert results == [record] * 1000
+        assert len(queries) == 1
+        assert await store.current(record) == record and len(queries) == 1
+        await store.revoke(record.id)
+        assert await store.current(record) is None
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.parametrize("change", ["revoke", "rotate", "expire"])
 async def test_a_lookup_begun_before_a_change_does_not_outlive_it(
     change: str, tmp_path: Path

@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +122,82 @@ class KeyLimits:
         }
 
 
+Lookup = Callable[[str], Awaitable["KeyRecord | None"]]
+
+
+class _RecordCache:
+    """Key records by one lookup name (a digest, an id), cached ``ttl_s``, single-flight.
+
+    Concurrent lookups of one name share a single query; an entry in its second half-life is
+    refreshed in the background, so a key in steady use never waits for the database. A key
+    forgotten (changed here) is dropped, and a lookup already under way neither fills the
+    cache nor answers later requests. Records not found are not cached.
+    """
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._changes = 0  # bumped by forget(): a lookup begun before a change is not cached
+        self._entries: dict[str, tuple[KeyRecord, float]] = {}
+        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+
+    async def get(self, name: str, lookup: Lookup) -> KeyRecord | None:
+        now = self._clock()
+        cached = self._entries.get(name)
+        if cached is not None and cached[1] > now:
+            if cached[1] - now < self._ttl_s / 2 and name not in self._refreshing:
+                self._refreshing[name] = asyncio.get_running_loop().create_task(
+                    self._refresh(name, lookup)
+                )
+            return cached[0]
+        inflight = self._inflight.get(name)
+        if inflight is not None:
+            return await asyncio.shield(inflight)
+        changes = self._changes
+        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
+        self._inflight[name] = future
+        try:
+            record = await lookup(name)
+            future.set_result(record)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            if self._inflight.get(name) is future:
+                del self._inflight[name]
+        self._store(name, record, changes, now)
+        return record
+
+    def _store(self, name: str, record: KeyRecord | None, changes: int, now: float) -> None:
+        if record is None or self._ttl_s <= 0 or changes != self._changes:
+            return
+        if len(self._entries) > 100_000:
+            self._entries.clear()
+        self._entries[name] = (record, now + self._ttl_s)
+
+    async def _refresh(self, name: str, lookup: Lookup) -> None:
+        try:
+            await asyncio.sleep(0.005)  # after the request that noticed the age is admitted
+            changes = self._changes
+            record = await lookup(name)
+        except Exception:  # noqa: BLE001 - the entry expires as usual; a request looks it up
+            return
+        finally:
+            del self._refreshing[name]
+        if record is None:
+            self._entries.pop(name, None)
+        elif name in self._entries:  # not forgotten meanwhile
+            self._store(name, record, changes, self._clock())
+
+    def forget(self, key_id: str) -> None:
+        """Drop every entry of key ``key_id``; lookups under way are not cached."""
+        self._changes += 1
+        self._inflight.clear()
+        self._entries = {n: e for n, e in self._entries.items() if e[0].id != key_id}
+
+
 class KeyStore:
     """Create, list, revoke and authenticate API keys.
 
@@ -146,11 +222,8 @@ class KeyStore:
         self._secret = server_secret
         self._ttl_s = cache_ttl_s
         self._clock = clock
-        self._changes = 0  # bumped by forget(): a lookup begun before a change is not cached
-        self._cache: dict[str, tuple[KeyRecord, float]] = {}
-        self._by_id: dict[str, tuple[KeyRecord | None, float]] = {}  # for current()
-        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
-        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._by_digest = _RecordCache(cache_ttl_s, clock)  # authenticate()
+        self._by_id = _RecordCache(cache_ttl_s, clock)  # current()
 
     def digest(self, plaintext: str) -> str:
         """The stored form of a key."""
@@ -264,20 +337,10 @@ class KeyStore:
 
     async def current(self, record: KeyRecord) -> KeyRecord | None:
         """``record`` as it stands now, if still active (a revoked, expired or deleted key:
-        None): for a WebSocket authenticated earlier, before each request. Cached by id like
-        :meth:`authenticate`, so a change here counts at once, another process's within the
-        cache TTL."""
-        now = self._clock()
-        cached = self._by_id.get(record.id)
-        if cached is not None and cached[1] > now:
-            fresh = cached[0]
-        else:
-            changes = self._changes
-            fresh = await self.get(record.id)
-            if self._ttl_s > 0 and changes == self._changes:
-                if len(self._by_id) > 100_000:
-                    self._by_id.clear()
-                self._by_id[record.id] = (fresh, now + self._ttl_s)
+        None): for a WebSocket authenticated earlier, before each request. Cached by id as
+        :meth:`authenticate` caches by digest, so a change here counts at once, another
+        process's within the cache TTL."""
+        fresh = await self._by_id.get(record.id, self.get)
         if fresh is None or not fresh.is_active(time.time()):
             return None
         return fresh
@@ -295,56 +358,10 @@ class KeyStore:
         """The active key with this secret, or None."""
         if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 200:
             return None
-        digest = self.digest(plaintext)
-        cached = self._cache.get(digest)
-        now = self._clock()
-        if cached is not None and cached[1] > now:
-            record: KeyRecord | None = cached[0]
-            if cached[1] - now < self._ttl_s / 2 and digest not in self._refreshing:
-                # Refresh ahead, off the request path: a key in steady use never waits for
-                # the database, and a revocation still takes effect within the TTL.
-                self._refreshing[digest] = asyncio.get_running_loop().create_task(
-                    self._refresh(digest)
-                )
-        else:
-            inflight = self._inflight.get(digest)
-            if inflight is not None:
-                record = await asyncio.shield(inflight)
-            else:
-                changes = self._changes
-                future = asyncio.get_running_loop().create_future()
-                self._inflight[digest] = future
-                try:
-                    record = await self._lookup(digest)
-                    future.set_result(record)
-                except BaseException as exc:
-                    future.set_exception(exc)
-                    future.exception()  # retrieved: waiters re-raise it themselves
-                    raise
-                finally:
-                    if self._inflight.get(digest) is future:
-                        del self._inflight[digest]
-                if record is not None and self._ttl_s > 0 and changes == self._changes:
-                    if len(self._cache) > 100_000:
-                        self._cache.clear()
-                    self._cache[digest] = (record, now + self._ttl_s)
+        record = await self._by_digest.get(self.digest(plaintext), self._lookup)
         if record is None or not record.is_active(time.time()):
             return None
         return record
-
-    async def _refresh(self, digest: str) -> None:
-        try:
-            await asyncio.sleep(0.005)  # after the request that noticed the age is admitted
-            changes = self._changes
-            record = await self._lookup(digest)
-        except Exception:  # noqa: BLE001 - the entry expires as usual; a request looks it up
-            return
-        finally:
-            del self._refreshing[digest]
-        if record is None:
-            self._cache.pop(digest, None)
-        elif digest in self._cache and changes == self._changes:  # nothing changed meanwhile
-            self._cache[digest] = (record, self._clock() + self._ttl_s)
 
     async def _lookup(self, digest: str) -> KeyRecord | None:
         with database_errors("checking the API key"):
@@ -360,7 +377,5 @@ class KeyStore:
         Lookups under way may have read the row before the change: they are not cached, and
         requests from now on start their own instead of waiting for them.
         """
-        self._changes += 1
-        self._inflight.clear()
-        self._by_id.pop(key_id, None)
-        self._cache = {d: v for d, v in self._cache.items() if v[0].id != key_id}
+        self._by_digest.forget(key_id)
+        self._by_id.forget(key_id)
