@@ -7,6 +7,7 @@ taken as soon as it is quiet, without waiting for its idle upstream connections 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -368,6 +369,27 @@ def test_target_mode_measures_a_running_gateway(tmp_path: Path) -> None:
     assert document["options"]["admin_key"] == gateway.admin_key[:6] + "…"
     written = (out / "results.json").read_text()
     assert gateway.admin_key not in written and gateway.api_key not in written
+
+
+def test_warmup_s_keeps_the_warm_up_load_going(tmp_path: Path) -> None:
+    """--warmup-s: the warm-up round sends requests for that long (a soak's baseline is the
+    steady state), not one per user: the gateway bills far more than the measured requests."""
+    out = tmp_path / "out"
+    with GatewayServer(tmp_path / "gw", overrides=proxy_config("http://127.0.0.1:9")) as gateway:
+        done = run_bench(
+            *("--target", gateway.base_url, "--key", gateway.api_key, "--model", "sim"),
+            *("--scenarios", "sse", "--concurrency", "2", "--tokens", str(TOKENS)),
+            *("--warmup-s", "0.5", "--pause-s", "0", "--no-plots", "--out", str(out)),
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        async def rows() -> int:
+            return len(await gateway.state.ledger.rows(key_id=gateway.api_key_id))
+
+        billed = asyncio.run_coroutine_threadsafe(rows(), gateway.loop_of_server()).result()
+    assert billed > 10  # 2 users for 0.5 s of warm-up, then 2 measured requests
+    assert records_by_key(load_results(out))[("sse", 2)]["completed"] == 2
+    assert run_bench("--warmup-s", "0", "--out", str(out)).returncode == 2
 
 
 def test_target_without_websocket_or_upstream_reports_unsupported_and_skipped(

@@ -81,6 +81,15 @@ def bench(
             rich_help_panel=LOAD,
         ),
     ] = 1,
+    warmup_s: Annotated[
+        Optional[float],  # noqa: UP045 - typer needs Optional at runtime
+        typer.Option(
+            "--warmup-s",
+            help="Seconds: each warm-up round keeps the load going this long instead of one "
+            "request per user (a soak's leak and RSS baseline is then the steady state).",
+            rich_help_panel=LOAD,
+        ),
+    ] = None,
     rounds: Annotated[
         int,
         typer.Option(
@@ -245,6 +254,7 @@ def bench(
             ttft_ms=ttft_ms,
             itl_ms=itl_ms,
             warmup=warmup,
+            warmup_s=warmup_s,
             rounds=rounds,
             ramp_s=ramp_s,
             pause_s=pause_s,

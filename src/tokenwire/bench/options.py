@@ -60,6 +60,7 @@ class BenchOptions:
     ttft_ms: float = 20.0
     itl_ms: float = 20.0
     warmup: int = 1
+    warmup_s: float | None = None
     rounds: int = 1
     ramp_s: float = 0.0
     pause_s: float = 0.2
@@ -128,6 +129,7 @@ def validate(opts: BenchOptions) -> None:
         (opts.requests_per_user >= 1, "--requests-per-user", "--requests-per-user must be >= 1"),
         (opts.rounds >= 1, "--rounds", "--rounds must be >= 1"),
         (opts.warmup >= 0, "--warmup", "--warmup must be >= 0"),
+        (opts.warmup_s is None or opts.warmup_s > 0, "--warmup-s", "--warmup-s must be > 0"),
         (opts.ttft_ms >= 0 and opts.itl_ms >= 0, "--ttft-ms", "delays must be >= 0"),
         (opts.ramp_s >= 0, "--ramp-s", "--ramp-s must be >= 0"),
         (opts.pause_s >= 0, "--pause-s", "--pause-s must be >= 0"),

@@ -100,16 +100,25 @@ def _headers_json(key: str) -> dict[str, str]:
 
 
 def row_spec(
-    ctx: RunContext, scenario: Scenario, concurrency: int, tag: str, measured: bool
+    ctx: RunContext,
+    scenario: Scenario,
+    concurrency: int,
+    tag: str,
+    measured: bool,
+    warm_for: float | None = None,
 ) -> RowSpec | str:
-    """The worker's instructions for a row, or why the row cannot run."""
+    """The worker's instructions for a row, or why the row cannot run.
+
+    A warm-up row sends one request per user, or, with ``warm_for`` (``--warmup-s``), keeps
+    the load going that long, so a soak's baseline is taken in the steady state.
+    """
     opts, ends = ctx.opts, ctx.endpoints
     common: dict[str, Any] = {
         "row_id": tag,
         "scenario": scenario.value,
         "concurrency": concurrency,
         "requests_per_user": opts.requests_per_user if measured else 1,
-        "duration_s": opts.duration_s if measured else None,
+        "duration_s": opts.duration_s if measured else warm_for,
         "tokens": opts.tokens,
         "ramp_s": opts.ramp_s,
         "timeout_s": opts.timeout_s,
@@ -159,7 +168,8 @@ async def run_row(
         row.status, row.note = "unsupported", ctx.unsupported[scenario]
         return row
     tag = f"{scenario.value}-c{concurrency}-{label}"
-    spec = row_spec(ctx, scenario, concurrency, tag, measured=round_no > 0)
+    warm_for = ctx.opts.warmup_s if label.startswith("warm-up") else None
+    spec = row_spec(ctx, scenario, concurrency, tag, measured=round_no > 0, warm_for=warm_for)
     if isinstance(spec, str):
         row.status, row.note = "skipped", spec
         return row
