@@ -189,3 +189,47 @@ async def test_rows_neither_the_database_nor_the_disk_takes_stay_in_memory(
         await writer.aclose()
     finally:
         await engine.dispose()
+
+
+async def test_a_batch_spilled_during_a_replay_is_replayed_too(tmp_path: Path) -> None:
+    """A batch written to the outbox while the replay task is busy with an earlier one is
+    replayed by that same task, without another spill or a restart to wake it."""
+    engine, _, key_id = await _books(tmp_path, 10_000)
+
+    class GatedLedger(FlakyLedger):
+        def __init__(self) -> None:
+            super().__init__(engine)
+            self.gate = asyncio.Event()
+            self.replaying = asyncio.Event()  # a replay is inside settle_many, at the gate
+            self.refuse: set[str] = set()
+
+        async def settle_many(self, items: list[tuple[LedgerRow, bool]]) -> set[str]:
+            if {row.completion_id for row, _ in items} & self.refuse:
+                raise OSError("refused")
+            if not self.down:
+                self.replaying.set()
+                await self.gate.wait()
+            return await super().settle_many(items)
+
+    gated = GatedLedger()
+    try:
+        outbox = LedgerOutbox(tmp_path / "outbox")
+        writer = LedgerWriter(gated, outbox, retry_delays_s=(0.0,))
+        gated.down = True
+        await writer.settle(row("first", key_id, 100), reserved=False)  # spilled
+        gated.down = False  # the replay of "first" will wait at the gate
+        gated.refuse.add("second")
+        async with asyncio.timeout(5):
+            await gated.replaying.wait()  # the replay has listed the outbox: only "first"
+            await writer.settle(row("second", key_id, 200), reserved=False)  # spilled too
+        assert len(outbox.files()) == 2
+        gated.refuse.clear()
+        gated.gate.set()
+        async with asyncio.timeout(10):
+            while outbox.files():  # noqa: ASYNC110 - files on disk; no event to wait on
+                await asyncio.sleep(0.05)
+        ids = {r.completion_id for r in await gated.rows(key_id=key_id)}
+        assert ids == {"first", "second"}
+        await writer.aclose()
+    finally:
+        await engine.dispose()

@@ -125,8 +125,16 @@ class LedgerWriter:
         while True:
             await asyncio.sleep(delay)
             if await self.replay():
-                return
-            delay = min(_REPLAY_MAX_S, delay * 2)
+                if not self._pending():
+                    return  # nothing came in meanwhile (a later spill starts a new loop)
+                delay = _REPLAY_MIN_S  # a batch spilled while this one was replayed
+            else:
+                delay = min(_REPLAY_MAX_S, delay * 2)
+
+    def _pending(self) -> bool:
+        """Whether anything waits to be replayed (checked with no await before returning, so a
+        spill either is seen here or finds the loop ended and starts another)."""
+        return bool(self._held) or (self._outbox is not None and bool(self._outbox.files()))
 
     async def replay(self) -> bool:
         """Settle what the outbox and memory hold; True when nothing is left.
