@@ -27,6 +27,7 @@ where they occur and never leave it.
     ├── ProviderUnavailable           503 provider_unavailable  (not configured / not built)
     ├── StreamStoreUnavailable        503 stream_store_unavailable (Redis, for shared streams)
     ├── DatabaseUnavailable           503 database_unavailable  (keys and credits cannot be read)
+    ├── LimiterUnavailable            503 rate_limiter_unavailable (Redis, for shared limits)
     ├── UpstreamError                 502 upstream_error        (retryable)
     │   ├── UpstreamTimeout           504 upstream_timeout
     │   ├── UpstreamAuthError         502 upstream_auth_error   (the operator's provider key
@@ -228,6 +229,14 @@ class DatabaseUnavailable(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class LimiterUnavailable(GatewayError):
+    """The shared rate-limit store (Redis) cannot be reached."""
+
+    status = 503
+    type = "api_error"
+    default_code = "rate_limiter_unavailable"
 
 
 class ProviderUnavailable(GatewayError):

@@ -20,10 +20,11 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tokenwire.errors import LimiterUnavailable
 from tokenwire.limits import redis as redis_limits
 from tokenwire.limits.base import Admission, LimitExceeded, LimitSpec, RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
-from tokenwire.limits.redis import LimiterUnavailable, RedisRateLimiter, redact_url
+from tokenwire.limits.redis import RedisRateLimiter, redact_url
 from tokenwire.testing_services import PrivateRedis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

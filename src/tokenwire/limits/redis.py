@@ -39,7 +39,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from tokenwire.errors import GatewayError
+from tokenwire.errors import LimiterUnavailable
 from tokenwire.limits.base import (
     Admission,
     BucketState,
@@ -180,14 +180,6 @@ if g[1] == 1 and ARGV[3] == '1' then store(KEYS[1], now, g[2]) end
 return {fmt(g[1]), fmt(g[3])}
 """
 )
-
-
-class LimiterUnavailable(GatewayError):
-    """The shared rate-limit store (Redis) cannot be reached."""
-
-    status = 503
-    type = "api_error"
-    default_code = "rate_limiter_unavailable"
 
 
 def redact_url(url: str) -> str:
