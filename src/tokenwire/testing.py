@@ -10,7 +10,10 @@ its own thread and event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,6 +58,31 @@ kind = "sim"
 ttft_ms = {ttft_ms}
 itl_ms = {itl_ms}
 """
+
+
+@dataclass
+class SSEAnswer:
+    """What a client read from one streamed chat completion."""
+
+    text: str = ""
+    done: bool = False  # ``data: [DONE]`` arrived
+    errors: list[dict[str, Any]] = field(default_factory=list)  # in-band ``{"error": …}``
+
+
+async def read_sse_answer(lines: AsyncIterator[bytes]) -> SSEAnswer:
+    """Read a chat-completions SSE body (e.g. an aiohttp ``response.content``) to its end."""
+    answer = SSEAnswer()
+    async for line in lines:
+        data = line.decode().strip().removeprefix("data: ")
+        if data == "[DONE]":
+            answer.done = True
+        elif data.startswith("{"):
+            chunk = json.loads(data)
+            if "error" in chunk:
+                answer.errors.append(chunk["error"])
+            elif chunk["choices"]:
+                answer.text += chunk["choices"][0]["delta"].get("content") or ""
+    return answer
 
 
 class ServerThread:

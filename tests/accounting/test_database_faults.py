@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from tokenwire.providers.sim import plan
 from tokenwire.storage.tables import reservations
-from tokenwire.testing import FAST_SIM, GatewayServer, paced_sim, priced_model
+from tokenwire.testing import FAST_SIM, GatewayServer, paced_sim, priced_model, read_sse_answer
 from tokenwire.testing_services import PrivateDatabase
 from tokenwire.wire.schema import decode_chat_request
 
@@ -71,21 +71,11 @@ async def one_stream(
                 error = (await response.json())["error"]
                 out.refused.append((response.status, error["code"]))
                 return
-            text, done = "", False
-            async for line in response.content:
-                data = line.decode().strip().removeprefix("data: ")
-                if data == "[DONE]":
-                    done = True
-                elif data.startswith("{"):
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        out.broken.append(f"in-band error {chunk['error']}")
-                    elif chunk["choices"]:
-                        text += chunk["choices"][0]["delta"].get("content") or ""
+            answer = await read_sse_answer(response.content)
             stream_id = response.headers["x-stream-id"]
-            if not done or text != expected_text(i):
-                out.broken.append(f"{stream_id}: incomplete answer")
-            out.served[stream_id] = text
+            if answer.errors or not answer.done or answer.text != expected_text(i):
+                out.broken.append(f"{stream_id}: {answer}")
+            out.served[stream_id] = answer.text
     except (aiohttp.ClientError, TimeoutError) as exc:
         out.broken.append(repr(exc))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -65,10 +66,9 @@ def test_server_secret_file_is_private_and_stable(tmp_path: Path) -> None:
     assert load_server_secret(tmp_path, env={"TOKENWIRE_SECRET": "s3"}) == b"s3"
 
 
-async def test_concurrent_lookups_share_one_query_and_revoke_clears_cache(tmp_path: Path) -> None:
-    """50 simultaneous authentications of one key cost one query; a local revoke takes effect at once."""
-    import asyncio
-
+@pytest.fixture
+async def counted(tmp_path: Path) -> AsyncIterator[tuple[KeyStore, list[str]]]:
+    """A key store with a 60 s cache, and the api_keys queries it sends (cleared by tests)."""
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
     queries: list[str] = []
 
@@ -79,46 +79,41 @@ async def test_concurrent_lookups_share_one_query_and_revoke_clears_cache(tmp_pa
 
     try:
         await migrate(engine)
-        store = KeyStore(engine, b"s", cache_ttl_s=60)
-        record, plaintext = await store.create("burst")
-        queries.clear()
-        results = await asyncio.gather(*(store.authenticate(plaintext) for _ in range(50)))
-        assert results == [record] * 50
-        assert len(queries) == 1
-        assert await store.authenticate(plaintext) == record
-        assert len(queries) == 1  # served from the cache
-        await store.revoke(record.id)
-        assert await store.authenticate(plaintext) is None
+        yield KeyStore(engine, b"s", cache_ttl_s=60), queries
     finally:
         await engine.dispose()
 
 
-async def test_rechecking_a_key_by_id_is_cached_and_single_flight(tmp_path: Path) -> None:
+async def test_concurrent_lookups_share_one_query_and_revoke_clears_cache(
+    counted: tuple[KeyStore, list[str]],
+) -> None:
+    """50 simultaneous authentications of one key cost one query; a local revoke takes effect at once."""
+    store, queries = counted
+    record, plaintext = await store.create("burst")
+    queries.clear()
+    results = await asyncio.gather(*(store.authenticate(plaintext) for _ in range(50)))
+    assert results == [record] * 50
+    assert len(queries) == 1
+    assert await store.authenticate(plaintext) == record
+    assert len(queries) == 1  # served from the cache
+    await store.revoke(record.id)
+    assert await store.authenticate(plaintext) is None
+
+
+async def test_rechecking_a_key_by_id_is_cached_and_single_flight(
+    counted: tuple[KeyStore, list[str]],
+) -> None:
     """1,000 WebSocket requests re-checking one key at once cost one query (the 1,000-socket
     bench regressed when each cache miss read the database); a local revoke counts at once."""
-    import asyncio
-
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
-    queries: list[str] = []
-
-    @sa.event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-        if "FROM api_keys" in statement:
-            queries.append(statement)
-
-    try:
-        await migrate(engine)
-        store = KeyStore(engine, b"s", cache_ttl_s=60)
-        record, _ = await store.create("socket")
-        queries.clear()
-        results = await asyncio.gather(*(store.current(record) for _ in range(1000)))
-        assert results == [record] * 1000
-        assert len(queries) == 1
-        assert await store.current(record) == record and len(queries) == 1
-        await store.revoke(record.id)
-        assert await store.current(record) is None
-    finally:
-        await engine.dispose()
+    store, queries = counted
+    record, _ = await store.create("socket")
+    queries.clear()
+    results = await asyncio.gather(*(store.current(record) for _ in range(1000)))
+    assert results == [record] * 1000
+    assert len(queries) == 1
+    assert await store.current(record) == record and len(queries) == 1
+    await store.revoke(record.id)
+    assert await store.current(record) is None
 
 
 @pytest.mark.parametrize("change", ["revoke", "rotate", "expire"])

@@ -31,7 +31,7 @@ from tokenwire.accounting.keys import KeyLimits
 from tokenwire.limits.redis import RedisRateLimiter
 from tokenwire.providers.sim import plan
 from tokenwire.storage.tables import reservations
-from tokenwire.testing import FAST_SIM, GatewayServer, paced_sim, priced_model
+from tokenwire.testing import FAST_SIM, GatewayServer, paced_sim, priced_model, read_sse_answer
 from tokenwire.testing_services import PrivateRedis
 from tokenwire.wire.schema import decode_chat_request
 
@@ -87,25 +87,15 @@ async def one(http: aiohttp.ClientSession, gw: GatewayServer, key: str, i: int, 
                 error = (await response.json())["error"]
                 seen.refused.append((response.status, error["code"], time.monotonic() - started))
                 return
-            text, done, failed = "", False, False
-            async for line in response.content:
-                data = line.decode().strip().removeprefix("data: ")
-                if data == "[DONE]":
-                    done = True
-                elif data.startswith("{"):
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        failed = True
-                    elif chunk["choices"]:
-                        text += chunk["choices"][0]["delta"].get("content") or ""
+            answer = await read_sse_answer(response.content)
             stream_id = response.headers["x-stream-id"]
             expected = plan(decode_chat_request(json.dumps(body(i)).encode())).text
-            if failed and done:
+            if answer.errors and answer.done:
                 seen.cut.append(stream_id)
-            elif done and text == expected:
-                seen.served[stream_id] = text
+            elif answer.done and answer.text == expected:
+                seen.served[stream_id] = answer.text
             else:
-                seen.broken.append(f"{stream_id}: done={done} text={text!r}")
+                seen.broken.append(f"{stream_id}: {answer}")
     except (aiohttp.ClientError, TimeoutError) as exc:
         seen.broken.append(repr(exc))
 
