@@ -52,8 +52,6 @@ from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import StreamStore
 from tokenwire.wire.schema import ChatRequest
 
-__all__ = ["CompletionService", "Transport", "estimate_prompt_tokens", "new_completion_id"]
-
 log = logging.getLogger("tokenwire.completions")
 Transport = Literal["sse", "ws", "json"]
 

@@ -11,7 +11,7 @@ Admission needs two prompt sizes:
   tools, bound the prompt; and no prompt is larger than the model's context.
 
 The answer is bounded by the admitted output limit, which providers send upstream and the
-Generation enforces. What is billed never exceeds what was reserved (``pricing.charge``):
+Generation enforces. What is billed never exceeds what was reserved (``CompletionService``):
 the bound makes that cap a formality, and a stream whose early prompt count shows the
 reservation would not cover its full answer stops at the budget (``completion_budget``).
 """
@@ -65,15 +65,14 @@ def _content_bound(content: str | list[Any] | None) -> int:
 
 def _message_bound(message: schema.Message) -> int:
     total = MESSAGE_OVERHEAD_TOKENS + _content_bound(message.content)
-    if not isinstance(message, schema.ToolMessage):
-        total += _utf8(message.name)
+    if isinstance(message, schema.ToolMessage):
+        return total + _utf8(message.tool_call_id)
+    total += _utf8(message.name)
     if isinstance(message, schema.AssistantMessage):
         total += _utf8(message.refusal)
         for call in message.tool_calls or ():
             total += MESSAGE_OVERHEAD_TOKENS + _utf8(call.id)
             total += _utf8(call.function.name) + _utf8(call.function.arguments)
-    else:
-        total += _utf8(getattr(message, "tool_call_id", None))
     return total
 
 

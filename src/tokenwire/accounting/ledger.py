@@ -33,8 +33,8 @@ from tokenwire.errors import InsufficientQuota, NotFound
 from tokenwire.storage.engine import database_errors
 from tokenwire.storage.tables import api_keys, credit_events, reservations, usage_ledger
 
-LEDGER_STATUSES = ("completed", "cancelled", "client_disconnected", "upstream_error", "abandoned")
 ABANDONED = "abandoned"
+LEDGER_STATUSES = ("completed", "cancelled", "client_disconnected", "upstream_error", ABANDONED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,39 +137,16 @@ class Ledger:
     async def settle(self, row: LedgerRow, *, reserved: bool = True) -> bool:
         """Write the ledger row and settle its reservation, once. True if this call did it.
 
-        ``reserved=False`` (a free model, nothing was held) makes it a single ``INSERT``.
+        ``reserved=False``: a free model, nothing was held. One row of :meth:`settle_many`.
         """
-        async with self._engine.begin() as conn:
-            inserted = await conn.execute(
-                _insert_ignoring_duplicates(conn, usage_ledger).values(**asdict(row))
-            )
-            if inserted.rowcount == 0:
-                return False  # already settled: a replay changes nothing
-            held = None
-            if reserved:
-                held = await conn.scalar(
-                    sa.select(reservations.c.amount_micro).where(
-                        reservations.c.completion_id == row.completion_id
-                    )
-                )
-            if held is not None:
-                await conn.execute(
-                    reservations.delete().where(reservations.c.completion_id == row.completion_id)
-                )
-            refund = int(held or 0) - row.cost_micro
-            if refund:
-                await conn.execute(
-                    api_keys.update()
-                    .where(api_keys.c.id == row.key_id)
-                    .values(balance_micro=api_keys.c.balance_micro + refund)
-                )
-        return True
+        return row.completion_id in await self.settle_many([(row, reserved)])
 
     async def settle_many(self, items: list[tuple[LedgerRow, bool]]) -> set[str]:
         """Settle a batch of (row, reserved) in one transaction; returns the ids written now.
 
-        The same rules as :meth:`settle`, row by row: a completion id already in the ledger
-        changes nothing; each new row releases its reservation and refunds ``held - cost``.
+        Row by row: a completion id already in the ledger changes nothing (except an
+        ``abandoned`` row, which the real one replaces); each new row releases its reservation
+        and refunds ``held - cost``.
         """
         if not items:
             return set()
