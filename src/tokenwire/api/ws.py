@@ -285,7 +285,7 @@ class WSSession:
             except proto.RequestFailed as exc:
                 await self._report(exc.error, exc.request_id, compatible=False)
             except Exception as exc:  # noqa: BLE001 - logged; fails this message, not the socket
-                await self._send(proto.error_message(_as_gateway_error(exc, "a message")))
+                await self._report(_as_gateway_error(exc, "a message"), None, compatible=False)
 
     async def _authenticate(self, message: proto.ClientMessage) -> None:
         if not isinstance(message, proto.AuthMessage):
@@ -434,8 +434,7 @@ class WSSession:
         try:
             await self._stream_envelope(request_id, generation, after)
         except Exception as exc:  # noqa: BLE001 - logged; ends this request, not the socket
-            error = _as_gateway_error(exc, request_id)
-            await self._send(proto.error_message(error, request_id))
+            await self._report(_as_gateway_error(exc, request_id), request_id, compatible=False)
 
     async def _stream_envelope(self, request_id: str, generation: StreamSource, after: int) -> None:
         include_usage = generation.include_usage
@@ -479,24 +478,21 @@ class WSSession:
             self._compat_busy = True
             try:
                 await self._serve_compatible(item)
-            except Exception as exc:  # noqa: BLE001 - logged; the next request is served
-                await self._send(error_json(_as_gateway_error(exc, "a compatible request")))
-                await self._finish_compatible()
+            except Exception as exc:  # noqa: BLE001 - logged, in order; the next one is served
+                error = _as_gateway_error(exc, "a compatible request")
+                await self._report(error, None, compatible=True)
+                if not isinstance(error, AuthenticationError):  # else the socket closes
+                    await self._finish_compatible()
             finally:
                 self._compat_busy = False
                 self._rearm_idle()
 
     async def _serve_compatible(self, item: dict[str, Any] | GatewayError) -> None:
-        try:
-            if isinstance(item, GatewayError):
-                raise item
-            generation = await self._start(item)
-        except Exception as exc:  # noqa: BLE001 - reported like any refusal, in order
-            error = _as_gateway_error(exc, "a compatible request")
-            await self._report(error, None, compatible=True)
-            if not isinstance(error, AuthenticationError):
-                await self._finish_compatible()
-            return
+        """Stream one compatible-mode request; a refusal or a failure raises (the worker
+        reports it in order)."""
+        if isinstance(item, GatewayError):
+            raise item
+        generation = await self._start(item)
         include_usage = generation.include_usage
         encoder = ChunkEncoder(
             completion_id=generation.id,
