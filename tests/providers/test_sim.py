@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.sim import DEFAULT_TOKENS, SimProvider, plan
 from tokenwire.streams.events import Finish, TextDelta, ToolCallDelta, Usage
@@ -61,3 +64,31 @@ async def test_forced_tool_choice_emits_a_tool_call() -> None:
     assert calls[0].name == "lookup" and calls[0].id
     assert json.loads("".join(c.arguments for c in calls))["query"]
     assert events[-1] == Finish("tool_calls")
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(data=st.data(), max_tokens=st.integers(1, 60))
+def test_stop_sequences_cut_exactly_where_the_whole_text_would(
+    data: st.DataObject, max_tokens: int
+) -> None:
+    """Released token by token, the answer is the whole text cut before the earliest stop
+    sequence (one that starts later but completes first does not win), or all of it."""
+    full = plan(decode_chat_request(req(max_tokens=max_tokens))).text
+    stops = data.draw(
+        st.lists(
+            st.one_of(
+                st.integers(0, len(full) - 1).flatmap(
+                    lambda a: st.integers(a + 1, min(len(full), a + 12)).map(lambda b: full[a:b])
+                ),
+                st.text(alphabet="xyz ", min_size=1, max_size=4),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    cut = plan(decode_chat_request(req(max_tokens=max_tokens, stop=stops)))
+    found = [full.find(s) for s in stops if s in full]
+    if found:
+        assert (cut.text, cut.finish_reason) == (full[: min(found)], "stop")
+    else:
+        assert (cut.text, cut.finish_reason) == (full, "length")
