@@ -1,55 +1,8 @@
-"""Test helpers: private Redis and PostgreSQL servers that tests may break.
-
-Fault tests kill Redis mid-load, cut PostgreSQL connections, make a table unwritable and stop
-the database server. They must never do that to the shared servers on 5432/6379, so each
-helper here starts a server of its own, on a loopback port, in a temp dir it removes again:
-
-``PrivateRedis``
-    ``redis-server`` with no persistence. ``kill`` (SIGKILL) and ``start`` again on the same
-    port, so clients reconnect to the same URL and find an empty server; ``pause``/``resume``
-    (SIGSTOP/SIGCONT) make it hang instead.
-``PrivatePostgres``
-    a throwaway cluster (``initdb``; fsync off, 127.0.0.1 only, trust auth). ``stop`` and
-    ``start`` keep port and data; ``terminate_connections`` kills every client backend;
-    ``unwritable`` makes one table refuse writes while reads still work. Starting a cluster
-    takes about a second, so share one per test session and give each test a fresh database
-    (``fresh_database``).
-
-**How a table is made unwritable.** A statement-level ``BEFORE INSERT OR UPDATE OR DELETE OR
-TRUNCATE`` trigger whose function raises (SQLSTATE ``53100`` *disk_full* by default). The
-alternative, revoking privileges, needs the application to connect as a role that is neither
-superuser nor table owner, which the gateway (connecting as whoever runs its migrations) is
-not. A trigger works for every role, fails writes at once (they do not block), fails them on
-connections that were already open and on cached prepared statements, and fires even when a
-statement matches no row (an ``UPDATE … WHERE`` of nothing, an ``INSERT … ON CONFLICT DO
-NOTHING``), as a full disk would; reads are untouched. Installing it waits for transactions
-that are writing the table (``lock_timeout`` bounds that). Undoing it first replaces the
-function's body with a no-op, which takes no table lock and lets writes through from the next
-statement on, then drops trigger and function if it gets the lock within two seconds (a
-no-op trigger is left behind otherwise).
-
-**Root.** PostgreSQL refuses to run as root, so when the effective uid is 0 ``initdb`` and
-``postgres`` run as the ``postgres`` OS user (``subprocess.Popen(user=…)``) and the temp dir
-is handed to it. Redis runs as the caller.
-
-**Ports.** Picked at random below the kernel's ephemeral range: outgoing connections (which
-take ports from that range) cannot occupy a server's port while it is down between ``kill``
-and ``start``, and helpers that bind port 0 never collide with it.
-
-**Blocking.** Every method blocks its caller (bounded by a deadline, then ``ServiceError``).
-SQL runs on its own event loop in a worker thread, so the methods work from sync code and from
-inside a running loop alike; from an async test whose own loop must keep serving meanwhile,
-call them through ``asyncio.to_thread``.
-
-**Cleanup.** ``close`` (and the context manager's exit) stops the server and removes its dir;
-an ``atexit`` hook does the same for servers a crashed test left running.
-"""
+"""``PrivatePostgres``: a throwaway PostgreSQL cluster of a test's own, to stop and break."""
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -58,28 +11,28 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, TracebackType
-from typing import Any, Literal, Self, TypeVar
+from types import MappingProxyType
+from typing import Any, Literal
 
 import asyncpg  # type: ignore[import-untyped]
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from tokenwire.testing_cluster import free_port
+from tokenwire.testing_services.common import (
+    POLL_INTERVAL_S,
+    STARTUP_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    OwnedServer,
+    ServiceError,
+    blocking,
+    end_process,
+    service_port,
+    tail,
+)
 
-T = TypeVar("T")
-
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0
-POLL_INTERVAL_S = 0.02
 DISK_FULL = "53100"
 """SQLSTATE raised by writes to an unwritable table unless told otherwise."""
 
@@ -115,298 +68,9 @@ _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 _PG_ENV_PREFIX = "PG"
 
 
-class ServiceError(RuntimeError):
-    """A private server would not start, stop or answer in time (its log is in the message)."""
-
-
-def service_port() -> int:
-    """A TCP port free on 127.0.0.1, below the ephemeral range when there is room for one.
-
-    Unlike :func:`tokenwire.testing_cluster.free_port`, the port cannot be handed to an
-    outgoing connection by the kernel while its server is down, so a restarted server can
-    bind it again.
-    """
-    low = _ephemeral_low()
-    lower = max(10_000, low - 12_000)
-    if low - lower < 1_000:
-        return free_port()
-    for _ in range(200):
-        port = lower + secrets.randbelow(low - lower)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return free_port()
-
-
-def _ephemeral_low() -> int:
-    try:
-        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-        return int(text.split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-def _end_process(
-    process: subprocess.Popen[bytes],
-    sig: signal.Signals,
-    timeout_s: float,
-    *,
-    then: signal.Signals = signal.SIGKILL,
-) -> int | None:
-    """Send ``sig`` and wait up to ``timeout_s``; if still alive send ``then`` and wait 10 s,
-    and SIGKILL last of all. The exit code, or None if the process could not be reaped."""
-    steps = [(sig, timeout_s), (then, 10.0), (signal.SIGKILL, 10.0)]
-    for step, wait_s in steps:
-        if process.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(step)
-            if step != signal.SIGKILL:
-                process.send_signal(signal.SIGCONT)  # a paused process handles nothing else
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=wait_s)
-    return process.returncode
-
-
-def _blocking(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine on a fresh event loop in a worker thread and return its result.
-
-    Works from plain code and from inside a running loop (which it blocks meanwhile).
-    """
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenwire-svc") as pool:
-        return pool.submit(lambda: asyncio.run(factory())).result()
-
-
 def _ident(name: str) -> str:
     """``name`` as a quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
-
-
-class _OwnedServer:
-    """What both private servers share: a temp dir of their own, removed with the server by
-    :meth:`close` (idempotent; also run at interpreter exit), and use as a context manager."""
-
-    _root: Path | None
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def _halt(self) -> None:
-        """Stop the server at once."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Stop the server at once and remove its dir."""
-        try:
-            self._halt()
-        finally:
-            if self._root is not None:
-                shutil.rmtree(self._root, ignore_errors=True)
-                self._root = None
-            atexit.unregister(self.close)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class PrivateRedis(_OwnedServer):
-    """A ``redis-server`` of its own on a loopback port, without persistence, to break.
-
-    Nothing runs until :meth:`start` (or ``with``); the port chosen then is kept for the
-    object's life, so :meth:`kill` + :meth:`start` brings an empty server back on the same URL.
-    """
-
-    def __init__(
-        self,
-        *,
-        base_dir: Path | None = None,
-        executable: str = "redis-server",
-        startup_timeout_s: float = STARTUP_TIMEOUT_S,
-    ) -> None:
-        found = shutil.which(executable)
-        if found is None:
-            raise ServiceError(f"{executable!r} not found on PATH")
-        self._executable = found
-        self._base_dir = base_dir
-        self._startup_timeout_s = startup_timeout_s
-        self._root: Path | None = None
-        self._port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise ServiceError("the server has not been started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``, the same across restarts."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it runs."""
-        return self._process.pid if self.running and self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def log_path(self) -> Path:
-        if self._root is None:
-            raise ServiceError("the server has not been started")
-        return self._root / "redis.log"
-
-    def log_tail(self) -> str:
-        return _tail(self.log_path) if self._root is not None else ""
-
-    def start(self) -> None:
-        """Start the server (on the port of the first start, if any) and wait for PING."""
-        if self.running:
-            raise ServiceError(f"redis on port {self._port} is already running")
-        if self._root is None:
-            self._root = Path(tempfile.mkdtemp(prefix="tokenwire-redis-", dir=self._base_dir))
-            atexit.register(self.close)
-        if self._port is not None:
-            self._launch(self._port)
-            return
-        error: ServiceError | None = None
-        for _ in range(3):  # a freshly picked port can be taken before the server binds it
-            port = service_port()
-            try:
-                self._launch(port)
-            except ServiceError as exc:
-                error = exc
-                continue
-            self._port = port
-            return
-        assert error is not None
-        raise error
-
-    def _launch(self, port: int) -> None:
-        assert self._root is not None
-        command = [
-            self._executable,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self._root),
-            "--daemonize",
-            "no",
-            "--logfile",
-            "",
-        ]
-        with self.log_path.open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self._root,
-                start_new_session=True,
-            )
-        self._process = process
-        try:
-            self._wait_ready(process, port)
-        except BaseException:
-            _end_process(process, signal.SIGKILL, 5)
-            raise
-
-    def _wait_ready(self, process: subprocess.Popen[bytes], port: int) -> None:
-        deadline = time.monotonic() + self._startup_timeout_s
-        client = redis.Redis(
-            host="127.0.0.1",
-            port=port,
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-            retry=Retry(NoBackoff(), 0),  # the default retries with backoff for seconds
-        )
-        try:
-            while True:
-                if process.poll() is not None:
-                    raise ServiceError(
-                        f"redis-server on port {port} exited with {process.returncode}:\n"
-                        + self.log_tail()
-                    )
-                try:
-                    info = client.info("server")
-                    if int(info["process_id"]) == process.pid:
-                        return
-                    raise ServiceError(
-                        f"port {port} is answered by another redis (pid {info['process_id']})"
-                    )
-                except (redis.RedisError, OSError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise ServiceError(
-                        f"redis-server on port {port} did not answer within "
-                        f"{self._startup_timeout_s} s:\n" + self.log_tail()
-                    )
-                time.sleep(POLL_INTERVAL_S)  # the polling interval
-        finally:
-            client.close()
-
-    def ensure_running(self) -> None:
-        """Start the server unless it runs (resuming it if paused is up to the caller)."""
-        if not self.running:
-            self.start()
-
-    def kill(self) -> None:
-        """SIGKILL the server (a crash: clients see their connections reset) and reap it."""
-        process = self._process
-        if process is not None and _end_process(process, signal.SIGKILL, 10) is None:
-            raise ServiceError(f"redis pid {process.pid} survived SIGKILL")
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Shut the server down cleanly (SIGTERM; SIGKILL after ``timeout_s``)."""
-        if self._process is not None:
-            _end_process(self._process, signal.SIGTERM, timeout_s)
-
-    def restart(self) -> None:
-        """:meth:`kill` and :meth:`start` again on the same port: an empty server, same URL."""
-        self.kill()
-        self.start()
-
-    def pause(self) -> None:
-        """SIGSTOP the server: connections stay open, commands hang until :meth:`resume`."""
-        if self._process is None or not self.running:
-            raise ServiceError("the server is not running")
-        self._process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT a paused server."""
-        if self._process is not None and self.running:
-            self._process.send_signal(signal.SIGCONT)
-
-    def _halt(self) -> None:
-        self.kill()
 
 
 def postgres_bin_dir() -> Path:
@@ -426,12 +90,15 @@ def postgres_bin_dir() -> Path:
     return max(candidates, key=version)
 
 
-class PrivatePostgres(_OwnedServer):
+class PrivatePostgres(OwnedServer):
     """A throwaway PostgreSQL cluster of its own on a loopback port, to break.
 
     Nothing runs until :meth:`start` (or ``with``), which runs ``initdb`` the first time.
     :meth:`stop` + :meth:`start` keeps port and data. Superuser ``postgres``, trust auth.
     """
+
+    _kind = "cluster"
+    _log_name = "postgres.log"
 
     def __init__(
         self,
@@ -442,46 +109,16 @@ class PrivatePostgres(_OwnedServer):
         os_user: str = "postgres",
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
     ) -> None:
+        super().__init__(base_dir, startup_timeout_s)
         self._bin_dir = bin_dir if bin_dir is not None else postgres_bin_dir()
-        self._base_dir = base_dir
         self._settings = {**POSTGRES_SETTINGS, **(settings or {})}
         self._os_user = os_user
-        self._startup_timeout_s = startup_timeout_s
-        self._root: Path | None = None
-        self._port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
 
     # -- state -------------------------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        if self._port is None:
-            raise ServiceError("the cluster has not been started")
-        return self._port
-
-    @property
     def data_dir(self) -> Path:
-        if self._root is None:
-            raise ServiceError("the cluster has not been started")
-        return self._root / "data"
-
-    @property
-    def log_path(self) -> Path:
-        if self._root is None:
-            raise ServiceError("the cluster has not been started")
-        return self._root / "postgres.log"
-
-    def log_tail(self) -> str:
-        return _tail(self.log_path) if self._root is not None else ""
-
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's process id while it runs."""
-        return self._process.pid if self.running and self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._dir() / "data"
 
     def dsn(self, database: str = "postgres") -> str:
         """A SQLAlchemy URL: ``postgresql+asyncpg://postgres@127.0.0.1:PORT/DATABASE``."""
@@ -526,12 +163,12 @@ class PrivatePostgres(_OwnedServer):
             )
 
     def _initdb(self) -> None:
-        self._root = Path(tempfile.mkdtemp(prefix="tokenwire-pg-", dir=self._base_dir))
-        atexit.register(self.close)
+        self._make_dir("tokenwire-pg-")
+        root = self._dir()
         owner = self._owner()
         if owner is not None:
-            os.chown(self._root, *owner)
-        log = self._root / "initdb.log"
+            os.chown(root, *owner)
+        log = root / "initdb.log"
         command = [
             str(self._bin_dir / "initdb"),
             "-D",
@@ -548,13 +185,12 @@ class PrivatePostgres(_OwnedServer):
         try:
             code = process.wait(timeout=self._startup_timeout_s * 4)
         except subprocess.TimeoutExpired:
-            _end_process(process, signal.SIGKILL, 5)
+            end_process(process, signal.SIGKILL, 5)
             code = None
         if code != 0:
             message = "did not finish" if code is None else f"exited with {code}"
-            text = _tail(log)
-            shutil.rmtree(self._root, ignore_errors=True)
-            self._root = None
+            text = tail(log)
+            self.close()
             raise ServiceError(f"initdb {message}:\n{text}")
 
     def _configure(self, port: int) -> None:
@@ -599,11 +235,11 @@ class PrivatePostgres(_OwnedServer):
         process = self._popen(command, self.log_path)
         self._process = process
         try:
-            served = _blocking(lambda: self._wait_accepting(process, port))
+            served = blocking(lambda: self._wait_accepting(process, port))
             if os.path.realpath(served) != os.path.realpath(self.data_dir):
                 raise ServiceError(f"port {port} is answered by another cluster ({served})")
         except BaseException:
-            _end_process(process, signal.SIGQUIT, 10)
+            end_process(process, signal.SIGQUIT, 10)
             raise
 
     async def _wait_accepting(self, process: subprocess.Popen[bytes], port: int) -> str:
@@ -643,7 +279,7 @@ class PrivatePostgres(_OwnedServer):
         After ``timeout_s`` it escalates to ``immediate``, then SIGKILL."""
         if self._process is not None:
             # a postmaster killed outright leaves its backends behind: escalate to immediate
-            _end_process(self._process, _STOP_SIGNALS[mode], timeout_s, then=signal.SIGQUIT)
+            end_process(self._process, _STOP_SIGNALS[mode], timeout_s, then=signal.SIGQUIT)
 
     def restart(self, mode: StopMode = "fast") -> None:
         """:meth:`stop` and :meth:`start`: same port, same data."""
@@ -677,7 +313,7 @@ class PrivatePostgres(_OwnedServer):
             finally:
                 await conn.close()
 
-        return _blocking(run)
+        return blocking(run)
 
     def fetch(self, database: str, sql: str, *args: object) -> list[dict[str, Any]]:
         """Run one query as superuser; its rows as dicts."""
@@ -689,7 +325,7 @@ class PrivatePostgres(_OwnedServer):
             finally:
                 await conn.close()
 
-        return _blocking(run)
+        return blocking(run)
 
     def create_database(self, name: str | None = None) -> str:
         """Create a database (a random ``tw_<hex>`` name unless given); its name."""
