@@ -166,6 +166,15 @@ class CompletionService:
             )
         max_output = output_limit(request, entry, self._default_max_tokens)
         prompt_estimate = estimate_prompt_tokens(request)
+        call = ProviderCall(
+            request=request,
+            upstream_model=entry.upstream_model,
+            raw_body=raw_body,
+            max_output_tokens=max_output,
+        )
+        # Made before anything is held: nothing runs until the generation pulls it, and
+        # whatever a provider does while building it cannot leave a slot or credit behind.
+        events = provider.stream(call)
         spec = LimitSpec(key.rpm, key.tpm, key.max_concurrent_streams)
         admission = await self._limiter.admit(
             key.id, spec, prompt_estimate + max_output, completion_id
@@ -187,16 +196,10 @@ class CompletionService:
             await self._release_limits(admission, spec, 0, completion_id)
             raise
         context = _Context(key.id, entry, transport, spec, admission, reserved)
-        call = ProviderCall(
-            request=request,
-            upstream_model=entry.upstream_model,
-            raw_body=raw_body,
-            max_output_tokens=max_output,
-        )
         generation = Generation(
             completion_id=completion_id,
             model=entry.id,
-            events=provider.stream(call),
+            events=events,
             prompt_tokens_estimate=prompt_estimate,
             disconnect_grace_s=self._stream_grace_s if resumable else self._grace_s,
             on_end=partial(self._on_end, context),
