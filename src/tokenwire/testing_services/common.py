@@ -149,6 +149,29 @@ class OwnedServer:
     def start(self) -> None:
         raise NotImplementedError
 
+    def _launch(self, port: int) -> None:
+        """Start the server process on ``port`` and wait until it answers."""
+        raise NotImplementedError
+
+    def _launch_on_its_port(self) -> None:
+        """Launch on the port of the first start; the first time, pick one (three tries: a
+        freshly picked port can be taken before the server binds it)."""
+        if self._port is not None:
+            self._launch(self._port)
+            return
+        error: ServiceError | None = None
+        for _ in range(3):
+            port = service_port()
+            try:
+                self._launch(port)
+            except ServiceError as exc:
+                error = exc
+                continue
+            self._port = port
+            return
+        assert error is not None
+        raise error
+
     def _halt(self) -> None:
         """Stop the server at once."""
         raise NotImplementedError

@@ -29,7 +29,6 @@ from tokenwire.testing_services.common import (
     ServiceError,
     blocking,
     end_process,
-    service_port,
     tail,
 )
 
@@ -213,24 +212,10 @@ class PrivatePostgres(OwnedServer):
             raise ServiceError(f"postgres on port {self._port} is already running")
         if self._root is None:
             self._initdb()
-        if self._port is not None:
-            self._launch(self._port)
-            return
-        error: ServiceError | None = None
-        for _ in range(3):  # a freshly picked port can be taken before the server binds it
-            port = service_port()
-            self._configure(port)
-            try:
-                self._launch(port)
-            except ServiceError as exc:
-                error = exc
-                continue
-            self._port = port
-            return
-        assert error is not None
-        raise error
+        self._launch_on_its_port()
 
     def _launch(self, port: int) -> None:
+        self._configure(port)
         command = [str(self._bin_dir / "postgres"), "-D", str(self.data_dir)]
         process = self._popen(command, self.log_path)
         self._process = process

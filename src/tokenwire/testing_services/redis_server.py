@@ -19,7 +19,6 @@ from tokenwire.testing_services.common import (
     OwnedServer,
     ServiceError,
     end_process,
-    service_port,
 )
 
 
@@ -55,21 +54,7 @@ class PrivateRedis(OwnedServer):
         if self.running:
             raise ServiceError(f"redis on port {self._port} is already running")
         self._make_dir("tokenwire-redis-")
-        if self._port is not None:
-            self._launch(self._port)
-            return
-        error: ServiceError | None = None
-        for _ in range(3):  # a freshly picked port can be taken before the server binds it
-            port = service_port()
-            try:
-                self._launch(port)
-            except ServiceError as exc:
-                error = exc
-                continue
-            self._port = port
-            return
-        assert error is not None
-        raise error
+        self._launch_on_its_port()
 
     def _launch(self, port: int) -> None:
         assert self._root is not None
