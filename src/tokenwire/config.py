@@ -6,6 +6,7 @@ Environment variables (all optional):
 ``TOKENWIRE_DATA_DIR``      where the SQLite database and the server secret live
 ``TOKENWIRE_DATABASE_URL``  a SQLAlchemy URL (e.g. ``postgresql+asyncpg://…``) instead of SQLite
 ``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
+``TOKENWIRE_WORKERS``       processes ``tokenwire serve`` runs: N or ``auto`` (``server.workers``)
 ``TOKENWIRE_REDIS_URL``     share rate limits and resumable streams through Redis (sets
                            ``limits.backend`` and ``server.stream_backend`` to ``"redis"``)
 
@@ -50,6 +51,7 @@ PORT_RANGE = "1-65535"
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8000
+    workers: Capacity | Literal["auto"] = 1  # processes on the port (tokenwire.workers)
     max_body_bytes: Capacity = 1_048_576
     sse_heartbeat_s: Interval = 15.0
     disconnect_grace_s: Delay = 0.0
@@ -226,6 +228,19 @@ def parse_port(text: str, what: str = "TOKENWIRE_PORT") -> int:
     return port
 
 
+def parse_workers(text: str, what: str = "TOKENWIRE_WORKERS") -> int | Literal["auto"]:
+    """A worker count given as text: a positive integer or ``auto``; else ``ConfigError``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{what}: {text!r} is not a positive number of workers or 'auto'")
+    return value
+
+
 def _read_toml(text: str, source: str) -> FileConfig:
     try:
         raw = tomllib.loads(text)
@@ -310,6 +325,10 @@ def load_settings(
         server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
     if environ.get("TOKENWIRE_PORT"):
         server = msgspec.structs.replace(server, port=parse_port(environ["TOKENWIRE_PORT"]))
+    if environ.get("TOKENWIRE_WORKERS"):
+        server = msgspec.structs.replace(
+            server, workers=parse_workers(environ["TOKENWIRE_WORKERS"])
+        )
     limits = merged.limits
     if environ.get("TOKENWIRE_REDIS_URL"):
         limits = msgspec.structs.replace(

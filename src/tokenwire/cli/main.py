@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +13,8 @@ from rich.table import Table
 from tokenwire.accounting.keys import KeyRecord, KeyStore
 from tokenwire.bench.command import bench
 from tokenwire.cli import accounts
-from tokenwire.config import Settings, usd_to_micro
+from tokenwire.config import ConfigError, Settings, parse_workers, usd_to_micro
+from tokenwire.serving import freeze_startup_heap
 
 app = typer.Typer(
     help="tokenwire: an OpenAI-compatible LLM gateway built for streaming.", no_args_is_help=True
@@ -58,13 +58,26 @@ def serve(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = True,
+    workers: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Processes serving the port: N, or auto (one per CPU). More than 1 needs "
+            "Redis for limits and streams. [default: server.workers or TOKENWIRE_WORKERS, 1]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the gateway. On a first start it creates the database and prints two keys once."""
-    import uvicorn
-
-    from tokenwire.app import create_app, server_options
+    from tokenwire import workers as multiprocess
 
     settings = _settings(config, data_dir)
+    try:
+        count = multiprocess.resolve_workers(
+            settings.server.workers if workers is None else parse_workers(workers, "--workers")
+        )
+        multiprocess.check_shared_state(settings, count)
+    except ConfigError as exc:
+        accounts.fail(exc.message)
     grant = usd_to_micro(settings.accounting.free_grant_usd, what="accounting.free_grant_usd")
     created = accounts.run(settings, lambda stores: _bootstrap(stores.keys, grant))
     console = Console()
@@ -74,28 +87,14 @@ def serve(
             role = "admin key" if record.is_admin else "API key  "
             console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
     console.print(f"data dir: {settings.data_dir}", highlight=False)
-    uvicorn.run(
-        create_app(settings, on_started=freeze_startup_heap),
-        host=host or settings.server.host,
-        port=settings.server.port if port is None else port,
-        access_log=access_log,
-        log_level="info",
-        **server_options(settings),
-    )
+    host = host or settings.server.host
+    port = settings.server.port if port is None else port
+    if count > 1:  # a supervisor and `count` worker processes (tokenwire.workers)
+        supervisor = multiprocess.Supervisor(settings, count, host, port, access_log)
+        raise typer.Exit(supervisor.run())
+    from tokenwire.serving import run_server
 
-
-def freeze_startup_heap() -> None:
-    """Keep the garbage collector's full passes off everything loaded at start-up.
-
-    A server process holds a few hundred thousand long-lived objects (modules, classes,
-    SQLAlchemy, Alembic and Starlette internals: about 106,000 tracked objects in the gateway).
-    Each full (generation 2) collection walks all of them, 36 ms with the event loop stopped,
-    and more on a busy host: under 200 streams those pauses were the TTFT p99. ``gc.freeze()``
-    moves them to a permanent generation the collector skips (CPython's advice for
-    long-running servers); a full pass then walks only what serving made.
-    """
-    gc.collect()
-    gc.freeze()
+    run_server(settings, host=host, port=port, access_log=access_log)
 
 
 @app.command("sim-upstream")
