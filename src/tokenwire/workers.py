@@ -175,6 +175,7 @@ class Supervisor:
     crashes: int = 0  # deaths in a row without a stable minute between them
     stopping: int = 0  # signals received
     metrics_dir: str | None = None
+    _announce: str | None = None  # logged once every worker first became ready
 
     def run(self) -> int:
         """Serve until a signal (0) or a failure the supervisor cannot mend (1)."""
@@ -193,13 +194,8 @@ class Supervisor:
         try:
             for slot in self.slots:
                 self._start(slot)
-            log.info(
-                "supervisor %d: %d workers on http://%s:%d (pids %s)",
-                os.getpid(),
-                self.workers,
-                shown,
-                bound[1],
-                " ".join(str(s.process.pid) for s in self.slots if s.process),
+            self._announce = (
+                f"Uvicorn running on http://{shown}:{bound[1]} with {self.workers} workers"
             )
             return self._watch()
         finally:
@@ -276,6 +272,10 @@ class Supervisor:
         slot.ready_fd = None
         if said:  # an empty read: it closed the pipe without saying (it is dying)
             slot.ready, slot.ready_at = True, now
+        if self._announce is not None and all(s.ready for s in self.slots):
+            pids = " ".join(str(s.process.pid) for s in self.slots if s.process is not None)
+            log.info("%s (pids %s; supervisor %d)", self._announce, pids, os.getpid())
+            self._announce = None
 
     def _ended(self, slot: _Slot, now: float) -> str | None:
         """Handle a worker that exited on its own; a reason to give up, or None (restarting)."""
