@@ -22,7 +22,7 @@ The invariant, for every key at every moment::
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,6 +55,14 @@ class LedgerRow:
     finish_reason: str | None
     status: str
     created_at: int  # Unix milliseconds
+
+    def columns(self) -> dict[str, Any]:
+        """The row as ``usage_ledger`` column values (``dataclasses.asdict`` deep-copies
+        every value, a tenth of the batch writer's time in a profile)."""
+        return {name: getattr(self, name) for name in _LEDGER_COLUMNS}
+
+
+_LEDGER_COLUMNS = tuple(f.name for f in fields(LedgerRow))
 
 
 def _insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table) -> Any:
@@ -172,7 +180,7 @@ class Ledger:
                 return {row.completion_id for row in late}
             await conn.execute(
                 _insert_ignoring_duplicates(conn, usage_ledger),
-                [asdict(row) for row, _ in new.values()],
+                [row.columns() for row, _ in new.values()],
             )
             held_ids = [cid for cid, (_, reserved) in new.items() if reserved]
             held: dict[str, int] = {}
@@ -211,7 +219,7 @@ class Ledger:
                     usage_ledger.c.completion_id == row.completion_id,
                     usage_ledger.c.status == ABANDONED,
                 )
-                .values(**asdict(row))
+                .values(**row.columns())
             )
             if row.cost_micro:
                 await conn.execute(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -23,19 +23,35 @@ RETRY_MS = 1000  # the ``retry:`` SSE field sent on resumable streams
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or ``BodyTooLarge`` (413) as soon as it exceeds ``limit`` bytes."""
+    """The request body, or ``BodyTooLarge`` (413) as soon as it exceeds ``limit`` bytes.
+
+    Read from the ASGI channel directly (Starlette's ``request.stream()`` is an async
+    generator per request); a client gone before the end is Starlette's ``ClientDisconnect``.
+    """
     # A malformed length is left to the server's HTTP parser; the count below still holds.
     declared = parse_count(request.headers.get("content-length", ""), max_digits=30)
     if declared is not None and declared > limit:
         raise _too_large(limit)
+    receive = request.receive
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body: bytes = message.get("body", b"")  # the whole body in one message: most requests
+        if len(body) > limit:
+            raise _too_large(limit)
+        return body
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+        message = await receive()
 
 
 def _too_large(limit: int) -> BodyTooLarge:

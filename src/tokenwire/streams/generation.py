@@ -304,7 +304,9 @@ class Generation:
             self._close_log(finish, error)
             try:
                 if self._on_settle is not None:
-                    await _run_hook(self._on_settle(self), self.id, "settling")
+                    await self._on_settle(self)  # awaited here: no cancel reaches an ending task
+            except Exception as exc:  # noqa: BLE001 - logged; the generation has ended all the same
+                _log.error("settling %s failed", self.id, exc_info=exc)
             finally:
                 self._settled.set()
 
@@ -350,11 +352,9 @@ class Generation:
         return read_events(self, after=after, heartbeat_s=heartbeat_s)
 
 
-async def _run_hook(
-    hook: Awaitable[None], completion_id: str, what: str, wait_s: float | None = None
-) -> None:
-    """Await a settle or release hook (shielded from a cancel) for up to ``wait_s`` (None: to
-    its end; after that it goes on in the background); log what it raised."""
+async def _run_hook(hook: Awaitable[None], completion_id: str, what: str, wait_s: float) -> None:
+    """Await a hook (shielded from a cancel) for up to ``wait_s``, after which it goes on in
+    the background; log what it raised."""
     task = asyncio.ensure_future(hook)
     task.add_done_callback(partial(_log_hook_failure, completion_id=completion_id, what=what))
     with contextlib.suppress(BaseException):  # its failure is logged by the callback
