@@ -19,9 +19,11 @@ from tokenwire.streams.events import Event, TextDelta
 
 
 class StuckSocket:
-    """A WebSocket whose client accepts nothing: every send waits for ever."""
+    """A WebSocket whose client accepts nothing: every send waits for ever (ASGI only, no
+    ``tokenwire.ws`` extension: the writer's own send timeout applies)."""
 
     client = None
+    scope: dict[str, Any] = {"extensions": {}}  # noqa: RUF012 - read only
 
     async def send(self, message: Any) -> None:
         await asyncio.Event().wait()

@@ -19,7 +19,8 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -42,6 +43,9 @@ from tokenwire.wire import ws as proto
 from tokenwire.wire.chunks import ChunkEncoder, error_json
 from tokenwire.wire.schema import convert_chat_request
 
+if TYPE_CHECKING:
+    from tokenwire.protocols import FastWebSocket
+
 log = logging.getLogger("tokenwire.ws")
 
 
@@ -49,6 +53,16 @@ log = logging.getLogger("tokenwire.ws")
 class _Close:
     code: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Ping:
+    """A ping for the writer to send once the messages queued before it are written."""
+
+    answered: asyncio.Future[bool]  # True: the pong came; False: the client closed first
+
+
+_Outgoing = bytes | _Close | _Ping
 
 
 def merge_text(batch: list[Event], start_seq: int) -> Iterator[tuple[Event, int]]:
@@ -110,6 +124,7 @@ class WSSession:
         "_compat_busy",
         "_compat_task",
         "_config",
+        "_fast",
         "_key",
         "_out",
         "_reader_task",
@@ -118,6 +133,7 @@ class WSSession:
         "_state",
         "_writer_gone",
         "_writer_task",
+        "_writing",
         "_ws",
     )
 
@@ -126,11 +142,14 @@ class WSSession:
         self._state = state
         self._config: ServerConfig = state.settings.server
         self._key = key
+        # uvicorn under `tokenwire serve`: batched writes and pings the app can await
+        self._fast: FastWebSocket | None = websocket.scope.get("extensions", {}).get("tokenwire.ws")
         # The writer and its queue are made with the first message to send (memory per socket).
-        self._out: asyncio.Queue[bytes | _Close] | None = None
+        self._out: asyncio.Queue[_Outgoing] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._reader_task: asyncio.Task[Any] | None = None  # the connection's task, while reading
         self._writer_gone = False
+        self._writing = False  # the writer holds messages taken from the queue, unwritten
         self._requests: dict[str, tuple[asyncio.Task[None], StreamSource]] = {}
         # Made with the first compatible request: most sockets never need them (memory).
         self._compat: asyncio.Queue[dict[str, Any] | GatewayError] | None = None
@@ -176,7 +195,7 @@ class WSSession:
                         await asyncio.shield(writer)
                 writer.cancel()
 
-    def _queue(self) -> asyncio.Queue[bytes | _Close]:
+    def _queue(self) -> asyncio.Queue[_Outgoing]:
         """The writer's queue, starting the writer on first use."""
         if self._out is None:
             self._out = asyncio.Queue(maxsize=64)
@@ -208,32 +227,94 @@ class WSSession:
             out.get_nowait()
         out.put_nowait(_Close(code, reason))
 
-    async def _writer(self, out: asyncio.Queue[bytes | _Close]) -> None:
-        timeout = self._config.ws_send_timeout_s
-        ws = self._ws
+    async def _writer(self, out: asyncio.Queue[_Outgoing]) -> None:
+        """Write what the queue holds, in order: every message queued since the last wake-up
+        in one batch (one system call with :class:`FastWebSocket`)."""
         try:
             while True:
-                item = await out.get()
-                if isinstance(item, _Close):
+                batch = [await out.get()]
+                while not out.empty():
+                    batch.append(out.get_nowait())
+                self._writing = True
+                texts: list[bytes] = []
+                for item in batch:
+                    if isinstance(item, bytes):
+                        texts.append(item)
+                        continue
+                    if texts and not await self._write(texts):
+                        return
+                    texts = []
+                    if isinstance(item, _Ping):
+                        self._ping(item.answered)
+                        continue
                     with contextlib.suppress(Exception):
-                        async with asyncio.timeout(timeout):
-                            await ws.close(item.code, item.reason)
+                        async with asyncio.timeout(self._config.ws_send_timeout_s):
+                            await self._ws.close(item.code, item.reason)
                     return
-                try:
-                    async with asyncio.timeout(timeout):
-                        await ws.send({"type": "websocket.send", "text": item.decode()})
-                except TimeoutError:
-                    self._closing = True
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(1.0):
-                            await ws.close(proto.CLOSE_TRY_AGAIN_LATER, "client too slow")
+                if texts and not await self._write(texts):
                     return
+                self._writing = False
         except (OSError, RuntimeError, WebSocketDisconnect):
             self._mark_client_closed()  # the transport is gone
 
-    async def _send(self, message: bytes) -> None:
-        if not self._closing:
-            await self._queue().put(message)
+    async def _write(self, texts: list[bytes]) -> bool:
+        """Send text messages; False when the session must end (client gone or too slow)."""
+        fast = self._fast
+        if fast is not None:
+            if not fast.writable.is_set():
+                # A client that reads nothing for ws_send_timeout_s is aborted by the
+                # connection's stall guard, which sets `writable` (and write_texts fails).
+                await fast.writable.wait()
+            if fast.write_texts(texts):
+                return True
+            self._mark_client_closed()
+            return False
+        timeout = self._config.ws_send_timeout_s
+        for text in texts:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ws.send({"type": "websocket.send", "text": text.decode()})
+            except TimeoutError:
+                self._closing = True
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await self._ws.close(proto.CLOSE_TRY_AGAIN_LATER, "client too slow")
+                return False
+        return True
+
+    def _ping(self, answered: asyncio.Future[bool]) -> None:
+        if self._fast is None:
+            answered.set_result(not self._client_closed)
+            return
+        self._fast.ping().add_done_callback(partial(_pass_on, answered))
+
+    async def _send(self, message: bytes | _Ping) -> None:
+        """Send a message after those sent before it (by any task of this session).
+
+        With :class:`FastWebSocket`, while nothing waits in the queue or in the writer's
+        hands and the transport takes more, the message is written at once by the calling
+        task (a synchronous write, so frames never interleave); otherwise it joins the
+        queue behind the others and the writer sends it when the client takes more.
+        """
+        if self._closing:
+            return
+        fast = self._fast
+        if (
+            fast is not None
+            and not self._writing
+            and (self._out is None or self._out.empty())
+            and fast.writable.is_set()
+        ):
+            if isinstance(message, _Ping):
+                self._ping(message.answered)
+            elif not fast.write_texts([message]):
+                self._mark_client_closed()  # the reader sees the disconnect and ends it all
+            return
+        out = self._queue()
+        if out.full():
+            await out.put(message)
+        else:
+            out.put_nowait(message)
 
     def _receive_deadline(self) -> float | None:
         """When the reader stops waiting: auth deadline, idle deadline, or never (busy)."""
@@ -512,7 +593,24 @@ class WSSession:
         await self._finish_compatible()
 
     async def _finish_compatible(self) -> None:
-        """Send ``[DONE]`` unless the client closes within the grace period."""
+        """Send ``[DONE]``, unless the client is closing the socket.
+
+        Some clients close as soon as they see a finish reason and fail on any later message
+        (Node ``ws`` delivers messages that arrive after ``close()``). Under ``tokenwire
+        serve`` the writer pings once the last chunk is written and ``[DONE]`` follows the
+        pong: a closing client sends its close frame before that pong could come (it answers
+        no ping once closing), one that reads on answers at once, so nobody waits longer
+        than a round trip. Elsewhere (no :class:`FastWebSocket`) the server waits
+        ``ws_done_grace_ms`` for the client's close instead.
+        """
+        if self._fast is not None:
+            if self._closing:
+                return
+            answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            await self._send(_Ping(answered))
+            if await answered and not self._client_closed:
+                await self._send(proto.DONE.encode())
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._config.ws_done_grace_ms / 1000):
                 if not self._client_closed:
@@ -520,6 +618,11 @@ class WSSession:
                     await self._closed_event.wait()
         if not self._client_closed:
             await self._send(proto.DONE.encode())
+
+
+def _pass_on(answered: asyncio.Future[bool], pong: asyncio.Future[bool]) -> None:
+    if not answered.done():
+        answered.set_result(pong.result())
 
 
 def _as_gateway_error(exc: Exception, what: str) -> GatewayError:
