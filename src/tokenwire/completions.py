@@ -8,7 +8,8 @@ it is the one place where a validated request becomes a generation:
 2. the rate limiter admits it (429 with ``Retry-After``), reserving its estimated tokens and a
    stream slot;
 3. the ledger reserves the most it can cost from the key's credits (402): a prompt bound that
-   no upstream count exceeds, and the admitted output limit (``accounting/budget.py``);
+   no upstream count exceeds, and the admitted output limit (``accounting/budget.py``), in a
+   transaction shared with the reservations asked for meanwhile (``accounting/reserver.py``);
 4. the generation starts. When it ends, however it ends and whoever was reading, it first
    releases the limits (the stream slot is free and the token bucket corrected before the
    client sees the end), then settles money: one ledger row, the reservation returned less
@@ -38,8 +39,9 @@ from tokenwire.accounting.budget import (
     prompt_token_bound,
 )
 from tokenwire.accounting.keys import KeyRecord
-from tokenwire.accounting.ledger import Ledger, LedgerRow
+from tokenwire.accounting.ledger import Ledger, LedgerRow, Reservation
 from tokenwire.accounting.pricing import cost_micro, is_free, worst_case_micro
+from tokenwire.accounting.reserver import Reserver
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry
 from tokenwire.errors import PermissionDenied
@@ -103,6 +105,7 @@ class CompletionService:
         self._limiter = limiter
         self._ledger = ledger
         self._writer = writer or LedgerWriter(ledger)
+        self._reserver = Reserver(ledger)
         self._grace_s = disconnect_grace_s
         self._default_max_tokens = default_max_tokens
         self.live: dict[str, Generation] = {}
@@ -184,13 +187,10 @@ class CompletionService:
             if not is_free(entry):
                 prompt_bound = prompt_token_bound(request, entry.context_tokens)
                 reserved = worst_case_micro(entry, prompt_bound, max_output)
-                await self._ledger.reserve(
-                    key.id,
-                    completion_id,
-                    reserved,
-                    model=entry.id,
-                    provider=entry.provider,
-                    transport=transport,
+                await self._reserver.reserve(
+                    Reservation(
+                        key.id, completion_id, reserved, entry.id, entry.provider, transport
+                    )
                 )
         except BaseException:
             await self._release_limits(admission, spec, 0, completion_id)
@@ -287,9 +287,11 @@ class CompletionService:
         )
 
     async def shutdown(self) -> None:
-        """Cancel every live generation and wait for them to settle."""
+        """Cancel every live generation and wait for them (and reservations given back) to
+        settle."""
         pending = list(self.live.values())
         for generation in pending:
             generation.cancel("shutdown")
         await asyncio.gather(*(g.wait_settled() for g in pending))
+        await self._reserver.aclose()
         await self._writer.aclose()
