@@ -49,7 +49,7 @@ from tokenwire.streams.events import (
     ToolCallDelta,
     Usage,
 )
-from tokenwire.streams.log import MemoryStreamLog
+from tokenwire.streams.log import Heartbeat, MemoryStreamLog
 
 _log = logging.getLogger("tokenwire.generation")
 END_HOOK_WAIT_S = 0.25
@@ -383,9 +383,10 @@ async def read_events(
     generation.attach()
     log = generation.log
     seq = after
+    heartbeat = None if heartbeat_s is None else Heartbeat(heartbeat_s)
     try:
         while True:
-            if not await log.wait_beyond(seq, heartbeat_s):
+            if not await log.wait_beyond(seq, heartbeat):
                 yield None
                 continue
             batch = log.read_after(seq)
@@ -395,4 +396,6 @@ async def read_events(
             elif log.closed:
                 return
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         generation.detach()
