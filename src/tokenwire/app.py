@@ -24,6 +24,7 @@ from tokenwire.api import (
     admin,
     chat,
     health,
+    key,
     models,
     openapi,
     streams,
@@ -50,6 +51,7 @@ from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.store import StreamStore
+from tokenwire.web.site import web_routes
 
 STALE_RESERVATION_S = 6 * 3600
 """A reservation this old belongs to a process that died: it is settled as ``abandoned``."""
@@ -232,11 +234,13 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", chat.create_completion, methods=["POST"]),
         Route("/v1/chat/completions/{stream_id}/stream", streams.resume_stream, methods=["GET"]),
+        Route("/v1/chat/completions/{stream_id}/cancel", streams.cancel_stream, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
         Route("/v1/ws/tickets", tickets.create_ticket, methods=["POST"]),
         Route("/v1/usage", usage.get_usage, methods=["GET"]),
+        Route("/v1/key", key.get_own_key, methods=["GET"]),
         Route("/v1/admin/keys", admin.create_key, methods=["POST"]),
         Route("/v1/admin/keys", admin.list_keys, methods=["GET"]),
         Route("/v1/admin/keys/{key_id}", admin.get_key, methods=["GET"]),
@@ -249,6 +253,7 @@ def create_app(
         Route("/v1/billing/webhook", webhooks.webhook_endpoint(env), methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+        *web_routes(),  # the pages /, /usage, /admin and /static/… (tokenwire.web)
     ]
     starlette = Starlette(
         routes=routes,

@@ -44,7 +44,13 @@ from tokenwire.api.formats import (
     USD_PATTERN,
     read_usd,
 )
-from tokenwire.api.usage import parse_instant_ms, query_params, time_range, total_object
+from tokenwire.api.usage import (
+    parse_group_by,
+    parse_instant_ms,
+    query_params,
+    time_range,
+    total_object,
+)
 from tokenwire.config import usd_to_micro
 from tokenwire.errors import InvalidRequest, NotFound, PermissionDenied
 from tokenwire.runtime import snapshot
@@ -332,23 +338,6 @@ async def topup_key(request: Request) -> Response:
             "balance_usd": usd(balance),
         }
     )
-
-
-GROUPS = {"key": "key_id", "key_id": "key_id", "model": "model", "day": "day"}
-
-
-def parse_group_by(value: str | None) -> tuple[str, ...]:
-    """``key,model,day`` (any subset, any order) → the ledger's column names; 400 if unknown."""
-    if value is None:
-        return ("key_id", "model", "day")
-    names = [part.strip() for part in value.split(",") if part.strip()]
-    unknown = [n for n in names if n not in GROUPS]
-    if unknown:
-        raise InvalidRequest(
-            f"Invalid 'group_by': {', '.join(map(repr, unknown))}; use any of key, model, day.",
-            param="group_by",
-        )
-    return tuple(dict.fromkeys(GROUPS[n] for n in names))
 
 
 async def runtime(request: Request) -> Response:
