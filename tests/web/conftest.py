@@ -8,8 +8,11 @@ Screenshots go to ``test-artifacts/web/``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -248,6 +251,80 @@ def screenshot(page: Page, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback in front of the gateway whose open connections a test can cut
+    (the network lost mid-answer); new connections go through as before."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.port = 0
+        self.cuts = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+        self._abort_all()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", self._target)
+        pair = (client_w, upstream_w)
+        self._pairs.add(pair)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        try:
+            await asyncio.gather(pipe(client_r, upstream_w), pipe(upstream_r, client_w))
+        finally:
+            self._pairs.discard(pair)
+
+    def _abort_all(self) -> None:
+        for client_w, upstream_w in list(self._pairs):
+            client_w.transport.abort()
+            upstream_w.transport.abort()
+
+    def cut(self) -> None:
+        """Abort every connection open now (both sides, no FIN: the network is gone)."""
+        assert self._loop is not None
+        done = threading.Event()
+
+        def run() -> None:
+            self._abort_all()
+            done.set()
+
+        self._loop.call_soon_threadsafe(run)
+        done.wait(5)
+        self.cuts += 1
+
+    def __enter__(self) -> CuttableProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
 
 
 def stored(page: Page, item: str) -> Any:

@@ -42,7 +42,8 @@ function isBlockStart(line) {
   return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || ITEM.test(line);
 }
 
-function renderBlocks(lines, parent) {
+/** Render block lines; `tight` (a list item's content) leaves paragraphs unwrapped. */
+function renderBlocks(lines, parent, tight = false) {
   let i = 0;
   while (i < lines.length) {
     const line = lines[i];
@@ -105,7 +106,7 @@ function renderBlocks(lines, parent) {
     while (i < lines.length && lines[i].trim() !== "" && (paragraph.length === 0 || !isBlockStart(lines[i]))) {
       paragraph.push(lines[i++].trim());
     }
-    const p = document.createElement("p");
+    const p = tight ? document.createDocumentFragment() : document.createElement("p");
     paragraph.forEach((text, index) => {
       if (index) p.append(document.createElement("br"));
       renderInline(text, p);
@@ -148,8 +149,7 @@ function renderList(lines, start, parent) {
       i++;
     }
     const li = document.createElement("li");
-    if (content.length === 1) renderInline(content[0], li);
-    else renderBlocks(content, li);
+    renderBlocks(content, li, !content.includes(""));
     list.append(li);
     while (i < lines.length && lines[i].trim() === "" && lines[i + 1] !== undefined && ITEM.test(lines[i + 1])) {
       const next = ITEM.exec(lines[i + 1]);

@@ -446,7 +446,7 @@ export class ChatStream {
                 }
                 const chunk = JSON.parse(event.data);
                 if (chunk.error) throw errorFrom(chunk.error.status ?? 500, chunk);
-                this.#absorb(chunk, event.id === null ? null : Number(event.id));
+                this.#absorb(chunk, event.id ? Number(event.id) : null);
                 attempt = 0;
                 yield chunk;
               }
