@@ -466,7 +466,9 @@ def test_cancel_stops_a_resumable_sse_stream(gateway: GatewayServer) -> None:
     assert again.status_code == 200 and again.json()["already_ended"] is True
     deadline = time.monotonic() + 10
     while True:  # the ledger writer batches: the row lands within moments
-        statuses = [r.status for r in asyncio.run(ledger_rows(gateway)) if r.completion_id == stream_id]
+        statuses = [
+            r.status for r in asyncio.run(ledger_rows(gateway)) if r.completion_id == stream_id
+        ]
         if statuses or time.monotonic() > deadline:
             break
         time.sleep(0.02)
@@ -483,7 +485,10 @@ def test_cancel_is_refused_for_unknown_foreign_and_plain_streams(gateway: Gatewa
         timeout=10,
     )
     plain = requests.post(
-        gateway.base_url + "/v1/chat/completions", headers=own, json=chat("plain", tokens=5), timeout=10
+        gateway.base_url + "/v1/chat/completions",
+        headers=own,
+        json=chat("plain", tokens=5),
+        timeout=10,
     )
     other = {"Authorization": f"Bearer {gateway.admin_key}"}
     for headers, stream_id in [
@@ -492,7 +497,9 @@ def test_cancel_is_refused_for_unknown_foreign_and_plain_streams(gateway: Gatewa
         (own, plain.headers["x-stream-id"]),
     ]:
         response = requests.post(
-            f"{gateway.base_url}/v1/chat/completions/{stream_id}/cancel", headers=headers, timeout=10
+            f"{gateway.base_url}/v1/chat/completions/{stream_id}/cancel",
+            headers=headers,
+            timeout=10,
         )
         assert response.status_code == 404, stream_id
         assert response.json()["error"]["code"] == "stream_not_found"

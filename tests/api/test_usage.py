@@ -270,7 +270,13 @@ def test_own_key_shows_limits_models_and_live_balance(gw: GatewayServer) -> None
     created = requests.post(
         f"{gw.base_url}/v1/admin/keys",
         headers=admin,
-        json={"name": "mine", "rpm": 30, "tpm": 9000, "credits_usd": "2.00", "models": ["priced-sim"]},
+        json={
+            "name": "mine",
+            "rpm": 30,
+            "tpm": 9000,
+            "credits_usd": "2.00",
+            "models": ["priced-sim"],
+        },
         timeout=10,
     ).json()
     headers = {"Authorization": f"Bearer {created['key']}"}
@@ -287,7 +293,11 @@ def test_own_key_shows_limits_models_and_live_balance(gw: GatewayServer) -> None
     response = requests.post(
         gw.base_url + "/v1/chat/completions",
         headers=headers,
-        json={"model": "priced-sim", "max_tokens": 5, "messages": [{"role": "user", "content": "one two three"}]},
+        json={
+            "model": "priced-sim",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "one two three"}],
+        },
         timeout=10,
     )
     assert response.status_code == 200

@@ -122,7 +122,9 @@ class WebGateway:
         return created["id"], created["key"]
 
     def upstream_stats(self) -> dict[str, int]:
-        stats: dict[str, int] = requests.get(self.upstream.base_url + "/sim/stats", timeout=10).json()
+        stats: dict[str, int] = requests.get(
+            self.upstream.base_url + "/sim/stats", timeout=10
+        ).json()
         return stats
 
     def usage(self, key: str, **query: str) -> dict[str, Any]:
@@ -225,7 +227,7 @@ def use_key(page: Page, key: str) -> None:
 
 def wait_for_words(page: Page, count: int, selector: str = "#single .answer") -> None:
     """Wait until ``selector`` shows at least ``count`` words (an answer under way)."""
-    expect(page.locator(selector)).to_have_text(re.compile(r"^\s*(\S+\s+){%d}\S" % (count - 1)))
+    expect(page.locator(selector)).to_have_text(re.compile(rf"^\s*(\S+\s+){{{count - 1}}}\S"))
 
 
 def sim_text(prompt: str, system: str | None = None, **params: Any) -> str:
@@ -330,4 +332,3 @@ class CuttableProxy:
 def stored(page: Page, item: str) -> Any:
     raw = page.evaluate(f"sessionStorage.getItem({json.dumps(item)})")
     return None if raw is None else json.loads(raw)
-

@@ -6,7 +6,6 @@ import re
 from typing import Any
 
 from playwright.sync_api import Page, Request, Route, expect
-
 from tests.web.conftest import WebGateway, use_key
 
 SAMPLE_METRICS = """\
@@ -46,7 +45,9 @@ def open_admin(web: WebGateway, page: Page) -> None:
 
 
 def key_row(page: Page, name: str) -> Any:
-    return page.locator("#keys-table tbody tr", has=page.locator("td", has_text=re.compile(f"^{name}")))
+    return page.locator(
+        "#keys-table tbody tr", has=page.locator("td", has_text=re.compile(f"^{name}"))
+    )
 
 
 def test_admin_creates_tops_up_and_revokes_a_key(web: WebGateway, page: Page) -> None:
@@ -123,7 +124,14 @@ def test_admin_edits_and_rotates_a_key(web: WebGateway, page: Page) -> None:
 def test_a_key_without_admin_rights_gets_only_the_403_message(web: WebGateway, page: Page) -> None:
     """With a plain key the admin page shows the gateway's 403 and asks nothing more of the admin API."""
     admin_calls: list[str] = []
-    page.on("request", lambda request: admin_calls.append(request.url) if "/v1/admin/" in request.url or request.url.endswith("/metrics") else None)
+    page.on(
+        "request",
+        lambda request: (
+            admin_calls.append(request.url)
+            if "/v1/admin/" in request.url or request.url.endswith("/metrics")
+            else None
+        ),
+    )
     page.goto(web.base_url + "/admin")
     use_key(page, web.server.api_key)
     denied = page.locator("#admin-denied")
@@ -137,9 +145,24 @@ def test_a_key_without_admin_rights_gets_only_the_403_message(web: WebGateway, p
 
 def test_live_figures_say_when_the_gateway_has_no_metrics(web: WebGateway, page: Page) -> None:
     """Runtime counts show; a /metrics answering 404 is explained instead of failing the page."""
-    page.route("**/metrics", lambda route: route.fulfill(status=404, json={"error": {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": "not_found"}}))
+    page.route(
+        "**/metrics",
+        lambda route: route.fulfill(
+            status=404,
+            json={
+                "error": {
+                    "message": "Not Found",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "not_found",
+                }
+            },
+        ),
+    )
     open_admin(web, page)
-    expect(page.locator("#live-cards [data-card=live_generations] dd")).to_have_text(re.compile(r"^\d+$"))
+    expect(page.locator("#live-cards [data-card=live_generations] dd")).to_have_text(
+        re.compile(r"^\d+$")
+    )
     expect(page.locator("#metrics-note")).to_contain_text("404")
     assert page.locator("#metrics-box table").count() == 0
 
@@ -150,7 +173,9 @@ def test_live_figures_read_prometheus_metrics(web: WebGateway, page: Page) -> No
 
     def serve(route: Route, request: Request) -> None:
         seen.append(request.headers.get("authorization"))
-        route.fulfill(status=200, body=SAMPLE_METRICS, headers={"Content-Type": "text/plain; version=0.0.4"})
+        route.fulfill(
+            status=200, body=SAMPLE_METRICS, headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
 
     page.route("**/metrics", serve)
     open_admin(web, page)
@@ -158,7 +183,13 @@ def test_live_figures_read_prometheus_metrics(web: WebGateway, page: Page) -> No
     expect(ttft).to_be_visible()
     assert seen[0] == f"Bearer {web.server.admin_key}"
     sse = ttft.locator("tr[data-row=sse] td")
-    assert [sse.nth(i).inner_text() for i in range(5)] == ["sse", "10", "10.0 ms", "22.0 ms", "24.7 ms"]
+    assert [sse.nth(i).inner_text() for i in range(5)] == [
+        "sse",
+        "10",
+        "10.0 ms",
+        "22.0 ms",
+        "24.7 ms",
+    ]
     ws = ttft.locator("tr[data-row=ws] td")
     assert [ws.nth(i).inner_text() for i in range(5)] == ["ws", "4", "5.0 ms", "25.0 ms", "25.0 ms"]
     opened = page.locator("#open-table")
@@ -167,4 +198,6 @@ def test_live_figures_read_prometheus_metrics(web: WebGateway, page: Page) -> No
     outcomes = page.locator("#outcome-table")
     expect(outcomes.locator("tr[data-row=ok] td").nth(1)).to_have_text("12")
     expect(outcomes.locator("tr[data-row=upstream_error] td").nth(1)).to_have_text("1")
-    expect(page.locator("#errors-table tr[data-row='limit refusals (rpm)'] td").nth(1)).to_have_text("7")
+    expect(
+        page.locator("#errors-table tr[data-row='limit refusals (rpm)'] td").nth(1)
+    ).to_have_text("7")

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
-
 from tests.web.conftest import CuttableProxy, WebGateway, sim_text, wait_until
 
 STREAM = """async ([key, body, options]) => {
@@ -45,7 +44,12 @@ FAILURE = """async ([key, transport, body]) => {
 
 
 def chat(model: str, prompt: str, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": prompt}], "stream_options": {"include_usage": True}, **extra}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
 
 
 def start_stream(page: Page, key: str, body: dict[str, Any], **options: Any) -> None:
@@ -54,22 +58,49 @@ def start_stream(page: Page, key: str, body: dict[str, Any], **options: Any) -> 
 
 def wait_for_chunks(page: Page, at_least: int) -> None:
     """Wait until the stream started by ``start_stream`` has yielded ``at_least`` (< 10) chunks."""
-    expect(page.locator("body")).to_have_attribute("data-chunks", re.compile(rf"^([{at_least}-9]|\d\d+)$"))
+    expect(page.locator("body")).to_have_attribute(
+        "data-chunks", re.compile(rf"^([{at_least}-9]|\d\d+)$")
+    )
 
 
 @pytest.mark.parametrize(
     ("key", "transport", "body", "expected"),
     [
         ("tw-wrong", "sse", None, ("AuthenticationError", 401, "invalid_api_key", None)),
-        ("tw-wrong", "ws", {"model": "sim", "messages": [{"role": "user", "content": "x"}]}, ("AuthenticationError", 401, "invalid_api_key", None)),
-        ("api", "sse", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, ("NotFoundError", 404, "model_not_found", "model")),
-        ("api", "ws", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, ("NotFoundError", 404, "model_not_found", "model")),
-        ("api", "sse", {"model": "sim", "max_tokens": 10**9, "messages": [{"role": "user", "content": "x"}]}, ("BadRequestError", 400, None, "max_tokens")),
+        (
+            "tw-wrong",
+            "ws",
+            {"model": "sim", "messages": [{"role": "user", "content": "x"}]},
+            ("AuthenticationError", 401, "invalid_api_key", None),
+        ),
+        (
+            "api",
+            "sse",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            ("NotFoundError", 404, "model_not_found", "model"),
+        ),
+        (
+            "api",
+            "ws",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            ("NotFoundError", 404, "model_not_found", "model"),
+        ),
+        (
+            "api",
+            "sse",
+            {"model": "sim", "max_tokens": 10**9, "messages": [{"role": "user", "content": "x"}]},
+            ("BadRequestError", 400, None, "max_tokens"),
+        ),
         ("api", "ws", {"model": "sim", "messages": []}, ("BadRequestError", 400, None, "messages")),
     ],
 )
 def test_errors_are_typed_on_both_transports(
-    web: WebGateway, page: Page, key: str, transport: str, body: dict[str, Any] | None, expected: tuple[Any, ...]
+    web: WebGateway,
+    page: Page,
+    key: str,
+    transport: str,
+    body: dict[str, Any] | None,
+    expected: tuple[Any, ...],
 ) -> None:
     """A bad key, an unknown model and an invalid body throw the TokenwireError subclass for their status, with code and param."""
     page.goto(web.base_url + "/usage")
@@ -82,7 +113,9 @@ def test_errors_are_typed_on_both_transports(
 
 
 @pytest.mark.parametrize("transport", ["sse", "ws"])
-def test_a_stream_resumes_after_the_network_drops(web: WebGateway, page: Page, transport: str) -> None:
+def test_a_stream_resumes_after_the_network_drops(
+    web: WebGateway, page: Page, transport: str
+) -> None:
     """Every connection cut mid-answer: the client reconnects and resumes from the last event; exact text, billed once."""
     _, key = web.new_key(f"cut-{transport}")
     with CuttableProxy(web.server.port) as proxy:
@@ -104,12 +137,19 @@ def test_cancelling_a_plain_sse_stream_closes_the_upstream(web: WebGateway, page
     """cancel() on a stream that is not resumable closes the connection: the iteration ends as cancelled and the upstream request is closed."""
     before = web.upstream_stats()["cancelled_streams"]
     page.goto(web.base_url + "/usage")
-    start_stream(page, web.server.api_key, chat("upstream-sim", "cancel me", max_tokens=3000), transport="sse")
+    start_stream(
+        page,
+        web.server.api_key,
+        chat("upstream-sim", "cancel me", max_tokens=3000),
+        transport="sse",
+    )
     wait_for_chunks(page, 3)
     page.evaluate("() => window.__stream.cancel()")
     result = page.evaluate("() => window.__result")
     assert result["finish"] == "cancelled" and 3 <= result["chunks"] < 3000
-    wait_until(lambda: web.upstream_stats()["cancelled_streams"] == before + 1, "the upstream's cancel")
+    wait_until(
+        lambda: web.upstream_stats()["cancelled_streams"] == before + 1, "the upstream's cancel"
+    )
 
 
 def test_the_sse_parser_follows_the_event_stream_rules(web: WebGateway, page: Page) -> None:
@@ -127,6 +167,10 @@ def test_the_sse_parser_follows_the_event_stream_rules(web: WebGateway, page: Pa
         }"""
     )
     assert events == {
-        "events": [{"data": '{"a":1}', "id": "7"}, {"data": "x\ny", "id": None}, {"data": "last", "id": ""}],
+        "events": [
+            {"data": '{"a":1}', "id": "7"},
+            {"data": "x\ny", "id": None},
+            {"data": "last", "id": ""},
+        ],
         "retry": 1500,
     }

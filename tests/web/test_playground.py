@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
-
 from tests.web.conftest import (
     WebGateway,
     assert_clean,
@@ -24,7 +23,14 @@ TRANSPORTS = ("sse", "ws")
 NAMES = {"sse": "SSE", "ws": "WebSocket"}
 
 
-def ask(page: Page, prompt: str, *, model: str = "sim", transport: str = "sse", max_tokens: int | None = None) -> None:
+def ask(
+    page: Page,
+    prompt: str,
+    *,
+    model: str = "sim",
+    transport: str = "sse",
+    max_tokens: int | None = None,
+) -> None:
     """Fill the form and send."""
     page.select_option("#model", model)
     page.check(f"input[name=transport][value={transport}]")
@@ -114,7 +120,9 @@ def test_the_race_fills_both_columns_and_the_plot(web: WebGateway, page: Page) -
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_a_reload_mid_answer_resumes_the_exact_text(web: WebGateway, page: Page, transport: str) -> None:
+def test_a_reload_mid_answer_resumes_the_exact_text(
+    web: WebGateway, page: Page, transport: str
+) -> None:
     """Reloading while an answer streams picks it up where it was: the exact text, one generation, billed once."""
     _, key = web.new_key(f"reload-{transport}")
     page.goto(web.base_url + "/")
@@ -136,7 +144,9 @@ def test_a_reload_mid_answer_resumes_the_exact_text(web: WebGateway, page: Page,
 
 
 @pytest.mark.parametrize("csp", ["enforced", "bypassed"])
-def test_model_output_with_html_is_shown_as_text(web: WebGateway, browser: Browser, csp: str) -> None:
+def test_model_output_with_html_is_shown_as_text(
+    web: WebGateway, browser: Browser, csp: str
+) -> None:
     """An answer holding <img onerror>, <script>, <svg onload> and a javascript: link renders as text; nothing runs.
 
     With the page's CSP bypassed too, so the renderer alone is what keeps the script out.
@@ -156,7 +166,15 @@ def test_model_output_with_html_is_shown_as_text(web: WebGateway, browser: Brows
         assert "<img src=x onerror=window.pwned('img')>" in text
         assert "<script>window.pwned('script')</script>" in text
         assert "<svg onload=window.pwned('svg')>" in text
-        for tag in ("img", "script", "svg", "iframe", "[onerror]", "[onload]", "a[href^='javascript']"):
+        for tag in (
+            "img",
+            "script",
+            "svg",
+            "iframe",
+            "[onerror]",
+            "[onload]",
+            "a[href^='javascript']",
+        ):
             assert answer.locator(tag).count() == 0, tag
         assert answer.locator("h1").inner_text() == "Reply"
         assert answer.locator("strong").inner_text() == "bold"

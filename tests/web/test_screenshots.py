@@ -5,21 +5,35 @@ from __future__ import annotations
 
 import pytest
 from playwright.sync_api import Browser, expect
-
-from tests.web.conftest import DESKTOP, PHONE, WebGateway, assert_clean, open_context, screenshot, use_key, watch
+from tests.web.conftest import (
+    DESKTOP,
+    PHONE,
+    WebGateway,
+    assert_clean,
+    open_context,
+    screenshot,
+    use_key,
+    watch,
+)
 
 PAGES = ("playground", "usage", "admin")
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_screenshots_of_every_page_at_desktop_and_phone_width(web: WebGateway, browser: Browser, scheme: str) -> None:
+def test_screenshots_of_every_page_at_desktop_and_phone_width(
+    web: WebGateway, browser: Browser, scheme: str
+) -> None:
     """Every page renders with data at 1280 and 390 px, fits a phone's width, and follows prefers-color-scheme."""
     _, key = web.new_key(f"screens-{scheme}")
     web.api(
         "POST",
         "/v1/chat/completions",
         key,
-        json={"model": "priced-sim", "max_tokens": 8, "messages": [{"role": "user", "content": "for the charts"}]},
+        json={
+            "model": "priced-sim",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "for the charts"}],
+        },
     )
     backgrounds = set()
     for size_name, size in (("desktop", DESKTOP), ("phone", PHONE)):
@@ -45,9 +59,13 @@ def test_screenshots_of_every_page_at_desktop_and_phone_width(web: WebGateway, b
                     expect(page.locator(ready)).to_be_visible()
                 path = screenshot(page, f"{name}-{size_name}-{scheme}")
                 assert path.stat().st_size > 10_000
-                overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+                overflow = page.evaluate(
+                    "() => document.documentElement.scrollWidth - window.innerWidth"
+                )
                 assert overflow <= 0, f"{name} is {overflow}px wider than a {size_name} screen"
-                backgrounds.add(page.evaluate("() => getComputedStyle(document.body).backgroundColor"))
+                backgrounds.add(
+                    page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+                )
             assert_clean(page, seen)
         finally:
             context.close()

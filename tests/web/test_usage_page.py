@@ -7,7 +7,6 @@ from typing import Any
 
 import requests
 from playwright.sync_api import Page, expect
-
 from tests.web.conftest import WebGateway, use_key, wait_until
 
 
@@ -15,7 +14,11 @@ def complete(web: WebGateway, key: str, model: str, prompt: str, max_tokens: int
     response = requests.post(
         web.base_url + "/v1/chat/completions",
         headers={"Authorization": f"Bearer {key}"},
-        json={"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]},
+        json={
+            "model": model,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": prompt}],
+        },
         timeout=30,
     )
     assert response.status_code == 200, response.text
@@ -29,7 +32,9 @@ def bars(page: Page, figure: str) -> dict[str, int]:
     """The bars of a chart: label -> exact value."""
     rects = page.locator(f"{figure} rect.bar")
     return {
-        str(rects.nth(i).get_attribute("data-label")): int(rects.nth(i).get_attribute("data-value") or 0)
+        str(rects.nth(i).get_attribute("data-label")): int(
+            rects.nth(i).get_attribute("data-value") or 0
+        )
         for i in range(rects.count())
     }
 

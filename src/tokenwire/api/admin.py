@@ -45,6 +45,7 @@ from tokenwire.api.formats import (
     read_usd,
 )
 from tokenwire.api.usage import (
+    group_objects,
     parse_group_by,
     parse_instant_ms,
     query_params,
@@ -360,7 +361,7 @@ async def usage_report(request: Request) -> Response:
     }
     groups = await state.ledger.totals(**filters, group_by=group_by)
     (overall,) = await state.ledger.totals(**filters, group_by=())
-    data = [{**{g: row[g] for g in group_by}, **total_object(row)} for row in groups]
+    data = group_objects(groups, group_by)
     return json_response(
         {
             "object": "list",

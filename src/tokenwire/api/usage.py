@@ -112,9 +112,7 @@ OWN_GROUPS = ("model", "day")
 """What ``GET /v1/usage`` may group by: one key's own rows have no key to group by."""
 
 
-def parse_group_by(
-    value: str | None, allowed: Collection[str] = tuple(GROUPS)
-) -> tuple[str, ...]:
+def parse_group_by(value: str | None, allowed: Collection[str] = tuple(GROUPS)) -> tuple[str, ...]:
     """``key,model,day`` (any subset of ``allowed``, any order) → the ledger's column names;
     None → all of them; 400 naming ``group_by`` for anything else."""
     if value is None:
@@ -139,6 +137,11 @@ def total_object(totals: dict[str, Any]) -> dict[str, Any]:
         "cost_micro": int(totals.get("cost_micro") or 0),
         "cost_usd": usd(int(totals.get("cost_micro") or 0)),
     }
+
+
+def group_objects(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``Ledger.totals`` rows as JSON: their group columns, then :func:`total_object`."""
+    return [{**{g: row[g] for g in group_by}, **total_object(row)} for row in rows]
 
 
 def row_object(row: LedgerRow) -> dict[str, Any]:
@@ -181,5 +184,7 @@ async def get_usage(request: Request) -> Response:
             key_id=key.id, since_ms=start, until_ms=end, model=model, group_by=group_by
         )
         answer["group_by"] = list(group_by)
-        answer["groups"] = [{**{g: row[g] for g in group_by}, **total_object(row)} for row in groups]
+        answer["groups"] = [
+            {**{g: row[g] for g in group_by}, **total_object(row)} for row in groups
+        ]
     return json_response(answer)

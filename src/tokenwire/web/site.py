@@ -106,8 +106,9 @@ def load_site(root: Traversable | None = None) -> tuple[dict[str, Asset], dict[s
     layout = (pages_dir / "layout.html").read_text(encoding="utf-8")
     pages = {
         page.path: Asset.of(
-            render_page(layout, page, (pages_dir / f"{page.name}.html").read_text("utf-8"))
-            .encode(),
+            render_page(
+                layout, page, (pages_dir / f"{page.name}.html").read_text("utf-8")
+            ).encode(),
             ".html",
         )
         for page in PAGES
