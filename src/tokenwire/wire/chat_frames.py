@@ -30,8 +30,8 @@ def chunk_encoder(source: StreamSource) -> ChunkEncoder:
     )
 
 
-class ChatSSEFrames:
-    """Chat Completions over SSE (``POST /v1/chat/completions``, resumes)."""
+class _ChatFrames:
+    """What every Chat Completions encoder shares: the stream's chunk encoder, no start frames."""
 
     __slots__ = ("_chunks", "_include_usage")
 
@@ -42,9 +42,21 @@ class ChatSSEFrames:
     def start(self, out: list[bytes]) -> None:
         return None
 
+    def ping(self, out: list[bytes]) -> None:
+        return None
+
+    def end(self, out: list[bytes]) -> None:
+        return None
+
+
+class ChatSSEFrames(_ChatFrames):
+    """Chat Completions over SSE (``POST /v1/chat/completions``, resumes)."""
+
+    __slots__ = ()
+
     def event(self, event: Event, number: int, out: list[bytes]) -> None:
-        if type(event) is TextDelta:  # the hot path
-            out.append(sse.event(self._chunks.text(event.text), event_id=number))
+        if type(event) is TextDelta:  # the hot path: sse.event(…, event_id=number), inlined
+            out.append(b"id: %d\ndata: %s\n\n" % (number, self._chunks.text(event.text)))
         elif type(event) is StreamError:
             out.append(sse.event(error_json(event.error)))  # no id: not a resumable position
         else:
@@ -59,54 +71,32 @@ class ChatSSEFrames:
         out.append(sse.DONE)
 
 
-class ChatCompatFrames:
-    """Chat Completions over ``/v1/ws/chat``, compatible mode: what SSE carries after ``data:``."""
+class ChatCompatFrames(_ChatFrames):
+    """Chat Completions over ``/v1/ws/chat``, compatible mode: what SSE carries after ``data:``.
 
-    __slots__ = ("_chunks", "_include_usage")
+    ``[DONE]`` follows after a grace period for the client's close (``api/ws.py``).
+    """
 
-    def __init__(self, source: StreamSource) -> None:
-        self._chunks = chunk_encoder(source)
-        self._include_usage = source.include_usage
-
-    def start(self, out: list[bytes]) -> None:
-        return None
+    __slots__ = ()
 
     def event(self, event: Event, number: int, out: list[bytes]) -> None:
         data = self._chunks.encode(event, include_usage=self._include_usage)
         if data is not None:
             out.append(data)
 
-    def ping(self, out: list[bytes]) -> None:
-        return None
 
-    def end(self, out: list[bytes]) -> None:
-        return None  # [DONE] follows a grace period for the client's close (api/ws.py)
-
-
-class ChatEnvelopeFrames:
+class ChatEnvelopeFrames(_ChatFrames):
     """Chat Completions over ``/v1/ws/chat`` in envelope mode, for one ``request_id``."""
 
-    __slots__ = (
-        "_chunks",
-        "_finish",
-        "_include_usage",
-        "_number",
-        "_request_id",
-        "_source",
-        "_usage",
-    )
+    __slots__ = ("_finish", "_number", "_request_id", "_source", "_usage")
 
     def __init__(self, source: StreamSource, request_id: str, after: int = 0) -> None:
-        self._chunks = chunk_encoder(source)
-        self._include_usage = source.include_usage
+        super().__init__(source)
         self._source = source
         self._request_id = request_id
         self._number = after
         self._finish: str | None = None
         self._usage: Usage | None = None
-
-    def start(self, out: list[bytes]) -> None:
-        return None
 
     def event(self, event: Event, number: int, out: list[bytes]) -> None:
         self._number = number
@@ -120,9 +110,6 @@ class ChatEnvelopeFrames:
         chunk = self._chunks.encode(event, include_usage=self._include_usage)
         if chunk is not None:
             out.append(proto.envelope_chunk(chunk, self._request_id, number))
-
-    def ping(self, out: list[bytes]) -> None:
-        return None
 
     def end(self, out: list[bytes]) -> None:
         source = self._source

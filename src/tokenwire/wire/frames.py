@@ -85,15 +85,16 @@ class FrameLoop:
             encoder.ping(out)
             return out
         event = encoder.event
+        seq = self._seq
         if self._merge:
-            for merged, number in merge_text(batch, self._seq):
+            for merged, number in merge_text(batch, seq):
                 event(merged, number, out)
+            self._seq = seq + len(batch)
         else:
-            seq = self._seq
             for item in batch:
                 seq += 1
                 event(item, seq, out)
-        self._seq += len(batch)
+            self._seq = seq
         return out
 
     def end(self) -> list[bytes]:
