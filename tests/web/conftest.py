@@ -151,13 +151,15 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebGateway]:
             yield WebGateway(server, upstream, hostile)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
+    """Playwright's driver, per module: its sync API keeps an event loop running in the main
+    thread, which would break asyncio.run in the modules that run after these."""
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     """Debian's Chromium, headless."""
     assert CHROMIUM.exists(), "the test command installs Debian's chromium package"
