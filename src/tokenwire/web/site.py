@@ -1,15 +1,18 @@
 """Serving the web pages and their static files, with a strict Content-Security-Policy.
 
 Everything is read from the package once, when the app is made: the pages are
-``pages/layout.html`` around each page's ``pages/<name>.html``, the static files are the
-flat directory ``static/``. A name outside that set is a 404, so no path reaches the disk.
-Answers carry an ``ETag`` and ``Cache-Control: no-cache`` (a browser revalidates, so an
-upgrade is seen at once) and the security headers of :data:`PAGE_HEADERS`.
+``pages/layout.html`` around each page's ``pages/<name>.html``, in which ``{{> part k=v}}``
+is replaced by ``pages/partials/part.html`` with each ``{{k}}`` set to ``v`` (markup the pages
+share, written once); the static files are the flat directory ``static/``. A name outside
+that set is a 404, so no path reaches the disk. Answers carry an ``ETag`` and
+``Cache-Control: no-cache`` (a browser revalidates, so an upgrade is seen at once) and the
+security headers of :data:`PAGE_HEADERS`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -88,6 +91,22 @@ class Asset:
         return Response(self.body, media_type=self.media_type, headers=headers)
 
 
+_PARTIAL = re.compile(r"\{\{> ([\w-]+)((?: [\w-]+=[\w-]+)*)\}\}")
+
+
+def expand_partials(text: str, partials: Traversable) -> str:
+    """``text`` with each ``{{> name k=v ...}}`` replaced by the partial, ``{{k}}`` set to v."""
+
+    def partial(match: re.Match[str]) -> str:
+        body = (partials / f"{match.group(1)}.html").read_text("utf-8")
+        for pair in match.group(2).split():
+            name, _, value = pair.partition("=")
+            body = body.replace("{{" + name + "}}", value)
+        return body
+
+    return _PARTIAL.sub(partial, text)
+
+
 def render_page(layout: str, page: Page, main: str) -> str:
     """The layout with the page's title, body and module, its nav link marked current."""
     marker = f'data-nav="{page.name}"'
@@ -104,15 +123,11 @@ def load_site(root: Traversable | None = None) -> tuple[dict[str, Asset], dict[s
     root = root or resources.files(__package__ or "tokenwire.web")
     pages_dir = root / "pages"
     layout = (pages_dir / "layout.html").read_text(encoding="utf-8")
-    pages = {
-        page.path: Asset.of(
-            render_page(
-                layout, page, (pages_dir / f"{page.name}.html").read_text("utf-8")
-            ).encode(),
-            ".html",
-        )
-        for page in PAGES
-    }
+    partials = pages_dir / "partials"
+    pages = {}
+    for page in PAGES:
+        main = expand_partials((pages_dir / f"{page.name}.html").read_text("utf-8"), partials)
+        pages[page.path] = Asset.of(render_page(layout, page, main).encode(), ".html")
     files = {
         entry.name: Asset.of(entry.read_bytes(), "." + entry.name.rsplit(".", 1)[-1])
         for entry in (root / "static").iterdir()

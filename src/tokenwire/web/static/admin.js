@@ -135,6 +135,21 @@ function showSecret(title, key) {
   byId("copy-secret").focus();
 }
 
+/** The key form fields (partials/key-fields.html) and the key object's names for them. */
+const KEY_FIELDS = [
+  ["name", "name"],
+  ["rpm", "rpm"],
+  ["tpm", "tpm"],
+  ["max_concurrent_streams", "streams"],
+];
+
+/** Name, limits and models from the create (or edit) form, as the admin API takes them. */
+function keyFields(prefix) {
+  const fields = { models: checkedModels(byId(`${prefix}-models`)) };
+  for (const [field, id] of KEY_FIELDS) fields[field] = field === "name" ? byId(`${prefix}-name`).value : limitField(`${prefix}-${id}`);
+  return fields;
+}
+
 /** An optional whole number field: null when blank. */
 function limitField(id) {
   const raw = byId(id).value.trim();
@@ -163,15 +178,7 @@ byId("create-form").addEventListener("submit", async (event) => {
     byId("create-credits").focus();
     return;
   }
-  const body = {
-    name: byId("create-name").value,
-    rpm: limitField("create-rpm"),
-    tpm: limitField("create-tpm"),
-    max_concurrent_streams: limitField("create-streams"),
-    models: checkedModels(byId("create-models")),
-    expires_at: instantField("create-expires"),
-    admin: byId("create-admin").checked,
-  };
+  const body = { ...keyFields("create"), expires_at: instantField("create-expires"), admin: byId("create-admin").checked };
   if (credits) body.credits_usd = credits;
   try {
     const created = await client.request("POST", "/v1/admin/keys", { body });
@@ -209,10 +216,7 @@ for (const dialog of document.querySelectorAll("dialog")) {
 function openEdit(key) {
   dialogKey = key;
   byId("edit-title").textContent = `Edit ${key.name}`;
-  byId("edit-name").value = key.name;
-  byId("edit-rpm").value = key.rpm ?? "";
-  byId("edit-tpm").value = key.tpm ?? "";
-  byId("edit-streams").value = key.max_concurrent_streams ?? "";
+  for (const [field, id] of KEY_FIELDS) byId(`edit-${id}`).value = key[field] ?? "";
   byId("edit-expires").value = localInput(key.expires_at);
   renderModelChoices(byId("edit-models"), key.models);
   showError(byId("edit-error"), null);
@@ -222,15 +226,8 @@ function openEdit(key) {
 byId("edit-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const key = dialogKey;
-  const wanted = {
-    name: byId("edit-name").value,
-    rpm: limitField("edit-rpm"),
-    tpm: limitField("edit-tpm"),
-    max_concurrent_streams: limitField("edit-streams"),
-    models: checkedModels(byId("edit-models")),
-  };
   const changes = {};
-  for (const [field, value] of Object.entries(wanted)) {
+  for (const [field, value] of Object.entries(keyFields("edit"))) {
     if (JSON.stringify(value) !== JSON.stringify(key[field])) changes[field] = value;
   }
   // the field shows minutes: only a different value in it is a change
