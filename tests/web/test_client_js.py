@@ -120,17 +120,17 @@ def test_a_stream_resumes_after_the_network_drops(
     _, key = web.new_key(f"cut-{transport}")
     with CuttableProxy(web.server.port) as proxy:
         page.goto(proxy.base_url + "/usage")
-        body = chat("paced-sim", f"cut me over {transport}", max_tokens=40)
+        body = chat("paced-sim", f"cut me over {transport}", max_tokens=100)
         start_stream(page, key, body, transport=transport, resumable=True)
         wait_for_chunks(page, 5)
         proxy.cut()
         result = page.evaluate("() => window.__result")
     assert "error" not in result, result
     assert result["reconnects"] >= 1
-    assert result["text"] == sim_text(f"cut me over {transport}", max_tokens=40)
-    assert result["finish"] == "length" and result["usage"]["completion_tokens"] == 40
+    assert result["text"] == sim_text(f"cut me over {transport}", max_tokens=100)
+    assert result["finish"] == "length" and result["usage"]["completion_tokens"] == 100
     wait_until(lambda: web.usage(key)["total"]["requests"] == 1, "the ledger row")
-    assert web.usage(key)["total"]["completion_tokens"] == 40
+    assert web.usage(key)["total"]["completion_tokens"] == 100
 
 
 def test_cancelling_a_plain_sse_stream_closes_the_upstream(web: WebGateway, page: Page) -> None:
