@@ -24,6 +24,7 @@ from tokenwire.api import (
     admin,
     chat,
     health,
+    messages,
     models,
     openapi,
     streams,
@@ -232,6 +233,12 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", chat.create_completion, methods=["POST"]),
         Route("/v1/chat/completions/{stream_id}/stream", streams.resume_stream, methods=["GET"]),
+        Route("/v1/messages", messages.create_message_endpoint, methods=["POST"]),
+        Route(
+            "/v1/messages/{message_id}/stream",
+            messages.resume_message_endpoint,
+            methods=["GET"],
+        ),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -12,6 +14,7 @@ from tokenwire.api.errors import error_response, internal_error_response, json_r
 from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import BodyTooLarge, GatewayError, InvalidRequest
 from tokenwire.state import AppState, get_state
+from tokenwire.streams.events import Event
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import request_digest
@@ -51,18 +54,13 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
     # into typed values; the plain object is what an OpenAI-compatible upstream receives.
     raw = decode_json_value(body, what="JSON body of your request")
     chat_request = chat_request_from(raw)
-    idempotency_key = request.headers.get("idempotency-key")
-    if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
-        raise InvalidRequest(
-            "Idempotency-Key must be 1 to 256 characters.", param="Idempotency-Key"
-        )
     generation = await state.completions.start(
         key,
         chat_request,
         raw,
         "sse" if chat_request.stream else "json",
-        resumable=request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true"),
-        idempotency=None if idempotency_key is None else (idempotency_key, request_digest(raw)),
+        resumable=wants_resumable(request),
+        idempotency=idempotency(request, raw),
     )
     if not chat_request.stream:
         return JSONCompletion(generation)
@@ -70,11 +68,28 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         generation,
         include_usage=chat_request.include_usage,
         heartbeat_s=state.settings.server.sse_heartbeat_s,
-        retry_ms=RETRY_MS if _resumable(state, generation) else None,
+        retry_ms=RETRY_MS if resumable(state, generation) else None,
     )
 
 
-def _resumable(state: AppState, stream: StreamSource) -> bool:
+def wants_resumable(request: Request) -> bool:
+    """Whether the client asked for a resumable stream (``X-Tokenwire-Resumable``)."""
+    return request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true")
+
+
+def idempotency(request: Request, raw: dict[str, Any]) -> tuple[str, str] | None:
+    """The request's ``Idempotency-Key`` and its body's digest, or None without the header."""
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is None:
+        return None
+    if not 0 < len(idempotency_key) <= 256:
+        raise InvalidRequest(
+            "Idempotency-Key must be 1 to 256 characters.", param="Idempotency-Key"
+        )
+    return idempotency_key, request_digest(raw)
+
+
+def resumable(state: AppState, stream: StreamSource) -> bool:
     """A stream kept for resuming (one from another process always is)."""
     return not isinstance(stream, Generation) or state.completions.streams.holds(stream)
 
@@ -92,33 +107,53 @@ async def completions_endpoint(scope: Scope, receive: Receive, send: Send) -> No
     await response(scope, receive, send)
 
 
+class Answer(Protocol):
+    """A whole completion folded into one JSON response (``stream: false``) of some API."""
+
+    def add(self, event: Event) -> None:
+        """Fold one event in."""
+        ...
+
+    def response(self, source: StreamSource) -> Response:
+        """The HTTP response once every event is in: the answer, or its error."""
+        ...
+
+
+class ChatAnswer:
+    """A ``chat.completion`` object, or the OpenAI error the completion ended with."""
+
+    def __init__(self) -> None:
+        self._builder = CompletionBuilder()
+        self.add = self._builder.add
+
+    def response(self, source: StreamSource) -> Response:
+        builder = self._builder
+        if builder.error is not None:
+            return error_response(builder.error, source.response_headers)
+        result = builder.build(completion_id=source.id, created=source.created, model=source.model)
+        return json_response(result, headers=source.response_headers)
+
+
 class JSONCompletion:
-    """Waits for the whole completion and answers one ``chat.completion`` object.
+    """Waits for the whole completion and answers it as one JSON object (``answer``'s).
 
     If the client disconnects while waiting, the reader closes and the upstream is cancelled.
     """
 
-    def __init__(self, generation: StreamSource) -> None:
+    def __init__(self, generation: StreamSource, answer: Answer | None = None) -> None:
         self._generation = generation
+        self._answer = answer or ChatAnswer()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        generation = self._generation
-        builder = CompletionBuilder()
-        batches = generation.read()
+        add = self._answer.add
+        batches = self._generation.read()
         async with cancel_on_disconnect(receive) as disconnect:
             try:
                 async for batch in batches:
                     for event in batch or ():
-                        builder.add(event)
+                        add(event)
             finally:
                 await batches.aclose()
         if disconnect.happened:
             return
-        if builder.error is not None:
-            response = error_response(builder.error, generation.response_headers)
-        else:
-            result = builder.build(
-                completion_id=generation.id, created=generation.created, model=generation.model
-            )
-            response = json_response(result, headers=generation.response_headers)
-        await response(scope, receive, send)
+        await self._answer.response(self._generation)(scope, receive, send)

@@ -19,7 +19,8 @@ from tokenwire.wire.untrusted import parse_count
 MAX_CURSOR_DIGITS = 15  # event numbers stay far below 10**15 (and 2**53, for JavaScript clients)
 
 
-def _cursor(request: Request) -> int:
+def read_cursor(request: Request) -> int:
+    """The resume cursor: ``Last-Event-ID``, else ``starting_after``, else 0 (400 if malformed)."""
     header = request.headers.get("last-event-id")
     raw = header or request.query_params.get("starting_after") or "0"
     cursor = parse_count(raw, max_digits=MAX_CURSOR_DIGITS)
@@ -36,7 +37,7 @@ async def resume_stream(request: Request) -> SSEStream:
     """Replay a stream's events after the cursor, then follow it live."""
     state = get_state(request)
     key = await authenticate(request)
-    after = _cursor(request)
+    after = read_cursor(request)
     generation = await state.completions.streams.get(
         request.path_params["stream_id"], key.id, after
     )

@@ -215,6 +215,7 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
     stop: StopSequence | Annotated[list[StopSequence], msgspec.Meta(max_length=4)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
     user: ShortText | None = None
     seed: Int64 | None = None
@@ -277,7 +278,14 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
-_WHOLE_NUMBER_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs")
+_WHOLE_NUMBER_FIELDS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "seed",
+    "top_logprobs",
+    "top_k",
+)
 
 
 def decode_chat_request(body: bytes) -> ChatRequest:

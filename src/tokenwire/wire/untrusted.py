@@ -51,14 +51,11 @@ def parse_count(text: str, *, max_digits: int = 18) -> int | None:
 def param_from_message(message: str) -> str | None:
     """OpenAI's ``param`` from a msgspec error: ``at `$.messages[0].role``` becomes
     ``messages[0].role``; a missing or unknown field is named too."""
-    unknown = _UNKNOWN_FIELD.search(message)
-    if unknown is not None:
-        return unknown.group(1)
     match = _PATH.search(message)
     path = match.group(1) if match is not None else ""
-    missing = _MISSING.search(message)
-    if missing is not None:
-        return f"{path}.{missing.group(1)}" if path else missing.group(1)
+    field = _UNKNOWN_FIELD.search(message) or _MISSING.search(message)
+    if field is not None:
+        return f"{path}.{field.group(1)}" if path else field.group(1)
     return path or None
 
 
