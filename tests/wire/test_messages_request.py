@@ -235,12 +235,12 @@ def test_whole_floats_are_integers() -> None:
         (_minimal(metadata={"user_id": "u", "other": 1}), "metadata.other", InvalidRequest),
         (
             _minimal(thinking={"type": "enabled", "budget_tokens": 2048}),
-            "thinking",
+            "thinking.type",
             UnsupportedParameter,
         ),
         (_minimal(container="c"), "container", UnsupportedParameter),
         (_minimal(mcp_servers=[{}]), "mcp_servers", UnsupportedParameter),
-        (_minimal(stop_sequences=list("abcde")), "stop_sequences", UnsupportedParameter),
+        (_minimal(stop_sequences=list("abcde")), "stop_sequences", InvalidRequest),
         (
             _minimal(tools=[{"type": "web_search_20250305", "name": "web_search"}]),
             "tools[0].type",
@@ -293,8 +293,8 @@ def test_whole_floats_are_integers() -> None:
                     }
                 ]
             ),
-            "messages[0].content[1].source",
-            UnsupportedParameter,
+            "messages[0].content[1].source.type",
+            InvalidRequest,
         ),
         (
             _minimal(
@@ -316,8 +316,8 @@ def test_whole_floats_are_integers() -> None:
                     }
                 ]
             ),
-            "messages[0].content[0].content[0]",
-            UnsupportedParameter,
+            "messages[0].content[0].content[0].type",
+            InvalidRequest,
         ),
         (
             _minimal(
@@ -350,7 +350,7 @@ def test_whole_floats_are_integers() -> None:
                 ]
             ),
             "messages[0].content[0].type",
-            UnsupportedParameter,
+            InvalidRequest,
         ),
     ],
 )

@@ -14,7 +14,7 @@ them in tests. The builders return the JSON objects Anthropic documents for each
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -25,8 +25,9 @@ Block = dict[str, Any]
 ANTHROPIC_VERSION = "2023-06-01"
 """The ``anthropic-version`` the provider sends (and the one every Anthropic SDK sends)."""
 
-IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+ImageType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
 """The media types of Anthropic's ``image`` blocks."""
+IMAGE_TYPES = frozenset(get_args(ImageType))
 
 ERROR_STATUS: dict[str, int] = {
     "invalid_request_error": 400,

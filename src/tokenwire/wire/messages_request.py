@@ -24,13 +24,15 @@ translate it into their own::
     metadata.user_id                    user
     stream                              stream (with usage: the stream reports it)
 
-Ignored, as they do not change the answer: ``cache_control`` (anywhere), ``service_tier``,
-``inference_geo``, ``speed``, ``diagnostics``, ``thinking: {"type": "disabled"}``. Refused
-with a 400 naming the field: any other ``thinking``, server tools (a ``tools[i].type`` other
-than ``custom``), ``container``, ``mcp_servers``, ``context_management``, ``output_config``,
-``output_format``, ``thinking`` and ``redacted_thinking`` blocks, images in tool results,
-document sources other than a base64 PDF, citations, image ``file`` sources, more than four
-stop sequences. Unknown fields are ignored, as chat completions ignores them.
+Ignored, as they do not change the answer: ``cache_control`` (anywhere), ``citations`` of
+text blocks, ``service_tier``, ``inference_geo``, ``speed``, ``diagnostics``, ``thinking:
+{"type": "disabled"}``, unknown fields (as chat completions ignores them). Refused with a 400
+naming the field (the schema in ``/openapi.json`` says the same): any other ``thinking``,
+server tools (a ``tools[i].type`` other than ``custom``), ``container``, ``mcp_servers``,
+``context_management``, ``output_config``, ``output_format``, ``thinking`` and
+``redacted_thinking`` blocks, images in tool results, image ``file`` sources, documents other
+than a base64 PDF, document citations, more than four stop sequences, a ``tool_choice`` that
+names no tool of ``tools`` (code ``tool_choice_not_in_tools``).
 
 The translated body (``msgspec.to_builtins`` of the request) is what an OpenAI-compatible
 upstream receives.
@@ -38,29 +40,42 @@ upstream receives.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from tokenwire.errors import InvalidRequest, UnsupportedParameter
 from tokenwire.wire import schema
-from tokenwire.wire.anthropic import IMAGE_TYPES
+from tokenwire.wire.anthropic import ImageType
 from tokenwire.wire.schema import MAX_OUTPUT_TOKENS, ChatRequest, Name, ShortText, TokenLimit
 from tokenwire.wire.untrusted import param_from_message
 
 MAX_STOP_SEQUENCES = 4
 """What the chat request (and OpenAI) can carry; Anthropic allows more."""
+TOOL_CHOICE_NOT_IN_TOOLS = "tool_choice_not_in_tools"
+"""The code of a ``tool_choice`` that names a tool not in ``tools`` (or any, without tools):
+a rule across two fields, which the request's JSON Schema cannot state."""
 
 # -- the request, as Anthropic documents it ---------------------------------------------------
 
 
 class TextBlock(msgspec.Struct, tag_field="type", tag="text"):
+    """A text block (``cache_control`` and ``citations`` on it are ignored)."""
+
     text: str
-    citations: list[Any] | None = None
 
 
-class Base64Source(msgspec.Struct, tag_field="type", tag="base64"):
-    media_type: Annotated[str, msgspec.Meta(max_length=128)]
+class TextOnlyBlock(msgspec.Struct):
+    """A text block where only text blocks are allowed (``system``, a tool result): its
+    ``type`` is required, as in a union of blocks, which a lone tagged struct would not do."""
+
+    type: Literal["text"]
+    text: str
+
+
+class Base64ImageSource(msgspec.Struct, tag_field="type", tag="base64"):
+    media_type: ImageType
     data: str
 
 
@@ -68,29 +83,27 @@ class URLSource(msgspec.Struct, tag_field="type", tag="url"):
     url: str
 
 
-class FileSource(msgspec.Struct, tag_field="type", tag="file"):
-    file_id: str
+class ImageBlock(msgspec.Struct, tag_field="type", tag="image"):
+    source: Base64ImageSource | URLSource
 
 
-class PlainTextSource(msgspec.Struct, tag_field="type", tag="text"):
-    media_type: str
+class Base64PDFSource(msgspec.Struct):
+    """A document's source: only base64 (its ``type`` required, as a lone tagged struct's
+    would not be)."""
+
+    type: Literal["base64"]
+    media_type: Literal["application/pdf"]
     data: str
 
 
-class ContentSource(msgspec.Struct, tag_field="type", tag="content"):
-    content: str | list[Any]
-
-
-class ImageBlock(msgspec.Struct, tag_field="type", tag="image"):
-    source: Base64Source | URLSource | FileSource
-
-
 class CitationsConfig(msgspec.Struct):
-    enabled: bool = False
+    enabled: Literal[False] = False
 
 
 class DocumentBlock(msgspec.Struct, tag_field="type", tag="document"):
-    source: Base64Source | URLSource | FileSource | PlainTextSource | ContentSource
+    """A PDF document; only a base64 source can be carried to every provider."""
+
+    source: Base64PDFSource
     title: str | None = None
     context: str | None = None
     citations: CitationsConfig | None = None
@@ -104,42 +117,25 @@ class ToolUseBlock(msgspec.Struct, tag_field="type", tag="tool_use"):
 
 class ToolResultBlock(msgspec.Struct, tag_field="type", tag="tool_result"):
     tool_use_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    content: str | list[TextBlock | ImageBlock | DocumentBlock] | None = None
+    content: str | list[TextOnlyBlock] | None = None
     is_error: bool = False
 
 
-class ThinkingBlock(msgspec.Struct, tag_field="type", tag="thinking"):
-    thinking: str = ""
-    signature: str = ""
+class UserTurn(msgspec.Struct, tag_field="role", tag="user"):
+    content: str | list[TextBlock | ImageBlock | DocumentBlock | ToolResultBlock]
 
 
-class RedactedThinkingBlock(msgspec.Struct, tag_field="type", tag="redacted_thinking"):
-    data: str = ""
-
-
-ContentBlock = (
-    TextBlock
-    | ImageBlock
-    | DocumentBlock
-    | ToolUseBlock
-    | ToolResultBlock
-    | ThinkingBlock
-    | RedactedThinkingBlock
-)
-
-
-class MessageParam(msgspec.Struct):
-    role: Literal["user", "assistant"]
-    content: str | list[ContentBlock]
+class AssistantTurn(msgspec.Struct, tag_field="role", tag="assistant"):
+    content: str | list[TextBlock | ToolUseBlock]
 
 
 class ToolParam(msgspec.Struct):
-    """A client tool (``type`` absent or ``custom``); server tools are refused."""
+    """A client tool; server tools (another ``type``) are refused."""
 
     name: Name
-    input_schema: dict[str, Any] | None = None
+    input_schema: dict[str, Any]
     description: str | None = None
-    type: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    type: Literal["custom"] | None = None
 
 
 class ToolChoiceAuto(msgspec.Struct, tag_field="type", tag="auto"):
@@ -163,21 +159,27 @@ class Metadata(msgspec.Struct, forbid_unknown_fields=True):
     user_id: ShortText | None = None
 
 
-class ThinkingConfig(msgspec.Struct):
-    type: Annotated[str, msgspec.Meta(max_length=64)]
+class ThinkingDisabled(msgspec.Struct):
+    type: Literal["disabled"]
 
 
 StopSequence = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 
 
 class MessagesRequest(msgspec.Struct):
-    """A validated ``POST /v1/messages`` body (the fields the gateway reads)."""
+    """A validated ``POST /v1/messages`` body (its schema is the one ``/openapi.json`` shows).
+
+    The fields typed ``None`` are Anthropic features the gateway does not offer: present and
+    not null, they are refused with a 400 naming them.
+    """
 
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    messages: Annotated[list[MessageParam], msgspec.Meta(min_length=1)]
+    messages: Annotated[list[UserTurn | AssistantTurn], msgspec.Meta(min_length=1)]
     max_tokens: TokenLimit
-    system: str | list[TextBlock] | None = None
-    stop_sequences: list[StopSequence] | None = None
+    system: str | list[TextOnlyBlock] | None = None
+    stop_sequences: (
+        Annotated[list[StopSequence], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None
+    ) = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_k: Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)] | None = None
@@ -185,16 +187,25 @@ class MessagesRequest(msgspec.Struct):
     tool_choice: ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone | None = None
     metadata: Metadata | None = None
     stream: bool = False
-    thinking: ThinkingConfig | None = None
+    thinking: ThinkingDisabled | None = None
+    container: None = None
+    mcp_servers: None = None
+    context_management: None = None
+    output_config: None = None
+    output_format: None = None
 
 
-_UNSUPPORTED_FIELDS = (
-    "container",
-    "mcp_servers",
-    "context_management",
-    "output_config",
-    "output_format",
-)
+_UNSUPPORTED = {
+    "container": "Containers ('container')",
+    "mcp_servers": "MCP servers ('mcp_servers')",
+    "context_management": "'context_management'",
+    "output_config": "'output_config'",
+    "output_format": "Structured outputs ('output_format')",
+    "thinking.type": "Extended thinking (a 'thinking' type other than disabled)",
+}
+"""What an unsupported field is, for the 400 that names it."""
+_SERVER_TOOL = re.compile(r"tools\[\d+\]\.type")
+_BLOCK_TYPE = re.compile(r"messages\[\d+\]\.content\[\d+\]\.type")
 _WHOLE_NUMBER_FIELDS = ("max_tokens", "top_k")
 
 
@@ -202,160 +213,111 @@ _WHOLE_NUMBER_FIELDS = ("max_tokens", "top_k")
 
 
 def _unsupported(param: str, what: str) -> UnsupportedParameter:
-    return UnsupportedParameter(f"{what} is not supported by this gateway.", param=param)
+    return UnsupportedParameter(
+        f"{what} is not supported by this gateway (see docs/apis.md).", param=param
+    )
+
+
+def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
+    text = str(exc)
+    param = param_from_message(text)
+    if param in _UNSUPPORTED:
+        return _unsupported(param, _UNSUPPORTED[param])
+    if param is not None and _SERVER_TOOL.fullmatch(param):
+        return _unsupported(param, "A server tool (a tool 'type' other than custom)")
+    if param is not None and _BLOCK_TYPE.fullmatch(param):
+        text += (
+            " (user turns take text, image, document and tool_result blocks; assistant turns "
+            "text and tool_use blocks)"
+        )
+    return InvalidRequest(f"Invalid request: {text}", param=param, code="invalid_value")
 
 
 def messages_request_from(body: Any) -> MessagesRequest:
     """Validate a decoded Messages body, or raise ``InvalidRequest`` naming the field."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    for name in _UNSUPPORTED_FIELDS:
-        if body.get(name) is not None:
-            raise _unsupported(name, f"'{name}'")
     values = dict(body)
     for name in _WHOLE_NUMBER_FIELDS:
         value = values.get(name)
         if isinstance(value, float) and value.is_integer():
             values[name] = int(value)
     try:
-        request = msgspec.convert(values, MessagesRequest)
+        return msgspec.convert(values, MessagesRequest)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        raise InvalidRequest(
-            f"Invalid request: {text}", param=param_from_message(text), code="invalid_value"
-        ) from None
-    if request.thinking is not None and request.thinking.type != "disabled":
-        raise _unsupported("thinking", "Extended thinking")
-    if request.stop_sequences is not None and len(request.stop_sequences) > MAX_STOP_SEQUENCES:
-        raise _unsupported(
-            "stop_sequences", f"More than {MAX_STOP_SEQUENCES} entries in 'stop_sequences'"
-        )
-    return request
+        raise _invalid(exc) from None
 
 
 # -- translation ------------------------------------------------------------------------------
 
 
-def _text_parts(blocks: list[TextBlock], param: str) -> list[schema.TextOnlyPart]:
-    for j, block in enumerate(blocks):
-        if block.citations:
-            raise _unsupported(f"{param}[{j}].citations", "Citations")
-    return [schema.TextOnlyPart(type="text", text=block.text) for block in blocks]
-
-
-def _image(block: ImageBlock, param: str) -> schema.ImageUrlPart:
+def _image(block: ImageBlock) -> schema.ImageUrlPart:
     source = block.source
-    if isinstance(source, Base64Source):
-        if source.media_type not in IMAGE_TYPES:
-            raise InvalidRequest(
-                f"An image's media_type must be one of {', '.join(sorted(IMAGE_TYPES))}.",
-                param=f"{param}.source.media_type",
-                code="invalid_value",
-            )
+    if isinstance(source, Base64ImageSource):
         url = f"data:{source.media_type};base64,{source.data}"
-    elif isinstance(source, URLSource):
-        url = source.url
     else:
-        raise _unsupported(f"{param}.source.type", "An image 'file' source")
+        url = source.url
     return schema.ImageUrlPart(image_url=schema.ImageUrl(url=url))
 
 
-def _document(block: DocumentBlock, param: str) -> schema.FilePart:
-    if block.citations is not None and block.citations.enabled:
-        raise _unsupported(f"{param}.citations", "Citations")
-    source = block.source
-    if not isinstance(source, Base64Source) or source.media_type != "application/pdf":
-        raise _unsupported(f"{param}.source", "A document source other than a base64 PDF")
-    file_data = f"data:application/pdf;base64,{source.data}"
+def _document(block: DocumentBlock) -> schema.FilePart:
+    file_data = f"data:application/pdf;base64,{block.source.data}"
     return schema.FilePart(file=schema.FileRef(file_data=file_data, filename=block.title))
 
 
-def _tool_result(block: ToolResultBlock, param: str) -> schema.ToolMessage:
+def _tool_result(block: ToolResultBlock) -> schema.ToolMessage:
     content = block.content
     if content is None or isinstance(content, str):
         text = content or ""
     else:
-        texts: list[str] = []
-        for j, part in enumerate(content):
-            if not isinstance(part, TextBlock):
-                what = "Content other than text in a tool result"
-                raise _unsupported(f"{param}.content[{j}]", what)
-            texts.append(part.text)
-        text = "\n".join(texts)
+        text = "\n".join(part.text for part in content)
     if block.is_error:
         text = f"Error: {text}" if text else "Error"
     return schema.ToolMessage(content=text, tool_call_id=block.tool_use_id)
 
 
-def _user_turn(message: MessageParam, index: int) -> list[schema.Message]:
-    if isinstance(message.content, str):
-        return [schema.UserMessage(content=message.content)]
+def _user_turn(turn: UserTurn) -> list[schema.Message]:
+    if isinstance(turn.content, str):
+        return [schema.UserMessage(content=turn.content)]
     results: list[schema.Message] = []
     parts: list[schema.UserPart] = []
-    for j, block in enumerate(message.content):
-        param = f"messages[{index}].content[{j}]"
+    for block in turn.content:
         if isinstance(block, TextBlock):
-            if block.citations:
-                raise _unsupported(f"{param}.citations", "Citations")
             parts.append(schema.TextPart(text=block.text))
         elif isinstance(block, ImageBlock):
-            parts.append(_image(block, param))
+            parts.append(_image(block))
         elif isinstance(block, DocumentBlock):
-            parts.append(_document(block, param))
-        elif isinstance(block, ToolResultBlock):
-            results.append(_tool_result(block, param))
+            parts.append(_document(block))
         else:
-            raise InvalidRequest(
-                f"A '{block_type(block)}' block cannot be in a user turn.", param=f"{param}.type"
-            )
+            results.append(_tool_result(block))
     if parts or not results:
         results.append(schema.UserMessage(content=parts))
     return results
 
 
-def _assistant_turn(message: MessageParam, index: int) -> schema.AssistantMessage:
-    if isinstance(message.content, str):
-        return schema.AssistantMessage(content=message.content)
+def _assistant_turn(turn: AssistantTurn) -> schema.AssistantMessage:
+    if isinstance(turn.content, str):
+        return schema.AssistantMessage(content=turn.content)
     texts: list[str] = []
     calls: list[schema.ToolCall] = []
-    for j, block in enumerate(message.content):
-        param = f"messages[{index}].content[{j}]"
+    for block in turn.content:
         if isinstance(block, TextBlock):
             texts.append(block.text)
-        elif isinstance(block, ToolUseBlock):
+        else:
             arguments = msgspec.json.encode(block.input).decode()
             calls.append(schema.ToolCall(block.id, schema.FunctionCall(block.name, arguments)))
-        elif isinstance(block, ThinkingBlock | RedactedThinkingBlock):
-            raise _unsupported(f"{param}.type", f"A '{block_type(block)}' block")
-        else:
-            raise InvalidRequest(
-                f"A '{block_type(block)}' block cannot be in an assistant turn.",
-                param=f"{param}.type",
-            )
     return schema.AssistantMessage(content="".join(texts), tool_calls=calls or None)
 
 
-def block_type(block: msgspec.Struct) -> str:
-    """The ``type`` tag of a content block."""
-    return str(block.__struct_config__.tag)
-
-
 def _tools(tools: list[ToolParam]) -> list[schema.Tool]:
-    result: list[schema.Tool] = []
-    for i, tool in enumerate(tools):
-        if tool.type not in (None, "custom"):
-            raise _unsupported(f"tools[{i}].type", f"The server tool {tool.type!r}")
-        if tool.input_schema is None:
-            raise InvalidRequest(
-                "A tool needs an 'input_schema'.",
-                param=f"tools[{i}].input_schema",
-                code="invalid_value",
+    return [
+        schema.FunctionTool(
+            function=schema.FunctionDefinition(
+                name=tool.name, description=tool.description, parameters=tool.input_schema
             )
-        definition = schema.FunctionDefinition(
-            name=tool.name, description=tool.description, parameters=tool.input_schema
         )
-        result.append(schema.FunctionTool(function=definition))
-    return result
+        for tool in tools
+    ]
 
 
 def _tool_choice(request: MessagesRequest) -> tuple[schema.ToolChoice | None, bool | None]:
@@ -368,15 +330,25 @@ def _tool_choice(request: MessagesRequest) -> tuple[schema.ToolChoice | None, bo
     if isinstance(choice, ToolChoiceAuto):
         return "auto", parallel
     if not request.tools:
-        raise InvalidRequest("'tool_choice' needs 'tools'.", param="tool_choice")
+        raise InvalidRequest(
+            f"A tool_choice of type {block_type(choice)!r} needs 'tools'.",
+            param="tool_choice",
+            code=TOOL_CHOICE_NOT_IN_TOOLS,
+        )
     if isinstance(choice, ToolChoiceAny):
         return "required", parallel
     if choice.name not in {tool.name for tool in request.tools}:
         raise InvalidRequest(
             f"'tool_choice' names {choice.name!r}, which is not in 'tools'.",
             param="tool_choice.name",
+            code=TOOL_CHOICE_NOT_IN_TOOLS,
         )
     return schema.FunctionChoice(function=schema.NamedFunction(name=choice.name)), parallel
+
+
+def block_type(block: msgspec.Struct) -> str:
+    """The ``type`` tag of a tagged struct (a content block, a tool choice)."""
+    return str(block.__struct_config__.tag)
 
 
 def to_chat_request(request: MessagesRequest) -> ChatRequest:
@@ -386,12 +358,13 @@ def to_chat_request(request: MessagesRequest) -> ChatRequest:
         if request.system:
             messages.append(schema.SystemMessage(content=request.system))
     elif request.system:
-        messages.append(schema.SystemMessage(content=_text_parts(request.system, "system")))
-    for i, message in enumerate(request.messages):
-        if message.role == "user":
-            messages.extend(_user_turn(message, i))
+        parts = [schema.TextOnlyPart(type="text", text=block.text) for block in request.system]
+        messages.append(schema.SystemMessage(content=parts))
+    for turn in request.messages:
+        if isinstance(turn, UserTurn):
+            messages.extend(_user_turn(turn))
         else:
-            messages.append(_assistant_turn(message, i))
+            messages.append(_assistant_turn(turn))
     tool_choice, parallel = _tool_choice(request)
     return ChatRequest(
         model=request.model,
