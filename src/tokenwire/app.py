@@ -26,6 +26,7 @@ from tokenwire.api import (
     health,
     models,
     openapi,
+    responses,
     streams,
     tickets,
     usage,
@@ -46,8 +47,10 @@ from tokenwire.limits.memory import MemoryRateLimiter
 from tokenwire.monitor import HealthMonitor
 from tokenwire.protocols import server_protocols
 from tokenwire.providers.registry import ProviderRegistry
+from tokenwire.responses import ResponsesService
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.storage.responses import ResponseStore
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.store import StreamStore
 
@@ -68,6 +71,16 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     limiter = make_limiter(settings.limits)
     streams = make_stream_store(settings)
     await streams.start()
+    completions = CompletionService(
+        registry,
+        limiter=limiter,
+        ledger=ledger,
+        disconnect_grace_s=settings.server.disconnect_grace_s,
+        default_max_tokens=settings.accounting.default_max_tokens,
+        streams=streams,
+        stream_grace_s=settings.server.stream_grace_s,
+        writer=writer,
+    )
     state = AppState(
         settings=settings,
         engine=engine,
@@ -77,20 +90,12 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
             cache_ttl_s=settings.server.key_cache_ttl_s,
         ),
         registry=registry,
-        completions=CompletionService(
-            registry,
-            limiter=limiter,
-            ledger=ledger,
-            disconnect_grace_s=settings.server.disconnect_grace_s,
-            default_max_tokens=settings.accounting.default_max_tokens,
-            streams=streams,
-            stream_grace_s=settings.server.stream_grace_s,
-            writer=writer,
-        ),
+        completions=completions,
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
         ledger=ledger,
         limiter=limiter,
         monitor=make_monitor(settings),
+        responses=ResponsesService(completions, ResponseStore(engine)),
     )
     state.monitor.start(state.completions.live)
     return state
@@ -201,6 +206,14 @@ class Gateway:
             scope["app"] = self.app
             await chat.completions_endpoint(scope, receive, send)
             return
+        if (
+            scope["type"] == "http"
+            and scope["path"] == "/v1/responses"
+            and scope["method"] == "POST"
+        ):
+            scope["app"] = self.app
+            await responses.responses_endpoint(scope, receive, send)
+            return
         if scope["type"] == "websocket" and scope["path"] == "/v1/ws/chat":
             # Direct too: a socket's task lives as long as the socket, and Starlette's router
             # and middlewares would keep five more coroutine frames alive per idle socket.
@@ -232,6 +245,9 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", chat.create_completion, methods=["POST"]),
         Route("/v1/chat/completions/{stream_id}/stream", streams.resume_stream, methods=["GET"]),
+        Route("/v1/responses", responses.create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses.delete_response, methods=["DELETE"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
