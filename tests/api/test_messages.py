@@ -26,7 +26,6 @@ from tokenwire.storage.tables import usage_ledger
 from tokenwire.testing import FAST_SIM, GatewayServer, paced_sim, priced_model
 from tokenwire.testing_upstreams.anthropic_fake import AnthropicFake
 from tokenwire.testing_upstreams.gemini_fake import GeminiFakeThread
-from tokenwire.wire.messages_stream import completion_id
 
 SYSTEM = "You are a terse assistant."
 USER = "Tell me something about streaming gateways"
@@ -388,7 +387,7 @@ def test_upstream_errors_keep_anthropics_types(client: anthropic.Anthropic) -> N
 
 
 def test_priced_message_is_billed_once(gateway: GatewayServer) -> None:
-    """One ledger row with the answer's usage and cost, transport sse / json as for chat."""
+    """One ledger row per answer (api messages, transport json / sse), its usage and cost."""
     key_id, key = create_key(gateway, credits_usd="1")
     with anthropic.Anthropic(base_url=gateway.base_url, api_key=key, max_retries=0) as sdk:
         message = sdk.messages.create(
@@ -402,7 +401,7 @@ def test_priced_message_is_billed_once(gateway: GatewayServer) -> None:
     rows = ledger_rows(gateway, key_id)
     assert [row["transport"] for row in rows] == ["json", "sse"]
     for row, answer in zip(rows, (message, streamed), strict=True):
-        assert row["completion_id"] == completion_id(answer.id)
+        assert row["completion_id"] == answer.id and row["api"] == "messages"
         assert (row["prompt_tokens"], row["completion_tokens"]) == (
             answer.usage.input_tokens,
             answer.usage.output_tokens,
@@ -452,7 +451,7 @@ def test_a_resumable_stream_resumes_after_the_last_event_id(gateway: GatewayServ
                 break
     first = first[: first.index(b"\n\n", first.index(b"id: 5\n")) + 2]
     message = json.loads(first.split(b"data: ", 1)[1].split(b"\n", 1)[0])["message"]
-    assert completion_id(message["id"]) == stream_id
+    assert message["id"] == stream_id
     rest = requests.get(
         f"{url}/{message['id']}/stream", headers={**headers, "Last-Event-ID": "5"}
     ).text

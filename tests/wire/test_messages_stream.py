@@ -30,9 +30,7 @@ from tokenwire.wire import anthropic as wire
 from tokenwire.wire.messages_stream import (
     MessageBuilder,
     MessagesEncoder,
-    completion_id,
     error_body,
-    message_id,
 )
 from tokenwire.wire.sse import SSEEvent, SSEParser
 
@@ -226,12 +224,6 @@ def test_the_builder_makes_one_message() -> None:
     assert message["stop_reason"] == "tool_use" and message["usage"]["output_tokens"] == 9
     assert builder.error is None
     assert fold(encode(TOOL)).to_dict()["content"] == message["content"]
-
-
-def test_message_ids_name_their_stream() -> None:
-    """``msg_…`` and ``chatcmpl-…`` ids map to each other."""
-    assert completion_id(message_id("chatcmpl-abc_1")) == "chatcmpl-abc_1"
-    assert message_id("chatcmpl-abc") == "msg_abc"
 
 
 _EVENTS = st.lists(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenwire.api.auth import authenticate
 from tokenwire.api.disconnect import cancel_on_disconnect
@@ -60,26 +61,31 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         chat_request,
         raw,
         "sse" if chat_request.stream else "json",
-        resumable=wants_resumable(request),
-        idempotency=idempotency(request, raw),
+        resumable=asks_resumable(request),
+        idempotency=idempotency_of(request, raw),
     )
     if not chat_request.stream:
-        return JSONCompletion(generation)
+        return JSONCompletion(generation, chat_completion_json)
     return SSEStream(
         generation,
         ChatSSEFrames(generation),
         heartbeat_s=state.settings.server.sse_heartbeat_s,
-        retry_ms=RETRY_MS if resumable(state, generation) else None,
+        retry_ms=RETRY_MS if kept_for_resume(state, generation) else None,
     )
 
 
-def wants_resumable(request: Request) -> bool:
-    """Whether the client asked for a resumable stream (``X-Tokenwire-Resumable``)."""
+def kept_for_resume(state: AppState, stream: StreamSource) -> bool:
+    """A stream kept for resuming (one from another process always is)."""
+    return not isinstance(stream, Generation) or state.completions.streams.holds(stream)
+
+
+def asks_resumable(request: Request) -> bool:
+    """Whether the request opts in to a resumable stream (``X-Tokenwire-Resumable``)."""
     return request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true")
 
 
-def idempotency(request: Request, raw: dict[str, Any]) -> tuple[str, str] | None:
-    """The request's ``Idempotency-Key`` and its body's digest, or None without the header."""
+def idempotency_of(request: Request, raw: dict[str, Any]) -> tuple[str, str] | None:
+    """``(Idempotency-Key, body digest)``, or None without the header; a 400 if malformed."""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is None:
         return None
@@ -90,71 +96,64 @@ def idempotency(request: Request, raw: dict[str, Any]) -> tuple[str, str] | None
     return idempotency_key, request_digest(raw)
 
 
-def resumable(state: AppState, stream: StreamSource) -> bool:
-    """A stream kept for resuming (one from another process always is)."""
-    return not isinstance(stream, Generation) or state.completions.streams.holds(stream)
+Endpoint = Callable[[Request], Awaitable[ASGIApp]]
 
 
-async def completions_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-    """``create_completion`` as a bare ASGI endpoint, with the app's error rendering."""
-    request = Request(scope, receive)
-    response: Response | SSEStream | JSONCompletion
-    try:
-        response = await create_completion(request)
-    except GatewayError as exc:
-        response = error_response(exc)
-    except Exception as exc:  # noqa: BLE001 - rendered as a 500 without a stack trace
-        response = internal_error_response(exc, "POST /v1/chat/completions")
-    await response(scope, receive, send)
+def bare_endpoint(create: Endpoint, what: str) -> ASGIApp:
+    """``create`` as a bare ASGI endpoint (no Starlette router), with the app's error rendering."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response: ASGIApp
+        try:
+            response = await create(request)
+        except GatewayError as exc:
+            response = error_response(exc)
+        except Exception as exc:  # noqa: BLE001 - rendered as a 500 without a stack trace
+            response = internal_error_response(exc, what)
+        await response(scope, receive, send)
+
+    return endpoint
 
 
-class Answer(Protocol):
-    """A whole completion folded into one JSON response (``stream: false``) of some API."""
-
-    def add(self, event: Event) -> None:
-        """Fold one event in."""
-        ...
-
-    def response(self, source: StreamSource) -> Response:
-        """The HTTP response once every event is in: the answer, or its error."""
-        ...
-
-
-class ChatAnswer:
-    """A ``chat.completion`` object, or the OpenAI error the completion ended with."""
-
-    def __init__(self) -> None:
-        self._builder = CompletionBuilder()
-        self.add = self._builder.add
-
-    def response(self, source: StreamSource) -> Response:
-        builder = self._builder
-        if builder.error is not None:
-            return error_response(builder.error, source.response_headers)
-        result = builder.build(completion_id=source.id, created=source.created, model=source.model)
-        return json_response(result, headers=source.response_headers)
+def chat_completion_json(generation: StreamSource, events: list[Event]) -> Response:
+    """The ``chat.completion`` object of a finished completion (or its error)."""
+    builder = CompletionBuilder()
+    for event in events:
+        builder.add(event)
+    if builder.error is not None:
+        return error_response(builder.error, generation.response_headers)
+    result = builder.build(
+        completion_id=generation.id, created=generation.created, model=generation.model
+    )
+    return json_response(result, headers=generation.response_headers)
 
 
 class JSONCompletion:
-    """Waits for the whole completion and answers it as one JSON object (``answer``'s).
+    """Waits for the whole completion and answers one JSON object (``render`` makes it).
 
     If the client disconnects while waiting, the reader closes and the upstream is cancelled.
     """
 
-    def __init__(self, generation: StreamSource, answer: Answer | None = None) -> None:
+    def __init__(
+        self, generation: StreamSource, render: Callable[[StreamSource, list[Event]], Response]
+    ) -> None:
         self._generation = generation
-        self._answer = answer or ChatAnswer()
+        self._render = render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        add = self._answer.add
-        batches = self._generation.read()
+        generation = self._generation
+        events: list[Event] = []
+        batches = generation.read()
         async with cancel_on_disconnect(receive) as disconnect:
             try:
                 async for batch in batches:
-                    for event in batch or ():
-                        add(event)
+                    events.extend(batch or ())
             finally:
                 await batches.aclose()
         if disconnect.happened:
             return
-        await self._answer.response(self._generation)(scope, receive, send)
+        await self._render(generation, events)(scope, receive, send)
+
+
+completions_endpoint = bare_endpoint(create_completion, "POST /v1/chat/completions")

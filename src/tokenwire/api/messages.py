@@ -21,33 +21,28 @@ from collections.abc import Awaitable, Callable
 import sqlalchemy as sa
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenwire.accounting.budget import estimate_prompt_tokens
 from tokenwire.api.auth import authenticate
 from tokenwire.api.chat import (
     RETRY_MS,
     JSONCompletion,
-    idempotency,
+    asks_resumable,
+    idempotency_of,
+    kept_for_resume,
     read_body,
-    resumable,
-    wants_resumable,
 )
 from tokenwire.api.errors import json_response
 from tokenwire.api.sse_stream import SSEStream
-from tokenwire.api.streams import read_cursor
-from tokenwire.errors import DatabaseUnavailable, GatewayError, unexpected
+from tokenwire.api.streams import cursor
+from tokenwire.errors import DatabaseUnavailable, GatewayError, NotFound, unexpected
 from tokenwire.state import get_state
+from tokenwire.streams.events import Event
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
 from tokenwire.wire.messages_request import chat_body, messages_request_from, to_chat_request
-from tokenwire.wire.messages_stream import (
-    MessageBuilder,
-    MessagesEncoder,
-    completion_id,
-    error_body,
-    message_id,
-)
+from tokenwire.wire.messages_stream import MessageBuilder, MessagesEncoder, error_body
 from tokenwire.wire.untrusted import decode_json_value
 
 log = logging.getLogger("tokenwire.api")
@@ -62,19 +57,15 @@ def anthropic_error_response(
     )
 
 
-class MessageAnswer:
-    """The ``message`` object of a completion, or its error in Anthropic's shape."""
-
-    def __init__(self) -> None:
-        self._builder = MessageBuilder()
-        self.add = self._builder.add
-
-    def response(self, source: StreamSource) -> Response:
-        builder = self._builder
-        if builder.error is not None:
-            return anthropic_error_response(builder.error, source.response_headers)
-        result = builder.build(message_id=message_id(source.id), model=source.model)
-        return json_response(result, headers=source.response_headers)
+def message_json(source: StreamSource, events: list[Event]) -> Response:
+    """The ``message`` object of a finished completion, or its error in Anthropic's shape."""
+    builder = MessageBuilder()
+    for event in events:
+        builder.add(event)
+    if builder.error is not None:
+        return anthropic_error_response(builder.error, source.response_headers)
+    result = builder.build(message_id=source.id, model=source.model)
+    return json_response(result, headers=source.response_headers)
 
 
 def _prompt_tokens(source: StreamSource, estimate: int) -> int:
@@ -84,7 +75,7 @@ def _prompt_tokens(source: StreamSource, estimate: int) -> int:
     return estimate
 
 
-async def create_message(request: Request) -> Response | SSEStream | JSONCompletion:
+async def create_message(request: Request) -> ASGIApp:
     """Run a completion from a Messages API body; answer a message or Anthropic's stream."""
     state = get_state(request)
     key = await authenticate(request, x_api_key=True)
@@ -96,14 +87,15 @@ async def create_message(request: Request) -> Response | SSEStream | JSONComplet
         chat_request,
         chat_body(chat_request),
         "sse" if chat_request.stream else "json",
-        resumable=wants_resumable(request),
-        idempotency=idempotency(request, raw),
+        resumable=asks_resumable(request),
+        idempotency=idempotency_of(request, raw),
+        api="messages",
     )
     if not chat_request.stream:
-        return JSONCompletion(generation, MessageAnswer())
+        return JSONCompletion(generation, message_json)
     estimate = estimate_prompt_tokens(chat_request)
     encoder = MessagesEncoder(
-        message_id=message_id(generation.id),
+        message_id=generation.id,
         model=generation.model,
         prompt_tokens=lambda: _prompt_tokens(generation, estimate),
     )
@@ -111,19 +103,25 @@ async def create_message(request: Request) -> Response | SSEStream | JSONComplet
         generation,
         encoder,
         heartbeat_s=state.settings.server.sse_heartbeat_s,
-        retry_ms=RETRY_MS if resumable(state, generation) else None,
+        retry_ms=RETRY_MS if kept_for_resume(state, generation) else None,
         render_error=anthropic_error_response,
     )
 
 
-async def resume_message_stream(request: Request) -> SSEStream:
-    """Replay a Messages stream's events after the cursor, then follow it live."""
+async def resume_message_stream(request: Request) -> ASGIApp:
+    """Replay a Messages stream's events after the cursor, then follow it live.
+
+    The log is read from its start (the encoder's blocks depend on all of it); the frames up
+    to the cursor are not sent again.
+    """
     state = get_state(request)
     key = await authenticate(request, x_api_key=True)
-    after = read_cursor(request)
-    stream_id = completion_id(request.path_params["message_id"])
-    generation = await state.completions.streams.get(stream_id, key.id, after)
-    encoder = MessagesEncoder(message_id=message_id(stream_id), model=generation.model, after=after)
+    after = cursor(request) or 0
+    message_id = request.path_params["message_id"]
+    if not message_id.startswith("msg_"):
+        raise NotFound(f"No stream {message_id!r}.", param="stream_id", code="stream_not_found")
+    generation = await state.completions.streams.get(message_id, key.id, after)
+    encoder = MessagesEncoder(message_id=message_id, model=generation.model, after=after)
     return SSEStream(
         generation,
         encoder,
@@ -133,7 +131,7 @@ async def resume_message_stream(request: Request) -> SSEStream:
     )
 
 
-Handler = Callable[[Request], Awaitable[Response | SSEStream | JSONCompletion]]
+Handler = Callable[[Request], Awaitable[ASGIApp]]
 
 
 class MessagesEndpoint:
@@ -145,7 +143,7 @@ class MessagesEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        response: Response | SSEStream | JSONCompletion
+        response: ASGIApp
         try:
             response = await self._handler(request)
         except GatewayError as exc:

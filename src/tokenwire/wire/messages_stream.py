@@ -50,16 +50,6 @@ CANCELLED_MESSAGE = "The answer was cut short: the gateway cancelled the complet
 CANCELLED_STATUS = 503
 
 
-def message_id(completion_id: str) -> str:
-    """The ``msg_…`` id a client sees for a completion (the stream's own id, renamed)."""
-    return "msg_" + completion_id.removeprefix("chatcmpl-")
-
-
-def completion_id(message_id: str) -> str:
-    """The completion (stream) id of a ``msg_…`` id."""
-    return "chatcmpl-" + message_id.removeprefix("msg_")
-
-
 def error_body(error: GatewayError) -> dict[str, Any]:
     """Anthropic's error object for ``error``; the message names the offending field."""
     reported = error.error_type if isinstance(error, UpstreamStatusError) else None
