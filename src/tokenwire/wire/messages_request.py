@@ -49,7 +49,7 @@ from tokenwire.errors import InvalidRequest, UnsupportedParameter
 from tokenwire.wire import schema
 from tokenwire.wire.anthropic import ImageType
 from tokenwire.wire.schema import MAX_OUTPUT_TOKENS, ChatRequest, Name, ShortText, TokenLimit
-from tokenwire.wire.untrusted import param_from_message
+from tokenwire.wire.untrusted import param_from_message, request_object
 
 MAX_STOP_SEQUENCES = 4
 """What the chat request (and OpenAI) can carry; Anthropic allows more."""
@@ -235,13 +235,7 @@ def _invalid(exc: msgspec.ValidationError) -> InvalidRequest:
 
 def messages_request_from(body: Any) -> MessagesRequest:
     """Validate a decoded Messages body, or raise ``InvalidRequest`` naming the field."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    values = dict(body)
-    for name in _WHOLE_NUMBER_FIELDS:
-        value = values.get(name)
-        if isinstance(value, float) and value.is_integer():
-            values[name] = int(value)
+    values = request_object(body, _WHOLE_NUMBER_FIELDS)
     try:
         return msgspec.convert(values, MessagesRequest)
     except msgspec.ValidationError as exc:

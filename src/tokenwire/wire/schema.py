@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from tokenwire.errors import InvalidRequest
-from tokenwire.wire.untrusted import param_from_message
+from tokenwire.wire.untrusted import param_from_message, request_object
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -324,13 +324,7 @@ def chat_request_from(body: Any, *, stream: bool | None = None) -> ChatRequest:
     JSON has one number type: ``5.0`` is the integer five (as JSON Schema says), so the
     whole-number fields take it.
     """
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    values = dict(body)
-    for name in _WHOLE_NUMBER_FIELDS:
-        value = values.get(name)
-        if isinstance(value, float) and value.is_integer():
-            values[name] = int(value)
+    values = request_object(body, _WHOLE_NUMBER_FIELDS)
     if stream is not None:
         values["stream"] = stream
     try:

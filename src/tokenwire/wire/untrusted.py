@@ -134,6 +134,19 @@ def integral_floats_as_ints(value: Any) -> Any:
     return value
 
 
+def request_object(body: Any, whole_numbers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of a decoded request body, which must be a JSON object (else a 400), in which the
+    top-level fields ``whole_numbers`` take a float without fraction (``5.0``) as an int."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    values = dict(body)
+    for name in whole_numbers:
+        value = values.get(name)
+        if isinstance(value, float) and value.is_integer():
+            values[name] = int(value)
+    return values
+
+
 def decode_json(body: bytes, kind: type[S], *, what: str = "JSON body") -> S:
     """Decode and validate a JSON body as ``kind``, or 400 naming the offending field.
 
