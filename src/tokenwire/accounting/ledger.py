@@ -58,6 +58,7 @@ class LedgerRow:
     finish_reason: str | None
     status: str
     created_at: int  # Unix milliseconds
+    api: str = "chat"  # "chat", "responses" or "messages" (last: older outbox files lack it)
 
     def columns(self) -> dict[str, Any]:
         """The row as ``usage_ledger`` column values (``dataclasses.asdict`` deep-copies
@@ -78,6 +79,7 @@ class Reservation:
     model: str | None = None  # these describe the completion, for the row written if its
     provider: str | None = None  # process dies before settling it
     transport: str | None = None
+    api: str | None = None
 
     def row(self, now: int) -> dict[str, Any]:
         return {
@@ -88,6 +90,7 @@ class Reservation:
             "model": self.model,
             "provider": self.provider,
             "transport": self.transport,
+            "api": self.api,
         }
 
     def refusal(self) -> InsufficientQuota:
@@ -155,13 +158,14 @@ class Ledger:
         model: str | None = None,
         provider: str | None = None,
         transport: str | None = None,
+        api: str | None = None,
     ) -> None:
         """Hold ``amount_micro`` of the key's balance, or raise ``InsufficientQuota`` (402).
 
-        ``model``, ``provider`` and ``transport`` describe the completion, for the row written
-        if its process dies before settling it. One item of :meth:`reserve_many`.
+        ``model``, ``provider``, ``transport`` and ``api`` describe the completion, for the row
+        written if its process dies before settling it. One item of :meth:`reserve_many`.
         """
-        wanted = Reservation(key_id, completion_id, amount_micro, model, provider, transport)
+        wanted = Reservation(key_id, completion_id, amount_micro, model, provider, transport, api)
         if not (await self.reserve_many([wanted]))[0]:
             raise wanted.refusal()
 
@@ -373,6 +377,7 @@ class Ledger:
                 finish_reason=None,
                 status=ABANDONED,
                 created_at=int(r.created_at) * 1000,
+                api=r.api or "chat",
             )
             for r in stale
         ]

@@ -87,8 +87,8 @@ def serve(
             role = "admin key" if record.is_admin else "API key  "
             console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
     console.print(f"data dir: {settings.data_dir}", highlight=False)
-    host = host or settings.server.host
-    port = settings.server.port if port is None else port
+    host, port = host or settings.server.host, settings.server.port if port is None else port
+    console.print(f"web pages: http://{host}:{port}/ (paste a key)", highlight=False)
     if count > 1:  # a supervisor and `count` worker processes (tokenwire.workers)
         supervisor = multiprocess.Supervisor(settings, count, host, port, access_log)
         raise typer.Exit(supervisor.run())
