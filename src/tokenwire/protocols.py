@@ -21,6 +21,10 @@ client that stops reading. :func:`server_protocols` returns its ``httptools`` an
 
 Everything here is per connection and per server (:class:`ConnectionGuard`); nothing runs per
 request or per token except two attribute checks in ``data_received``.
+
+The WebSocket protocol also gives the app :class:`FastWebSocket` in
+``scope["extensions"]["tokenwire.ws"]``: text messages framed here and written several per
+system call, and pings whose pong the app can await (compatible mode's ``[DONE]``).
 """
 
 from __future__ import annotations

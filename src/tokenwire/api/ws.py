@@ -267,6 +267,28 @@ class WSSession:
             return
         self._fast.ping().add_done_callback(partial(_pass_on, answered))
 
+    async def _send_all(self, messages: list[bytes]) -> None:
+        """:meth:`_send` each message; with :class:`FastWebSocket` and nothing waiting ahead,
+        all of them in one write."""
+        if len(messages) > 1 and self._can_write_now():
+            assert self._fast is not None
+            if not self._fast.write_texts(messages):
+                self._mark_client_closed()
+            return
+        for message in messages:
+            await self._send(message)
+
+    def _can_write_now(self) -> bool:
+        """Whether a message may be written by the calling task now: nothing waits ahead of
+        it (in the queue or in the writer's hands) and the transport takes more."""
+        return (
+            self._fast is not None
+            and not self._closing
+            and not self._writing
+            and (self._out is None or self._out.empty())
+            and self._fast.writable.is_set()
+        )
+
     async def _send(self, message: bytes | _Ping) -> None:
         """Send a message after those sent before it (by any task of this session).
 
@@ -277,16 +299,11 @@ class WSSession:
         """
         if self._closing:
             return
-        fast = self._fast
-        if (
-            fast is not None
-            and not self._writing
-            and (self._out is None or self._out.empty())
-            and fast.writable.is_set()
-        ):
+        if self._can_write_now():
+            assert self._fast is not None
             if isinstance(message, _Ping):
                 self._ping(message.answered)
-            elif not fast.write_texts([message]):
+            elif not self._fast.write_texts([message]):
                 self._mark_client_closed()  # the reader sees the disconnect and ends it all
             return
         out = self._queue()
@@ -506,10 +523,8 @@ class WSSession:
         # detaches its reader at once, not whenever the iterator happens to be collected.
         async with contextlib.aclosing(source.read(after=after)) as batches:
             async for batch in batches:
-                for frame in frames.frames(batch):
-                    await self._send(frame)
-        for frame in frames.end():
-            await self._send(frame)
+                await self._send_all(frames.frames(batch))
+        await self._send_all(frames.end())
 
     async def _compat_worker(self, queue: asyncio.Queue[dict[str, Any] | GatewayError]) -> None:
         while True:
