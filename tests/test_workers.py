@@ -25,9 +25,9 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-import redis
 
 from tokenwire.testing import FAST_SIM, paced_sim
+from tokenwire.testing_services import delete_keys
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 START_DEADLINE_S = 90.0
@@ -130,13 +130,7 @@ def redis_prefix() -> Iterator[str]:
     """A Redis key prefix of this test's own, its keys removed at the end."""
     prefix = f"tokenwire-test-{secrets.token_hex(6)}:"
     yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        stale = list(client.scan_iter(match=prefix + "*"))
-        if stale:
-            client.delete(*stale)
-    finally:
-        client.close()
+    delete_keys(REDIS_URL, prefix)
 
 
 @pytest.fixture

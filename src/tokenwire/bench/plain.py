@@ -12,6 +12,7 @@ import time
 import aiohttp
 import msgspec
 
+from tokenwire.bench.sse import post_one
 from tokenwire.bench.workload import StreamState, decode_message
 
 
@@ -51,22 +52,19 @@ def apply_completion(body: bytes, now: float, state: StreamState) -> None:
     state.done = True
 
 
+async def read_answer(response: aiohttp.ClientResponse, state: StreamState) -> None:
+    """Read a 200 answer: a ``chat.completion``, or an in-band error object."""
+    body = await response.read()
+    now = time.perf_counter()
+    error = decode_message(body).error
+    if error is not None:
+        state.error = f"error object: {str(error.get('message', ''))[:120]}"
+        return
+    apply_completion(body, now, state)
+
+
 async def complete_one(
     session: aiohttp.ClientSession, url: str, headers: dict[str, str], state: StreamState
 ) -> None:
     """Send one non-streamed completion and record it in ``state``; never raises."""
-    state.sent = time.perf_counter()
-    try:
-        async with session.post(url, data=state.body, headers=headers) as response:
-            body = await response.read()
-            now = time.perf_counter()
-            if response.status != 200:
-                state.error = f"HTTP {response.status}: {body[:200].decode(errors='replace')}"
-                return
-            error = decode_message(body).error
-            if error is not None:
-                state.error = f"error object: {str(error.get('message', ''))[:120]}"
-                return
-            apply_completion(body, now, state)
-    except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, OSError) as exc:
-        state.error = f"{type(exc).__name__}: {exc}"
+    await post_one(session, url, headers, state, read_answer)

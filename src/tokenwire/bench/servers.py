@@ -370,21 +370,10 @@ class ServerStack:
         for server in reversed(self.servers):
             server.stop()
         if self._redis_url is not None:
+            from tokenwire.testing_services import delete_keys
+
             with contextlib.suppress(Exception):  # the keys expire anyway; never fail the run
                 delete_keys(self._redis_url, self.redis_prefix)
-
-
-def delete_keys(url: str, prefix: str) -> None:
-    """Delete every Redis key under ``prefix`` (a bench run's limits and streams)."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        stale = list(client.scan_iter(match=prefix + "*", count=1000))
-        for start in range(0, len(stale), 1000):
-            client.delete(*stale[start : start + 1000])
-    finally:
-        client.close()
 
 
 def _port_of(server: ServerProcess) -> int:

@@ -60,7 +60,7 @@ from tokenwire.testing_services.postgres_server import (
     StopMode,
     postgres_bin_dir,
 )
-from tokenwire.testing_services.redis_server import PrivateRedis
+from tokenwire.testing_services.redis_server import PrivateRedis, delete_keys
 
 __all__ = [
     "DISK_FULL",
@@ -73,6 +73,7 @@ __all__ = [
     "PrivateRedis",
     "ServiceError",
     "StopMode",
+    "delete_keys",
     "postgres_bin_dir",
     "service_port",
 ]

@@ -22,6 +22,18 @@ from tokenwire.testing_services.common import (
 )
 
 
+def delete_keys(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` on the Redis at ``url`` (a test's or a bench run's
+    own prefix on a shared server, tidied at the end)."""
+    client = redis.Redis.from_url(url)
+    try:
+        stale = list(client.scan_iter(match=prefix + "*", count=1000))
+        for start in range(0, len(stale), 1000):
+            client.delete(*stale[start : start + 1000])
+    finally:
+        client.close()
+
+
 class PrivateRedis(OwnedServer):
     """A ``redis-server`` of its own on a loopback port, without persistence, to break.
 
