@@ -27,9 +27,10 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 from tokenwire.accounting.budget import (
     completion_budget,
@@ -42,10 +43,21 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.pricing import cost_micro, is_free, worst_case_micro
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry
-from tokenwire.errors import PermissionDenied
-from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
+from tokenwire.errors import GatewayError, InsufficientQuota, InternalError, PermissionDenied
+from tokenwire.limits.base import Admission, LimitExceeded, LimitSpec, RateLimiter
+from tokenwire.observability.logs import log_completion, log_refusal
+from tokenwire.observability.metrics import Metrics
+from tokenwire.observability.records import (
+    CompletionRecord,
+    LimitReason,
+    Outcome,
+    Refusal,
+    RefusalOutcome,
+    Transport,
+)
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
+from tokenwire.streams.events import Event
 from tokenwire.streams.generation import Generation, GenerationState
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.source import StreamSource
@@ -53,7 +65,6 @@ from tokenwire.streams.store import StreamStore
 from tokenwire.wire.schema import ChatRequest
 
 log = logging.getLogger("tokenwire.completions")
-Transport = Literal["sse", "ws", "json"]
 
 
 def new_completion_id() -> str:
@@ -71,6 +82,10 @@ class _Context:
     spec: LimitSpec
     admission: Admission
     reserved_micro: int | None  # None: a free model, nothing was reserved
+    client: str
+    api: str
+    max_output: int
+    prompt_estimate: int
 
 
 def ledger_status(generation: Generation) -> str:
@@ -82,6 +97,36 @@ def ledger_status(generation: Generation) -> str:
             return "client_disconnected"
         return "cancelled"
     return "completed"
+
+
+def completion_outcome(generation: Generation) -> Outcome:
+    """How a finished generation ended, for metrics and its log line (finer than the
+    ledger's status: a gateway bug and a shutdown are told apart)."""
+    if generation.state is GenerationState.FAILED:
+        if isinstance(generation.error, InternalError):
+            return "internal_error"
+        return "upstream_error"
+    if generation.state is GenerationState.CANCELLED:
+        if generation.cancel_cause == "shutdown":
+            return "shutdown"
+        if generation.cancel_cause == "client_disconnected":
+            return "client_disconnected"
+        return "cancelled"
+    return "completed"
+
+
+def ledger_transport(transport: Transport) -> str:
+    """The ledger's transport: ``sse``, ``ws`` (both WebSocket modes) or ``json``."""
+    return "ws" if transport == "ws-envelope" else transport
+
+
+def refusal_of(error: GatewayError) -> tuple[RefusalOutcome, LimitReason | None]:
+    """How metrics and the log name a refusal at admission."""
+    if isinstance(error, LimitExceeded):
+        return "rate_limited", error.reason
+    if isinstance(error, InsufficientQuota):
+        return "insufficient_quota", "credits"
+    return ("unavailable" if error.http_status >= 500 else "rejected"), None
 
 
 class CompletionService:
@@ -98,8 +143,10 @@ class CompletionService:
         streams: StreamStore | None = None,
         stream_grace_s: float = 30.0,
         writer: LedgerWriter | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._registry = registry
+        self.metrics = metrics or Metrics()
         self._limiter = limiter
         self._ledger = ledger
         self._writer = writer or LedgerWriter(ledger)
@@ -123,6 +170,8 @@ class CompletionService:
         *,
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
+        client: str = "",
+        api: str = "chat",
     ) -> StreamSource:
         """Admit and start a completion; raises before anything runs when it may not.
 
@@ -130,33 +179,78 @@ class CompletionService:
         one of the same key returns that stream (nothing new is admitted or billed), possibly
         one another gateway process runs; with another body it is a 409. Resumable
         generations (``resumable`` or ``idempotency``) survive their readers for
-        ``stream_grace_s`` and are kept for resuming.
+        ``stream_grace_s`` and are kept for resuming. ``client`` (the caller's address) and
+        ``api`` (``chat``, or another API served by the same generations) go to metrics and
+        the completion's log line.
         """
         completion_id = new_completion_id()
+        admit = _Admit(key, request, raw_body, transport, completion_id, client, api)
         if idempotency is None:
-            return await self._start(key, request, raw_body, transport, completion_id, resumable)
+            return await self._start(admit, resumable)
         idempotency_key, digest = idempotency
         earlier = await self.streams.claim(key.id, idempotency_key, digest, completion_id)
         if earlier is not None:
+            self.metrics.resumed(transport)
             return earlier
         try:
-            return await self._start(
-                key, request, raw_body, transport, completion_id, True, idempotency_key
-            )
+            return await self._start(admit, True, idempotency_key)
         except BaseException:
             await self.streams.release(key.id, idempotency_key, completion_id)
             raise
 
+    async def resume(
+        self, stream_id: str, key_id: str, after: int, transport: Transport
+    ) -> StreamSource:
+        """A resumable stream of ``key_id`` to read after event ``after`` (``streams.get``)."""
+        stream = await self.streams.get(stream_id, key_id, after)
+        self.metrics.resumed(transport)
+        return stream
+
     async def _start(
-        self,
-        key: KeyRecord,
-        request: ChatRequest,
-        raw_body: dict[str, Any],
-        transport: Transport,
-        completion_id: str,
-        resumable: bool,
-        idempotency_key: str | None = None,
+        self, admit: _Admit, resumable: bool, idempotency_key: str | None = None
     ) -> Generation:
+        context, events = await self._admit(admit)
+        request, entry = admit.request, context.entry
+        generation = Generation(
+            completion_id=admit.completion_id,
+            model=entry.id,
+            events=events,
+            prompt_tokens_estimate=context.prompt_estimate,
+            disconnect_grace_s=self._stream_grace_s if resumable else self._grace_s,
+            on_end=partial(self._on_end, context),
+            on_settle=partial(self._settle, context),
+            key_id=context.key_id,
+            include_usage=request.include_usage,
+            completion_limit=context.max_output,
+            limit_for_prompt=(
+                None
+                if context.reserved_micro is None
+                else partial(completion_budget, entry, context.reserved_micro)
+            ),
+        )
+        generation.response_headers = context.admission.headers
+        self.live[generation.id] = generation
+        self.metrics.stream_opened(admit.transport)  # closed by _settle, which always runs
+        try:
+            if resumable:
+                await self.streams.add(generation, idempotency_key)
+        except BaseException:  # the client left meanwhile: end it like any disconnect
+            generation.start()  # started all the same, so that it settles once and leaves
+            generation.cancel("client_disconnected")
+            raise
+        generation.start()
+        return generation
+
+    async def _admit(self, admit: _Admit) -> tuple[_Context, AsyncIterator[Event]]:
+        """Resolve, check, admit and reserve, or raise (a refusal is counted and logged)."""
+        try:
+            return await self._admission(admit)
+        except GatewayError as exc:
+            self._refused(admit, exc)
+            raise
+
+    async def _admission(self, admit: _Admit) -> tuple[_Context, AsyncIterator[Event]]:
+        key, request, completion_id = admit.key, admit.request, admit.completion_id
         provider, entry = self._registry.resolve(request.model)
         if not key.may_use(entry.id):
             raise PermissionDenied(
@@ -169,7 +263,7 @@ class CompletionService:
         call = ProviderCall(
             request=request,
             upstream_model=entry.upstream_model,
-            raw_body=raw_body,
+            raw_body=admit.raw_body,
             max_output_tokens=max_output,
         )
         # Made before anything is held: nothing runs until the generation pulls it, and
@@ -190,38 +284,46 @@ class CompletionService:
                     reserved,
                     model=entry.id,
                     provider=entry.provider,
-                    transport=transport,
+                    transport=ledger_transport(admit.transport),
                 )
         except BaseException:
             await self._release_limits(admission, spec, 0, completion_id)
             raise
-        context = _Context(key.id, entry, transport, spec, admission, reserved)
-        generation = Generation(
-            completion_id=completion_id,
-            model=entry.id,
-            events=events,
-            prompt_tokens_estimate=prompt_estimate,
-            disconnect_grace_s=self._stream_grace_s if resumable else self._grace_s,
-            on_end=partial(self._on_end, context),
-            on_settle=partial(self._settle, context),
+        context = _Context(
             key_id=key.id,
-            include_usage=request.include_usage,
-            completion_limit=max_output,
-            limit_for_prompt=(
-                None if reserved is None else partial(completion_budget, entry, reserved)
-            ),
+            entry=entry,
+            transport=admit.transport,
+            spec=spec,
+            admission=admission,
+            reserved_micro=reserved,
+            client=admit.client,
+            api=admit.api,
+            max_output=max_output,
+            prompt_estimate=prompt_estimate,
         )
-        generation.response_headers = admission.headers
-        self.live[completion_id] = generation
-        try:
-            if resumable:
-                await self.streams.add(generation, idempotency_key)
-        except BaseException:  # the client left meanwhile: end it like any disconnect
-            generation.start()  # started all the same, so that it settles once and leaves
-            generation.cancel("client_disconnected")
-            raise
-        generation.start()
-        return generation
+        return context, events
+
+    def _refused(self, admit: _Admit, error: GatewayError) -> None:
+        """Count and log a refusal of a model in the catalog (an unknown model's name is the
+        client's to choose: no series is made for it)."""
+        entry = self._registry.models.get(admit.request.model)
+        if entry is None:
+            return
+        outcome, reason = refusal_of(error)
+        refusal = Refusal(
+            key_id=admit.key.id,
+            model=entry.id,
+            provider=entry.provider,
+            transport=admit.transport,
+            api=admit.api,
+            outcome=outcome,
+            reason=reason,
+            error_code=error.code,
+            error_status=error.http_status,
+            client=admit.client,
+        )
+        self.metrics.refusal(refusal)
+        log_refusal(refusal)
 
     async def _release_limits(
         self, admission: Admission, spec: LimitSpec, tokens: int, completion_id: str
@@ -234,7 +336,11 @@ class CompletionService:
         try:
             await self._limiter.release(admission, spec, tokens)
         except Exception:  # logged; a slot's lease runs out on its own
-            log.exception("could not release the rate limits of %s", completion_id)
+            log.exception(
+                "could not release the rate limits of %s",
+                completion_id,
+                extra={"fields": {"completion_id": completion_id}},
+            )
 
     async def _on_end(self, context: _Context, generation: Generation) -> None:
         usage = generation.usage
@@ -243,10 +349,13 @@ class CompletionService:
 
     async def _settle(self, context: _Context, generation: Generation) -> None:
         try:
-            await self._writer.settle(
-                self._row(context, generation), reserved=not is_free(context.entry)
-            )
+            row = self._row(context, generation)
+            record = completion_record(context, generation, row)
+            self.metrics.completion(record)
+            log_completion(record)
+            await self._writer.settle(row, reserved=not is_free(context.entry))
         finally:
+            self.metrics.stream_closed(context.transport)
             self.streams.finished(generation)
             self.live.pop(generation.id, None)  # last: an empty ``live`` means all is written
 
@@ -270,7 +379,7 @@ class CompletionService:
             key_id=context.key_id,
             model=context.entry.id,
             provider=generation.provider or context.entry.provider,
-            transport=context.transport,
+            transport=ledger_transport(context.transport),
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             usage_estimated=usage.estimated,
@@ -293,3 +402,53 @@ class CompletionService:
             generation.cancel("shutdown")
         await asyncio.gather(*(g.wait_settled() for g in pending))
         await self._writer.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Admit:
+    """One request on its way through admission."""
+
+    key: KeyRecord
+    request: ChatRequest
+    raw_body: dict[str, Any]
+    transport: Transport
+    completion_id: str
+    client: str
+    api: str
+
+
+def completion_record(
+    context: _Context, generation: Generation, row: LedgerRow
+) -> CompletionRecord:
+    """What metrics and the log know of a settled completion (from its own timestamps)."""
+    started, first, last = (
+        generation.started_at,
+        generation.first_token_at,
+        generation.last_token_at,
+    )
+    ended = generation.ended_at or time.perf_counter()
+    deltas = generation.deltas
+    error = generation.error
+    return CompletionRecord(
+        completion_id=generation.id,
+        key_id=context.key_id,
+        model=row.model,
+        provider=row.provider,
+        transport=context.transport,
+        api=context.api,
+        outcome=completion_outcome(generation),
+        finish_reason=generation.finish_reason,
+        error_code=None if error is None else error.code,
+        error_status=None if error is None else error.http_status,
+        ttft_s=None if first is None else first - started,
+        itl_s=(
+            None if first is None or last is None or deltas < 2 else (last - first) / (deltas - 1)
+        ),
+        duration_s=ended - started,
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        usage_estimated=row.usage_estimated,
+        cost_micro=row.cost_micro,
+        client=context.client,
+        attempts=tuple(generation.attempts),
+    )

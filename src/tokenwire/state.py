@@ -14,6 +14,7 @@ from tokenwire.completions import CompletionService
 from tokenwire.config import Settings
 from tokenwire.limits.base import RateLimiter
 from tokenwire.monitor import HealthMonitor
+from tokenwire.observability.metrics import Metrics
 from tokenwire.providers.registry import ProviderRegistry
 
 
@@ -30,6 +31,7 @@ class AppState:
     ledger: Ledger
     limiter: RateLimiter
     monitor: HealthMonitor
+    metrics: Metrics  # this app's Prometheus series (the same object CompletionService observes)
 
 
 def get_state(connection: HTTPConnection) -> AppState:

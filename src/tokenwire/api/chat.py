@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from tokenwire.api.auth import authenticate
+from tokenwire.api.auth import authenticate, client_address
 from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response, internal_error_response, json_response
 from tokenwire.api.sse_stream import SSEStream
@@ -63,6 +63,7 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         "sse" if chat_request.stream else "json",
         resumable=request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true"),
         idempotency=None if idempotency_key is None else (idempotency_key, request_digest(raw)),
+        client=client_address(request),
     )
     if not chat_request.stream:
         return JSONCompletion(generation)

@@ -38,7 +38,9 @@ from functools import partial
 from typing import Literal
 
 from tokenwire.errors import GatewayError, UpstreamError, unexpected
+from tokenwire.observability.logs import completion_id_var
 from tokenwire.streams.events import (
+    AttemptFailed,
     Event,
     Finish,
     FinishReason,
@@ -114,7 +116,9 @@ class Generation:
         self.provider: str | None = None  # the deployment that served, when routed
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.ended_at: float | None = None
+        self.attempts: list[Routed | AttemptFailed] = []  # the router's upstream attempts
         self.reported_prompt_tokens: int | None = None  # the upstream's early count, if any
         self._events = events
         self._prompt_estimate = prompt_tokens_estimate
@@ -145,6 +149,11 @@ class Generation:
     @property
     def finished(self) -> bool:
         return self.state in _TERMINAL
+
+    @property
+    def deltas(self) -> int:
+        """Text and tool-call deltas appended to the log so far."""
+        return self._deltas
 
     async def wait_settled(self) -> None:
         """Wait until the generation has ended and its settle hook has run."""
@@ -224,6 +233,7 @@ class Generation:
         finish: FinishReason | None = None
         error: GatewayError | None = None
         self._running = True
+        completion_id_var.set(self.id)  # this task's log lines (and its hooks') carry the id
         try:
             try:
                 usage, finish, error = await self._pull()
@@ -252,8 +262,9 @@ class Generation:
             if isinstance(event, TextDelta | ToolCallDelta):
                 if self._deltas >= self._completion_limit:
                     return None, "length", None  # one delta beyond the budget: stop here
+                self.last_token_at = time.perf_counter()  # ITL, observed once at the end
                 if self._deltas == 0:
-                    self.first_token_at = time.perf_counter()
+                    self.first_token_at = self.last_token_at
                     self._move(GenerationState.STREAMING)
                 self._deltas += 1
                 log.append(event)
@@ -270,6 +281,9 @@ class Generation:
                 finish = event.reason
             elif isinstance(event, Routed):
                 self.provider = event.provider
+                self.attempts.append(event)
+            elif isinstance(event, AttemptFailed):
+                self.attempts.append(event)
             else:
                 return self._usage_seen, None, event.error
         if finish is None:
