@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
 from tokenwire.storage.engine import make_engine, migrate
 
 STARTUP_DEADLINE_S = 60.0
+_FIRST_KEYS = re.compile(r"(admin key|API key)\s+(key_\w+)\s+(tw-\S+)")  # serve's first start
 
 
 class ClusterError(RuntimeError):
@@ -58,6 +60,13 @@ class GatewayProcess:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/ws/chat"
+
+    def first_keys(self) -> dict[str, tuple[str, str]]:
+        """The keys a first start printed on stdout: ``{"admin": (id, key), "api": (id, key)}``
+        (needs ``separate_stdout``; empty when the database already had keys)."""
+        assert self.stdout_path is not None, "spawned without separate_stdout"
+        found = _FIRST_KEYS.findall(self.stdout_path.read_text(errors="replace"))
+        return {"admin" if role == "admin key" else "api": (i, k) for role, i, k in found}
 
     def log_tail(self) -> str:
         try:

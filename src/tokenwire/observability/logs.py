@@ -165,8 +165,9 @@ def logging_config(log_format: LogFormat, level: str = "INFO") -> dict[str, Any]
 
 
 def configure_logging(log_format: LogFormat, level: str = "INFO") -> None:
-    """Apply :func:`logging_config` to this process."""
+    """Apply :func:`logging_config` to this process; Python's warnings become log lines too."""
     logging.config.dictConfig(logging_config(log_format, level))
+    logging.captureWarnings(True)
 
 
 _completion_log = logging.getLogger(COMPLETION_LOGGER)
