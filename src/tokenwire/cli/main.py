@@ -101,6 +101,10 @@ def serve(
     )
     server = settings.server
     configure_logging(resolve_format(server.log_format, sys.stderr))
+    # Bound first: a port in use stops here, before a database or keys are made.
+    sockets = [_bind(server.host, server.port, "the API")]
+    if server.metrics_port is not None:
+        sockets.append(_bind(server.metrics_host, server.metrics_port, "metrics"))
     grant = usd_to_micro(settings.accounting.free_grant_usd, what="accounting.free_grant_usd")
     created = accounts.run(settings, lambda stores: _bootstrap(stores.keys, grant))
     console = Console()  # stdout: what the operator is shown once, never the log stream
@@ -110,23 +114,29 @@ def serve(
             role = "admin key" if record.is_admin else "API key  "
             console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
     console.print(f"data dir: {settings.data_dir}", highlight=False)
+    for sock in sockets:  # connections queue from here, so the line below is true when logged
+        sock.listen(BACKLOG)
+
+    def started() -> None:
+        freeze_startup_heap()
+        log = logging.getLogger("tokenwire.serve")
+        log.info("listening on %s (Press CTRL+C to quit)", _url(server.host, server.port))
+        if server.metrics_port is not None:
+            url = _url(server.metrics_host, server.metrics_port)
+            log.info("metrics on %s/metrics (no key)", url)
+
     uv_config = uvicorn.Config(
-        create_app(settings, on_started=freeze_startup_heap),
-        host=server.host,
-        port=server.port,
+        create_app(settings, on_started=started),
         access_log=access_log,
         log_level="info",
         log_config=None,  # configure_logging above: uvicorn's lines are formatted like ours
         **server_options(settings),
     )
-    sockets = [uv_config.bind_socket()]  # logs where it listens; a port in use exits 1
-    if server.metrics_port is not None:
-        sockets.append(_listen(server.metrics_host, server.metrics_port, "metrics"))
-        shown = f"[{server.metrics_host}]" if ":" in server.metrics_host else server.metrics_host
-        logging.getLogger("tokenwire.serve").info(
-            "metrics on http://%s:%d/metrics (no key)", shown, server.metrics_port
-        )
     _run(uvicorn.Server(uv_config), sockets)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _serve_settings(
@@ -160,12 +170,18 @@ def _serve_settings(
     return msgspec.structs.replace(settings, server=server)
 
 
-def _listen(host: str, port: int, what: str) -> socket.socket:
-    """A listening TCP socket on ``host:port``, or one ``error:`` line and exit 1."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+BACKLOG = 4096
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not listening yet), or one ``error:`` line and
+    exit 1."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        sock = socket.create_server((host, port), family=family, backlog=4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as exc:
+        sock.close()
         accounts.fail(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}")
     sock.set_inheritable(True)  # as uvicorn's own: worker processes may share it
     return sock
@@ -224,8 +240,7 @@ def sim_upstream(
     )
     sock = server.config.bind_socket()  # a port in use: uvicorn's one-line error, exit 1
     sock.listen(server.config.backlog)  # connections queue from here on, so the line is true
-    shown = f"[{host}]" if ":" in host else host  # an IPv6 address
-    url = f"http://{shown}:{sock.getsockname()[1]}"
+    url = _url(host, sock.getsockname()[1])
     typer.echo(f"sim-upstream listening on {url} (ttft {ttft_ms:g} ms, itl {itl_ms:g} ms)")
     _run(server, [sock])
 

@@ -233,7 +233,9 @@ class Generation:
         finish: FinishReason | None = None
         error: GatewayError | None = None
         self._running = True
-        completion_id_var.set(self.id)  # this task's log lines (and its hooks') carry the id
+        # Lines logged while the provider runs (its errors, ours) carry the completion id; not
+        # the hooks' (they name it themselves), nor tasks they may start that outlive it.
+        logging_as = completion_id_var.set(self.id)
         try:
             try:
                 usage, finish, error = await self._pull()
@@ -250,6 +252,7 @@ class Generation:
                 self._ending = True  # from here on a cancel changes nothing
                 await self._close_events()
         finally:
+            completion_id_var.reset(logging_as)
             await self._end(usage, finish, error)
 
     async def _pull(self) -> tuple[Usage | None, FinishReason | None, GatewayError | None]:
@@ -377,7 +380,13 @@ async def _run_hook(
 
 def _log_hook_failure(task: asyncio.Future[None], *, completion_id: str, what: str) -> None:
     if not task.cancelled() and task.exception() is not None:
-        _log.error("%s %s failed", what, completion_id, exc_info=task.exception())
+        _log.error(
+            "%s %s failed",
+            what,
+            completion_id,
+            exc_info=task.exception(),
+            extra={"fields": {"completion_id": completion_id}},
+        )
 
 
 async def _aclose(events: AsyncIterator[Event]) -> None:
