@@ -10,7 +10,7 @@ import json
 import logging
 import logging.config
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +26,8 @@ from tokenwire.observability.logs import (
 )
 from tokenwire.observability.records import CompletionRecord
 from tokenwire.streams.events import AttemptFailed, Routed
+
+RecordFactory = Callable[..., CompletionRecord]  # the ``completion`` fixture (conftest.py)
 
 KEY = "tw-" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0U1v"
 
@@ -48,32 +50,6 @@ def as_json(record: logging.LogRecord) -> dict[str, Any]:
     assert "\n" not in line
     parsed: dict[str, Any] = json.loads(line)
     return parsed
-
-
-def completion(**changes: Any) -> CompletionRecord:
-    values: dict[str, Any] = {
-        "completion_id": "chatcmpl-abc",
-        "key_id": "key_123",
-        "model": "sim",
-        "provider": "sim",
-        "transport": "ws-envelope",
-        "api": "chat",
-        "outcome": "completed",
-        "finish_reason": "stop",
-        "error_code": None,
-        "error_status": None,
-        "ttft_s": 0.0123,
-        "itl_s": 0.004,
-        "duration_s": 0.25,
-        "prompt_tokens": 7,
-        "completion_tokens": 16,
-        "usage_estimated": False,
-        "cost_micro": 123,
-        "client": "10.0.0.1",
-        "attempts": (AttemptFailed("a", "m", "server_error"), Routed("b", "m")),
-    }
-    values.update(changes)
-    return CompletionRecord(**values)
 
 
 def test_json_line_has_the_standard_fields_first_then_extras() -> None:
@@ -182,10 +158,25 @@ def test_text_line_is_readable_and_carries_fields() -> None:
     assert "error_code" not in line and "event=" not in line  # nothing empty, no noise
 
 
-def test_completion_fields_name_everything_but_the_key() -> None:
+def test_completion_fields_name_everything_but_the_key(completion: RecordFactory) -> None:
     """The completion line: ids, model, provider, transport, status, timings, tokens, cost,
     client and attempts; milliseconds rounded; the key only by its id."""
-    fields = completion_fields(completion())
+    record = completion(
+        completion_id="chatcmpl-abc",
+        key_id="key_123",
+        model="sim",
+        provider="sim",
+        transport="ws-envelope",
+        ttft_s=0.0123,
+        itl_s=0.004,
+        duration_s=0.25,
+        prompt_tokens=7,
+        completion_tokens=16,
+        cost_micro=123,
+        client="10.0.0.1",
+        attempts=(AttemptFailed("a", "m", "server_error"), Routed("b", "m")),
+    )
+    fields = completion_fields(record)
     assert fields == {
         "event": "completion",
         "completion_id": "chatcmpl-abc",

@@ -9,50 +9,26 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.multiprocess import mark_process_dead
 
 from tokenwire.config import ConfigError
 from tokenwire.observability.metrics import LATENCY_BUCKETS, Metrics, RuntimeSample
-from tokenwire.observability.records import CompletionRecord, Refusal
+from tokenwire.observability.records import LIMIT_REASONS, CompletionRecord, Refusal
 from tokenwire.streams.events import AttemptFailed, Routed
 from tokenwire.testing import Scrape
 
-
-def completion(**changes: Any) -> CompletionRecord:
-    values: dict[str, Any] = {
-        "completion_id": "chatcmpl-1",
-        "key_id": "key_1",
-        "model": "m",
-        "provider": "p",
-        "transport": "sse",
-        "api": "chat",
-        "outcome": "completed",
-        "finish_reason": "stop",
-        "error_code": None,
-        "error_status": None,
-        "ttft_s": 0.04,
-        "itl_s": 0.012,
-        "duration_s": 0.5,
-        "prompt_tokens": 10,
-        "completion_tokens": 20,
-        "usage_estimated": False,
-        "cost_micro": 330,
-        "client": "127.0.0.1",
-        "attempts": (Routed("p", "up"),),
-    }
-    values.update(changes)
-    return CompletionRecord(**values)
+RecordFactory = Callable[..., CompletionRecord]  # the ``completion`` fixture (conftest.py)
 
 
 def scrape(metrics: Metrics) -> Scrape:
     return Scrape.parse(metrics.render()[0].decode())
 
 
-def test_one_completion_is_one_observation_in_each_series() -> None:
+def test_one_completion_is_one_observation_in_each_series(completion: RecordFactory) -> None:
     """Requests, TTFT, ITL, duration, tokens and cost each change once, by the record's values."""
     metrics = Metrics()
     metrics.completion(completion())
@@ -77,7 +53,7 @@ def test_one_completion_is_one_observation_in_each_series() -> None:
     assert s.total("tokenwire_cost_microdollars_total", **base) == 660
 
 
-def test_buckets_span_5ms_to_60s() -> None:
+def test_buckets_span_5ms_to_60s(completion: RecordFactory) -> None:
     """Latency histograms run from 5 ms to 60 s (and +Inf)."""
     s = scrape(_with(completion()))
     bounds = {
@@ -94,7 +70,9 @@ def _with(*records: CompletionRecord) -> Metrics:
     return metrics
 
 
-def test_attempts_retries_and_fallbacks_come_from_the_routing_history() -> None:
+def test_attempts_retries_and_fallbacks_come_from_the_routing_history(
+    completion: RecordFactory,
+) -> None:
     """Each attempt counts by outcome; every attempt after the first is a retry; a retry on
     another deployment than the one before is also a fallback."""
     history = (
@@ -148,15 +126,7 @@ def test_fixed_label_sets_exist_at_zero() -> None:
         for name, labels, _ in s.samples
         if name == "tokenwire_limit_refusals_total"
     }
-    assert reasons == {
-        "requests",
-        "tokens",
-        "request_too_large",
-        "streams",
-        "credits",
-        "auth_failures",
-        "socket_requests",
-    }
+    assert reasons == set(LIMIT_REASONS) and len(LIMIT_REASONS) == 7
 
 
 def test_gauges_follow_streams_and_sockets() -> None:
@@ -205,7 +175,7 @@ def test_sampled_values_are_read_at_scrape_time() -> None:
     assert not [labels for name, labels, _ in s.samples if labels.get("deployment") == "p/b"]
 
 
-def test_each_app_has_its_own_registry() -> None:
+def test_each_app_has_its_own_registry(completion: RecordFactory) -> None:
     """Two Metrics objects in one process count separately (nothing global)."""
     first, second = Metrics(), Metrics()
     first.completion(completion())

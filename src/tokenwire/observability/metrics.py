@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from tokenwire.observability.records import (
 )
 from tokenwire.streams.events import AttemptFailed, Routed
 
+log = logging.getLogger("tokenwire.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SAMPLE_INTERVAL_S = 5.0
 """How often each process writes its sampled values in multiprocess mode."""
@@ -358,7 +360,10 @@ class Metrics:
 
     async def _sample_periodically(self) -> None:
         while True:
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # logged; the next round tries again
+                log.exception("sampling the ledger and circuits for /metrics failed")
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     async def aclose(self) -> None:

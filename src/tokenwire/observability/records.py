@@ -8,12 +8,12 @@ model is known. Neither holds an API key, only its id.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from tokenwire.streams.events import AttemptFailed, Routed
 
 Transport = Literal["sse", "ws", "ws-envelope", "json"]
-TRANSPORTS: tuple[Transport, ...] = ("sse", "ws", "ws-envelope", "json")
+TRANSPORTS: tuple[Transport, ...] = get_args(Transport)
 Outcome = Literal[
     "completed",
     "cancelled",
@@ -32,15 +32,7 @@ LimitReason = Literal[
     "auth_failures",
     "socket_requests",
 ]
-LIMIT_REASONS: tuple[LimitReason, ...] = (
-    "requests",
-    "tokens",
-    "request_too_large",
-    "streams",
-    "credits",
-    "auth_failures",
-    "socket_requests",
-)
+LIMIT_REASONS: tuple[LimitReason, ...] = get_args(LimitReason)
 
 
 @dataclass(frozen=True, slots=True)
