@@ -9,9 +9,10 @@ loggers propagate to it. ``auto`` picks text when stderr is a terminal, JSON oth
 Structured fields travel in ``extra={"fields": {...}}``. The access log's fields are read from
 uvicorn's own record (client, method, path, HTTP version, status). A line logged while a
 generation pulls from its provider (its errors, the provider's) carries the ``completion_id``
-from a context variable; the settlement's lines name it themselves. Every line passes :func:`redact`, which hides
-anything shaped like a tokenwire API key (a client may put one in a URL that the access log
-prints); keys are never logged on purpose, provider keys and secrets never reach a logger.
+from a context variable; the settlement's lines name it themselves. Every line passes
+:func:`redact`, which hides anything shaped like a tokenwire API key (a client may put one in
+a URL that the access log prints); keys are never logged on purpose, provider keys and
+secrets never reach a logger.
 
 What one completion logs: :func:`log_completion` (docs/operations.md, "Logs").
 """
