@@ -43,18 +43,12 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.pricing import cost_micro, is_free, worst_case_micro
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry
-from tokenwire.errors import GatewayError, InsufficientQuota, InternalError, PermissionDenied
-from tokenwire.limits.base import Admission, LimitExceeded, LimitSpec, RateLimiter
+from tokenwire.errors import GatewayError, PermissionDenied
+from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.observability.logs import log_completion, log_refusal
 from tokenwire.observability.metrics import Metrics
-from tokenwire.observability.records import (
-    CompletionRecord,
-    LimitReason,
-    Outcome,
-    Refusal,
-    RefusalOutcome,
-    Transport,
-)
+from tokenwire.observability.outcomes import completion_record, refusal_of
+from tokenwire.observability.records import Refusal, Transport
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.streams.events import Event
@@ -99,34 +93,9 @@ def ledger_status(generation: Generation) -> str:
     return "completed"
 
 
-def completion_outcome(generation: Generation) -> Outcome:
-    """How a finished generation ended, for metrics and its log line (finer than the
-    ledger's status: a gateway bug and a shutdown are told apart)."""
-    if generation.state is GenerationState.FAILED:
-        if isinstance(generation.error, InternalError):
-            return "internal_error"
-        return "upstream_error"
-    if generation.state is GenerationState.CANCELLED:
-        if generation.cancel_cause == "shutdown":
-            return "shutdown"
-        if generation.cancel_cause == "client_disconnected":
-            return "client_disconnected"
-        return "cancelled"
-    return "completed"
-
-
 def ledger_transport(transport: Transport) -> str:
     """The ledger's transport: ``sse``, ``ws`` (both WebSocket modes) or ``json``."""
     return "ws" if transport == "ws-envelope" else transport
-
-
-def refusal_of(error: GatewayError) -> tuple[RefusalOutcome, LimitReason | None]:
-    """How metrics and the log name a refusal at admission."""
-    if isinstance(error, LimitExceeded):
-        return "rate_limited", error.reason
-    if isinstance(error, InsufficientQuota):
-        return "insufficient_quota", "credits"
-    return ("unavailable" if error.http_status >= 500 else "rejected"), None
 
 
 class CompletionService:
@@ -350,7 +319,14 @@ class CompletionService:
     async def _settle(self, context: _Context, generation: Generation) -> None:
         try:
             row = self._row(context, generation)
-            record = completion_record(context, generation, row)
+            record = completion_record(
+                generation,
+                row,
+                key_id=context.key_id,
+                transport=context.transport,
+                api=context.api,
+                client=context.client,
+            )
             self.metrics.completion(record)
             log_completion(record)
             await self._writer.settle(row, reserved=not is_free(context.entry))
@@ -415,40 +391,3 @@ class _Admit:
     completion_id: str
     client: str
     api: str
-
-
-def completion_record(
-    context: _Context, generation: Generation, row: LedgerRow
-) -> CompletionRecord:
-    """What metrics and the log know of a settled completion (from its own timestamps)."""
-    started, first, last = (
-        generation.started_at,
-        generation.first_token_at,
-        generation.last_token_at,
-    )
-    ended = generation.ended_at or time.perf_counter()
-    deltas = generation.deltas
-    error = generation.error
-    return CompletionRecord(
-        completion_id=generation.id,
-        key_id=context.key_id,
-        model=row.model,
-        provider=row.provider,
-        transport=context.transport,
-        api=context.api,
-        outcome=completion_outcome(generation),
-        finish_reason=generation.finish_reason,
-        error_code=None if error is None else error.code,
-        error_status=None if error is None else error.http_status,
-        ttft_s=None if first is None else first - started,
-        itl_s=(
-            None if first is None or last is None or deltas < 2 else (last - first) / (deltas - 1)
-        ),
-        duration_s=ended - started,
-        prompt_tokens=row.prompt_tokens,
-        completion_tokens=row.completion_tokens,
-        usage_estimated=row.usage_estimated,
-        cost_micro=row.cost_micro,
-        client=context.client,
-        attempts=tuple(generation.attempts),
-    )

@@ -128,14 +128,16 @@ async def scrape(http: aiohttp.ClientSession, gw: GatewayServer) -> Scrape:
 
 
 async def settled(http: aiohttp.ClientSession, gw: GatewayServer) -> Scrape:
-    """The scrape once every generation has settled and every socket session ended."""
-    end = time.monotonic() + 15
-    while True:
-        s = await scrape(http, gw)
-        idle = not gw.state.completions.live and s.total("tokenwire_open_websockets") == 0
-        if idle or time.monotonic() > end:
-            return s
+    """The scrape once every generation has settled and every socket session ended (nothing
+    moves after that: the scrape that sees it is final)."""
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        if not gw.state.completions.live:  # settled: its series were all observed before
+            s = await scrape(http, gw)
+            if s.total("tokenwire_open_websockets") == 0:
+                return s
         await asyncio.sleep(0.02)  # the polling interval
+    pytest.fail("generations or sockets still open after 30 s")
 
 
 async def create_key(http: aiohttp.ClientSession, gw: GatewayServer, **options: Any) -> str:
@@ -282,7 +284,7 @@ async def test_gauges_count_what_is_open_now(
 
 async def test_metrics_need_an_admin_key(gw: GatewayServer, http: aiohttp.ClientSession) -> None:
     """On the main port: no key 401, a wrong key 401, an API key 403, the admin key 200 in
-    Prometheus' text format."""
+    Prometheus' text format, or OpenMetrics when asked, gzipped when accepted."""
     url = gw.base_url + "/metrics"
     async with http.get(url) as response:
         assert response.status == 401
@@ -296,3 +298,9 @@ async def test_metrics_need_an_admin_key(gw: GatewayServer, http: aiohttp.Client
         assert response.status == 200
         assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         assert "tokenwire_open_streams" in Scrape.parse(await response.text()).families
+    openmetrics = {**bearer(gw.admin_key), "Accept": "application/openmetrics-text; version=1.0.0"}
+    async with http.get(url, headers=openmetrics) as response:  # what Prometheus asks for
+        assert response.status == 200
+        assert response.headers["content-type"].startswith("application/openmetrics-text")
+        assert response.headers["content-encoding"] == "gzip"  # aiohttp accepts it
+        assert (await response.text()).endswith("# EOF\n")
