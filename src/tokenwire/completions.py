@@ -27,7 +27,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -48,7 +48,7 @@ from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.observability.logs import log_completion, log_refusal
 from tokenwire.observability.metrics import Metrics
 from tokenwire.observability.outcomes import completion_record, refusal_of
-from tokenwire.observability.records import Refusal, Transport
+from tokenwire.observability.records import Api, Refusal, Transport
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.streams.events import Event
@@ -59,11 +59,14 @@ from tokenwire.streams.store import StreamStore
 from tokenwire.wire.schema import ChatRequest
 
 log = logging.getLogger("tokenwire.completions")
+SettledHook = Callable[[Generation], Awaitable[None]]
+
+_ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl-", "responses": "resp_", "messages": "msg_"}
 
 
-def new_completion_id() -> str:
-    """A fresh ``chatcmpl-…`` id (also the stream id)."""
-    return "chatcmpl-" + secrets.token_urlsafe(18)
+def new_completion_id(api: Api = "chat") -> str:
+    """A fresh id in the API's style (``chatcmpl-…``, ``resp_…``, ``msg_…``), also the stream id."""
+    return _ID_PREFIXES[api] + secrets.token_urlsafe(18)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +80,8 @@ class _Context:
     admission: Admission
     reserved_micro: int | None  # None: a free model, nothing was reserved
     client: str
-    api: str
+    api: Api
+    on_settled: SettledHook | None  # the API's own record (a stored response), after money
     max_output: int
     prompt_estimate: int
 
@@ -140,7 +144,8 @@ class CompletionService:
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
         client: str = "",
-        api: str = "chat",
+        api: Api = "chat",
+        on_settled: SettledHook | None = None,
     ) -> StreamSource:
         """Admit and start a completion; raises before anything runs when it may not.
 
@@ -148,12 +153,13 @@ class CompletionService:
         one of the same key returns that stream (nothing new is admitted or billed), possibly
         one another gateway process runs; with another body it is a 409. Resumable
         generations (``resumable`` or ``idempotency``) survive their readers for
-        ``stream_grace_s`` and are kept for resuming. ``client`` (the caller's address) and
-        ``api`` (``chat``, or another API served by the same generations) go to metrics and
-        the completion's log line.
+        ``stream_grace_s`` and are kept for resuming. ``api`` names the client API (the id's
+        style and the ledger's ``api``); ``on_settled`` runs once after the ledger row is
+        written, before the generation leaves ``live`` (a failure is logged). ``client`` (the
+        caller's address) goes to the completion's log line.
         """
-        completion_id = new_completion_id()
-        admit = _Admit(key, request, raw_body, transport, completion_id, client, api)
+        completion_id = new_completion_id(api)
+        admit = _Admit(key, request, raw_body, transport, completion_id, client, api, on_settled)
         if idempotency is None:
             return await self._start(admit, resumable)
         idempotency_key, digest = idempotency
@@ -254,6 +260,7 @@ class CompletionService:
                     model=entry.id,
                     provider=entry.provider,
                     transport=ledger_transport(admit.transport),
+                    api=admit.api,
                 )
         except BaseException:
             await self._release_limits(admission, spec, 0, completion_id)
@@ -267,6 +274,7 @@ class CompletionService:
             reserved_micro=reserved,
             client=admit.client,
             api=admit.api,
+            on_settled=admit.on_settled,
             max_output=max_output,
             prompt_estimate=prompt_estimate,
         )
@@ -330,6 +338,15 @@ class CompletionService:
             self.metrics.completion(record)
             log_completion(record)
             await self._writer.settle(row, reserved=not is_free(context.entry))
+            if context.on_settled is not None:
+                try:
+                    await context.on_settled(generation)
+                except Exception:  # logged; the money is settled either way
+                    log.exception(
+                        "recording %s after it settled failed",
+                        generation.id,
+                        extra={"fields": {"completion_id": generation.id}},
+                    )
         finally:
             self.metrics.stream_closed(context.transport)
             self.streams.finished(generation)
@@ -369,6 +386,7 @@ class CompletionService:
             finish_reason=generation.finish_reason,
             status=ledger_status(generation),
             created_at=int(time.time() * 1000),
+            api=context.api,
         )
 
     async def shutdown(self) -> None:
@@ -390,4 +408,5 @@ class _Admit:
     transport: Transport
     completion_id: str
     client: str
-    api: str
+    api: Api
+    on_settled: SettledHook | None

@@ -138,7 +138,9 @@ async def drive(base: str, metrics_base: str, run: Run) -> None:
                 run.statuses[name] = response.status
                 run.stream_ids[name] = response.headers.get("x-stream-id", "")
                 if response.content_type == "text/event-stream":
-                    return await read_sse_answer(response.content)
+                    if path == "/v1/chat/completions":
+                        return await read_sse_answer(response.content)
+                    return await response.read()  # another API's events, read to the end
                 return await response.json()
 
         # streams and JSON through every provider, and their failures
@@ -151,6 +153,12 @@ async def drive(base: str, metrics_base: str, run: Run) -> None:
         await post("bad body", "/v1/chat/completions", api, {"model": "sim", "messages": "x"})
         await post("unknown model", "/v1/chat/completions", api, body("no-such-model"))
         await post("bad key", "/v1/chat/completions", "tw-" + "z" * 43, body("sim"))
+
+        # the other APIs on the same generations: Messages (key in x-api-key), Responses
+        messages = {**body("claude-sonnet-4.5"), "max_tokens": 16, "stream": True}
+        await post("messages", "/v1/messages", None, messages, **{"x-api-key": api})
+        responses = {"model": "gpt-4.1", "input": "Hello there", "stream": True}
+        await post("responses", "/v1/responses", api, responses)
 
         # WebSocket: header auth (compatible), auth message (envelope), a browser ticket
         async with connect(ws_url, additional_headers=bearer(api)) as ws:
@@ -336,7 +344,7 @@ def test_one_completion_line_per_completion_with_its_fields(run: Run) -> None:
     model, provider, transport, status, timings, tokens, cost, client and attempts."""
     completions = run.completions()
     ids = [line["completion_id"] for line in completions]
-    assert len(ids) == len(set(ids)) == 10  # 4 SSE, 1 JSON, 2 failed, 3 WebSocket
+    assert len(ids) == len(set(ids)) == 12  # 4 SSE, 1 JSON, 2 failed, 3 WebSocket, 2 APIs
     for line in completions:
         assert line.keys() >= COMPLETION_FIELDS, line
         assert line["key_id"].startswith("key_")
@@ -353,6 +361,11 @@ def test_one_completion_line_per_completion_with_its_fields(run: Run) -> None:
     assert sse["cost_micro"] == 2 * sse["prompt_tokens"] + 8 * sse["completion_tokens"]
     transports = sorted(line["transport"] for line in completions)
     assert transports.count("ws") == 2 and transports.count("ws-envelope") == 1
+    apis = {line["completion_id"]: line["api"] for line in completions}
+    assert apis[run.stream_ids["messages"]] == "messages"
+    assert run.stream_ids["messages"].startswith("msg_")
+    assert apis[run.stream_ids["responses"]] == "responses"
+    assert sorted(apis.values()).count("chat") == 10
     failed = by_id[run.stream_ids["upstream 500"]]
     assert failed["status"] == "upstream_error" and failed["error_status"] == 500
     assert failed["upstream_attempts"] == 2 and failed["level"] == "warning"
@@ -376,7 +389,9 @@ def test_metrics_listener_needs_no_key_and_the_main_port_stays_closed(run: Run) 
     port still wants the admin key (401 without, 403 for an API key)."""
     assert run.statuses["metrics listener"] == 200
     scraped = Scrape.parse(run.metrics_listener)
-    assert scraped.total("tokenwire_requests_total", model="gpt-4.1", outcome="completed") == 2
+    completed = {"model": "gpt-4.1", "outcome": "completed"}
+    assert scraped.total("tokenwire_requests_total", **completed, api="chat") == 2
+    assert scraped.total("tokenwire_requests_total", **completed, api="responses") == 1
     assert run.statuses["api on metrics listener"] == 404
     assert run.statuses["metrics no key"] == 401
     assert run.statuses["metrics api key"] == 403

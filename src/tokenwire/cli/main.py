@@ -114,6 +114,7 @@ def serve(
             role = "admin key" if record.is_admin else "API key  "
             console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
     console.print(f"data dir: {settings.data_dir}", highlight=False)
+    console.print(f"web pages: {_url(server.host, server.port)}/ (paste a key)", highlight=False)
     for sock in sockets:  # connections queue from here, so the line below is true when logged
         sock.listen(BACKLOG)
 

@@ -11,6 +11,7 @@ from tokenwire.accounting.ledger import LedgerRow
 from tokenwire.errors import GatewayError, InsufficientQuota, InternalError
 from tokenwire.limits.base import LimitExceeded
 from tokenwire.observability.records import (
+    Api,
     CompletionRecord,
     LimitReason,
     Outcome,
@@ -51,7 +52,7 @@ def completion_record(
     *,
     key_id: str,
     transport: Transport,
-    api: str,
+    api: Api,
     client: str,
 ) -> CompletionRecord:
     """What metrics and the log know of a settled completion: its ledger row, and timings

@@ -14,6 +14,8 @@ from tokenwire.streams.events import AttemptFailed, Routed
 
 Transport = Literal["sse", "ws", "ws-envelope", "json"]
 TRANSPORTS: tuple[Transport, ...] = get_args(Transport)
+Api = Literal["chat", "responses", "messages"]
+"""The client API a completion was asked through (the ledger's ``api``, a metrics label)."""
 Outcome = Literal[
     "completed",
     "cancelled",
@@ -44,7 +46,7 @@ class CompletionRecord:
     model: str
     provider: str
     transport: Transport
-    api: str
+    api: Api
     outcome: Outcome
     finish_reason: str | None
     error_code: str | None
@@ -68,7 +70,7 @@ class Refusal:
     model: str
     provider: str
     transport: Transport
-    api: str
+    api: Api
     outcome: RefusalOutcome
     reason: LimitReason | None  # which limit, for rate limits and credits
     error_code: str | None
