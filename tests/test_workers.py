@@ -104,7 +104,7 @@ def _start(tmp_path: Path, prefix: str, *options: str) -> Workers:
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
     deadline = time.monotonic() + START_DEADLINE_S
-    while "Uvicorn running" not in log_path.read_text(errors="replace"):
+    while "listening on" not in log_path.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"serve --workers did not start:\n{log_path.read_text()}")

@@ -26,16 +26,16 @@ def freeze_startup_heap() -> None:
 
 def run_server(
     settings: Settings,
+    sockets: list[socket.socket],
     *,
-    host: str | None = None,
-    port: int | None = None,
-    sock: socket.socket | None = None,
     access_log: bool = True,
     on_started: Callable[[], None] | None = None,
-) -> None:
-    """Serve the gateway on ``host``:``port`` (default: the settings'), or on ``sock``.
+) -> bool:
+    """Serve the gateway on ``sockets`` (listening) until stopped; False if it never started.
 
-    ``on_started`` runs once the app is ready to serve, after the start-up heap is frozen.
+    Logging is the caller's (``observability.logs.configure_logging``): uvicorn's lines are
+    formatted like ours. ``on_started`` runs once the app is ready to serve, after the
+    start-up heap is frozen.
     """
     import uvicorn
 
@@ -48,14 +48,12 @@ def run_server(
 
     config = uvicorn.Config(
         create_app(settings, on_started=started),
-        host=host or settings.server.host,
-        port=settings.server.port if port is None else port,
         access_log=access_log,
         log_level="info",
+        log_config=None,
         **server_options(settings),
     )
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal stop
-        server.run(sockets=None if sock is None else [sock])
-    if not server.started:
-        raise SystemExit(3)  # uvicorn's start-up failure code; it logged why
+        server.run(sockets=sockets)
+    return bool(server.started)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import logging.config
 import os
 import pickle
 import select
@@ -46,13 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Literal
 
 from tokenwire.config import ConfigError, Settings
 
-log = logging.getLogger("uvicorn.error")  # the supervisor's lines look like its workers'
+log = logging.getLogger("tokenwire.workers")
 
 MAX_CRASHES = 5
 """Worker deaths in a row (none separated by ``STABLE_S`` of service) before giving up."""
@@ -112,7 +112,8 @@ class WorkerSpec:
     """What a worker process is told on its standard input."""
 
     settings: Settings
-    fd: int  # the listening socket
+    fd: int  # the API's listening socket (the worker's own, with SO_REUSEPORT)
+    metrics_fd: int | None  # the metrics listener's socket, shared by every worker
     ready_fd: int  # write one byte here once serving
     access_log: bool
     index: int
@@ -164,28 +165,26 @@ class _Slot:
 
 @dataclass
 class Supervisor:
-    """Starts, watches and stops the worker processes (see the module docstring)."""
+    """Starts, watches and stops the worker processes (see the module docstring).
+
+    ``sockets`` are the API's listening sockets, one per worker (:func:`bind_sockets`);
+    ``metrics`` the metrics listener's, which every worker serves; ``on_ready`` runs once,
+    when every worker first answers.
+    """
 
     settings: Settings
-    workers: int
-    host: str
-    port: int
+    sockets: list[socket.socket]
+    metrics: socket.socket | None = None
     access_log: bool = True
+    on_ready: Callable[[], None] | None = None
     slots: list[_Slot] = field(default_factory=list)
     crashes: int = 0  # deaths in a row without a stable minute between them
     stopping: int = 0  # signals received
     metrics_dir: str | None = None
-    _announce: str | None = None  # logged once every worker first became ready
 
     def run(self) -> int:
         """Serve until a signal (0) or a failure the supervisor cannot mend (1)."""
-        from uvicorn.config import LOGGING_CONFIG
-
-        logging.config.dictConfig(LOGGING_CONFIG)
-        sockets = bind_sockets(self.host, self.port, self.workers)
-        self.slots = [_Slot(i, sock) for i, sock in enumerate(sockets)]
-        bound = sockets[0].getsockname()
-        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.slots = [_Slot(i, sock) for i, sock in enumerate(self.sockets)]
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
@@ -194,15 +193,12 @@ class Supervisor:
         try:
             for slot in self.slots:
                 self._start(slot)
-            self._announce = (
-                f"Uvicorn running on http://{shown}:{bound[1]} with {self.workers} workers"
-            )
             return self._watch()
         finally:
             self._stop_all()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for sock in {id(s.sock): s.sock for s in self.slots}.values():
+            for sock in {id(s): s for s in [*self.sockets, self.metrics] if s}.values():
                 sock.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
@@ -215,19 +211,22 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         read_fd, write_fd = os.pipe()
+        metrics_fd = None if self.metrics is None else self.metrics.fileno()
         spec = WorkerSpec(
             settings=self.settings,
             fd=slot.sock.fileno(),
+            metrics_fd=metrics_fd,
             ready_fd=write_fd,
             access_log=self.access_log,
             index=slot.index,
             supervisor_pid=os.getpid(),
         )
+        passed = (slot.sock.fileno(), write_fd, *(() if metrics_fd is None else (metrics_fd,)))
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "tokenwire.workers"],
                 stdin=subprocess.PIPE,
-                pass_fds=(slot.sock.fileno(), write_fd),
+                pass_fds=passed,
                 process_group=0,
             )
         finally:
@@ -272,10 +271,11 @@ class Supervisor:
         slot.ready_fd = None
         if said:  # an empty read: it closed the pipe without saying (it is dying)
             slot.ready, slot.ready_at = True, now
-        if self._announce is not None and all(s.ready for s in self.slots):
+        if self.on_ready is not None and all(s.ready for s in self.slots):
             pids = " ".join(str(s.process.pid) for s in self.slots if s.process is not None)
-            log.info("%s (pids %s; supervisor %d)", self._announce, pids, os.getpid())
-            self._announce = None
+            log.info("supervisor %d: workers %s ready", os.getpid(), pids)
+            self.on_ready()
+            self.on_ready = None
 
     def _ended(self, slot: _Slot, now: float) -> str | None:
         """Handle a worker that exited on its own; a reason to give up, or None (restarting)."""
@@ -354,19 +354,24 @@ def _die_with_supervisor(supervisor_pid: int) -> None:
 
 
 def worker_main() -> None:
-    """One worker: read the spec from stdin, serve on the inherited socket until told to stop."""
+    """One worker: read the spec from stdin, serve on the inherited sockets until told to stop."""
     spec: WorkerSpec = pickle.loads(sys.stdin.buffer.read())
     _die_with_supervisor(spec.supervisor_pid)
+    from tokenwire.observability.logs import configure_logging, resolve_format
     from tokenwire.serving import run_server
 
-    sock = socket.socket(fileno=spec.fd)
+    configure_logging(resolve_format(spec.settings.server.log_format, sys.stderr))
+    sockets = [socket.socket(fileno=spec.fd)]
+    if spec.metrics_fd is not None:
+        sockets.append(socket.socket(fileno=spec.metrics_fd))
 
     def ready() -> None:
         with contextlib.suppress(OSError):
             os.write(spec.ready_fd, b"1")
             os.close(spec.ready_fd)
 
-    run_server(spec.settings, sock=sock, access_log=spec.access_log, on_started=ready)
+    if not run_server(spec.settings, sockets, access_log=spec.access_log, on_started=ready):
+        raise SystemExit(3)  # uvicorn's start-up failure code; it logged why
 
 
 if __name__ == "__main__":
