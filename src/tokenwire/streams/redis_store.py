@@ -38,6 +38,7 @@ from redis.asyncio.client import Pipeline, PubSub
 from redis.exceptions import RedisError
 
 from tokenwire.errors import NotFound, StreamGone, StreamStoreUnavailable
+from tokenwire.redis_client import connect
 from tokenwire.streams.codec import encode_event
 from tokenwire.streams.generation import CancelCause, Generation
 from tokenwire.streams.memory_store import MemoryStreamStore
@@ -90,8 +91,8 @@ class RedisStreamStore:
             max_events=max_events,
             max_events_per_stream=max_events_per_stream,
         )
-        self._redis: Redis = Redis.from_url(
-            url, socket_connect_timeout=2.0, health_check_interval=30
+        self._redis: Redis = connect(
+            url, wait_s=2.0, socket_connect_timeout=2.0, health_check_interval=30
         )
         self._prefix = f"{prefix}st:"
         self._retention_ms = int(retention_s * 1000)
