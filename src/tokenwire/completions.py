@@ -46,6 +46,7 @@ from tokenwire.errors import PermissionDenied
 from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
+from tokenwire.streams.events import Usage
 from tokenwire.streams.generation import Generation, GenerationState
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.source import StreamSource
@@ -123,6 +124,7 @@ class CompletionService:
         *,
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
+        include_cost: bool = False,
     ) -> StreamSource:
         """Admit and start a completion; raises before anything runs when it may not.
 
@@ -130,18 +132,28 @@ class CompletionService:
         one of the same key returns that stream (nothing new is admitted or billed), possibly
         one another gateway process runs; with another body it is a 409. Resumable
         generations (``resumable`` or ``idempotency``) survive their readers for
-        ``stream_grace_s`` and are kept for resuming.
+        ``stream_grace_s`` and are kept for resuming. With ``include_cost`` the final usage
+        carries the charge (``cost_micro``).
         """
         completion_id = new_completion_id()
         if idempotency is None:
-            return await self._start(key, request, raw_body, transport, completion_id, resumable)
+            return await self._start(
+                key, request, raw_body, transport, completion_id, resumable, None, include_cost
+            )
         idempotency_key, digest = idempotency
         earlier = await self.streams.claim(key.id, idempotency_key, digest, completion_id)
         if earlier is not None:
             return earlier
         try:
             return await self._start(
-                key, request, raw_body, transport, completion_id, True, idempotency_key
+                key,
+                request,
+                raw_body,
+                transport,
+                completion_id,
+                True,
+                idempotency_key,
+                include_cost,
             )
         except BaseException:
             await self.streams.release(key.id, idempotency_key, completion_id)
@@ -156,6 +168,7 @@ class CompletionService:
         completion_id: str,
         resumable: bool,
         idempotency_key: str | None = None,
+        include_cost: bool = False,
     ) -> Generation:
         provider, entry = self._registry.resolve(request.model)
         if not key.may_use(entry.id):
@@ -210,6 +223,7 @@ class CompletionService:
             limit_for_prompt=(
                 None if reserved is None else partial(completion_budget, entry, reserved)
             ),
+            price=partial(self._charge, context) if include_cost else None,
         )
         generation.response_headers = admission.headers
         self.live[completion_id] = generation
@@ -250,6 +264,15 @@ class CompletionService:
             self.streams.finished(generation)
             self.live.pop(generation.id, None)  # last: an empty ``live`` means all is written
 
+    @staticmethod
+    def _charge(context: _Context, usage: Usage) -> int:
+        """What a completion that produced output is charged for ``usage``: its price, never
+        more than was reserved. The ledger row and the reported ``cost_micro`` both use it."""
+        cost = cost_micro(context.entry, usage.prompt_tokens, usage.completion_tokens)
+        if context.reserved_micro is not None:
+            cost = min(cost, context.reserved_micro)
+        return cost
+
     def _row(self, context: _Context, generation: Generation) -> LedgerRow:
         """The completion's ledger row: what it used, and what it is charged."""
         usage = generation.usage
@@ -257,13 +280,7 @@ class CompletionService:
         failed_before_output = generation.state is GenerationState.FAILED and (
             generation.first_token_at is None
         )
-        cost = (
-            0
-            if failed_before_output
-            else cost_micro(context.entry, usage.prompt_tokens, usage.completion_tokens)
-        )
-        if context.reserved_micro is not None:
-            cost = min(cost, context.reserved_micro)  # never more than was reserved
+        cost = 0 if failed_before_output else self._charge(context, usage)
         ended = generation.ended_at or time.perf_counter()
         return LedgerRow(
             completion_id=generation.id,

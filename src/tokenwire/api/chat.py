@@ -61,8 +61,9 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         chat_request,
         raw,
         "sse" if chat_request.stream else "json",
-        resumable=request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true"),
+        resumable=_flag(request, "x-tokenwire-resumable"),
         idempotency=None if idempotency_key is None else (idempotency_key, request_digest(raw)),
+        include_cost=_flag(request, "x-tokenwire-include-cost"),
     )
     if not chat_request.stream:
         return JSONCompletion(generation)
@@ -72,6 +73,11 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         heartbeat_s=state.settings.server.sse_heartbeat_s,
         retry_ms=RETRY_MS if _resumable(state, generation) else None,
     )
+
+
+def _flag(request: Request, header: str) -> bool:
+    """A ``true``/``1`` opt-in header (anything else, or none, is off)."""
+    return request.headers.get(header, "").lower() in ("1", "true")
 
 
 def _resumable(state: AppState, stream: StreamSource) -> bool:
@@ -114,11 +120,12 @@ class JSONCompletion:
                 await batches.aclose()
         if disconnect.happened:
             return
+        headers = {**generation.response_headers, "x-stream-id": generation.id}
         if builder.error is not None:
-            response = error_response(builder.error, generation.response_headers)
+            response = error_response(builder.error, headers)
         else:
             result = builder.build(
                 completion_id=generation.id, created=generation.created, model=generation.model
             )
-            response = json_response(result, headers=generation.response_headers)
+            response = json_response(result, headers=headers)
         await response(scope, receive, send)

@@ -1,13 +1,16 @@
-"""``GET /v1/chat/completions/{stream_id}/stream``: resume a resumable stream over SSE.
+"""Resumable streams over HTTP: resume one (``GET …/{stream_id}/stream``), cancel one
+(``POST …/{stream_id}/cancel``).
 
 The cursor is ``Last-Event-ID`` (what a browser ``EventSource`` sends on reconnect) or the
 query parameter ``starting_after``; every event after it is replayed, then the stream goes on
-live until ``[DONE]``. Only the key that created the stream may read it (404 for any other).
+live until ``[DONE]``. Only the key that created the stream may read or cancel it (404 for
+any other).
 """
 
 from __future__ import annotations
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from tokenwire.api.auth import authenticate
 from tokenwire.api.chat import RETRY_MS
@@ -47,3 +50,18 @@ async def resume_stream(request: Request) -> SSEStream:
         after=after,
         retry_ms=RETRY_MS,
     )
+
+
+async def cancel_stream(request: Request) -> Response:
+    """Stop a resumable stream's generation (its upstream request is closed).
+
+    Closing the connection does not stop a resumable stream (it waits ``stream_grace_s`` for
+    its client to come back); this does, at once, on whichever process runs it. The stream
+    ends with ``finish_reason: "cancelled"`` and is billed for what was generated. A stream
+    that has already ended is left as it is. Answers 204.
+    """
+    state = get_state(request)
+    key = await authenticate(request)
+    source = await state.completions.streams.get(request.path_params["stream_id"], key.id, 0)
+    source.cancel("client_cancelled")
+    return Response(status_code=204)

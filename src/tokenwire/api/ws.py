@@ -365,7 +365,9 @@ class WSSession:
         if message.idempotency_key is not None:
             idempotency = (message.idempotency_key, request_digest(message.body))
         try:
-            generation = await self._start(message.body, message.resumable, idempotency)
+            generation = await self._start(
+                message.body, message.resumable, idempotency, message.include_cost
+            )
         except Exception as exc:  # noqa: BLE001 - logged; fails this request only
             raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
         self._serve(request_id, generation, 0)
@@ -402,11 +404,18 @@ class WSSession:
         body: dict[str, Any],
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
+        include_cost: bool = False,
     ) -> StreamSource:
         request = convert_chat_request(body)
         key = await self._live_key()
         return await self._state.completions.start(
-            key, request, body, "ws", resumable=resumable, idempotency=idempotency
+            key,
+            request,
+            body,
+            "ws",
+            resumable=resumable,
+            idempotency=idempotency,
+            include_cost=include_cost,
         )
 
     async def _live_key(self) -> KeyRecord:

@@ -6,7 +6,7 @@ gateway process rebuilds exactly the events the generating process logged::
     ["t", text]                                   TextDelta
     ["c", index, id, name, arguments]             ToolCallDelta
     ["f", reason]                                 Finish
-    ["u", prompt_tokens, completion_tokens, est]  Usage
+    ["u", prompt_tokens, completion_tokens, est]  Usage (a fifth item: its cost_micro, when set)
     ["e", status, type, code, message, param]     StreamError (as a RecordedError)
 
 ``Routed`` never reaches a log, so it has no form here.
@@ -51,7 +51,8 @@ def encode_event(event: Event) -> bytes:
     if isinstance(event, Finish):
         return _encode(["f", event.reason])
     if isinstance(event, Usage):
-        return _encode(["u", event.prompt_tokens, event.completion_tokens, event.estimated])
+        fields = ["u", event.prompt_tokens, event.completion_tokens, event.estimated]
+        return _encode(fields if event.cost_micro is None else [*fields, event.cost_micro])
     if isinstance(event, StreamError):
         return _encode(_error_fields(event.error))
     raise TypeError(f"{type(event).__name__} is never logged")
@@ -69,7 +70,8 @@ def decode_event(data: bytes) -> Event:
         if kind == "f":
             return Finish(cast(FinishReason, item[1]))
         if kind == "u":
-            return Usage(int(item[1]), int(item[2]), bool(item[3]))
+            cost = int(item[4]) if len(item) > 4 else None
+            return Usage(int(item[1]), int(item[2]), bool(item[3]), cost)
         if kind == "e":
             error = RecordedError(
                 str(item[4]),

@@ -37,6 +37,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Literal
 
+import msgspec
+
 from tokenwire.errors import GatewayError, UpstreamError, unexpected
 from tokenwire.streams.events import (
     Event,
@@ -98,6 +100,7 @@ class Generation:
         include_usage: bool = False,
         completion_limit: int | None = None,
         limit_for_prompt: Callable[[int], int] | None = None,
+        price: Callable[[Usage], int] | None = None,
     ) -> None:
         self.id = completion_id
         self.model = model
@@ -123,6 +126,7 @@ class Generation:
         self._on_settle = on_settle
         self._completion_limit = completion_limit if completion_limit is not None else 1 << 62
         self._limit_for_prompt = limit_for_prompt
+        self._price = price  # set when the request asked for its cost in the final usage
         self._usage_seen: Usage | None = None
         self._readers = 0
         self._deltas = 0
@@ -296,6 +300,8 @@ class Generation:
         """
         self.ended_at = time.perf_counter()
         self.usage = self._final_usage(usage, finish, error)
+        if self._price is not None and error is None:
+            self.usage = msgspec.structs.replace(self.usage, cost_micro=self._price(self.usage))
         try:
             if self._on_end is not None:
                 hook = self._on_end(self)

@@ -71,6 +71,7 @@ class CreateMessage(msgspec.Struct, tag_field="type", tag="chat.completion.creat
     body: dict[str, Any]
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
     resumable: bool = False
+    include_cost: bool = False
 
 
 class CancelMessage(msgspec.Struct, tag_field="type", tag="chat.completion.cancel"):
