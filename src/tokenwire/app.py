@@ -232,6 +232,7 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", chat.create_completion, methods=["POST"]),
         Route("/v1/chat/completions/{stream_id}/stream", streams.resume_stream, methods=["GET"]),
+        Route("/v1/chat/completions/{stream_id}/cancel", streams.cancel_stream, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
