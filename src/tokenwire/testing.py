@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +27,11 @@ from starlette.types import ASGIApp
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.app import create_app, server_options
 from tokenwire.config import Settings, load_settings
+from tokenwire.providers.sim import SimPlan, plan
 from tokenwire.simupstream.app import create_sim_app
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.wire.schema import decode_chat_request
 
 FAST_SIM = """
 [providers.sim]
@@ -58,6 +63,11 @@ kind = "sim"
 ttft_ms = {ttft_ms}
 itl_ms = {itl_ms}
 """
+
+
+def sim_plan(body: dict[str, Any]) -> SimPlan:
+    """What the simulator answers to this chat-completions body (any model name)."""
+    return plan(decode_chat_request(json.dumps(body).encode()))
 
 
 @dataclass
@@ -203,6 +213,42 @@ class GatewayServer(ServerThread):
     def __enter__(self) -> GatewayServer:
         self.start()
         return self
+
+    def call(
+        self, method: str, path: str, key: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        """One JSON call to the running gateway with ``key``: the status and decoded body."""
+        request = urllib.request.Request(
+            self.base_url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def create_key(self, name: str, **fields: Any) -> tuple[str, str]:
+        """A new API key made through the admin API (``rpm``, ``credits_usd``, ...): its id
+        and plaintext."""
+        status, body = self.call("POST", "/v1/admin/keys", self.admin_key, {"name": name, **fields})
+        if status != 201:
+            raise RuntimeError(f"creating a key failed: {status} {body}")
+        return body["id"], body["key"]
+
+    def usage_rows(self, key: str, count: int, timeout_s: float = 20.0) -> list[dict[str, Any]]:
+        """The key's ledger rows (``GET /v1/usage``, newest first) once at least ``count``
+        are written (settlement is batched), or when ``timeout_s`` has passed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status, body = self.call("GET", "/v1/usage?limit=1000", key)
+            if status != 200:
+                raise RuntimeError(f"reading usage failed: {status} {body}")
+            rows: list[dict[str, Any]] = body["data"]
+            if len(rows) >= count or time.monotonic() > deadline:
+                return rows
 
 
 class SimUpstreamServer(ServerThread):

@@ -141,11 +141,13 @@ class SSEAttempt:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.stream_id: str | None = response.headers.get("x-stream-id")
+        self.connection_progressed = False
 
     async def frames(self) -> AsyncIterator[Frame]:
         parser = SSEParser()
         try:
             async for data in self._response.content.iter_any():
+                self.connection_progressed = True
                 for event in parser.feed(data):
                     if event.data == "[DONE]":
                         yield EndFrame()

@@ -158,7 +158,11 @@ class AsyncStream:
                 raise Dropped("the connection ended before the end of the stream")
             except Dropped as exc:
                 self._learn(attempt)
-                await self._wait(retry, exc, after=after, delivered=delivered)
+                if attempt.connection_progressed:
+                    retry.progress()  # the connection was alive: this loss starts a new run
+                await self._wait(
+                    retry, exc, after=after, delivered=delivered or attempt.connection_progressed
+                )
             except StatusAnswer as answer:
                 if after > 0:
                     raise answer.error from None  # mid-answer: nothing can be retried

@@ -91,6 +91,13 @@ class Attempt(Protocol):
         """The frames this connection delivers; see the module docstring for what it raises."""
         ...
 
+    @property
+    def connection_progressed(self) -> bool:
+        """Whether the connection delivered anything since the attempt began (for one shared
+        by many requests, possibly only others' messages): it was alive, so its loss is a
+        fresh failure, not one more of a run."""
+        ...
+
     async def aclose(self) -> None:
         """Release the connection (an SSE response, a WebSocket route)."""
         ...

@@ -91,6 +91,7 @@ class WebSocketTransport:
         self._epoch = 0  # counts connection attempts (single flight: see ``_connected``)
         self._last_failure: Dropped | StatusAnswer | None = None
         self._routes: dict[str, asyncio.Queue[Routed]] = {}
+        self.received = 0  # messages read from any socket (requests' liveness: see WSAttempt)
 
     def slot(self) -> asyncio.Semaphore:
         return self._slots
@@ -145,6 +146,7 @@ class WebSocketTransport:
         """Route every message to its request; on close, tell every request on the socket."""
         try:
             async for message in socket:
+                self.received += 1
                 if isinstance(message, bytes):
                     continue  # the gateway sends text only
                 self._route(message)
@@ -238,7 +240,12 @@ class WSAttempt:
         self._request = request
         self._queue = queue
         self._timeout_s = timeout_s
+        self._received_at_open = transport.received
         self.stream_id = stream_id
+
+    @property
+    def connection_progressed(self) -> bool:
+        return self._transport.received > self._received_at_open
 
     async def frames(self) -> AsyncIterator[Frame]:
         while True:
