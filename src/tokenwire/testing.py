@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -238,16 +238,21 @@ class GatewayServer(ServerThread):
             raise RuntimeError(f"creating a key failed: {status} {body}")
         return body["id"], body["key"]
 
-    def usage_rows(self, key: str, count: int, timeout_s: float = 20.0) -> list[dict[str, Any]]:
-        """The key's ledger rows (``GET /v1/usage``, newest first) once at least ``count``
-        are written (settlement is batched), or when ``timeout_s`` has passed."""
+    def usage_rows(
+        self, key: str, count: int = 0, *, including: Collection[str] = (), timeout_s: float = 20.0
+    ) -> list[dict[str, Any]]:
+        """The key's ledger rows (``GET /v1/usage``, newest first) once at least ``count`` are
+        written and the completions ``including`` have theirs (settlement is batched), or
+        when ``timeout_s`` has passed."""
         deadline = time.monotonic() + timeout_s
         while True:
             status, body = self.call("GET", "/v1/usage?limit=1000", key)
             if status != 200:
                 raise RuntimeError(f"reading usage failed: {status} {body}")
             rows: list[dict[str, Any]] = body["data"]
-            if len(rows) >= count or time.monotonic() > deadline:
+            written = {row["completion_id"] for row in rows}
+            done = len(rows) >= count and written.issuperset(including)
+            if done or time.monotonic() > deadline:
                 return rows
 
 

@@ -17,6 +17,8 @@ OVERRIDES = (
     + priced_model(PRICED, "paced")
     + priced_model("slow-sim", "slow")
     + paced_sim("slow", ttft_ms=0.0, itl_ms=40.0)
+    + priced_model("late-sim", "late")
+    + paced_sim("late", ttft_ms=1500.0, itl_ms=40.0)
     + f"""
 [limits]
 window_s = {WINDOW_S}
@@ -27,6 +29,6 @@ window_s = {WINDOW_S}
 @pytest.fixture(scope="module")
 def sdk_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
     """One gateway per test module (SQLite, memory streams): models ``priced-sim`` (20 ms per
-    token) and ``slow-sim`` (40 ms per token), both priced; rpm and tpm per 3 s."""
+    token), ``slow-sim`` (40 ms per token) and ``late-sim`` (1.5 s to the first token), all priced; rpm and tpm per 3 s."""
     with GatewayServer(Path(tmp_path_factory.mktemp("sdk")), overrides=OVERRIDES) as server:
         yield server

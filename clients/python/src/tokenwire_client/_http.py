@@ -47,6 +47,8 @@ def api_root(base_url: str) -> str:
 class HttpTransport:
     """One aiohttp session (made on first use, on the running loop) for one client."""
 
+    cancel_needs_stream_id = True
+
     def __init__(self, base_url: str, api_key: str, *, timeout_s: float) -> None:
         self.root = api_root(base_url)
         self._api_key = api_key

@@ -283,7 +283,7 @@ class AsyncStream:
         self._exhausted = True
         pump = self._pump
         if pump is not None and not pump.done() and not self._ended:
-            if self.stream_id is None:
+            if self.stream_id is None and self._transport.cancel_needs_stream_id:
                 # The id arrives with the first event: wait for it (bounded) to cancel by it.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._cancel_timeout_s):

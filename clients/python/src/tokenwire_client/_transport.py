@@ -106,6 +106,10 @@ class Attempt(Protocol):
 class StreamTransport(Protocol):
     """Opens attempts of streamed requests and cancels them."""
 
+    cancel_needs_stream_id: bool
+    """True when a request can be cancelled only by its stream id (which comes with its
+    first event), False when the transport names requests itself (WebSocket request ids)."""
+
     async def open(self, request: StreamRequest, stream_id: str | None, after: int) -> Attempt:
         """Send the request (``stream_id`` None) or resume the stream after event ``after``."""
         ...

@@ -71,6 +71,8 @@ Routed = dict[str, Any] | _Lost
 class WebSocketTransport:
     """One socket for all of a client's streamed requests."""
 
+    cancel_needs_stream_id = False
+
     def __init__(
         self,
         url: str,
