@@ -1,4 +1,4 @@
-"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream, bench."""
+"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream, bench, chat."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.table import Table
 from tokenwire.accounting.keys import KeyRecord, KeyStore
 from tokenwire.bench.command import bench
 from tokenwire.cli import accounts
+from tokenwire.cli.chat import chat
 from tokenwire.config import Settings, usd_to_micro
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 accounts.register(app, keys_app)  # keys create/update/topup/rotate/show, usage, cost
 app.command("bench")(bench)  # tokenwire bench: see tokenwire.bench and docs/benchmarks.md
+app.command("chat")(chat)  # tokenwire chat: the SDK from a terminal (tokenwire.cli.chat)
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional at runtime

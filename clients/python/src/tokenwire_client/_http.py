@@ -121,17 +121,19 @@ class HttpTransport:
             raise StatusAnswer(error, generation_failed="x-stream-id" in response.headers)
         return SSEAttempt(response)
 
-    async def cancel(self, request: StreamRequest, stream_id: str | None) -> None:
+    async def cancel(self, request: StreamRequest, stream_id: str | None) -> bool:
         if stream_id is None:
-            return  # not known yet: nothing to name (the caller waited for it)
+            return False  # not known yet: nothing to name (the caller waited for it)
         try:
             async with self.session().post(
                 f"{self.root}/chat/completions/{stream_id}/cancel"
             ) as response:
-                if response.status >= 400 and response.status != 404:
-                    log.warning("cancel of %s answered %s", stream_id, response.status)
+                if response.status < 300:
+                    return True
+                log.warning("cancel of %s answered %s", stream_id, response.status)
         except _CONNECTION_ERRORS as exc:
             log.warning("could not cancel %s: %r", stream_id, exc)
+        return False
 
     def slot(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()

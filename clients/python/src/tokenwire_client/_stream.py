@@ -275,25 +275,37 @@ class AsyncStream:
         return self._ended
 
     async def close(self) -> None:
-        """Stop reading; a stream that has not ended is cancelled upstream (billed for what was
-        generated so far). Safe to call more than once."""
+        """Stop reading; a stream that has not ended is cancelled upstream and, within the
+        cancel timeout, read to its end, so ``usage`` then says what the cancelled answer
+        cost. Safe to call more than once."""
         if self._closed:
             return
         self._closed = True
         self._exhausted = True
         pump = self._pump
-        if pump is not None and not pump.done() and not self._ended:
-            if self.stream_id is None and self._transport.cancel_needs_stream_id:
-                # The id arrives with the first event: wait for it (bounded) to cancel by it.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._cancel_timeout_s):
-                        await self._known.wait()
-            if not self._ended:
-                await self._transport.cancel(self._request, self.stream_id)
-        if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
+        try:
+            if pump is not None and not pump.done() and not self._ended:
+                await self._cancel(pump)
+        finally:
+            if pump is not None:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+
+    async def _cancel(self, pump: asyncio.Task[None]) -> None:
+        """Cancel upstream, then let the pump read the cancelled stream's end (its usage)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._cancel_timeout_s):
+                if self.stream_id is None and self._transport.cancel_needs_stream_id:
+                    await self._known.wait()  # the id arrives with the first event
+                if self._ended or not await self._transport.cancel(self._request, self.stream_id):
+                    return
+                while not pump.done():  # drain what the pump queues until it ends
+                    getter = asyncio.ensure_future(self._queue.get())
+                    try:
+                        await asyncio.wait({getter, pump}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        getter.cancel()
 
     async def __aenter__(self) -> AsyncStream:
         return self

@@ -114,8 +114,9 @@ class StreamTransport(Protocol):
         """Send the request (``stream_id`` None) or resume the stream after event ``after``."""
         ...
 
-    async def cancel(self, request: StreamRequest, stream_id: str | None) -> None:
-        """Stop the request's generation upstream (best effort; never raises)."""
+    async def cancel(self, request: StreamRequest, stream_id: str | None) -> bool:
+        """Stop the request's generation upstream (best effort; never raises); whether the
+        cancel reached the gateway."""
         ...
 
     def slot(self) -> AbstractAsyncContextManager[Any, Any]:

@@ -217,14 +217,17 @@ class WebSocketTransport:
         if self._routes.get(request_id) is queue:
             del self._routes[request_id]
 
-    async def cancel(self, request: StreamRequest, stream_id: str | None) -> None:
+    async def cancel(self, request: StreamRequest, stream_id: str | None) -> bool:
         socket = self._socket
         if socket is None or request.request_id not in self._routes:
-            return  # not running on this socket (between two sockets): it will not resume
-        with contextlib.suppress(ConnectionClosed):
+            return False  # between two sockets: stopping the client stops the resume
+        try:
             await socket.send(
                 json.dumps({"type": "chat.completion.cancel", "request_id": request.request_id})
             )
+        except ConnectionClosed:
+            return False
+        return True
 
 
 class WSAttempt:
