@@ -137,13 +137,14 @@ async def finished_in_redis(owner: RedisStreamStore, gen: Generation) -> None:
 
 
 def test_codec_round_trips_every_logged_event() -> None:
-    """Every event kind survives encode/decode; an error keeps status, type, code, message, param."""
+    """Every event kind survives encode/decode (a usage with its cost too); an error keeps status, type, code, message, param."""
     for event in [
         TextDelta("héllo"),
         ToolCallDelta(1, "call_1", "get_weather", '{"city": "Oslo"}'),
         ToolCallDelta(0, None, None, "x"),
         Finish("length"),
         Usage(3, 4, estimated=True),
+        Usage(3, 4, cost_micro=78),
     ]:
         assert decode_event(encode_event(event)) == event
     error = UpstreamError("upstream broke", code="upstream_error", param="model")

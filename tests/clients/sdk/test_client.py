@@ -103,7 +103,7 @@ def test_streamed_tool_calls_have_openai_paths_and_add_up(client: Client) -> Non
 
 @TRANSPORTS
 def test_close_cancels_the_generation_upstream(sdk_gateway: GatewayServer, transport: str) -> None:
-    """Closing a stream after two chunks stops its generation: the ledger row says cancelled, billed for the prompt and the tokens made."""
+    """Closing a stream after two chunks stops its generation: the ledger row says cancelled, billed for the prompt and the tokens made, and stream.usage says the same cost."""
     _, key = sdk_gateway.create_key(f"close-{transport}", credits_usd="1")
     messages = [{"role": "user", "content": "stop me"}]
     with Client(sdk_gateway.base_url, key, transport=transport) as client:
@@ -113,11 +113,13 @@ def test_close_cancels_the_generation_upstream(sdk_gateway: GatewayServer, trans
         next(stream)
         next(stream)
         stream.close()
-    assert not stream.finished
     (row,) = sdk_gateway.usage_rows(key, 1)
     assert row["completion_id"] == stream.stream_id
     assert row["status"] == "cancelled" and row["finish_reason"] == "cancelled"
     assert 2 <= row["completion_tokens"] < 100  # stopped long before its 500 tokens
+    # close() read the cancelled stream to its end: the client knows what it cost
+    assert stream.finish_reason == "cancelled"
+    assert stream.usage is not None and stream.usage.cost_micro == row["cost_micro"]
 
 
 def test_models_list_and_retrieve(client: Client) -> None:
