@@ -172,3 +172,22 @@ async def test_an_async_create_interrupted_before_its_first_token_cancels_it(
                 )
     (row,) = sdk_gateway.usage_rows(key, 1)
     assert row["status"] == "cancelled"
+
+
+@TRANSPORTS
+def test_closing_the_client_cancels_its_open_streams(
+    sdk_gateway: GatewayServer, transport: str
+) -> None:
+    """A stream left open when its client closes is cancelled upstream, not left to run out its grace window."""
+    _, key = sdk_gateway.create_key(f"client-close-{transport}", credits_usd="1")
+    client = Client(sdk_gateway.base_url, key, transport=transport)
+    stream = client.chat.completions.create(
+        model="slow-sim",
+        messages=[{"role": "user", "content": "left open"}],
+        max_tokens=500,
+        stream=True,
+    )
+    next(stream)
+    client.close()
+    (row,) = sdk_gateway.usage_rows(key, 1)
+    assert row["completion_id"] == stream.stream_id and row["status"] == "cancelled"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -74,6 +75,7 @@ class AsyncClient:
                 max_concurrent=ws_max_concurrent_requests,
             )
             self._streams = self._ws
+        self._open_streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()
         self.chat = AsyncChat(self)
         self.models = AsyncModels(self)
 
@@ -89,7 +91,9 @@ class AsyncClient:
         return KeyValidation(True, "The gateway accepts this key.")
 
     async def aclose(self) -> None:
-        """Close the connections (a WebSocket, the HTTP pool)."""
+        """Close the streams still open (cancelled upstream), then the connections."""
+        for stream in list(self._open_streams):
+            await stream.close()
         if self._ws is not None:
             await self._ws.aclose()
         await self._http.aclose()
@@ -188,6 +192,7 @@ class AsyncCompletions:
             cancel_timeout_s=min(client.timeout, DEFAULT_CANCEL_TIMEOUT_S),
         )
         if stream:
+            client._open_streams.add(started)
             return started
         async with started:
             return await started.get_final_completion()
