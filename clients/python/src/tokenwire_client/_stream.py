@@ -140,7 +140,7 @@ class AsyncStream:
                 await self._wait(retry, exc, after=after, delivered=False)
                 continue
             except StatusAnswer as answer:
-                await self._wait_after_answer(retry, answer)
+                await self._wait_after_answer(retry, answer, after)
                 continue
             try:
                 async for frame in attempt.frames():
@@ -164,9 +164,7 @@ class AsyncStream:
                     retry, exc, after=after, delivered=delivered or attempt.connection_progressed
                 )
             except StatusAnswer as answer:
-                if after > 0:
-                    raise answer.error from None  # mid-answer: nothing can be retried
-                await self._wait_after_answer(retry, answer)
+                await self._wait_after_answer(retry, answer, after)
             finally:
                 await attempt.aclose()
 
@@ -211,10 +209,15 @@ class AsyncStream:
         )
         await asyncio.sleep(wait)
 
-    async def _wait_after_answer(self, retry: RetryState, answer: StatusAnswer) -> None:
+    async def _wait_after_answer(self, retry: RetryState, answer: StatusAnswer, after: int) -> None:
+        """Retry an error answer, as a new generation when the first one failed; an answer
+        once part of the stream was delivered (the generation failed mid-answer) is final."""
+        if after > 0 and answer.generation_failed:
+            raise answer.error
         wait = wait_after_answer(retry, answer)
         if answer.generation_failed:
             self._request.renew_idempotency_key()
+            self.stream_id = None  # the failed generation is over: the retry starts another
         self.retries += 1
         error = answer.error
         log.info(
