@@ -24,6 +24,7 @@ from tokenwire.api import (
     admin,
     chat,
     health,
+    key,
     messages,
     models,
     openapi,
@@ -54,6 +55,7 @@ from tokenwire.storage.engine import make_engine, migrate
 from tokenwire.storage.responses import ResponseStore
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.store import StreamStore
+from tokenwire.web.site import web_routes
 
 STALE_RESERVATION_S = 6 * 3600
 """A reservation this old belongs to a process that died: it is settled as ``abandoned``."""
@@ -259,6 +261,7 @@ def create_app(
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
         Route("/v1/ws/tickets", tickets.create_ticket, methods=["POST"]),
         Route("/v1/usage", usage.get_usage, methods=["GET"]),
+        Route("/v1/key", key.get_own_key, methods=["GET"]),
         Route("/v1/admin/keys", admin.create_key, methods=["POST"]),
         Route("/v1/admin/keys", admin.list_keys, methods=["GET"]),
         Route("/v1/admin/keys/{key_id}", admin.get_key, methods=["GET"]),
@@ -271,6 +274,7 @@ def create_app(
         Route("/v1/billing/webhook", webhooks.webhook_endpoint(env), methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+        *web_routes(),  # the pages /, /usage, /admin and /static/… (tokenwire.web)
     ]
     starlette = Starlette(
         routes=routes,

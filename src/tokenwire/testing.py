@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -257,10 +257,12 @@ class GatewayServer(ServerThread):
 
 
 class SimUpstreamServer(ServerThread):
-    """``tokenwire sim-upstream`` on a free port."""
+    """``tokenwire sim-upstream`` on a free port; ``reply`` (tokens) fixes every answer."""
 
-    def __init__(self, *, ttft_ms: float = 0.0, itl_ms: float = 1.0) -> None:
-        super().__init__(create_sim_app(ttft_ms=ttft_ms, itl_ms=itl_ms))
+    def __init__(
+        self, *, ttft_ms: float = 0.0, itl_ms: float = 1.0, reply: Sequence[str] | None = None
+    ) -> None:
+        super().__init__(create_sim_app(ttft_ms=ttft_ms, itl_ms=itl_ms, reply=reply))
 
     def __enter__(self) -> SimUpstreamServer:
         self.start()

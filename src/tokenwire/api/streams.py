@@ -1,10 +1,16 @@
-"""Resumable streams over HTTP: resume one (``GET …/{stream_id}/stream``), cancel one
-(``POST …/{stream_id}/cancel``).
+"""Resumable streams over HTTP: resume one over SSE, or cancel one.
 
-The cursor is ``Last-Event-ID`` (what a browser ``EventSource`` sends on reconnect) or the
-query parameter ``starting_after``; every event after it is replayed, then the stream goes on
-live until ``[DONE]``. Only the key that created the stream may read or cancel it (404 for
-any other).
+``GET /v1/chat/completions/{stream_id}/stream``: the cursor is ``Last-Event-ID`` (what a
+browser ``EventSource`` sends on reconnect) or the query parameter ``starting_after``; every
+event after it is replayed, then the stream goes on live until ``[DONE]``.
+
+``POST /v1/chat/completions/{stream_id}/cancel``: stop the generation now (its upstream
+request is closed, on whichever process runs it); its readers get the usage so far with
+``finish_reason: "cancelled"``, then ``[DONE]``. Closing the connection is enough to cancel a
+stream that is not resumable; a resumable one outlives its reader by ``stream_grace_s``, so
+the SSE counterpart of the WebSocket ``chat.completion.cancel`` is this call.
+
+Only the key that created a stream may read or cancel it (404 for any other).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from starlette.responses import Response
 
 from tokenwire.api.auth import authenticate
 from tokenwire.api.chat import RETRY_MS
+from tokenwire.api.errors import json_response
 from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import InvalidRequest
 from tokenwire.state import get_state
@@ -57,15 +64,14 @@ async def resume_stream(request: Request) -> SSEStream:
 
 
 async def cancel_stream(request: Request) -> Response:
-    """Stop a resumable stream's generation (its upstream request is closed).
-
-    Closing the connection does not stop a resumable stream (it waits ``stream_grace_s`` for
-    its client to come back); this does, at once, on whichever process runs it. The stream
-    ends with ``finish_reason: "cancelled"`` and is billed for what was generated. A stream
-    that has already ended is left as it is. Answers 204.
-    """
+    """Cancel a resumable stream of the caller's; ``already_ended`` if it had finished."""
     state = get_state(request)
     key = await authenticate(request)
-    source = await state.completions.streams.get(request.path_params["stream_id"], key.id, 0)
-    source.cancel("client_cancelled")
-    return Response(status_code=204)
+    stream_id = request.path_params["stream_id"]
+    source = await state.completions.streams.get(stream_id, key.id, 0)
+    ended = source.finish_reason is not None or source.error is not None
+    if not ended:
+        source.cancel("client_cancelled")
+    return json_response(
+        {"object": "chat.completion.cancel", "id": stream_id, "already_ended": ended}
+    )

@@ -76,10 +76,12 @@ def serve(
             role = "admin key" if record.is_admin else "API key  "
             console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
     console.print(f"data dir: {settings.data_dir}", highlight=False)
+    host, port = host or settings.server.host, settings.server.port if port is None else port
+    console.print(f"web pages: http://{host}:{port}/ (paste a key)", highlight=False)
     uvicorn.run(
         create_app(settings, on_started=freeze_startup_heap),
-        host=host or settings.server.host,
-        port=settings.server.port if port is None else port,
+        host=host,
+        port=port,
         access_log=access_log,
         log_level="info",
         **server_options(settings),
