@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
@@ -93,6 +94,35 @@ async def read_sse_answer(lines: AsyncIterator[bytes]) -> SSEAnswer:
             elif chunk["choices"]:
                 answer.text += chunk["choices"][0]["delta"].get("content") or ""
     return answer
+
+
+@dataclass
+class Scrape:
+    """A parsed ``GET /metrics`` answer (``prometheus_client``'s own parser)."""
+
+    samples: list[tuple[str, dict[str, str], float]]
+    families: set[str]  # metric names as declared by # TYPE (counters without ``_total``)
+
+    @classmethod
+    def parse(cls, text: str) -> Scrape:
+        samples: list[tuple[str, dict[str, str], float]] = []
+        families: set[str] = set()
+        for family in text_string_to_metric_families(text):
+            families.add(family.name)
+            samples.extend((s.name, dict(s.labels), float(s.value)) for s in family.samples)
+        return cls(samples, families)
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels``."""
+        return sum(
+            value
+            for sample, sample_labels, value in self.samples
+            if sample == name and all(sample_labels.get(k) == v for k, v in labels.items())
+        )
+
+    def names(self) -> set[str]:
+        """Every sample name present (``x_total``, ``x_bucket``, ``x_count``, ``x_sum``…)."""
+        return {name for name, _, _ in self.samples}
 
 
 class ServerThread:

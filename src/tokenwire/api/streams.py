@@ -51,8 +51,8 @@ async def resume_stream(request: Request) -> SSEStream:
     state = get_state(request)
     key = await authenticate(request)
     after = cursor(request) or 0
-    generation = await state.completions.streams.get(
-        request.path_params["stream_id"], key.id, after
+    generation = await state.completions.resume(
+        request.path_params["stream_id"], key.id, after, "sse"
     )
     return SSEStream(
         generation,
