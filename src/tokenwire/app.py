@@ -27,6 +27,7 @@ from tokenwire.api import (
     models,
     openapi,
     responses,
+    responses_ws,
     streams,
     tickets,
     usage,
@@ -220,6 +221,10 @@ class Gateway:
             scope["app"] = self.app
             await ws.ws_chat(WebSocket(scope, receive, send))
             return
+        if scope["type"] == "websocket" and scope["path"] == "/v1/responses":
+            scope["app"] = self.app
+            await responses_ws.ws_responses(WebSocket(scope, receive, send))
+            return
         await self.app(scope, receive, send)
 
 
@@ -251,6 +256,7 @@ def create_app(
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
+        WebSocketRoute("/v1/responses", responses_ws.ws_responses),
         Route("/v1/ws/tickets", tickets.create_ticket, methods=["POST"]),
         Route("/v1/usage", usage.get_usage, methods=["GET"]),
         Route("/v1/admin/keys", admin.create_key, methods=["POST"]),

@@ -110,8 +110,12 @@ _MESSAGE_TYPES = (
 )
 
 
-def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
-    """Parse one text message from a client."""
+def decode_client_object(text: str, *, max_bytes: int) -> dict[str, Any]:
+    """One client message as a JSON object: size, JSON, object and nesting checked.
+
+    Raises :class:`ProtocolViolation` (too big, not JSON, not an object) or
+    :class:`RequestFailed` (nested too deep).
+    """
     # Characters <= UTF-8 bytes <= 4 x characters: encode only when the length is ambiguous.
     if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
         raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {max_bytes} bytes")
@@ -127,6 +131,12 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
         request_id = data.get("request_id")
         valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
         raise RequestFailed(_too_deep(field or None), request_id if valid_id else None)
+    return data
+
+
+def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
+    """Parse one text message from a client."""
+    data = decode_client_object(text, max_bytes=max_bytes)
     kind = data.get("type")
     if kind is None:
         return CompatibleRequest(body=data)
