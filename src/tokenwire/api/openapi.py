@@ -16,6 +16,7 @@ from starlette.responses import Response
 from tokenwire import __version__
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
+from tokenwire.api.openapi_responses import responses_paths, responses_rules
 from tokenwire.api.webhooks import (
     PAYMENT_SUCCEEDED,
     SIGNATURE_HEADER,
@@ -23,6 +24,7 @@ from tokenwire.api.webhooks import (
     WebhookEvent,
 )
 from tokenwire.state import get_state
+from tokenwire.wire.responses_request import ResponsesRequest
 from tokenwire.wire.schema import ChatRequest
 
 _ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -243,7 +245,7 @@ def _encoded(catalog: tuple[CatalogModel, ...]) -> bytes:
 def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
     """The OpenAPI document; with ``catalog``, the models of this gateway (which a key may be
     limited to, which a request may name, and their output limits)."""
-    (request_schema, create_key, update_key, topup, event, _), components = (
+    (request_schema, create_key, update_key, topup, event, _, responses_request), components = (
         msgspec.json.schema_components(
             [
                 ChatRequest,
@@ -252,6 +254,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                 TopupRequest,
                 WebhookEvent,
                 PaymentSucceeded,
+                ResponsesRequest,
             ],
             ref_template="#/components/schemas/{name}",
         )
@@ -259,6 +262,8 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
     if catalog:
         _allow_models(components, tuple(model.id for model in catalog))
     _chat_rules(components, catalog)
+    served = [(model.id, model.max_output_tokens) for model in catalog if model.available]
+    responses_rules(components, served)
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
     components["UsageTotal"] = _TOTAL_SCHEMA
@@ -294,6 +299,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     },
                 }
             },
+            **responses_paths(responses_request),
             "/v1/models": {
                 "get": {
                     "operationId": "listModels",
