@@ -69,7 +69,8 @@ class ResponsesSession(WSSession):
         encoder = ResponsesEncoder(started.head, "ws", stream_id=lane)
         self._running[lane] = started.source
         try:
-            await self._stream(started.source, FrameLoop(encoder, merge=True), 0)
+            # Never merged: OpenAI numbers events 0, 1, 2… without gaps, and clients may check.
+            await self._stream(started.source, FrameLoop(encoder), 0)
         finally:
             self._running.pop(lane, None)
         if encoder.error is None:

@@ -235,6 +235,10 @@ def responses_request_from(body: Any, *, websocket: bool = False) -> ResponsesPl
         values["max_output_tokens"] = int(values["max_output_tokens"])
     _require_types(values)
     items = values.get("input")
+    if items == []:
+        raise InvalidRequest(
+            "'input' must hold at least one item.", param="input", code="invalid_value"
+        )
     if isinstance(items, list):
         values["input"] = [_with_item_type(item, index) for index, item in enumerate(items)]
     try:
