@@ -86,9 +86,12 @@ async def get_response(request: Request) -> ASGIApp:
         return await _resume(state, request, key.id, response_id)
     running = state.completions.live.get(response_id)
     if running is not None and running.key_id == key.id:
-        encoder = ResponsesEncoder(head_of(running, state.responses.plan_of(response_id)), None)
-        FrameLoop(encoder).frames(running.log.read_after(0))
-        return json_response(encoder.response())
+        plan = state.responses.plan_of(response_id)
+        if not running.finished and plan is not None and plan.store:
+            encoder = ResponsesEncoder(head_of(running, plan), None)
+            FrameLoop(encoder).frames(running.log.read_after(0))
+            return json_response(encoder.response())
+        await running.wait_settled()  # ended: it is being stored (or, store false, not)
     return json_response(await state.responses.store.get(response_id, key.id))
 
 

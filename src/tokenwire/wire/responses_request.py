@@ -171,7 +171,7 @@ UNSUPPORTED: dict[str, str] = {
     "image": "image options are not supported",
     "access_programs": "access programs are not supported",
     "background_options": "background responses are not supported by this gateway",
-    "generate": "generate is not supported; every response.create generates",
+    "generate": "generate false (warming up without output) is not supported",
     "stream_id": "stream_id is only for WebSocket mode",
     "text.verbosity": "verbosity is not supported",
     "reasoning.summary": "reasoning summaries are not supported",
@@ -272,6 +272,10 @@ def _refuse_unsupported(values: dict[str, Any]) -> None:
         value = values.get(outer)
         if inner:
             value = value.get(inner) if isinstance(value, dict) else None
+        if name == "generate":  # true is the default; false asks for no output
+            value = None if value is True else value
+            if value is False:
+                raise _unsupported(name, why)
         if value is not None and not any(value is n or value == n for n in neutral):
             raise _unsupported(name, why)
     # Known to OpenAI but not to the struct (so not refused above as unknown): drop neutral ones.
