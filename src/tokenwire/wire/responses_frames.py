@@ -17,9 +17,9 @@ response's output items as the events arrive (a message with one ``output_text``
 
 The numbers are a function of the log alone (were text deltas merged, a merged delta would
 advance the count by the deltas it holds; the transports do not merge Responses events, as
-OpenAI's numbers have no gaps). A resume therefore replays the log from its start through a new encoder that skips the
-frames up to the client's ``starting_after``: ``output_text.done`` and the final response
-carry everything before them, so an encoder needs the whole log anyway.
+OpenAI's numbers have no gaps). A resume therefore replays the log from its start through a
+new encoder that skips the frames up to the client's ``starting_after``: ``output_text.done``
+and the final response carry everything before them, so an encoder needs the whole log anyway.
 
 With ``framing=None`` the encoder emits nothing and only builds the response (``stream:
 false``, and the stored copy).
