@@ -286,3 +286,19 @@ def test_websocket_mode(upstreams: Upstreams, model: str) -> None:
     assert second.usage.input_tokens > first.usage.input_tokens
     assert error.type == "error" and error.status == 404
     assert error.error.code == "model_not_found" and error.error.param == "model"
+
+
+def test_resumable_stream_resumed_with_retrieve(client: openai.OpenAI) -> None:
+    """A resumable stream (its retry line included) reads in the SDK, and
+    ``responses.retrieve(id, stream=True, starting_after=N)`` gives the events after N."""
+    events = list(
+        client.responses.create(
+            model="sim",
+            input="resume me",
+            stream=True,
+            extra_headers={"X-Tokenwire-Resumable": "true"},
+        )
+    )
+    response_id = events[0].response.id  # type: ignore[union-attr]
+    again = list(client.responses.retrieve(response_id, stream=True, starting_after=5))
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in events[6:]]

@@ -106,7 +106,7 @@ async def _resume(state: AppState, request: Request, key_id: str, response_id: s
         raise not_found(response_id)
     source = await state.completions.streams.get(response_id, key_id, 0)
     encoder = ResponsesEncoder(
-        head_of(source, state.responses.plan_of(response_id)),
+        await state.responses.head(source, key_id),
         "sse",
         starting_after=-1 if after is None else after,
     )
