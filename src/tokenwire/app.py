@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
@@ -199,33 +199,28 @@ class Gateway:
             await self._route(scope, receive, send)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] == "/v1/chat/completions"
-            and scope["method"] == "POST"
-        ):
-            scope["app"] = self.app
-            await chat.completions_endpoint(scope, receive, send)
+        # Direct: the streaming endpoints (one ASGI send per token), and the sockets (a
+        # socket's task lives as long as the socket, and Starlette's router and middlewares
+        # would keep five more coroutine frames alive per idle socket).
+        endpoint: ASGIApp | None = None
+        socket: Callable[[WebSocket], Awaitable[None]] | None = None
+        match scope["type"], scope.get("path"):  # a lifespan scope has no path
+            case "http", "/v1/chat/completions" if scope["method"] == "POST":
+                endpoint = chat.completions_endpoint
+            case "http", "/v1/responses" if scope["method"] == "POST":
+                endpoint = responses.responses_endpoint
+            case "websocket", "/v1/ws/chat":
+                socket = ws.ws_chat
+            case "websocket", "/v1/responses":
+                socket = responses_ws.ws_responses
+        if endpoint is None and socket is None:
+            await self.app(scope, receive, send)
             return
-        if (
-            scope["type"] == "http"
-            and scope["path"] == "/v1/responses"
-            and scope["method"] == "POST"
-        ):
-            scope["app"] = self.app
-            await responses.responses_endpoint(scope, receive, send)
-            return
-        if scope["type"] == "websocket" and scope["path"] == "/v1/ws/chat":
-            # Direct too: a socket's task lives as long as the socket, and Starlette's router
-            # and middlewares would keep five more coroutine frames alive per idle socket.
-            scope["app"] = self.app
-            await ws.ws_chat(WebSocket(scope, receive, send))
-            return
-        if scope["type"] == "websocket" and scope["path"] == "/v1/responses":
-            scope["app"] = self.app
-            await responses_ws.ws_responses(WebSocket(scope, receive, send))
-            return
-        await self.app(scope, receive, send)
+        scope["app"] = self.app
+        if socket is not None:
+            await socket(WebSocket(scope, receive, send))
+        elif endpoint is not None:
+            await endpoint(scope, receive, send)
 
 
 def create_app(

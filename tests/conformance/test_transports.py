@@ -886,15 +886,8 @@ async def test_envelope_cancel_ends_with_cancelled_and_usage_so_far(
     assert record.usage["total_tokens"] == (
         record.usage["prompt_tokens"] + record.usage["completion_tokens"]
     )
-    if backend == "proxied-sim":  # the upstream request was closed, not left running
-        after = before
-        for _ in range(100):
-            after = await _sim_stats(sim_upstream)
-            if after["cancelled_streams"] > before["cancelled_streams"]:
-                break
-            await asyncio.sleep(0.02)
-        assert after["cancelled_streams"] == before["cancelled_streams"] + 1
-        assert after["completed_streams"] == before["completed_streams"]
+    if backend == "proxied-sim":
+        await _upstream_cancelled_once(sim_upstream, before)
 
 
 async def test_envelope_cancel_before_the_first_token(conformance_gateway: GatewayServer) -> None:
@@ -1013,6 +1006,19 @@ async def test_slow_reader_gets_merged_chunks_and_the_same_record(
     assert compat.raw == reference.raw
 
 
+async def _upstream_cancelled_once(sim_upstream: SimUpstreamServer, before: dict[str, int]) -> None:
+    """The upstream request was closed, not left running: one more cancelled stream, and no
+    more completed ones."""
+    after = before
+    for _ in range(100):
+        after = await _sim_stats(sim_upstream)
+        if after["cancelled_streams"] > before["cancelled_streams"]:
+            break
+        await asyncio.sleep(0.02)
+    assert after["cancelled_streams"] == before["cancelled_streams"] + 1
+    assert after["completed_streams"] == before["completed_streams"]
+
+
 async def _sim_stats(sim_upstream: SimUpstreamServer) -> dict[str, int]:
     async with (
         aiohttp.ClientSession() as session,
@@ -1058,13 +1064,7 @@ async def test_responses_ws_cancel_ends_with_cancelled_and_usage_so_far(
     assert record.usage["completion_tokens"] == len(record.text.split())
     assert observed.done is not None and observed.done["status"] == "cancelled"
     if backend == "proxied-sim":
-        after = before
-        for _ in range(100):
-            after = await _sim_stats(sim_upstream)
-            if after["cancelled_streams"] > before["cancelled_streams"]:
-                break
-            await asyncio.sleep(0.02)
-        assert after["cancelled_streams"] == before["cancelled_streams"] + 1
+        await _upstream_cancelled_once(sim_upstream, before)
 
 
 async def test_responses_ws_requests_on_one_socket_run_in_order(

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from tokenwire import __version__
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
+from tokenwire.api.openapi_parts import errors
 from tokenwire.api.openapi_responses import responses_paths, responses_rules
 from tokenwire.api.webhooks import (
     PAYMENT_SUCCEEDED,
@@ -27,7 +28,6 @@ from tokenwire.state import get_state
 from tokenwire.wire.responses_request import ResponsesRequest
 from tokenwire.wire.schema import ChatRequest
 
-_ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 _ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
@@ -158,16 +158,6 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 _KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {
-        str(s): {
-            "description": "OpenAI-style error",
-            "content": {"application/json": {"schema": _ERROR}},
-        }
-        for s in statuses
-    }
-
-
 def _webhook_body(event: dict[str, Any]) -> dict[str, Any]:
     """A ``payment.succeeded`` event must carry a PaymentSucceeded ``data``; others anything."""
     payment = {
@@ -295,7 +285,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 "text/event-stream": {"schema": _SSE_EVENT},
                             },
                         },
-                        **_errors(400, 401, 404, 413, 429, 502, 503, 504),
+                        **errors(400, 401, 404, 413, 429, 502, 503, 504),
                     },
                 }
             },
@@ -309,7 +299,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "description": "The model catalog in OpenAI's list format.",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         },
-                        **_errors(401),
+                        **errors(401),
                     },
                 }
             },
@@ -330,7 +320,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "description": "One model.",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         },
-                        **_errors(401, 404),
+                        **errors(401, 404),
                     },
                 }
             },
@@ -363,7 +353,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 },
                             },
                         ),
-                        **_errors(400, 401),
+                        **errors(400, 401),
                     },
                 }
             },
@@ -378,7 +368,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             **_json("The key, with its plaintext `key` (shown once).", api_key),
                             "links": _KEY_LINKS,
                         },
-                        **_errors(400, 401, 403),
+                        **errors(400, 401, 403),
                     },
                 },
                 "get": {
@@ -393,7 +383,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 "properties": {"data": {"type": "array", "items": api_key}},
                             },
                         ),
-                        **_errors(401, 403),
+                        **errors(401, 403),
                     },
                 },
             },
@@ -402,7 +392,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "operationId": "adminGetKey",
                     "security": bearer,
                     "parameters": [_KEY_ID],
-                    "responses": {"200": _json("One key.", api_key), **_errors(401, 403, 404)},
+                    "responses": {"200": _json("One key.", api_key), **errors(401, 403, 404)},
                 },
                 "patch": {
                     "operationId": "adminUpdateKey",
@@ -412,7 +402,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "requestBody": _body(update_key),
                     "responses": {
                         "200": _json("The updated key.", api_key),
-                        **_errors(400, 401, 403, 404),
+                        **errors(400, 401, 403, 404),
                     },
                 },
             },
@@ -423,7 +413,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "parameters": [_KEY_ID],
                     "responses": {
                         "200": _json("The revoked key.", api_key),
-                        **_errors(401, 403, 404, 409),
+                        **errors(401, 403, 404, 409),
                     },
                 }
             },
@@ -437,7 +427,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                         "200": _json(
                             "The key, with its new plaintext `key` (shown once).", api_key
                         ),
-                        **_errors(401, 403, 404, 409),
+                        **errors(401, 403, 404, 409),
                     },
                 }
             },
@@ -461,7 +451,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 },
                             },
                         ),
-                        **_errors(400, 401, 403, 404),
+                        **errors(400, 401, 403, 404),
                     },
                 }
             },
@@ -473,7 +463,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "security": bearer,
                     "responses": {
                         "200": _json("The process's counts.", _RUNTIME_SCHEMA),
-                        **_errors(401, 403),
+                        **errors(401, 403),
                     },
                 }
             },
@@ -505,7 +495,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 },
                             },
                         ),
-                        **_errors(400, 401, 403),
+                        **errors(400, 401, 403),
                     },
                 }
             },
@@ -523,7 +513,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "Received: applied (true, or false for a payment already applied) "
                             "or ignored (another event type)."
                         ),
-                        **_errors(400, 404, 413, 503),
+                        **errors(400, 404, 413, 503),
                     },
                 }
             },

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+from tokenwire.api.openapi_parts import errors
+
 _STREAM_EVENTS = (
     "response.created",
     "response.in_progress",
@@ -51,16 +52,6 @@ _RESPONSE_OBJECT = {
     },
 }
 _RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {
-        str(s): {
-            "description": "OpenAI-style error",
-            "content": {"application/json": {"schema": _ERROR}},
-        }
-        for s in statuses
-    }
 
 
 def _parts(*names: str) -> dict[str, Any]:
@@ -145,7 +136,7 @@ def responses_paths(request_schema: dict[str, Any]) -> dict[str, Any]:
                             "text/event-stream": {"schema": _RESPONSE_EVENT},
                         },
                     },
-                    **_errors(400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504),
+                    **errors(400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504),
                 },
             }
         },
@@ -179,7 +170,7 @@ def responses_paths(request_schema: dict[str, Any]) -> dict[str, Any]:
                             "text/event-stream": {"schema": _RESPONSE_EVENT},
                         },
                     },
-                    **_errors(400, 401, 404, 410, 503),
+                    **errors(400, 401, 404, 410, 503),
                 },
             },
             "delete": {
@@ -202,7 +193,7 @@ def responses_paths(request_schema: dict[str, Any]) -> dict[str, Any]:
                             }
                         },
                     },
-                    **_errors(401, 404, 503),
+                    **errors(401, 404, 503),
                 },
             },
         },

@@ -17,10 +17,10 @@ from tokenwire.api.chat import (
     RETRY_MS,
     JSONCompletion,
     asks_resumable,
+    authenticated_json,
     bare_endpoint,
     idempotency_of,
     kept_for_resume,
-    read_body,
 )
 from tokenwire.api.errors import error_response, json_response
 from tokenwire.api.sse_stream import SSEStream
@@ -34,15 +34,11 @@ from tokenwire.streams.source import StreamSource
 from tokenwire.wire.frames import FrameLoop
 from tokenwire.wire.responses_frames import ResponsesEncoder
 from tokenwire.wire.responses_request import responses_request_from
-from tokenwire.wire.untrusted import decode_json_value
 
 
 async def create_response(request: Request) -> ASGIApp:
     """Run a response and answer as one JSON ``response`` object or as an SSE stream."""
-    state = get_state(request)
-    key = await authenticate(request)
-    body = await read_body(request, state.settings.server.max_body_bytes)
-    raw = decode_json_value(body, what="JSON body of your request")
+    state, key, raw = await authenticated_json(request)
     plan = responses_request_from(raw)
     started = await state.responses.start(
         key,

@@ -20,7 +20,6 @@ import msgspec
 
 from tokenwire.errors import InvalidRequest
 from tokenwire.wire import ws as proto
-from tokenwire.wire.untrusted import param_from_message
 
 StreamId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 MESSAGE_TYPES = ("response.create", "response.cancel", "ping", "auth")
@@ -69,9 +68,5 @@ def parse_responses_message(text: str, *, max_bytes: int) -> ResponsesClientMess
     try:
         message: ResponsesClientMessage = msgspec.convert(data, _OTHERS)
     except msgspec.ValidationError as exc:
-        text_error = str(exc)
-        error = InvalidRequest(
-            f"Invalid {kind} message: {text_error}", param=param_from_message(text_error)
-        )
-        raise proto.RequestFailed(error, stream_id) from None
+        raise proto.invalid_message(kind, exc, stream_id) from None
     return message

@@ -149,14 +149,19 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
     try:
         message: ClientMessage = msgspec.convert(data, _ENVELOPES)
     except msgspec.ValidationError as exc:
-        text_error = str(exc)
-        error = InvalidRequest(
-            f"Invalid {kind} message: {text_error}", param=param_from_message(text_error)
-        )
         request_id = data.get("request_id")
         valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
-        raise RequestFailed(error, request_id if valid_id else None) from None
+        raise invalid_message(kind, exc, request_id if valid_id else None) from None
     return message
+
+
+def invalid_message(
+    kind: str, exc: msgspec.ValidationError, request_id: str | None
+) -> RequestFailed:
+    """A message of a known ``type`` that does not validate: a 400 naming the field."""
+    text = str(exc)
+    error = InvalidRequest(f"Invalid {kind} message: {text}", param=param_from_message(text))
+    return RequestFailed(error, request_id)
 
 
 def _too_deep(param: str | None) -> InvalidRequest:

@@ -1,6 +1,6 @@
 // Drives the `openai` npm package's Responses API against a tokenwire gateway; prints JSON lines.
 //
-// Usage: node responses_stream.mjs BASE_URL API_KEY [MODEL]
+// Usage: node responses_stream.mjs BASE_URL API_KEY [MODEL]   (test: ../test_node_openai.py)
 // Environment:
 //   TW_MODE     "create" (default: responses.create with stream: true) or "stream" (the
 //               responses.stream() helper and its finalResponse())
