@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenwire import __version__
+from tokenwire.api import openapi_messages
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
 from tokenwire.api.openapi_parts import errors
@@ -181,8 +182,13 @@ def _allow_models(components: dict[str, Any], model_ids: tuple[str, ...]) -> Non
                 branch["items"] = {"enum": list(model_ids)}
 
 
-_GROUP = "(?:key|key_id|model|day)"
-GROUP_BY_PATTERN = rf"^ *(?:{_GROUP} *)?(?:, *(?:{_GROUP} *)?)*$"
+def _group_by_pattern(names: str) -> str:
+    group = f"(?:{names})"
+    return rf"^ *(?:{group} *)?(?:, *(?:{group} *)?)*$"
+
+
+GROUP_BY_PATTERN = _group_by_pattern("key|key_id|model|day")
+OWN_GROUP_BY_PATTERN = _group_by_pattern("model|day")
 
 
 class CatalogModel(NamedTuple):
@@ -235,25 +241,35 @@ def _encoded(catalog: tuple[CatalogModel, ...]) -> bytes:
 def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
     """The OpenAPI document; with ``catalog``, the models of this gateway (which a key may be
     limited to, which a request may name, and their output limits)."""
-    (request_schema, create_key, update_key, topup, event, _, responses_request), components = (
-        msgspec.json.schema_components(
-            [
-                ChatRequest,
-                CreateKeyRequest,
-                UpdateKeyRequest,
-                TopupRequest,
-                WebhookEvent,
-                PaymentSucceeded,
-                ResponsesRequest,
-            ],
-            ref_template="#/components/schemas/{name}",
-        )
+    schemas, components = msgspec.json.schema_components(
+        [
+            ChatRequest,
+            CreateKeyRequest,
+            UpdateKeyRequest,
+            TopupRequest,
+            WebhookEvent,
+            PaymentSucceeded,
+            ResponsesRequest,
+            *openapi_messages.REQUEST_TYPES,
+        ],
+        ref_template="#/components/schemas/{name}",
     )
+    (
+        request_schema,
+        create_key,
+        update_key,
+        topup,
+        event,
+        _,
+        responses_request,
+        messages_schema,
+    ) = schemas
     if catalog:
         _allow_models(components, tuple(model.id for model in catalog))
     _chat_rules(components, catalog)
     served = [(model.id, model.max_output_tokens) for model in catalog if model.available]
     responses_rules(components, served)
+    openapi_messages.add_rules(components, served)
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
     components["UsageTotal"] = _TOTAL_SCHEMA
@@ -290,6 +306,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                 }
             },
             **responses_paths(responses_request),
+            **openapi_messages.paths(messages_schema),
             "/v1/models": {
                 "get": {
                     "operationId": "listModels",
@@ -338,22 +355,74 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "Rows to return, newest first (totals cover the whole range).",
                             {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                         ),
+                        _query(
+                            "group_by",
+                            "Comma-separated: model and/or day (UTC). The answer then also "
+                            "holds `groups`, the totals per group over the range.",
+                            {"type": "string", "pattern": OWN_GROUP_BY_PATTERN},
+                        ),
                     ],
                     "responses": {
                         "200": _json(
-                            "Ledger rows (created_at in Unix ms), totals and the balance.",
+                            "Ledger rows (created_at in Unix ms), totals and the balance; with "
+                            "group_by, the groups too.",
                             {
                                 "type": "object",
+                                "required": ["object", "data", "total", "balance_micro"],
                                 "properties": {
                                     "object": {"const": "list"},
                                     "data": {"type": "array", "items": {"type": "object"}},
                                     "total": total,
                                     "balance_micro": {"type": "integer"},
                                     "balance_usd": _USD_STRING,
+                                    "group_by": {"type": "array", "items": {"type": "string"}},
+                                    "groups": {"type": "array", "items": {"type": "object"}},
                                 },
                             },
                         ),
                         **errors(400, 401),
+                    },
+                }
+            },
+            "/v1/key": {
+                "get": {
+                    "operationId": "getOwnKey",
+                    "summary": "The calling key: name, limits, allowed models, expiry, balance.",
+                    "security": bearer,
+                    "responses": {
+                        "200": _json("The caller's key (never its secret).", api_key),
+                        **errors(401),
+                    },
+                }
+            },
+            "/v1/chat/completions/{stream_id}/cancel": {
+                "post": {
+                    "operationId": "cancelChatCompletionStream",
+                    "summary": "Stop a resumable stream of the caller's; its readers get "
+                    'finish_reason "cancelled", the usage so far, then [DONE].',
+                    "security": bearer,
+                    "parameters": [
+                        {
+                            "name": "stream_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(
+                            "The cancel was requested (already_ended: the stream had ended).",
+                            {
+                                "type": "object",
+                                "required": ["object", "id", "already_ended"],
+                                "properties": {
+                                    "object": {"const": "chat.completion.cancel"},
+                                    "id": {"type": "string"},
+                                    "already_ended": {"type": "boolean"},
+                                },
+                            },
+                        ),
+                        **errors(401, 404, 410, 503),
                     },
                 }
             },
@@ -536,6 +605,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
             "schemas": components,
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer"},
+                **openapi_messages.SECURITY_SCHEMES,
                 "webhookSignature": {
                     "type": "apiKey",
                     "in": "header",

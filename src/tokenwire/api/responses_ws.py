@@ -18,6 +18,7 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from tokenwire.accounting.keys import KeyRecord
+from tokenwire.api.auth import client_address
 from tokenwire.api.ws import WSSession, serve_socket
 from tokenwire.errors import AuthenticationError, GatewayError, InvalidRequest, NotFound
 from tokenwire.state import AppState
@@ -61,11 +62,14 @@ class ResponsesSession(WSSession):
             raise InvalidRequest("Already authenticated.", code="already_authenticated")
 
     async def _serve_queued(self, lane: str | None, item: dict[str, Any] | GatewayError) -> None:
+        self._set_mode("responses")
         if isinstance(item, GatewayError):
             raise item
         plan = responses_request_from(item, websocket=True)
         key = await self._live_key()
-        started = await self._state.responses.start(key, plan, "ws", local=self._remembered)
+        started = await self._state.responses.start(
+            key, plan, "ws", local=self._remembered, client=client_address(self._ws)
+        )
         encoder = ResponsesEncoder(started.head, "ws", stream_id=lane)
         self._running[lane] = started.source
         try:

@@ -115,7 +115,7 @@ class ChunkEncoder:
             return self.usage(event) if include_usage else None
         if isinstance(event, StreamError):
             return error_json(event.error)
-        return None  # Routed, PromptUsage: bookkeeping, never sent
+        return None  # Routed, AttemptFailed, PromptUsage: bookkeeping, never sent
 
 
 def error_json(error: GatewayError) -> bytes:
@@ -134,6 +134,16 @@ class CompletionBuilder:
         self.finish_reason: FinishReason | None = None
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
+
+    @property
+    def text(self) -> str:
+        """The answer's text so far."""
+        return "".join(self._text)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The tool calls so far, in OpenAI's shape, in order."""
+        return [self._tool_calls[i] for i in sorted(self._tool_calls)]
 
     def add(self, event: Event) -> None:
         """Fold one event into the result."""
@@ -160,11 +170,11 @@ class CompletionBuilder:
         """The ``chat.completion`` object."""
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": "".join(self._text) if self._text or not self._tool_calls else None,
+            "content": self.text if self._text or not self._tool_calls else None,
             "refusal": None,
         }
         if self._tool_calls:
-            message["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
+            message["tool_calls"] = self.tool_calls
         result: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
