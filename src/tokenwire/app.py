@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,6 +31,7 @@ from tokenwire.api import (
     models,
     openapi,
     responses,
+    responses_ws,
     streams,
     tickets,
     usage,
@@ -190,6 +191,11 @@ _DIRECT_POSTS: dict[str, ASGIApp] = {
     "/v1/messages": messages.create_message_endpoint,
 }
 """The completion routes, served without Starlette's router (see :class:`Gateway`)."""
+_DIRECT_SOCKETS: dict[str, Callable[[WebSocket], Awaitable[None]]] = {
+    "/v1/ws/chat": ws.ws_chat,
+    "/v1/responses": responses_ws.ws_responses,
+}
+"""The WebSocket routes, served without Starlette's router (see :class:`Gateway`)."""
 
 
 class Gateway:
@@ -236,12 +242,14 @@ class Gateway:
                 scope["app"] = self.app
                 await endpoint(scope, receive, send)
                 return
-        if scope["type"] == "websocket" and scope["path"] == "/v1/ws/chat":
+        if scope["type"] == "websocket":
             # Direct too: a socket's task lives as long as the socket, and Starlette's router
             # and middlewares would keep five more coroutine frames alive per idle socket.
-            scope["app"] = self.app
-            await ws.ws_chat(WebSocket(scope, receive, send))
-            return
+            socket = _DIRECT_SOCKETS.get(scope["path"])
+            if socket is not None:
+                scope["app"] = self.app
+                await socket(WebSocket(scope, receive, send))
+                return
         await self.app(scope, receive, send)
 
     async def _metrics_listener(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -299,6 +307,7 @@ def create_app(
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
+        WebSocketRoute("/v1/responses", responses_ws.ws_responses),
         Route("/v1/ws/tickets", tickets.create_ticket, methods=["POST"]),
         Route("/v1/usage", usage.get_usage, methods=["GET"]),
         Route("/v1/key", key.get_own_key, methods=["GET"]),

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenwire.accounting.keys import KeyRecord
 from tokenwire.api.auth import authenticate, client_address
 from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response, internal_error_response, json_response
@@ -47,14 +48,19 @@ def _too_large(limit: int) -> BodyTooLarge:
     return BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
 
 
-async def create_completion(request: Request) -> Response | SSEStream | JSONCompletion:
-    """Run a chat completion and answer as JSON or as an SSE stream."""
+async def authenticated_json(request: Request) -> tuple[AppState, KeyRecord, Any]:
+    """The app's state, the caller's key and the request's JSON body: read within the size
+    limit (413) and decoded once, its nesting bounded (a 400, not a RecursionError)."""
     state = get_state(request)
     key = await authenticate(request)
     body = await read_body(request, state.settings.server.max_body_bytes)
-    # Decoded once: plain JSON (nesting bounded: a 400, not a RecursionError), then validated
-    # into typed values; the plain object is what an OpenAI-compatible upstream receives.
-    raw = decode_json_value(body, what="JSON body of your request")
+    return state, key, decode_json_value(body, what="JSON body of your request")
+
+
+async def create_completion(request: Request) -> Response | SSEStream | JSONCompletion:
+    """Run a chat completion and answer as JSON or as an SSE stream."""
+    state, key, raw = await authenticated_json(request)
+    # Validated into typed values; the plain object is what an OpenAI-compatible upstream gets.
     chat_request = chat_request_from(raw)
     generation = await state.completions.start(
         key,

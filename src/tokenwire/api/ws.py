@@ -45,6 +45,17 @@ from tokenwire.wire.schema import convert_chat_request
 log = logging.getLogger("tokenwire.ws")
 
 
+class _Lane:
+    """Requests that answer one after another: their queue, and the task serving it."""
+
+    __slots__ = ("busy", "queue", "task")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any] | GatewayError] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.busy = False
+
+
 @dataclass(frozen=True, slots=True)
 class _Close:
     code: int
@@ -85,11 +96,9 @@ class WSSession:
         "_client_closed",
         "_closed_event",
         "_closing",
-        "_compat",
-        "_compat_busy",
-        "_compat_task",
         "_config",
         "_key",
+        "_lanes",
         "_mode",
         "_out",
         "_reader_task",
@@ -113,9 +122,7 @@ class WSSession:
         self._writer_gone = False
         self._requests: dict[str, tuple[asyncio.Task[None], StreamSource]] = {}
         # Made with the first compatible request: most sockets never need them (memory).
-        self._compat: asyncio.Queue[dict[str, Any] | GatewayError] | None = None
-        self._compat_busy = False
-        self._compat_task: asyncio.Task[None] | None = None  # started by the first such request
+        self._lanes: dict[str | None, _Lane] | None = None  # made with the first queued request
         self._client_closed = False
         self._closed_event: asyncio.Event | None = None  # made only when someone waits for it
         self._closing = False
@@ -146,9 +153,7 @@ class WSSession:
             self._mode = "closed"  # counted under no mode any more
             self._reader_task = None  # a writer ending from now on cancels nothing
             self._mark_client_closed()
-            tasks = [request_task for request_task, _ in self._requests.values()]
-            if self._compat_task is not None:
-                tasks.append(self._compat_task)
+            tasks = self._tasks()
             for request_task in tasks:
                 request_task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -264,7 +269,7 @@ class WSSession:
                 self._close_soon(proto.CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted")
                 return
             try:
-                parsed = proto.parse_client_message(text, max_bytes=max_bytes)
+                parsed = self._parse(text, max_bytes)
                 if self._key is None:
                     await self._authenticate(parsed)
                     continue
@@ -277,7 +282,7 @@ class WSSession:
             except Exception as exc:  # noqa: BLE001 - logged; fails this message, not the socket
                 await self._report(_as_gateway_error(exc, "a message"), None, compatible=False)
 
-    async def _authenticate(self, message: proto.ClientMessage) -> None:
+    async def _authenticate(self, message: object) -> None:
         if not isinstance(message, proto.AuthMessage):
             raise proto.ProtocolViolation(
                 proto.CLOSE_UNAUTHORIZED, "authenticate first: send {type: auth, api_key}"
@@ -293,9 +298,19 @@ class WSSession:
 
     # -- messages ----------------------------------------------------------------------------
 
+    def _parse(self, text: str, max_bytes: int) -> object:
+        """One client message, typed (the protocol's own parser)."""
+        return proto.parse_client_message(text, max_bytes=max_bytes)
+
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        """The tasks serving requests (cancelled when the socket ends)."""
+        tasks = [request_task for request_task, _ in self._requests.values()]
+        tasks.extend(lane.task for lane in (self._lanes or {}).values() if lane.task is not None)
+        return tasks
+
     def _active(self) -> int:
-        queued = 0 if self._compat is None else self._compat.qsize()
-        return len(self._requests) + queued + int(self._compat_busy)
+        queued = sum(lane.queue.qsize() + lane.busy for lane in (self._lanes or {}).values())
+        return len(self._requests) + queued
 
     def _check_capacity(self, request_id: str | None) -> None:
         cap = self._config.ws_max_concurrent_requests
@@ -308,21 +323,16 @@ class WSSession:
             )
             raise proto.RequestFailed(error, request_id)
 
-    async def _dispatch(self, message: proto.ClientMessage) -> None:
+    async def _dispatch(self, message: object) -> None:
         if isinstance(message, proto.PingMessage):
             await self._send(proto.PONG)
         elif isinstance(message, proto.CompatibleRequest):
             # Compatible requests answer in order, so even a refusal waits for its turn.
-            if self._compat is None:
-                self._compat = asyncio.Queue()
-                self._compat_task = asyncio.get_running_loop().create_task(
-                    self._compat_worker(self._compat)
-                )
             try:
                 self._check_capacity(None)
-                self._compat.put_nowait(message.body)
+                self._enqueue(None, message.body)
             except proto.RequestFailed as exc:
-                self._compat.put_nowait(exc.error)
+                self._enqueue(None, exc.error)
         elif isinstance(message, proto.CreateMessage):
             await self._create(message)
         elif isinstance(message, proto.CancelMessage):
@@ -455,20 +465,47 @@ class WSSession:
         for frame in frames.end():
             await self._send(frame)
 
-    async def _compat_worker(self, queue: asyncio.Queue[dict[str, Any] | GatewayError]) -> None:
-        while True:
-            item = await queue.get()
-            self._compat_busy = True
-            try:
-                await self._serve_compatible(item)
-            except Exception as exc:  # noqa: BLE001 - logged, in order; the next one is served
-                error = _as_gateway_error(exc, "a compatible request")
-                await self._report(error, None, compatible=True)
-                if not isinstance(error, AuthenticationError):  # else the socket closes
-                    await self._finish_compatible()
-            finally:
-                self._compat_busy = False
-                self._rearm_idle()
+    # -- requests served one after another, per lane ------------------------------------------
+
+    def _enqueue(self, lane: str | None, item: dict[str, Any] | GatewayError) -> None:
+        """Queue a request (or the error that refused it) on a lane that answers in order; a
+        lane's worker starts with its first item and ends when it has nothing left."""
+        lanes = self._lanes
+        if lanes is None:
+            lanes = self._lanes = {}
+        entry = lanes.get(lane)
+        if entry is None:
+            entry = lanes[lane] = _Lane()
+            entry.task = asyncio.get_running_loop().create_task(self._lane_worker(lane, entry))
+        entry.queue.put_nowait(item)
+
+    async def _lane_worker(self, lane: str | None, entry: _Lane) -> None:
+        try:
+            while True:
+                item = entry.queue.get_nowait()
+                entry.busy = True
+                try:
+                    await self._serve_queued(lane, item)
+                except Exception as exc:  # noqa: BLE001 - logged, in order; the next one runs
+                    await self._queued_failed(lane, _as_gateway_error(exc, "a queued request"))
+                finally:
+                    entry.busy = False
+                    self._rearm_idle()
+        except asyncio.QueueEmpty:
+            pass
+        finally:
+            if self._lanes is not None and self._lanes.get(lane) is entry:
+                del self._lanes[lane]
+
+    async def _serve_queued(self, lane: str | None, item: dict[str, Any] | GatewayError) -> None:
+        """Serve one queued request (compatible mode: its lane is None)."""
+        await self._serve_compatible(item)
+
+    async def _queued_failed(self, lane: str | None, error: GatewayError) -> None:
+        """Report a queued request's failure, in its turn."""
+        await self._report(error, None, compatible=True)
+        if not isinstance(error, AuthenticationError):  # else the socket closes
+            await self._finish_compatible()
 
     async def _serve_compatible(self, item: dict[str, Any] | GatewayError) -> None:
         """Stream one compatible-mode request; a refusal or a failure raises (the worker
@@ -517,7 +554,13 @@ def _origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
 
 
 async def ws_chat(websocket: WebSocket) -> None:
-    """Authenticate (header, ticket, or an ``auth`` message) and run the session."""
+    """``/v1/ws/chat``: authenticate (header, ticket, or an ``auth`` message), then chat."""
+    await serve_socket(websocket, WSSession)
+
+
+async def serve_socket(websocket: WebSocket, session: type[WSSession]) -> None:
+    """Check the origin, authenticate (header, ticket, or later an ``auth`` message) and run
+    a ``session`` of the socket's protocol."""
     state = get_state(websocket)
     offered = list(websocket.scope.get("subprotocols") or [])
     subprotocol = proto.SUBPROTOCOL if proto.SUBPROTOCOL in offered else None
@@ -549,4 +592,4 @@ async def ws_chat(websocket: WebSocket) -> None:
         await websocket.close(proto.CLOSE_INTERNAL, "internal error; try again later")
         return
     await websocket.accept(subprotocol)
-    await WSSession(websocket, state, key).run()
+    await session(websocket, state, key).run()

@@ -27,5 +27,7 @@ def event(data: bytes, *, event_id: int | None = None, name: bytes = b"") -> byt
 
 
 def retry(milliseconds: int) -> bytes:
-    """A ``retry:`` field telling reconnecting clients how long to wait."""
-    return b"retry: %d\n\n" % milliseconds
+    """A ``retry:`` line telling reconnecting clients how long to wait, to put at the start of
+    an event that has data: SDK parsers (openai's) dispatch a block holding only ``retry:`` as
+    an event with empty data, which they then fail to decode."""
+    return b"retry: %d\n" % milliseconds

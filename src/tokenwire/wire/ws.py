@@ -111,8 +111,12 @@ _MESSAGE_TYPES = (
 )
 
 
-def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
-    """Parse one text message from a client."""
+def decode_client_object(text: str, *, max_bytes: int) -> dict[str, Any]:
+    """One client message as a JSON object: size, JSON, object and nesting checked.
+
+    Raises :class:`ProtocolViolation` (too big, not JSON, not an object) or
+    :class:`RequestFailed` (nested too deep).
+    """
     # Characters <= UTF-8 bytes <= 4 x characters: encode only when the length is ambiguous.
     if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
         raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {max_bytes} bytes")
@@ -128,6 +132,12 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
         request_id = data.get("request_id")
         valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
         raise RequestFailed(_too_deep(field or None), request_id if valid_id else None)
+    return data
+
+
+def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
+    """Parse one text message from a client."""
+    data = decode_client_object(text, max_bytes=max_bytes)
     kind = data.get("type")
     if kind is None:
         return CompatibleRequest(body=data)
@@ -140,14 +150,19 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
     try:
         message: ClientMessage = msgspec.convert(data, _ENVELOPES)
     except msgspec.ValidationError as exc:
-        text_error = str(exc)
-        error = InvalidRequest(
-            f"Invalid {kind} message: {text_error}", param=param_from_message(text_error)
-        )
         request_id = data.get("request_id")
         valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
-        raise RequestFailed(error, request_id if valid_id else None) from None
+        raise invalid_message(kind, exc, request_id if valid_id else None) from None
     return message
+
+
+def invalid_message(
+    kind: str, exc: msgspec.ValidationError, request_id: str | None
+) -> RequestFailed:
+    """A message of a known ``type`` that does not validate: a 400 naming the field."""
+    text = str(exc)
+    error = InvalidRequest(f"Invalid {kind} message: {text}", param=param_from_message(text))
+    return RequestFailed(error, request_id)
 
 
 def _too_deep(param: str | None) -> InvalidRequest:
