@@ -6,8 +6,11 @@ Environment variables (all optional):
 ``TOKENWIRE_DATA_DIR``      where the SQLite database and the server secret live
 ``TOKENWIRE_DATABASE_URL``  a SQLAlchemy URL (e.g. ``postgresql+asyncpg://…``) instead of SQLite
 ``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
-``TOKENWIRE_REDIS_URL``     share rate limits and resumable streams through Redis (sets
-                           ``limits.backend`` and ``server.stream_backend`` to ``"redis"``)
+``TOKENWIRE_REDIS_URL``     share rate limits, resumable streams and WebSocket tickets through
+                           Redis (sets ``limits.backend`` and ``server.stream_backend`` to
+                           ``"redis"``)
+``TOKENWIRE_DRAIN_TIMEOUT`` seconds running streams may finish after SIGTERM
+                           (``server.drain_timeout_s``)
 
 Provider API keys are never in the file: a provider names the variable that holds its key
 (``api_key_env``), read when the app starts.
@@ -79,6 +82,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     health_max_loop_lag_s: Interval = 5.0  # /healthz: the event loop is stuck past this lag
     health_stall_s: Interval = 600.0  # /healthz: live generations, none moved for this long
     health_timeout_s: Interval = 2.0  # /healthz: each database / Redis probe
+    drain_timeout_s: Delay = 30.0  # SIGTERM: running streams may finish this long
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -226,6 +230,17 @@ def parse_port(text: str, what: str = "TOKENWIRE_PORT") -> int:
     return port
 
 
+def parse_seconds(text: str, what: str = "TOKENWIRE_DRAIN_TIMEOUT") -> float:
+    """A duration of 0 or more seconds given as text, or ``ConfigError`` naming ``what``."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{what}: {text!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
 def _read_toml(text: str, source: str) -> FileConfig:
     try:
         raw = tomllib.loads(text)
@@ -310,6 +325,10 @@ def load_settings(
         server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
     if environ.get("TOKENWIRE_PORT"):
         server = msgspec.structs.replace(server, port=parse_port(environ["TOKENWIRE_PORT"]))
+    if environ.get("TOKENWIRE_DRAIN_TIMEOUT"):
+        server = msgspec.structs.replace(
+            server, drain_timeout_s=parse_seconds(environ["TOKENWIRE_DRAIN_TIMEOUT"])
+        )
     limits = merged.limits
     if environ.get("TOKENWIRE_REDIS_URL"):
         limits = msgspec.structs.replace(

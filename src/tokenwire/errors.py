@@ -28,6 +28,9 @@ where they occur and never leave it.
     ├── StreamStoreUnavailable        503 stream_store_unavailable (Redis, for shared streams)
     ├── DatabaseUnavailable           503 database_unavailable  (keys and credits cannot be read)
     ├── LimiterUnavailable            503 rate_limiter_unavailable (Redis, for shared limits)
+    ├── TicketStoreUnavailable        503 ticket_store_unavailable (Redis, for shared tickets)
+    ├── ServerShuttingDown            503 server_shutting_down  (draining: retry elsewhere;
+    │                                     in-band when a drain ends a running stream)
     ├── UpstreamError                 502 upstream_error        (retryable)
     │   ├── UpstreamTimeout           504 upstream_timeout
     │   ├── UpstreamAuthError         502 upstream_auth_error   (the operator's provider key
@@ -239,6 +242,50 @@ class LimiterUnavailable(GatewayError):
     default_code = "rate_limiter_unavailable"
 
 
+class TicketStoreUnavailable(GatewayError):
+    """The shared WebSocket ticket store (Redis) cannot be reached."""
+
+    status = 503
+    type = "api_error"
+    default_code = "ticket_store_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class ServerShuttingDown(GatewayError):
+    """This gateway process is draining before it exits (docs/operations.md, "Drain").
+
+    Before a request runs, it is refused with this (503, ``Retry-After: 1``): another
+    instance behind the same load balancer takes the retry. A stream still running when the
+    drain timeout ends is ended with it in-band; ``stream_id`` and ``resumable`` then say
+    whether its events can be read again on another instance (a shared stream store).
+    """
+
+    status = 503
+    type = "api_error"
+    default_code = "server_shutting_down"
+    retryable = True
+    retry_after_s = 1.0
+
+    def __init__(
+        self, message: str, *, stream_id: str | None = None, resumable: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+        self.resumable = resumable
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        if self.stream_id is not None:
+            body["error"]["stream_id"] = self.stream_id
+            body["error"]["resumable"] = self.resumable
+        return body
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
 class ProviderUnavailable(GatewayError):
     """The model's provider is not configured or not available in this build."""
 
@@ -343,12 +390,21 @@ class RecordedError(GatewayError):
     """
 
     def __init__(
-        self, message: str, *, status: int, error_type: str, code: str | None, param: str | None
+        self,
+        message: str,
+        *,
+        status: int,
+        error_type: str,
+        code: str | None,
+        param: str | None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message, status=status, code=code, param=param)
         self.error_type = error_type
+        self.extra = extra or {}  # fields beyond OpenAI's four (e.g. a drain's stream_id)
 
     def to_body(self) -> dict[str, Any]:
         body = super().to_body()
         body["error"]["type"] = self.error_type
+        body["error"].update(self.extra)
         return body

@@ -12,6 +12,7 @@ from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.tickets import TicketStore
 from tokenwire.completions import CompletionService
 from tokenwire.config import Settings
+from tokenwire.drain import Drain
 from tokenwire.limits.base import RateLimiter
 from tokenwire.monitor import HealthMonitor
 from tokenwire.providers.registry import ProviderRegistry
@@ -30,6 +31,7 @@ class AppState:
     ledger: Ledger
     limiter: RateLimiter
     monitor: HealthMonitor
+    drain: Drain
 
 
 def get_state(connection: HTTPConnection) -> AppState:

@@ -9,6 +9,10 @@ closed with 1013.
 
 Compatible-mode requests run one after another (their chunks carry no request id); envelope
 requests run concurrently up to ``ws_max_concurrent_requests``.
+
+When the process drains (tokenwire.drain), a session refuses new requests (503
+``server_shutting_down``), tells an envelope-mode client with ``session.closing``, and closes
+(1001, or 1012 for a restart) as soon as it runs no request.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from tokenwire.accounting.keys import KeyRecord
 from tokenwire.api.auth import authenticate_token, bearer_token, client_address
 from tokenwire.config import ServerConfig
+from tokenwire.drain import DrainNotice, refusal
 from tokenwire.errors import (
     AuthenticationError,
     GatewayError,
@@ -110,6 +115,9 @@ class WSSession:
         "_compat_busy",
         "_compat_task",
         "_config",
+        "_drain",
+        "_draining_notice_task",
+        "_envelope",
         "_key",
         "_out",
         "_reader_task",
@@ -121,7 +129,9 @@ class WSSession:
         "_ws",
     )
 
-    def __init__(self, websocket: WebSocket, state: AppState, key: KeyRecord | None) -> None:
+    def __init__(
+        self, websocket: WebSocket, state: AppState, key: KeyRecord | None, *, envelope: bool
+    ) -> None:
         self._ws = websocket
         self._state = state
         self._config: ServerConfig = state.settings.server
@@ -142,6 +152,11 @@ class WSSession:
         self._bucket = _RateBucket(self._config.ws_messages_per_second)
         self._auth_deadline: float | None = None
         self._receive_timeout: asyncio.Timeout | None = None
+        # Drain: the notice once the process drains; whether the client speaks envelope mode
+        # (the tokenwire.v1 subprotocol, or a typed message), which gets session.closing.
+        self._drain: DrainNotice | None = None
+        self._envelope = envelope
+        self._draining_notice_task: asyncio.Task[None] | None = None
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -149,6 +164,7 @@ class WSSession:
         task = asyncio.current_task()
         assert task is not None
         self._reader_task = task
+        self._state.drain.join(self)
         try:
             # The reader ends on a close, a violation or a timeout; a writer that ends (the
             # client accepts nothing for ws_send_timeout_s, or the transport is gone) cancels it.
@@ -160,11 +176,13 @@ class WSSession:
         except Exception as exc:  # logged, like any unexpected failure of a connection
             log.error("WebSocket reader failed", exc_info=exc)
         finally:
+            self._state.drain.leave(self)
             self._reader_task = None  # a writer ending from now on cancels nothing
             self._mark_client_closed()
             tasks = [request_task for request_task, _ in self._requests.values()]
-            if self._compat_task is not None:
-                tasks.append(self._compat_task)
+            for extra in (self._compat_task, self._draining_notice_task):
+                if extra is not None:
+                    tasks.append(extra)
             for request_task in tasks:
                 request_task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -244,9 +262,36 @@ class WSSession:
         return asyncio.get_running_loop().time() + self._config.ws_idle_timeout_s
 
     def _rearm_idle(self) -> None:
-        """A request ended: restart the idle clock of a reader that waits with none."""
+        """A request ended: restart the idle clock of a reader that waits with none (or, while
+        draining, close the socket once no request runs)."""
+        self._close_if_drained()
         if self._receive_timeout is not None and not self._active():
             self._receive_timeout.reschedule(self._receive_deadline())
+
+    # -- drain -------------------------------------------------------------------------------
+
+    def drain(self, notice: DrainNotice) -> None:
+        """The process drains: refuse new requests, tell an envelope client, close when idle."""
+        if self._drain is not None:
+            return
+        self._drain = notice
+        if self._key is not None and self._envelope:
+            loop = asyncio.get_running_loop()
+            self._draining_notice_task = loop.create_task(self._send_closing(notice))
+        else:
+            self._close_if_drained()
+
+    async def _send_closing(self, notice: DrainNotice) -> None:
+        drain_ms = int(notice.remaining_s() * 1000)
+        await self._send(proto.closing_message(notice.reason, notice.close_code, drain_ms))
+        self._draining_notice_task = None
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        """Close with the drain's code once no request runs (after ``session.closing``)."""
+        notice = self._drain
+        if notice is not None and self._draining_notice_task is None and not self._active():
+            self._close_soon(notice.close_code, notice.close_reason)
 
     async def _reader(self) -> None:
         max_bytes = self._config.ws_max_message_bytes
@@ -275,6 +320,7 @@ class WSSession:
                 return
             try:
                 parsed = proto.parse_client_message(text, max_bytes=max_bytes)
+                self._envelope = self._envelope or not isinstance(parsed, proto.CompatibleRequest)
                 if self._key is None:
                     await self._authenticate(parsed)
                     continue
@@ -308,6 +354,8 @@ class WSSession:
         return len(self._requests) + queued + int(self._compat_busy)
 
     def _check_capacity(self, request_id: str | None) -> None:
+        if self._drain is not None:
+            raise proto.RequestFailed(refusal(), request_id)
         cap = self._config.ws_max_concurrent_requests
         if self._active() >= cap:
             error = RateLimited(
@@ -553,6 +601,11 @@ async def ws_chat(websocket: WebSocket) -> None:
     state = get_state(websocket)
     offered = list(websocket.scope.get("subprotocols") or [])
     subprotocol = proto.SUBPROTOCOL if proto.SUBPROTOCOL in offered else None
+    notice = state.drain.notice
+    if notice is not None:  # an upgrade on a connection still open during a drain
+        await websocket.accept(subprotocol)
+        await websocket.close(notice.close_code, notice.close_reason)
+        return
     if not _origin_allowed(websocket, state.settings.server.ws_allowed_origins):
         await websocket.accept(subprotocol)
         await websocket.close(proto.CLOSE_POLICY, "origin not allowed")
@@ -567,7 +620,7 @@ async def ws_chat(websocket: WebSocket) -> None:
         if token is not None:
             key = await authenticate_token(state, token, client)
         elif ticket is not None:
-            key_id = state.tickets.redeem(ticket)
+            key_id = await state.tickets.redeem(ticket)
             key = None if key_id is None else await state.keys.get(key_id)
             if key is None or not key.is_active(time.time()):
                 raise AuthenticationError("invalid or expired ticket")
@@ -581,4 +634,4 @@ async def ws_chat(websocket: WebSocket) -> None:
         await websocket.close(proto.CLOSE_INTERNAL, "internal error; try again later")
         return
     await websocket.accept(subprotocol)
-    await WSSession(websocket, state, key).run()
+    await WSSession(websocket, state, key, envelope=subprotocol is not None).run()

@@ -58,11 +58,26 @@ def serve(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = True,
+    drain_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            min=0,
+            help="On SIGTERM, let running streams finish this many seconds (default 30; "
+            "server.drain_timeout_s, TOKENWIRE_DRAIN_TIMEOUT).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Run the gateway. On a first start it creates the database and prints two keys once."""
+    """Run the gateway. On a first start it creates the database and prints two keys once.
+
+    SIGTERM drains it (docs/operations.md): no new requests, running streams finish for up to
+    the drain timeout, then it exits. SIGHUP does the same for a restart (WebSockets close
+    with 1012, exit status 0).
+    """
     import uvicorn
 
     from tokenwire.app import create_app, server_options
+    from tokenwire.server import DrainingServer
 
     settings = _settings(config, data_dir)
     grant = usd_to_micro(settings.accounting.free_grant_usd, what="accounting.free_grant_usd")
@@ -74,14 +89,21 @@ def serve(
             role = "admin key" if record.is_admin else "API key  "
             console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
     console.print(f"data dir: {settings.data_dir}", highlight=False)
-    uvicorn.run(
-        create_app(settings, on_started=freeze_startup_heap),
-        host=host or settings.server.host,
-        port=settings.server.port if port is None else port,
-        access_log=access_log,
-        log_level="info",
-        **server_options(settings),
+    server = DrainingServer(
+        uvicorn.Config(
+            create_app(settings, on_started=freeze_startup_heap),
+            host=host or settings.server.host,
+            port=settings.server.port if port is None else port,
+            access_log=access_log,
+            log_level="info",
+            **server_options(settings),
+        ),
+        drain_timeout_s=settings.server.drain_timeout_s if drain_timeout is None else drain_timeout,
     )
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal stop
+        server.run()
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's start-up failure code; it logged why
 
 
 def freeze_startup_heap() -> None:

@@ -150,6 +150,9 @@ class MemoryStreamStore:
     def holds(self, generation: Generation) -> bool:
         return generation.id in self._live or generation.id in self._finished
 
+    def readable_elsewhere_s(self, generation: Generation) -> float | None:
+        return None  # this process's memory: gone when it exits
+
     @property
     def live_count(self) -> int:
         return len(self._live)

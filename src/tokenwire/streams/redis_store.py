@@ -363,3 +363,10 @@ class RedisStreamStore:
 
     def holds(self, generation: Generation) -> bool:
         return self._local.holds(generation)
+
+    def readable_elsewhere_s(self, generation: Generation) -> float | None:
+        # ``extend_grace`` is set exactly when ``add`` shared the stream in Redis (and not
+        # when Redis failed then: such a stream is resumable in this process only).
+        if not self.holds(generation) or generation.extend_grace is None:
+            return None
+        return self._retention_ms / 1000

@@ -123,3 +123,8 @@ class StreamStore(Protocol):
     def holds(self, generation: Generation) -> bool:
         """True when ``generation`` is kept here (it was started resumable)."""
         ...
+
+    def readable_elsewhere_s(self, generation: Generation) -> float | None:
+        """How long other gateway processes can read ``generation`` after this one exits
+        (its retention), or None when they cannot (not kept, or kept in this process only)."""
+        ...

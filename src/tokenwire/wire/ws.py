@@ -202,4 +202,20 @@ def error_message(error: GatewayError, request_id: str | None = None) -> bytes:
     return _encode(message)
 
 
+def closing_message(reason: str, close_code: int, drain_ms: int) -> bytes:
+    """``session.closing``: the server drains (``reason`` ``shutdown`` or ``restart``).
+
+    Running requests go on for up to ``drain_ms``; new ones are refused; the socket closes
+    with ``close_code`` once none runs (docs/websocket-protocol.md, "Server shutdown").
+    """
+    return _encode(
+        {
+            "type": "session.closing",
+            "reason": reason,
+            "close_code": close_code,
+            "drain_ms": drain_ms,
+        }
+    )
+
+
 PONG = _encode({"type": "pong"})
