@@ -36,6 +36,7 @@ class Recording:
     closing: dict[str, Any] | None = None  # a WebSocket's session.closing
     close_code: int | None = None  # the WebSocket close code the server sent
     started: asyncio.Event = field(default_factory=asyncio.Event)  # the first content came
+    told: asyncio.Event = field(default_factory=asyncio.Event)  # session.closing, or a close
 
     def add_chunk(self, chunk: dict[str, Any]) -> int:
         """Fold one chunk in (an error object, a content or finish chunk); content pieces."""
@@ -101,6 +102,7 @@ async def record_ws(
             kind = data.get("type")
             if kind == "session.closing":
                 recording.closing = data
+                recording.told.set()
             elif kind == "chat.completion.done":
                 if data["request_id"] == request_id:
                     recording.done = True
@@ -109,6 +111,7 @@ async def record_ws(
                 recording.arrivals.append((time.monotonic(), recording.add_chunk(data)))
     except ConnectionClosed as exc:
         recording.close_code = exc.rcvd.code if exc.rcvd is not None else None
+        recording.told.set()
     return recording
 
 
@@ -119,6 +122,44 @@ async def wait_closed(ws: ClientConnection, recording: Recording) -> Recording:
             message = await ws.recv()
             if isinstance(message, str) and message.startswith('{"type":"session.closing"'):
                 recording.closing = json.loads(message)
+                recording.told.set()
     except ConnectionClosed as exc:
         recording.close_code = exc.rcvd.code if exc.rcvd is not None else None
+        recording.told.set()
     return recording
+
+
+class KeepAlive:
+    """One HTTP/1.1 keep-alive connection, for requests sent on it after the drain began."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, host: str = "127.0.0.1") -> KeepAlive:
+        """A connection that has served one ``GET /healthz`` and is now idle."""
+        conn = cls(*await asyncio.open_connection(host, port))
+        status, _, _ = await conn.request("GET", "/healthz")  # opened and used: now idle
+        assert status == 200
+        return conn
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, data: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: {len(data)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.writer.write(head.encode() + b"\r\n" + data)
+        status_line = await self.reader.readline()
+        response_headers: dict[str, str] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            response_headers[name.strip().lower()] = value.strip()
+        content = await self.reader.readexactly(int(response_headers["content-length"]))
+        return int(status_line.split()[1]), response_headers, content
+
+    async def closed_by_server(self) -> bool:
+        """Whether the server closed the connection (reads end-of-file)."""
+        return await self.reader.read(1) == b""
+
+    def close(self) -> None:
+        self.writer.close()

@@ -100,8 +100,9 @@ class Cluster:
         finally:
             await engine.dispose()
 
-    def spawn(self, index: int, config: Path) -> GatewayProcess:
-        """Start one ``tokenwire serve`` process with its own data dir and port."""
+    def spawn(self, index: int, config: Path, args: tuple[str, ...] = ()) -> GatewayProcess:
+        """Start one ``tokenwire serve`` process (``args``: more options) with its own data dir
+        and port."""
         data_dir = self.root / f"data-{index}"
         data_dir.mkdir()
         port = free_port()
@@ -118,17 +119,21 @@ class Cluster:
             "--data-dir",
             str(data_dir),
             "--no-access-log",
+            *args,
         ]
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return GatewayProcess(f"gw{index}", port, log_path, process)
 
-    async def start(self, config_text: str, count: int = 2) -> list[GatewayProcess]:
-        """Start ``count`` processes on ``config_text`` and wait until each is ready."""
+    async def start(
+        self, config_text: str, count: int = 2, args: tuple[str, ...] = ()
+    ) -> list[GatewayProcess]:
+        """Start ``count`` processes on ``config_text`` (``args``: more ``serve`` options) and
+        wait until each is ready."""
         config = self.root / "tokenwire.toml"
         config.write_text(config_text)
         for i in range(count):
-            self.processes.append(self.spawn(i, config))
+            self.processes.append(self.spawn(i, config, args))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             for gateway in self.processes:
                 await wait_ready(session, gateway)

@@ -24,7 +24,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.storage.engine import make_engine
 from tokenwire.testing import GatewayServer, paced_sim, priced_model
-from tokenwire.testing_clients import Recording, record_sse, record_ws, wait_closed
+from tokenwire.testing_clients import (
+    KeepAlive,
+    Recording,
+    record_sse,
+    record_ws,
+    wait_closed,
+)
 
 DRAIN_S = 2.0
 SHORT, LONG = 5, 2000  # tokens: done in ~0.1 s, or ~40 s (ended by the drain)
@@ -43,37 +49,6 @@ def body(tokens: int, **extra: Any) -> dict[str, Any]:
         "messages": [{"role": "user", "content": f"drain me {tokens}"}],
         **extra,
     }
-
-
-class KeepAlive:
-    """One HTTP/1.1 keep-alive connection, for requests sent on it after the drain began."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> KeepAlive:
-        conn = cls(*await asyncio.open_connection("127.0.0.1", port))
-        status, _, _ = await conn.request("GET", "/healthz")  # opened and used: now idle
-        assert status == 200
-        return conn
-
-    async def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None, data: bytes = b""
-    ) -> tuple[int, dict[str, str], bytes]:
-        head = f"{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: {len(data)}\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.writer.write(head.encode() + b"\r\n" + data)
-        status_line = await self.reader.readline()
-        response_headers: dict[str, str] = {}
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            response_headers[name.strip().lower()] = value.strip()
-        content = await self.reader.readexactly(int(response_headers["content-length"]))
-        return int(status_line.split()[1]), response_headers, content
-
-    async def closed_by_server(self) -> bool:
-        return await self.reader.read(1) == b""
 
 
 @pytest.fixture
