@@ -52,6 +52,7 @@ class GatewayError(Exception):
     type: ClassVar[str] = "api_error"
     default_code: ClassVar[str | None] = None
     retryable: ClassVar[bool] = False
+    retry_after_header: ClassVar[str | None] = None  # a fixed Retry-After, e.g. "1"
 
     def __init__(
         self,
@@ -85,7 +86,7 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         """Extra response headers this error carries (e.g. ``Retry-After``)."""
-        return {}
+        return {} if self.retry_after_header is None else {"Retry-After": self.retry_after_header}
 
 
 class InternalError(GatewayError):
@@ -209,9 +210,7 @@ class IdempotencyInProgress(GatewayError):
     status = 409
     type = "invalid_request_error"
     default_code = "idempotency_key_in_use"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    retry_after_header = "1"
 
 
 class StreamStoreUnavailable(GatewayError):
@@ -229,9 +228,7 @@ class DatabaseUnavailable(GatewayError):
     type = "api_error"
     default_code = "database_unavailable"
     retryable = True
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    retry_after_header = "1"
 
 
 class LimiterUnavailable(GatewayError):
@@ -248,9 +245,7 @@ class TicketStoreUnavailable(GatewayError):
     status = 503
     type = "api_error"
     default_code = "ticket_store_unavailable"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    retry_after_header = "1"
 
 
 class ServerShuttingDown(GatewayError):
@@ -266,7 +261,8 @@ class ServerShuttingDown(GatewayError):
     type = "api_error"
     default_code = "server_shutting_down"
     retryable = True
-    retry_after_s = 1.0
+    retry_after_header = "1"
+    retry_after_s = 1.0  # over WebSocket: retry_after_ms
 
     def __init__(
         self, message: str, *, stream_id: str | None = None, resumable: bool = False
@@ -281,9 +277,6 @@ class ServerShuttingDown(GatewayError):
             body["error"]["stream_id"] = self.stream_id
             body["error"]["resumable"] = self.resumable
         return body
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
 
 
 class ProviderUnavailable(GatewayError):

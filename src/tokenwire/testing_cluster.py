@@ -39,6 +39,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def loopback_urls(port: int) -> tuple[str, str]:
+    """The base URL and the WebSocket chat URL of a gateway (or a proxy) on 127.0.0.1."""
+    return f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws/chat"
+
+
 @dataclass
 class GatewayProcess:
     """One ``tokenwire serve`` process."""
@@ -50,11 +55,11 @@ class GatewayProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return loopback_urls(self.port)[0]
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws/chat"
+        return loopback_urls(self.port)[1]
 
     def log_tail(self) -> str:
         try:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenwire.testing_cluster import loopback_urls
 from tokenwire.testing_services.common import (
     POLL_INTERVAL_S,
     STARTUP_TIMEOUT_S,
@@ -117,11 +118,11 @@ class PrivateNginx(OwnedServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return loopback_urls(self.port)[0]
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws/chat"
+        return loopback_urls(self.port)[1]
 
     @property
     def access_log_path(self) -> Path:
@@ -159,21 +160,7 @@ class PrivateNginx(OwnedServer):
         (root / "nginx.conf").write_text(_MAIN.format(root=root))
         command = [self._executable, "-p", str(root), "-c", str(root / "nginx.conf")]
         command += ["-e", str(self.log_path)]
-        with (root / "nginx.out").open("ab") as out:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=root,
-                start_new_session=True,
-            )
-        self._process = process
-        try:
-            self._wait_ready(process, port)
-        except BaseException:
-            end_process(process, signal.SIGKILL, 5)
-            raise
+        self._run_until_ready(command, root / "nginx.out", lambda p: self._wait_ready(p, port))
 
     def _wait_ready(self, process: subprocess.Popen[bytes], port: int) -> None:
         deadline = time.monotonic() + self._startup_timeout_s
