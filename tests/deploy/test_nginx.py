@@ -13,13 +13,18 @@ tests can check where things happened.
 * Shared state: a WebSocket ticket minted on one instance opens a socket on the other (once);
   a per-key rpm limit and a balance hold across both; a stream started on one instance and
   cut is resumed through nginx on the other while the first still generates it.
+* A rolling restart: one instance gets SIGTERM while it streams; the stream completes through
+  nginx, GETs go to the other instance, a POST that lands on the draining one gets 503 with
+  ``Retry-After`` and its retry succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,25 +84,35 @@ class Topology:
         return {"Authorization": f"Bearer {key or self.key}"}
 
 
-@pytest.fixture(scope="module")
-def topology(
-    tmp_path_factory: pytest.TempPathFactory, private_postgres: PrivatePostgres
+@contextlib.contextmanager
+def running_topology(
+    root: Path, private_postgres: PrivatePostgres, args: tuple[str, ...] = ()
 ) -> Iterator[Topology]:
+    """Two instances (``args``: more ``serve`` options) on a fresh database and Redis, and
+    nginx in front of them."""
     with PrivateRedis() as redis_server, private_postgres.fresh_database() as database:
         cluster = Cluster(
-            root=tmp_path_factory.mktemp("nginx"),
+            root=root,
             database_url=database.url,
             redis_prefix="tw:",
             secret=secrets.token_urlsafe(32),
         )
         try:
             record, key = asyncio.run(cluster.create_key("nginx", grant_micro=GRANT))
-            gateways = asyncio.run(cluster.start(config(redis_server.url)))
+            gateways = asyncio.run(cluster.start(config(redis_server.url), args=args))
             upstreams = [f"127.0.0.1:{g.port}" for g in gateways]
             with PrivateNginx(SNIPPET, upstreams) as nginx:
                 yield Topology(cluster, gateways, nginx, key, record.id)
         finally:
             cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def topology(
+    tmp_path_factory: pytest.TempPathFactory, private_postgres: PrivatePostgres
+) -> Iterator[Topology]:
+    with running_topology(tmp_path_factory.mktemp("nginx"), private_postgres) as running:
+        yield running
 
 
 def chat(content: str, tokens: int = TOKENS, **extra: Any) -> dict[str, Any]:
@@ -296,3 +311,54 @@ async def test_a_stream_started_on_one_instance_resumes_through_nginx_on_the_oth
         assert [r.completion_id for r in rows].count(stream_id) == 1
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+def restartable(tmp_path: Path, private_postgres: PrivatePostgres) -> Iterator[Topology]:
+    """A topology of the test's own (one instance will be stopped), 20 s drain timeout."""
+    with running_topology(tmp_path, private_postgres, ("--drain-timeout", "20")) as running:
+        yield running
+
+
+async def test_a_rolling_restart_behind_nginx_fails_no_stream(restartable: Topology) -> None:
+    """SIGTERM to one instance behind nginx: its running stream completes through nginx; meanwhile GETs all succeed (nginx moves them to the other instance) and a POST gets either 200 or 503 server_shutting_down with Retry-After, after which its retry succeeds; the instance exits."""
+    running = restartable
+    nginx = running.nginx
+    async with aiohttp.ClientSession() as session:
+        recording = Recording()
+        response = await session.post(
+            nginx.base_url + "/v1/chat/completions",
+            json=chat("finish me during the drain", tokens=60),
+            headers=running.auth(),
+        )
+        assert response.status == 200
+        reading = asyncio.create_task(record_sse(response, recording))
+        await asyncio.wait_for(recording.started.wait(), 30)
+        (owner,) = [g for g in running.gateways if await live_generations(session, g)]
+        owner.process.send_signal(signal.SIGTERM)
+        statuses: list[int] = []
+        for n in range(10):
+            async with session.get(nginx.base_url + "/v1/models", headers=running.auth()) as listed:
+                assert listed.status == 200, await listed.text()
+            body = chat(f"during the drain {n}", tokens=2, model="sim") | {"stream": False}
+            for _attempt in range(3):
+                async with session.post(
+                    nginx.base_url + "/v1/chat/completions", json=body, headers=running.auth()
+                ) as posted:
+                    reply = await posted.json()
+                    statuses.append(posted.status)
+                    if posted.status == 200:
+                        break
+                    assert posted.status == 503, reply
+                    assert reply["error"]["code"] == "server_shutting_down"
+                    assert posted.headers["retry-after"] == "1"
+            assert statuses[-1] == 200, statuses
+        await asyncio.wait_for(reading, 30)
+    assert recording.ended_by == "done" and recording.finish_reason == "length"
+    assert await asyncio.to_thread(owner.process.wait, 30) == -signal.SIGTERM
+
+
+async def live_generations(session: aiohttp.ClientSession, gateway: GatewayProcess) -> int:
+    """How many generations the instance runs (its /healthz, asked directly)."""
+    async with session.get(gateway.base_url + "/healthz") as response:
+        return int((await response.json())["live_generations"])
