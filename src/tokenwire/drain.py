@@ -11,11 +11,14 @@ sockets and calls :func:`drain` before uvicorn's own shutdown. In order:
    get a ``session.closing`` message; each socket closes (1001, or 1012 for a restart) as soon
    as it runs no request.
 2. **Let running streams finish**, for up to ``server.drain_timeout_s``: the drain waits
-   until no generation is live and no WebSocket is open.
+   until no generation is live, no stream of another process is being read here (a resume
+   through the shared store) and no WebSocket is open.
 3. **End the rest**: each generation still running then ends with an in-band
    ``server_shutting_down`` error (:func:`interrupted`), which names the stream and says
    whether its events can be read again on another instance; it is billed for what it
-   generated (ledger status ``shutdown``). Its readers see the error, sockets close.
+   generated (ledger status ``shutdown``). A read of another process's stream ends with the
+   same code (:func:`moved`), and that stream goes on: the client resumes it elsewhere. The
+   readers see the errors, sockets close.
 4. uvicorn closes what is left; the lifespan's shutdown flushes the ledger writer (every row
    committed, or in the outbox for the next start) and closes the stores.
 
@@ -131,8 +134,26 @@ def interrupted(
     return ServerShuttingDown(message, stream_id=stream_id, resumable=resumable)
 
 
+def moved(stream_id: str) -> ServerShuttingDown:
+    """The in-band error that ends this process's read of a stream another process generates
+    (the stream goes on there)."""
+    return ServerShuttingDown(
+        f"This gateway instance is shutting down; stream {stream_id} goes on in the instance "
+        f"that generates it. Resume it on any instance: GET /v1/chat/completions/{stream_id}"
+        "/stream with Last-Event-ID (the last id you received), or chat.completion.resume "
+        "over WebSocket.",
+        stream_id=stream_id,
+        resumable=True,
+    )
+
+
 def _busy(state: AppState) -> bool:
-    return bool(state.completions.live) or state.drain.open_sessions > 0
+    completions = state.completions
+    return (
+        bool(completions.live)
+        or completions.streams.remote_reads > 0
+        or state.drain.open_sessions > 0
+    )
 
 
 async def _wait_quiet(state: AppState, until: float, forced: Callable[[], bool]) -> None:
@@ -166,6 +187,7 @@ async def drain(
     )
     await _wait_quiet(state, notice.deadline, forced)
     ended = state.completions.interrupt_all()
+    ended += state.completions.streams.interrupt_remote_reads(moved)
     if ended:
         log.warning("drain timeout: %d streams ended with server_shutting_down", ended)
     await _wait_quiet(state, asyncio.get_running_loop().time() + ENDING_WAIT_S, forced)

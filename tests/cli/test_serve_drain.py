@@ -8,7 +8,9 @@ must close with 1001 (envelope ones after ``session.closing``); requests on conn
 open must get 503 with ``Retry-After`` while new connections are refused and ``/readyz``
 says ``draining``; the process must exit within the drain timeout plus a few seconds; and
 the ledger must hold one row per stream. A resumable stream the drain ended is then read
-again on gw1, which still serves.
+again on gw1, which still serves. And a stream gw1 generates, being resumed on gw0 when gw0
+drains, ends there with ``server_shutting_down`` (``resumable``) and is resumed again on gw1,
+where it goes on to its end.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tokenwire.accounting.ledger import Ledger, LedgerRow
+from tokenwire.providers.sim import plan
 from tokenwire.storage.engine import make_engine
 from tokenwire.testing import paced_sim, priced_model
 from tokenwire.testing_clients import KeepAlive, Recording, record_sse, record_ws, wait_closed
 from tokenwire.testing_cluster import Cluster, GatewayProcess
+from tokenwire.wire.schema import decode_chat_request
 
 DRAIN_S = 3.0
 EXIT_MARGIN_S = 6.0  # the ends reach their readers (up to 3 s), uvicorn closes, the ledger flushes
 SHORT, LONG = 100, 3000  # tokens at 20 ms: ~2 s (finishes in the drain) or ~60 s (ended by it)
+ELSEWHERE = 500  # ~10 s on gw1: still running when gw0's drain ends
 GRANT = 1_000 * 1_000_000
 
 
@@ -120,8 +125,31 @@ async def test_sigterm_with_100_open_streams_drains_and_loses_no_ledger_row(
 ) -> None:
     """SIGTERM during 50 SSE + 50 WS streams: each completes or ends with server_shutting_down, WebSockets close 1001, 503 + Retry-After on open connections, readyz draining, exit within the drain timeout, one ledger row per stream; a resumable one reads again on the other process."""
     cluster, (gw0, gw1), key, key_id = gateways
+    _, other_key = await cluster.create_key("elsewhere", grant_micro=GRANT)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
+        # a stream gw1 generates, cut after 2 events, then resumed (read through Redis) on gw0
+        elsewhere_body = body(1000, ELSEWHERE) | {"stream_options": {"include_usage": True}}
+        elsewhere = Recording()
+        async with session.post(
+            gw1.base_url + "/v1/chat/completions",
+            json=elsewhere_body,
+            headers={"Authorization": f"Bearer {other_key}", "X-Tokenwire-Resumable": "true"},
+        ) as response:
+            elsewhere.stream_id = response.headers["x-stream-id"]
+            async for line in response.content:
+                if line.startswith(b"data: {") and elsewhere.add_chunk(json.loads(line[6:])):
+                    elsewhere.last_event += 1
+                    if elsewhere.last_event == 2:
+                        break
+        remote = Recording()
+        remote_response = await session.get(
+            f"{gw0.base_url}/v1/chat/completions/{elsewhere.stream_id}/stream",
+            headers={"Authorization": f"Bearer {other_key}", "Last-Event-ID": "2"},
+        )
+        assert remote_response.status == 200
+        remote_task = asyncio.create_task(record_sse(remote_response, remote))
+
         recordings = [Recording() for _ in range(100)]
         sse_tasks = [
             asyncio.create_task(sse_stream(session, gw0, key, n, recordings[n])) for n in range(50)
@@ -133,7 +161,9 @@ async def test_sigterm_with_100_open_streams_drains_and_loses_no_ledger_row(
         ready, _, _ = await probes[0].request("GET", "/readyz")
         assert ready == 200
         # every stream has its first token before the signal
-        await asyncio.wait_for(asyncio.gather(*(r.started.wait() for r in recordings)), 60)
+        await asyncio.wait_for(
+            asyncio.gather(*(r.started.wait() for r in [*recordings, remote])), 60
+        )
 
         sent_at = time.monotonic()
         gw0.process.send_signal(signal.SIGTERM)
@@ -152,6 +182,7 @@ async def test_sigterm_with_100_open_streams_drains_and_loses_no_ledger_row(
             await asyncio.open_connection("127.0.0.1", gw0.port)
 
         sse = await asyncio.wait_for(asyncio.gather(*sse_tasks), 60)
+        await asyncio.wait_for(remote_task, 60)
         ws = await asyncio.wait_for(asyncio.gather(*ws_tasks), 60)
         returncode = await asyncio.to_thread(gw0.process.wait, DRAIN_S + EXIT_MARGIN_S + 10)
         exited_after = time.monotonic() - sent_at
@@ -190,6 +221,24 @@ async def test_sigterm_with_100_open_streams_drains_and_loses_no_ledger_row(
             assert response.status == 200, await response.text()
             await record_sse(response, again)
         assert again.text == resumable[0].text and again.ended_by == "server_shutting_down"
+
+        # the read on gw0 of gw1's stream ended; the stream went on: resumed on gw1 to its end
+        assert remote.ended_by == "server_shutting_down", remote
+        assert remote.errors[-1]["resumable"] is True
+        assert remote.errors[-1]["stream_id"] == elsewhere.stream_id
+        rest = Recording()
+        async with session.get(
+            f"{gw1.base_url}/v1/chat/completions/{elsewhere.stream_id}/stream",
+            headers={
+                "Authorization": f"Bearer {other_key}",
+                "Last-Event-ID": str(remote.last_event),
+            },
+        ) as response:
+            assert response.status == 200, await response.text()
+            await record_sse(response, rest)
+        assert rest.ended_by == "done" and rest.finish_reason == "length"
+        text = elsewhere.text + remote.text + rest.text
+        assert text == plan(decode_chat_request(json.dumps(elsewhere_body).encode())).text
 
 
 async def test_sighup_drains_for_a_restart(cluster: Cluster) -> None:
