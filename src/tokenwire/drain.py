@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from tokenwire.errors import ServerShuttingDown
+from tokenwire.wire.ws import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
 if TYPE_CHECKING:
     from tokenwire.state import AppState
 
 log = logging.getLogger("tokenwire.drain")
 
-CLOSE_GOING_AWAY = 1001  # RFC 6455: the server is going down
-CLOSE_SERVICE_RESTART = 1012  # IANA registry: the server is restarting
 ENDING_WAIT_S = 3.0
 """After the drain timeout: how long the ended streams get to reach their readers and settle."""
 POLL_S = 0.05
