@@ -41,7 +41,7 @@ from tokenwire.api.errors import (
 )
 from tokenwire.completions import CompletionService
 from tokenwire.config import LimitsConfig, Settings, load_settings
-from tokenwire.drain import Drain, DrainReason, drain, refusal
+from tokenwire.drain import Drain, DrainReason, refusal, run_drain
 from tokenwire.errors import GatewayError
 from tokenwire.limits.base import RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
@@ -257,7 +257,7 @@ class Gateway:
         state = getattr(self.state, "tw", None)
         if not isinstance(state, AppState):
             return 0
-        return await drain(state, reason=reason, timeout_s=timeout_s, forced=forced)
+        return await run_drain(state, reason=reason, timeout_s=timeout_s, forced=forced)
 
 
 def create_app(

@@ -1,7 +1,7 @@
 """Graceful drain: what a gateway process does between SIGTERM and its exit.
 
 :class:`tokenwire.server.DrainingServer` (what ``tokenwire serve`` runs) closes its listening
-sockets and calls :func:`drain` before uvicorn's own shutdown. In order:
+sockets and calls :func:`run_drain` before uvicorn's own shutdown. In order:
 
 1. **Stop taking work.** :meth:`Drain.begin` flips the flag every new request checks:
    ``/readyz`` answers 503 ``draining``, any other HTTP request on a connection that is still
@@ -167,7 +167,7 @@ async def _wait_quiet(state: AppState, until: float, forced: Callable[[], bool])
         await asyncio.sleep(POLL_S)
 
 
-async def drain(
+async def run_drain(
     state: AppState,
     *,
     reason: DrainReason,
