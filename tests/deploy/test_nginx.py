@@ -46,6 +46,7 @@ from tokenwire.testing_services import AccessLine, PrivateNginx, PrivatePostgres
 from tokenwire.wire.schema import decode_chat_request
 
 SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "tokenwire.conf"
+TICKET_THEN_SOCKET = (("POST", "/v1/ws/tickets"), ("GET", "/v1/ws/chat"))
 ITL_S = 0.040
 TOKENS = 20
 GRANT = 1_000 * 1_000_000
@@ -126,11 +127,23 @@ def chat(content: str, tokens: int = TOKENS, **extra: Any) -> dict[str, Any]:
 
 
 def served(nginx: PrivateNginx, method: str, path_start: str) -> list[AccessLine]:
+    """The requests nginx logged with this method and path prefix, in order."""
     return [
         line
         for line in nginx.access_lines()
         if line.method == method and line.path.startswith(path_start)
     ]
+
+
+async def logged(nginx: PrivateNginx, method: str, path_start: str, count: int) -> list[AccessLine]:
+    """:func:`served`, once it holds ``count`` lines: nginx writes a request's line just
+    after the response's last byte, so a client may see the end a moment before."""
+    lines = served(nginx, method, path_start)
+    async with asyncio.timeout(10):
+        while len(lines) < count:
+            await asyncio.sleep(0.01)  # polling nginx's log file
+            lines = served(nginx, method, path_start)
+    return lines
 
 
 def assert_token_by_token(recording: Recording) -> None:
@@ -197,6 +210,7 @@ async def test_a_ticket_minted_on_one_instance_opens_a_socket_on_the_other(
 ) -> None:
     """A ticket from POST /v1/ws/tickets (served by one instance) authenticates a WebSocket that nginx sends to the other instance; used again, it is refused (3000)."""
     nginx = topology.nginx
+    mints, sockets = (len(served(nginx, *what)) for what in TICKET_THEN_SOCKET)
     async with (
         aiohttp.ClientSession() as session,
         session.post(nginx.base_url + "/v1/ws/tickets", headers=topology.auth()) as response,
@@ -207,8 +221,8 @@ async def test_a_ticket_minted_on_one_instance_opens_a_socket_on_the_other(
         assert ws.subprotocol == "tokenwire.v1"
         await ws.send(json.dumps({"type": "ping"}))
         assert json.loads(await ws.recv()) == {"type": "pong"}
-    minted = served(nginx, "POST", "/v1/ws/tickets")[-1]
-    redeemed = served(nginx, "GET", "/v1/ws/chat")[-1]
+    minted = (await logged(nginx, *TICKET_THEN_SOCKET[0], mints + 1))[-1]
+    redeemed = (await logged(nginx, *TICKET_THEN_SOCKET[1], sockets + 1))[-1]
     assert {minted.upstream, redeemed.upstream} == set(topology.upstreams)
     async with connect(nginx.ws_url, subprotocols=subprotocols) as ws:
         with pytest.raises(ConnectionClosed) as closed:
@@ -222,6 +236,7 @@ async def test_limits_and_balances_hold_whichever_instance_serves(topology: Topo
     grant = 1_000  # micro-dollars: a few completions of this size
     poor, poor_key = await topology.cluster.create_key("poor", grant_micro=grant)
     statuses: list[int] = []
+    posts = len(served(topology.nginx, "POST", "/v1/chat/completions"))
     async with aiohttp.ClientSession() as session:
         for n in range(5):
             body = chat(f"limited {n}", tokens=3, model="sim")
@@ -235,7 +250,8 @@ async def test_limits_and_balances_hold_whichever_instance_serves(topology: Topo
                 if response.status == 429:
                     assert int(response.headers["retry-after"]) >= 1
         assert statuses == [200, 200, 200, 200, 429], statuses
-        first_four = served(topology.nginx, "POST", "/v1/chat/completions")[-5:-1]
+        lines = await logged(topology.nginx, "POST", "/v1/chat/completions", posts + 5)
+        first_four = lines[posts : posts + 4]
         assert {line.upstream for line in first_four} == set(topology.upstreams)
 
         paid: list[str] = []
@@ -268,6 +284,7 @@ async def test_a_stream_started_on_one_instance_resumes_through_nginx_on_the_oth
 ) -> None:
     """A resumable SSE stream cut after 3 events is resumed through nginx by the other instance while the first still generates it: events 1..n once each, the exact text, one ledger row."""
     nginx = topology.nginx
+    posts = len(served(nginx, "POST", "/v1/chat/completions"))
     body = chat("resume me through nginx", tokens=40)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         first = Recording()
@@ -294,10 +311,8 @@ async def test_a_stream_started_on_one_instance_resumes_through_nginx_on_the_oth
             await record_sse(response, rest)
     assert rest.done and rest.stream_id == first.stream_id
     assert first.text + rest.text == plan(decode_chat_request(json.dumps(body).encode())).text
-    (started,) = [
-        line for line in served(nginx, "POST", "/v1/chat/completions") if line.status == 200
-    ][-1:]
-    (resumed,) = served(nginx, "GET", f"/v1/chat/completions/{first.stream_id}/stream")
+    started = (await logged(nginx, "POST", "/v1/chat/completions", posts + 1))[posts]
+    (resumed,) = await logged(nginx, "GET", f"/v1/chat/completions/{first.stream_id}/", 1)
     assert started.upstream != resumed.upstream  # the other instance served the resume
     engine = make_engine(topology.cluster.database_url)
     try:
