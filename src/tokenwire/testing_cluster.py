@@ -92,6 +92,8 @@ class Cluster:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
         environ["TOKENWIRE_DATABASE_URL"] = self.database_url
         environ["TOKENWIRE_SECRET"] = self.secret
+        # a test's end (SIGTERM) drains for 2 s at most; `serve --drain-timeout` overrides it
+        environ["TOKENWIRE_DRAIN_TIMEOUT"] = "2"
         return environ
 
     def keystore(self, engine: Any) -> KeyStore:
