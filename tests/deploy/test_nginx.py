@@ -272,9 +272,18 @@ async def test_limits_and_balances_hold_whichever_instance_serves(topology: Topo
     try:
         ledger = Ledger(engine)
         rows = await ledger.rows(key_id=poor.id)
+        async with asyncio.timeout(20):  # a row is written just after its answer is sent
+            while len(rows) < len(paid):
+                await asyncio.sleep(0.05)  # polling the instances' batched writes
+                rows = await ledger.rows(key_id=poor.id)
         assert sorted(r.completion_id for r in rows) == sorted(paid)
         assert await ledger.balance(poor.id) == grant - sum(r.cost_micro for r in rows) >= 0
-        assert len(await ledger.rows(key_id=limited.id)) == 4
+        limited_rows = await ledger.rows(key_id=limited.id)
+        async with asyncio.timeout(20):
+            while len(limited_rows) < 4:
+                await asyncio.sleep(0.05)  # polling the instances' batched writes
+                limited_rows = await ledger.rows(key_id=limited.id)
+        assert len(limited_rows) == 4
     finally:
         await engine.dispose()
 
