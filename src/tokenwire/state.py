@@ -16,6 +16,7 @@ from tokenwire.drain import Drain
 from tokenwire.limits.base import RateLimiter
 from tokenwire.monitor import HealthMonitor
 from tokenwire.providers.registry import ProviderRegistry
+from tokenwire.responses import ResponsesService
 
 
 @dataclass
@@ -31,6 +32,7 @@ class AppState:
     ledger: Ledger
     limiter: RateLimiter
     monitor: HealthMonitor
+    responses: ResponsesService
     drain: Drain
 
 

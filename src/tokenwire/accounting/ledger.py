@@ -55,6 +55,7 @@ class LedgerRow:
     finish_reason: str | None
     status: str
     created_at: int  # Unix milliseconds
+    api: str = "chat"  # "chat", "responses" or "messages" (last: older outbox files lack it)
 
 
 def _insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table) -> Any:
@@ -103,11 +104,12 @@ class Ledger:
         model: str | None = None,
         provider: str | None = None,
         transport: str | None = None,
+        api: str | None = None,
     ) -> None:
         """Hold ``amount_micro`` of the key's balance, or raise ``InsufficientQuota`` (402).
 
-        ``model``, ``provider`` and ``transport`` describe the completion, for the row written
-        if its process dies before settling it.
+        ``model``, ``provider``, ``transport`` and ``api`` describe the completion, for the row
+        written if its process dies before settling it.
         """
         with database_errors("reserving credit for the request"):
             async with self._engine.begin() as conn:
@@ -131,6 +133,7 @@ class Ledger:
                         model=model,
                         provider=provider,
                         transport=transport,
+                        api=api,
                     )
                 )
 
@@ -282,6 +285,7 @@ class Ledger:
                 finish_reason=None,
                 status=ABANDONED,
                 created_at=int(r.created_at) * 1000,
+                api=r.api or "chat",
             )
             for r in stale
         ]

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenwire import __version__
+from tokenwire.api import openapi_messages
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
 from tokenwire.api.webhooks import (
@@ -243,7 +244,7 @@ def _encoded(catalog: tuple[CatalogModel, ...]) -> bytes:
 def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
     """The OpenAPI document; with ``catalog``, the models of this gateway (which a key may be
     limited to, which a request may name, and their output limits)."""
-    (request_schema, create_key, update_key, topup, event, _), components = (
+    (request_schema, create_key, update_key, topup, event, _, messages_schema), components = (
         msgspec.json.schema_components(
             [
                 ChatRequest,
@@ -252,6 +253,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                 TopupRequest,
                 WebhookEvent,
                 PaymentSucceeded,
+                *openapi_messages.REQUEST_TYPES,
             ],
             ref_template="#/components/schemas/{name}",
         )
@@ -259,6 +261,8 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
     if catalog:
         _allow_models(components, tuple(model.id for model in catalog))
     _chat_rules(components, catalog)
+    served = ((model.id, model.max_output_tokens) for model in catalog if model.available)
+    openapi_messages.add_rules(components, served)
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
     components["UsageTotal"] = _TOTAL_SCHEMA
@@ -294,6 +298,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     },
                 }
             },
+            **openapi_messages.paths(messages_schema),
             "/v1/models": {
                 "get": {
                     "operationId": "listModels",
@@ -556,6 +561,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
             "schemas": components,
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer"},
+                **openapi_messages.SECURITY_SCHEMES,
                 "webhookSignature": {
                     "type": "apiKey",
                     "in": "header",
