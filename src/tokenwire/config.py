@@ -9,6 +9,9 @@ Environment variables (all optional):
 ``TOKENWIRE_REDIS_URL``     share rate limits, resumable streams and WebSocket tickets through
                            Redis (sets ``limits.backend`` and ``server.stream_backend`` to
                            ``"redis"``)
+``TOKENWIRE_LOG_FORMAT``    ``json``, ``text`` or ``auto`` (``server.log_format``)
+``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT``  the metrics listener
+                           (``server.metrics_host``, ``server.metrics_port``)
 ``TOKENWIRE_DRAIN_TIMEOUT`` seconds running streams may finish after SIGTERM
                            (``server.drain_timeout_s``)
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
@@ -82,6 +86,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     health_max_loop_lag_s: Interval = 5.0  # /healthz: the event loop is stuck past this lag
     health_stall_s: Interval = 600.0  # /healthz: live generations, none moved for this long
     health_timeout_s: Interval = 2.0  # /healthz: each database / Redis probe
+    # Operations (docs/operations.md)
+    log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port | None = None  # a listener serving GET /metrics without a key
     drain_timeout_s: Delay = 30.0  # SIGTERM: running streams may finish this long
 
 
@@ -159,12 +167,21 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True):
     data_dir: str | None = None
 
 
+def deployment_name(provider: str, upstream_model: str) -> str:
+    """A deployment's name in metrics and logs: ``provider/upstream_model``."""
+    return f"{provider}/{upstream_model}"
+
+
 class DeploymentEntry(msgspec.Struct, frozen=True):
     """One place a model can be served: a provider, its name for the model, a weight."""
 
     provider: str
     upstream_model: str
     weight: int = 1
+
+    @property
+    def name(self) -> str:
+        return deployment_name(self.provider, self.upstream_model)
 
 
 class ModelEntry(msgspec.Struct, frozen=True):
@@ -239,6 +256,39 @@ def parse_seconds(text: str, what: str = "TOKENWIRE_DRAIN_TIMEOUT") -> float:
     if not 0 <= seconds < float("inf"):
         raise ConfigError(f"{what}: {text!r} is not a number of seconds (0 or more)")
     return seconds
+
+
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def _operations_env(server: ServerConfig, environ: Mapping[str, str]) -> ServerConfig:
+    """``TOKENWIRE_LOG_FORMAT``, ``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT`` and
+    ``TOKENWIRE_DRAIN_TIMEOUT``."""
+    if environ.get("TOKENWIRE_DRAIN_TIMEOUT"):
+        seconds = parse_seconds(environ["TOKENWIRE_DRAIN_TIMEOUT"])
+        server = msgspec.structs.replace(server, drain_timeout_s=seconds)
+    log_format = environ.get("TOKENWIRE_LOG_FORMAT")
+    if log_format:
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"TOKENWIRE_LOG_FORMAT: {log_format!r} is not one of {', '.join(LOG_FORMATS)}"
+            )
+        server = msgspec.structs.replace(server, log_format=log_format)
+    if environ.get("TOKENWIRE_METRICS_HOST"):
+        server = msgspec.structs.replace(server, metrics_host=environ["TOKENWIRE_METRICS_HOST"])
+    if environ.get("TOKENWIRE_METRICS_PORT"):
+        port = parse_port(environ["TOKENWIRE_METRICS_PORT"], "TOKENWIRE_METRICS_PORT")
+        server = msgspec.structs.replace(server, metrics_port=port)
+    return server
+
+
+def check_server(server: ServerConfig) -> None:
+    """What no single field can say: the metrics listener needs a port of its own."""
+    if server.metrics_port is not None and server.metrics_port == server.port:
+        raise ConfigError(
+            f"server.metrics_port: {server.metrics_port} is the API's port too; the metrics "
+            "listener needs a port of its own"
+        )
 
 
 def _read_toml(text: str, source: str) -> FileConfig:
@@ -325,10 +375,7 @@ def load_settings(
         server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
     if environ.get("TOKENWIRE_PORT"):
         server = msgspec.structs.replace(server, port=parse_port(environ["TOKENWIRE_PORT"]))
-    if environ.get("TOKENWIRE_DRAIN_TIMEOUT"):
-        server = msgspec.structs.replace(
-            server, drain_timeout_s=parse_seconds(environ["TOKENWIRE_DRAIN_TIMEOUT"])
-        )
+    server = _operations_env(server, environ)
     limits = merged.limits
     if environ.get("TOKENWIRE_REDIS_URL"):
         limits = msgspec.structs.replace(
@@ -391,6 +438,7 @@ def load_settings(
                 raise ConfigError(
                     f"server.trusted_proxies: {proxy!r} is not an IP address or network"
                 ) from None
+    check_server(server)
     return Settings(
         data_dir=resolved_dir,
         database_url=database_url,

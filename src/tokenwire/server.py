@@ -22,6 +22,7 @@ own ``DrainingServer`` and drains on the SIGTERM its supervisor forwards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
@@ -72,10 +73,15 @@ class DrainingServer(uvicorn.Server):
         app = self.config.app
         if isinstance(app, Gateway) and not self.force_exit:
             for server in self.servers:
-                server.close()  # no new connections: a balancer's connect goes elsewhere
+                if not _listens_on(server, app.metrics_port):  # Prometheus scrapes the drain
+                    server.close()  # no new connections: a balancer's connect goes elsewhere
             self.streams_ended_by_drain = await app.drain_before_exit(
                 reason=self.drain_reason,
                 timeout_s=self.drain_timeout_s,
                 forced=lambda: self.force_exit,
             )
         await super().shutdown(sockets)
+
+
+def _listens_on(server: asyncio.Server, port: int | None) -> bool:
+    return port is not None and any(sock.getsockname()[1] == port for sock in server.sockets)

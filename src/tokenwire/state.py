@@ -15,6 +15,7 @@ from tokenwire.config import Settings
 from tokenwire.drain import Drain
 from tokenwire.limits.base import RateLimiter
 from tokenwire.monitor import HealthMonitor
+from tokenwire.observability.metrics import Metrics
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.responses import ResponsesService
 
@@ -33,6 +34,7 @@ class AppState:
     limiter: RateLimiter
     monitor: HealthMonitor
     responses: ResponsesService
+    metrics: Metrics  # this app's Prometheus series (the same object CompletionService observes)
     drain: Drain
 
 

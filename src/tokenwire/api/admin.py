@@ -44,7 +44,14 @@ from tokenwire.api.formats import (
     USD_PATTERN,
     read_usd,
 )
-from tokenwire.api.usage import parse_instant_ms, query_params, time_range, total_object
+from tokenwire.api.usage import (
+    group_objects,
+    parse_group_by,
+    parse_instant_ms,
+    query_params,
+    time_range,
+    total_object,
+)
 from tokenwire.config import usd_to_micro
 from tokenwire.errors import InvalidRequest, NotFound, PermissionDenied
 from tokenwire.runtime import snapshot
@@ -334,23 +341,6 @@ async def topup_key(request: Request) -> Response:
     )
 
 
-GROUPS = {"key": "key_id", "key_id": "key_id", "model": "model", "day": "day"}
-
-
-def parse_group_by(value: str | None) -> tuple[str, ...]:
-    """``key,model,day`` (any subset, any order) → the ledger's column names; 400 if unknown."""
-    if value is None:
-        return ("key_id", "model", "day")
-    names = [part.strip() for part in value.split(",") if part.strip()]
-    unknown = [n for n in names if n not in GROUPS]
-    if unknown:
-        raise InvalidRequest(
-            f"Invalid 'group_by': {', '.join(map(repr, unknown))}; use any of key, model, day.",
-            param="group_by",
-        )
-    return tuple(dict.fromkeys(GROUPS[n] for n in names))
-
-
 async def runtime(request: Request) -> Response:
     """This process's counts of what it holds (``tokenwire.runtime``): leaks show here."""
     state = await require_admin(request)
@@ -371,7 +361,7 @@ async def usage_report(request: Request) -> Response:
     }
     groups = await state.ledger.totals(**filters, group_by=group_by)
     (overall,) = await state.ledger.totals(**filters, group_by=())
-    data = [{**{g: row[g] for g in group_by}, **total_object(row)} for row in groups]
+    data = group_objects(groups, group_by)
     return json_response(
         {
             "object": "list",

@@ -62,6 +62,7 @@ async def authenticate_token(state: AppState, token: str, client: str) -> KeyRec
         return record
     blocked_for = await state.limiter.auth_blocked(client)
     if blocked_for is not None:
+        state.metrics.limit_refused("auth_failures")
         raise RateLimited(
             "Too many failed authentications from this address; try again later.",
             retry_after_s=blocked_for,

@@ -8,6 +8,8 @@ Any active key may read its own usage (and only its own). Query parameters:
 ``model``           only this model
 ``limit``           at most this many rows, newest first (1-1000, default 100); the totals
                     cover the whole range whatever the limit
+``group_by``        ``model``, ``day`` or ``model,day``: the answer also holds ``groups``, the
+                    totals per model and/or UTC day over the range (what the usage page charts)
 
 Unknown parameters are refused (400), so a misspelt filter never silently reads everything.
 """
@@ -105,6 +107,27 @@ def time_range(params: dict[str, str]) -> tuple[int | None, int | None]:
     return start, end
 
 
+GROUPS = {"key": "key_id", "key_id": "key_id", "model": "model", "day": "day"}
+OWN_GROUPS = ("model", "day")
+"""What ``GET /v1/usage`` may group by: one key's own rows have no key to group by."""
+
+
+def parse_group_by(value: str | None, allowed: Collection[str] = tuple(GROUPS)) -> tuple[str, ...]:
+    """``key,model,day`` (any subset of ``allowed``, any order) → the ledger's column names;
+    None → all of them; 400 naming ``group_by`` for anything else."""
+    if value is None:
+        return tuple(dict.fromkeys(GROUPS[n] for n in allowed))
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        choices = ", ".join(dict.fromkeys(n.removesuffix("_id") for n in allowed))
+        raise InvalidRequest(
+            f"Invalid 'group_by': {', '.join(map(repr, unknown))}; use any of {choices}.",
+            param="group_by",
+        )
+    return tuple(dict.fromkeys(GROUPS[n] for n in names))
+
+
 def total_object(totals: dict[str, Any]) -> dict[str, Any]:
     """Requests, tokens and cost (micro-dollars and USD) of a ``Ledger.totals`` row."""
     return {
@@ -116,15 +139,21 @@ def total_object(totals: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def group_objects(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``Ledger.totals`` rows as JSON: their group columns, then :func:`total_object`."""
+    return [{**{g: row[g] for g in group_by}, **total_object(row)} for row in rows]
+
+
 def row_object(row: LedgerRow) -> dict[str, Any]:
     """One ledger row as JSON (``created_at`` in Unix ms), with ``cost_usd``."""
     return {"object": "usage.record", **asdict(row), "cost_usd": usd(row.cost_micro)}
 
 
 async def get_usage(request: Request) -> Response:
-    """The caller's ledger rows (newest first), totals over the range, and balance."""
+    """The caller's ledger rows (newest first), totals over the range, and balance; with
+    ``group_by``, the totals per model and/or day too."""
     key = await authenticate(request)
-    params = query_params(request, ("start", "end", "model", "limit"))
+    params = query_params(request, ("start", "end", "model", "limit", "group_by"))
     start, end = time_range(params)
     model = params.get("model") or None
     limit = DEFAULT_LIMIT
@@ -142,12 +171,20 @@ async def get_usage(request: Request) -> Response:
         key_id=key.id, since_ms=start, until_ms=end, model=model, group_by=()
     )
     balance = await ledger.balance(key.id)
-    return json_response(
-        {
-            "object": "list",
-            "data": [row_object(r) for r in rows],
-            "total": total_object(totals),
-            "balance_micro": balance,
-            "balance_usd": usd(balance),
-        }
-    )
+    answer: dict[str, Any] = {
+        "object": "list",
+        "data": [row_object(r) for r in rows],
+        "total": total_object(totals),
+        "balance_micro": balance,
+        "balance_usd": usd(balance),
+    }
+    if params.get("group_by"):
+        group_by = parse_group_by(params["group_by"], OWN_GROUPS)
+        groups = await ledger.totals(
+            key_id=key.id, since_ms=start, until_ms=end, model=model, group_by=group_by
+        )
+        answer["group_by"] = list(group_by)
+        answer["groups"] = [
+            {**{g: row[g] for g in group_by}, **total_object(row)} for row in groups
+        ]
+    return json_response(answer)

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -98,6 +98,7 @@ class WSSession:
         "_draining_notice_task",
         "_envelope",
         "_key",
+        "_mode",
         "_out",
         "_reader_task",
         "_receive_timeout",
@@ -136,6 +137,7 @@ class WSSession:
         self._drain: DrainNotice | None = None
         self._envelope = envelope
         self._draining_notice_task: asyncio.Task[None] | None = None
+        self._mode = "pending"  # until the first request: "compatible" or "envelope" (metrics)
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class WSSession:
         assert task is not None
         self._reader_task = task
         self._state.drain.join(self)
+        self._state.metrics.websocket_mode(None, self._mode)
         try:
             # The reader ends on a close, a violation or a timeout; a writer that ends (the
             # client accepts nothing for ws_send_timeout_s, or the transport is gone) cancels it.
@@ -155,6 +158,8 @@ class WSSession:
         except Exception as exc:  # logged, like any unexpected failure of a connection
             log.error("WebSocket reader failed", exc_info=exc)
         finally:
+            self._state.metrics.websocket_mode(self._mode, None)  # first: the rest awaits
+            self._mode = "closed"  # counted under no mode any more
             self._state.drain.leave(self)
             self._reader_task = None  # a writer ending from now on cancels nothing
             self._mark_client_closed()
@@ -172,6 +177,12 @@ class WSSession:
                     async with asyncio.timeout(1.0):
                         await asyncio.shield(writer)
                 writer.cancel()
+
+    def _set_mode(self, mode: str) -> None:
+        """The socket's first request decides the mode it is counted under."""
+        if self._mode == "pending":
+            self._state.metrics.websocket_mode(self._mode, mode)
+            self._mode = mode
 
     def _queue(self) -> asyncio.Queue[bytes | _Close]:
         """The writer's queue, starting the writer on first use."""
@@ -337,6 +348,7 @@ class WSSession:
             raise proto.RequestFailed(refusal(), request_id)
         cap = self._config.ws_max_concurrent_requests
         if self._active() >= cap:
+            self._state.metrics.limit_refused("socket_requests")
             error = RateLimited(
                 f"At most {cap} requests may run at once on one socket.",
                 retry_after_s=1.0,
@@ -392,18 +404,21 @@ class WSSession:
         if message.idempotency_key is not None:
             idempotency = (message.idempotency_key, request_digest(message.body))
         try:
-            generation = await self._start(message.body, message.resumable, idempotency)
+            generation = await self._start(
+                message.body, "ws-envelope", message.resumable, idempotency
+            )
         except Exception as exc:  # noqa: BLE001 - logged; fails this request only
             raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
         self._serve(request_id, generation, 0)
 
     async def _resume(self, message: proto.ResumeMessage) -> None:
         request_id = message.request_id or message.stream_id
+        self._set_mode("envelope")
         self._check_new_request_id(request_id)
         try:
             key = await self._live_key()
-            generation = await self._state.completions.streams.get(
-                message.stream_id, key.id, message.starting_after
+            generation = await self._state.completions.resume(
+                message.stream_id, key.id, message.starting_after, "ws-envelope"
             )
         except Exception as exc:  # noqa: BLE001 - logged; fails this request only
             raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
@@ -427,13 +442,21 @@ class WSSession:
     async def _start(
         self,
         body: dict[str, Any],
+        transport: Literal["ws", "ws-envelope"],
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
     ) -> StreamSource:
+        self._set_mode("envelope" if transport == "ws-envelope" else "compatible")
         request = convert_chat_request(body)
         key = await self._live_key()
         return await self._state.completions.start(
-            key, request, body, "ws", resumable=resumable, idempotency=idempotency
+            key,
+            request,
+            body,
+            transport,
+            resumable=resumable,
+            idempotency=idempotency,
+            client=client_address(self._ws),
         )
 
     async def _live_key(self) -> KeyRecord:
@@ -498,7 +521,7 @@ class WSSession:
         reports it in order)."""
         if isinstance(item, GatewayError):
             raise item
-        generation = await self._start(item)
+        generation = await self._start(item, "ws")
         await self._stream(generation, FrameLoop(ChatCompatFrames(generation), merge=True), 0)
         await self._finish_compatible()
 

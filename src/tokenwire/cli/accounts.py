@@ -365,8 +365,7 @@ def usage(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Requests, tokens and cost from the usage ledger, grouped by key, model and/or day."""
-    from tokenwire.api.admin import parse_group_by
-    from tokenwire.api.usage import parse_instant_ms, total_object
+    from tokenwire.api.usage import parse_group_by, parse_instant_ms, total_object
 
     settings = load(config, data_dir)
     try:

@@ -10,7 +10,7 @@ gateway process rebuilds exactly the events the generating process logged::
     ["e", status, type, code, message, param]     StreamError (as a RecordedError)
     ["e", status, type, code, message, param, {…}]  … with fields beyond OpenAI's four
 
-``Routed`` never reaches a log, so it has no form here.
+``Routed`` and ``AttemptFailed`` never reach a log, so they have no form here.
 """
 
 from __future__ import annotations
