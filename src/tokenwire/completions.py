@@ -43,6 +43,7 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.pricing import cost_micro, is_free, worst_case_micro
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry
+from tokenwire.drain import interrupted
 from tokenwire.errors import GatewayError, PermissionDenied
 from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.observability.logs import log_completion, log_refusal
@@ -88,6 +89,8 @@ class _Context:
 
 def ledger_status(generation: Generation) -> str:
     """The ledger's status for a finished generation."""
+    if generation.interrupted:
+        return "shutdown"
     if generation.state is GenerationState.FAILED:
         return "upstream_error"
     if generation.state is GenerationState.CANCELLED:
@@ -397,11 +400,27 @@ class CompletionService:
             api=context.api,
         )
 
+    def interrupt_all(self) -> int:
+        """End every running generation with the in-band ``server_shutting_down`` error (a
+        drain's timeout, or the shutdown itself); the number ended. Each says whether its
+        events can be read again on another gateway process."""
+        running = [g for g in self.live.values() if not g.finished]
+        for generation in running:
+            readable_s = self.streams.readable_elsewhere_s(generation)
+            generation.interrupt(
+                interrupted(
+                    generation.id,
+                    generation.log.last_seq,
+                    resumable=readable_s is not None,
+                    retention_s=readable_s or 0.0,
+                )
+            )
+        return len(running)
+
     async def shutdown(self) -> None:
-        """Cancel every live generation and wait for them to settle."""
+        """End every live generation, wait for them to settle, flush the ledger writer."""
         pending = list(self.live.values())
-        for generation in pending:
-            generation.cancel("shutdown")
+        self.interrupt_all()
         await asyncio.gather(*(g.wait_settled() for g in pending))
         await self._writer.aclose()
 

@@ -28,7 +28,9 @@ from starlette.types import ASGIApp
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.app import create_app, server_options
 from tokenwire.config import Settings, load_settings
+from tokenwire.drain import DrainReason
 from tokenwire.providers.sim import SimPlan, plan
+from tokenwire.server import DrainingServer
 from tokenwire.simupstream.app import create_sim_app
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
@@ -126,9 +128,14 @@ class Scrape:
 
 
 class ServerThread:
-    """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread."""
+    """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread.
 
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
+    The server is ``tokenwire serve``'s :class:`~tokenwire.server.DrainingServer`:
+    :meth:`begin_drain` does what SIGTERM does to ``serve``; :meth:`stop` drains with no
+    timeout (running streams end in-band at once) and waits for the thread.
+    """
+
+    def __init__(self, app: ASGIApp, *, drain_timeout_s: float = 0.0, **options: Any) -> None:
         self.app = app
         settings: dict[str, Any] = {
             "loop": "uvloop",
@@ -140,7 +147,7 @@ class ServerThread:
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, access_log=False, log_level="warning", **settings
         )
-        self._server = uvicorn.Server(config)
+        self._server = DrainingServer(config, drain_timeout_s=drain_timeout_s)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -172,8 +179,24 @@ class ServerThread:
         sockets = self._server.servers[0].sockets
         self.port = int(sockets[0].getsockname()[1])
 
+    def begin_drain(self, reason: DrainReason = "shutdown") -> None:
+        """Drain and exit as ``serve`` does on SIGTERM (``"restart"``: SIGHUP); returns at once."""
+        self._server.request_drain(reason)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the server to exit; whether it did."""
+        self._thread.join(timeout=timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def streams_ended_by_drain(self) -> int:
+        """How many streams the drain's timeout ended (after the server exited)."""
+        return self._server.streams_ended_by_drain
+
     def stop(self) -> None:
-        self._server.should_exit = True
+        if not self._server.should_exit:
+            self._server.drain_timeout_s = 0.0  # a test's end: running streams end at once
+            self._server.should_exit = True
         self._thread.join(timeout=15)
 
     @property
@@ -231,7 +254,11 @@ class GatewayServer(ServerThread):
         self.admin_key, self.api_key, self.api_key_id = asyncio.run(
             _bootstrap_keys(self.settings, self.env, grant_usd * 1_000_000)
         )
-        super().__init__(create_app(self.settings, self.env), **server_options(self.settings))
+        super().__init__(
+            create_app(self.settings, self.env),
+            drain_timeout_s=self.settings.server.drain_timeout_s,
+            **server_options(self.settings),
+        )
 
     @property
     def state(self) -> AppState:

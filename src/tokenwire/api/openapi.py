@@ -600,6 +600,22 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     },
                 }
             },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": "Readiness for a load balancer: send this instance new requests?",
+                    "responses": {
+                        "200": {"description": "Ready: not draining; database and Redis answer."},
+                        "503": {
+                            "description": (
+                                "Not ready: `status` is `draining` (a graceful drain began; "
+                                "docs/operations.md) or `not_ready`; `failing` names the checks "
+                                "(draining, database, redis)."
+                            )
+                        },
+                    },
+                }
+            },
         },
         "components": {
             "schemas": components,

@@ -9,6 +9,10 @@ closed with 1013.
 
 Compatible-mode requests run one after another (their chunks carry no request id); envelope
 requests run concurrently up to ``ws_max_concurrent_requests``.
+
+When the process drains (tokenwire.drain), a session refuses new requests (503
+``server_shutting_down``), tells an envelope-mode client with ``session.closing``, and closes
+(1001, or 1012 for a restart) as soon as it runs no request.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from tokenwire.accounting.keys import KeyRecord
 from tokenwire.api.auth import authenticate_token, bearer_token, client_address
 from tokenwire.config import ServerConfig
+from tokenwire.drain import DrainNotice, refusal
 from tokenwire.errors import (
     AuthenticationError,
     GatewayError,
@@ -97,6 +102,9 @@ class WSSession:
         "_closed_event",
         "_closing",
         "_config",
+        "_drain",
+        "_draining_notice_task",
+        "_envelope",
         "_key",
         "_lanes",
         "_mode",
@@ -110,7 +118,9 @@ class WSSession:
         "_ws",
     )
 
-    def __init__(self, websocket: WebSocket, state: AppState, key: KeyRecord | None) -> None:
+    def __init__(
+        self, websocket: WebSocket, state: AppState, key: KeyRecord | None, *, envelope: bool
+    ) -> None:
         self._ws = websocket
         self._state = state
         self._config: ServerConfig = state.settings.server
@@ -129,6 +139,11 @@ class WSSession:
         self._bucket = _RateBucket(self._config.ws_messages_per_second)
         self._auth_deadline: float | None = None
         self._receive_timeout: asyncio.Timeout | None = None
+        # Drain: the notice once the process drains; whether the client speaks envelope mode
+        # (the tokenwire.v1 subprotocol, or a typed message), which gets session.closing.
+        self._drain: DrainNotice | None = None
+        self._envelope = envelope
+        self._draining_notice_task: asyncio.Task[None] | None = None
         self._mode = "pending"  # until the first request: "compatible" or "envelope" (metrics)
 
     # -- the connection ----------------------------------------------------------------------
@@ -137,6 +152,7 @@ class WSSession:
         task = asyncio.current_task()
         assert task is not None
         self._reader_task = task
+        self._state.drain.join(self)
         self._state.metrics.websocket_mode(None, self._mode)
         try:
             # The reader ends on a close, a violation or a timeout; a writer that ends (the
@@ -151,6 +167,7 @@ class WSSession:
         finally:
             self._state.metrics.websocket_mode(self._mode, None)  # first: the rest awaits
             self._mode = "closed"  # counted under no mode any more
+            self._state.drain.leave(self)
             self._reader_task = None  # a writer ending from now on cancels nothing
             self._mark_client_closed()
             tasks = self._tasks()
@@ -239,9 +256,36 @@ class WSSession:
         return asyncio.get_running_loop().time() + self._config.ws_idle_timeout_s
 
     def _rearm_idle(self) -> None:
-        """A request ended: restart the idle clock of a reader that waits with none."""
+        """A request ended: restart the idle clock of a reader that waits with none (or, while
+        draining, close the socket once no request runs)."""
+        self._close_if_drained()
         if self._receive_timeout is not None and not self._active():
             self._receive_timeout.reschedule(self._receive_deadline())
+
+    # -- drain -------------------------------------------------------------------------------
+
+    def drain(self, notice: DrainNotice) -> None:
+        """The process drains: refuse new requests, tell an envelope client, close when idle."""
+        if self._drain is not None:
+            return
+        self._drain = notice
+        if self._key is not None and self._envelope:
+            loop = asyncio.get_running_loop()
+            self._draining_notice_task = loop.create_task(self._send_closing(notice))
+        else:
+            self._close_if_drained()
+
+    async def _send_closing(self, notice: DrainNotice) -> None:
+        drain_ms = int(notice.remaining_s() * 1000)
+        await self._send(proto.closing_message(notice.reason, notice.close_code, drain_ms))
+        self._draining_notice_task = None
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        """Close with the drain's code once no request runs (after ``session.closing``)."""
+        notice = self._drain
+        if notice is not None and self._draining_notice_task is None and not self._active():
+            self._close_soon(notice.close_code, notice.close_reason)
 
     async def _reader(self) -> None:
         max_bytes = self._config.ws_max_message_bytes
@@ -270,6 +314,7 @@ class WSSession:
                 return
             try:
                 parsed = self._parse(text, max_bytes)
+                self._envelope = self._envelope or self._speaks_envelope(parsed)
                 if self._key is None:
                     await self._authenticate(parsed)
                     continue
@@ -302,10 +347,16 @@ class WSSession:
         """One client message, typed (the protocol's own parser)."""
         return proto.parse_client_message(text, max_bytes=max_bytes)
 
+    def _speaks_envelope(self, message: object) -> bool:
+        """Whether a client sending ``message`` speaks envelope mode (gets ``session.closing``)."""
+        return not isinstance(message, proto.CompatibleRequest)
+
     def _tasks(self) -> list[asyncio.Task[None]]:
-        """The tasks serving requests (cancelled when the socket ends)."""
+        """The tasks serving requests and the drain notice (cancelled when the socket ends)."""
         tasks = [request_task for request_task, _ in self._requests.values()]
         tasks.extend(lane.task for lane in (self._lanes or {}).values() if lane.task is not None)
+        if self._draining_notice_task is not None:
+            tasks.append(self._draining_notice_task)
         return tasks
 
     def _active(self) -> int:
@@ -313,6 +364,8 @@ class WSSession:
         return len(self._requests) + queued
 
     def _check_capacity(self, request_id: str | None) -> None:
+        if self._drain is not None:
+            raise proto.RequestFailed(refusal(), request_id)
         cap = self._config.ws_max_concurrent_requests
         if self._active() >= cap:
             self._state.metrics.limit_refused("socket_requests")
@@ -564,6 +617,11 @@ async def serve_socket(websocket: WebSocket, session: type[WSSession]) -> None:
     state = get_state(websocket)
     offered = list(websocket.scope.get("subprotocols") or [])
     subprotocol = proto.SUBPROTOCOL if proto.SUBPROTOCOL in offered else None
+    notice = state.drain.notice
+    if notice is not None:  # an upgrade on a connection still open during a drain
+        await websocket.accept(subprotocol)
+        await websocket.close(notice.close_code, notice.close_reason)
+        return
     if not _origin_allowed(websocket, state.settings.server.ws_allowed_origins):
         await websocket.accept(subprotocol)
         await websocket.close(proto.CLOSE_POLICY, "origin not allowed")
@@ -578,7 +636,7 @@ async def serve_socket(websocket: WebSocket, session: type[WSSession]) -> None:
         if token is not None:
             key = await authenticate_token(state, token, client)
         elif ticket is not None:
-            key_id = state.tickets.redeem(ticket)
+            key_id = await state.tickets.redeem(ticket)
             key = None if key_id is None else await state.keys.get(key_id)
             if key is None or not key.is_active(time.time()):
                 raise AuthenticationError("invalid or expired ticket")
@@ -592,4 +650,4 @@ async def serve_socket(websocket: WebSocket, session: type[WSSession]) -> None:
         await websocket.close(proto.CLOSE_INTERNAL, "internal error; try again later")
         return
     await websocket.accept(subprotocol)
-    await session(websocket, state, key).run()
+    await session(websocket, state, key, envelope=subprotocol is not None).run()

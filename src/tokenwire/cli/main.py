@@ -88,18 +88,38 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    drain_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            min=0,
+            help="On SIGTERM, let running streams finish this many seconds (default 30; "
+            "server.drain_timeout_s, TOKENWIRE_DRAIN_TIMEOUT).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the gateway. On a first start it creates the database and prints two keys once.
 
     The keys go to stdout, once; logs go to stderr (JSON unless stderr is a terminal).
+
+    SIGTERM drains it (docs/operations.md): no new requests, running streams finish for up to
+    the drain timeout, then it exits. SIGHUP does the same for a restart (WebSockets close
+    with 1012, exit status 0).
     """
     import uvicorn
 
     from tokenwire.app import create_app, server_options
     from tokenwire.observability.logs import configure_logging, resolve_format
+    from tokenwire.server import DrainingServer
 
     settings = _serve_settings(
-        _settings(config, data_dir), host, port, log_format, metrics_host, metrics_port
+        _settings(config, data_dir),
+        host,
+        port,
+        log_format,
+        metrics_host,
+        metrics_port,
+        drain_timeout,
     )
     server = settings.server
     configure_logging(resolve_format(server.log_format, sys.stderr))
@@ -135,7 +155,7 @@ def serve(
         log_config=None,  # configure_logging above: uvicorn's lines are formatted like ours
         **server_options(settings),
     )
-    _run(uvicorn.Server(uv_config), sockets)
+    _run(DrainingServer(uv_config, drain_timeout_s=server.drain_timeout_s), sockets)
 
 
 def _url(host: str, port: int) -> str:
@@ -149,6 +169,7 @@ def _serve_settings(
     log_format: str | None,
     metrics_host: str | None,
     metrics_port: int | None,
+    drain_timeout: float | None = None,
 ) -> Settings:
     """The settings with ``serve``'s options laid over them (checked like the file)."""
     changes: dict[str, object] = {
@@ -158,6 +179,7 @@ def _serve_settings(
             ("port", port),
             ("metrics_host", metrics_host),
             ("metrics_port", metrics_port),
+            ("drain_timeout_s", drain_timeout),
         )
         if value is not None
     }

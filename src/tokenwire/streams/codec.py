@@ -8,6 +8,7 @@ gateway process rebuilds exactly the events the generating process logged::
     ["f", reason]                                 Finish
     ["u", prompt_tokens, completion_tokens, est]  Usage (a fifth item: its cost_micro, when set)
     ["e", status, type, code, message, param]     StreamError (as a RecordedError)
+    ["e", status, type, code, message, param, {…}]  … with fields beyond OpenAI's four
 
 ``Routed`` and ``AttemptFailed`` never reach a log, so they have no form here.
 """
@@ -37,9 +38,14 @@ class CorruptEvent(ValueError):
     """Bytes in a shared stream log that are not an event this version understands."""
 
 
+_OPENAI_ERROR_FIELDS = frozenset({"message", "type", "code", "param"})
+
+
 def _error_fields(error: GatewayError) -> list[Any]:
     body = error.to_body()["error"]
-    return ["e", error.http_status, body["type"], body["code"], body["message"], body["param"]]
+    fields = ["e", error.http_status, body["type"], body["code"], body["message"], body["param"]]
+    extra = {k: v for k, v in body.items() if k not in _OPENAI_ERROR_FIELDS}
+    return [*fields, extra] if extra else fields
 
 
 def encode_event(event: Event) -> bytes:
@@ -79,6 +85,7 @@ def decode_event(data: bytes) -> Event:
                 error_type=str(item[2]),
                 code=item[3],
                 param=item[5],
+                extra=dict(item[6]) if len(item) > 6 else None,
             )
             return StreamError(error)
     except (msgspec.DecodeError, IndexError, TypeError, ValueError) as exc:
