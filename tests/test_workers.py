@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -25,6 +26,7 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
+from websockets.asyncio.client import connect
 
 from tokenwire.testing import FAST_SIM, paced_sim
 from tokenwire.testing_services import delete_keys
@@ -253,6 +255,26 @@ async def test_workers_share_one_request_rate(workers: Workers) -> None:
                 await response.read()
                 statuses.append(response.status)
     assert sorted(statuses) == [200, 200, 200, 429, 429, 429]
+
+
+async def test_tickets_issued_by_one_worker_work_on_any(workers: Workers) -> None:
+    """WebSocket tickets live in Redis: 20 tickets, issued alternately by the two workers, each
+    authenticate a socket on whichever worker it reaches (with tickets in process memory,
+    about half would land on the other worker and be refused)."""
+    tickets: list[list[str]] = []
+    async with one_connection_per_worker(workers) as sessions:
+        for i in range(20):
+            async with sessions[i % 2].post(
+                workers.url + "/v1/ws/tickets", headers=workers.headers()
+            ) as response:
+                assert response.status == 201
+                tickets.append((await response.json())["subprotocols"])
+    url = f"ws://127.0.0.1:{workers.port}/v1/ws/chat"
+    for subprotocols in tickets:
+        async with connect(url, subprotocols=subprotocols) as ws:  # type: ignore[arg-type]
+            await ws.send(json.dumps(_body(max_tokens=2)))
+            first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            assert "choices" in first, first  # authenticated: it streams
 
 
 def test_first_start_keys_are_printed_once(workers: Workers) -> None:

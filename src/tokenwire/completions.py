@@ -45,6 +45,7 @@ from tokenwire.accounting.pricing import cost_micro, is_free, worst_case_micro
 from tokenwire.accounting.reserver import Reserver
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry
+from tokenwire.drain import interrupted
 from tokenwire.errors import GatewayError, PermissionDenied
 from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.observability.logs import log_completion, log_refusal
@@ -53,7 +54,7 @@ from tokenwire.observability.outcomes import completion_record, refusal_of
 from tokenwire.observability.records import Api, Refusal, Transport
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
-from tokenwire.streams.events import Event
+from tokenwire.streams.events import Event, Usage
 from tokenwire.streams.generation import Generation, GenerationState
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.source import StreamSource
@@ -90,6 +91,8 @@ class _Context:
 
 def ledger_status(generation: Generation) -> str:
     """The ledger's status for a finished generation."""
+    if generation.interrupted:
+        return "shutdown"
     if generation.state is GenerationState.FAILED:
         return "upstream_error"
     if generation.state is GenerationState.CANCELLED:
@@ -149,6 +152,7 @@ class CompletionService:
         client: str = "",
         api: Api = "chat",
         on_settled: SettledHook | None = None,
+        include_cost: bool = False,
     ) -> StreamSource:
         """Admit and start a completion; raises before anything runs when it may not.
 
@@ -159,10 +163,13 @@ class CompletionService:
         ``stream_grace_s`` and are kept for resuming. ``api`` names the client API (the id's
         style and the ledger's ``api``); ``on_settled`` runs once after the ledger row is
         written, before the generation leaves ``live`` (a failure is logged). ``client`` (the
-        caller's address) goes to the completion's log line.
+        caller's address) goes to the completion's log line. With ``include_cost`` the final
+        usage carries the charge (``cost_micro``).
         """
         completion_id = new_completion_id(api)
-        admit = _Admit(key, request, raw_body, transport, completion_id, client, api, on_settled)
+        admit = _Admit(
+            key, request, raw_body, transport, completion_id, client, api, on_settled, include_cost
+        )
         if idempotency is None:
             return await self._start(admit, resumable)
         idempotency_key, digest = idempotency
@@ -205,6 +212,7 @@ class CompletionService:
                 if context.reserved_micro is None
                 else partial(completion_budget, entry, context.reserved_micro)
             ),
+            price=partial(self._charge, context) if admit.include_cost else None,
         )
         generation.response_headers = context.admission.headers
         self.live[generation.id] = generation
@@ -357,6 +365,15 @@ class CompletionService:
             self.streams.finished(generation)
             self.live.pop(generation.id, None)  # last: an empty ``live`` means all is written
 
+    @staticmethod
+    def _charge(context: _Context, usage: Usage) -> int:
+        """What a completion that produced output is charged for ``usage``: its price, never
+        more than was reserved. The ledger row and the reported ``cost_micro`` both use it."""
+        cost = cost_micro(context.entry, usage.prompt_tokens, usage.completion_tokens)
+        if context.reserved_micro is not None:
+            cost = min(cost, context.reserved_micro)
+        return cost
+
     def _row(self, context: _Context, generation: Generation) -> LedgerRow:
         """The completion's ledger row: what it used, and what it is charged."""
         usage = generation.usage
@@ -364,13 +381,7 @@ class CompletionService:
         failed_before_output = generation.state is GenerationState.FAILED and (
             generation.first_token_at is None
         )
-        cost = (
-            0
-            if failed_before_output
-            else cost_micro(context.entry, usage.prompt_tokens, usage.completion_tokens)
-        )
-        if context.reserved_micro is not None:
-            cost = min(cost, context.reserved_micro)  # never more than was reserved
+        cost = 0 if failed_before_output else self._charge(context, usage)
         ended = generation.ended_at or time.perf_counter()
         return LedgerRow(
             completion_id=generation.id,
@@ -394,12 +405,28 @@ class CompletionService:
             api=context.api,
         )
 
+    def interrupt_all(self) -> int:
+        """End every running generation with the in-band ``server_shutting_down`` error (a
+        drain's timeout, or the shutdown itself); the number ended. Each says whether its
+        events can be read again on another gateway process."""
+        running = [g for g in self.live.values() if not g.finished]
+        for generation in running:
+            readable_s = self.streams.readable_elsewhere_s(generation)
+            generation.interrupt(
+                interrupted(
+                    generation.id,
+                    generation.log.last_seq,
+                    resumable=readable_s is not None,
+                    retention_s=readable_s or 0.0,
+                )
+            )
+        return len(running)
+
     async def shutdown(self) -> None:
-        """Cancel every live generation and wait for them (and reservations given back) to
-        settle."""
+        """End every live generation, wait for them to settle (and reservations given back),
+        flush the ledger writer."""
         pending = list(self.live.values())
-        for generation in pending:
-            generation.cancel("shutdown")
+        self.interrupt_all()
         await asyncio.gather(*(g.wait_settled() for g in pending))
         await self._reserver.aclose()
         await self._writer.aclose()
@@ -417,3 +444,4 @@ class _Admit:
     client: str
     api: Api
     on_settled: SettledHook | None
+    include_cost: bool = False  # the final usage carries the charge

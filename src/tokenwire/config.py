@@ -7,11 +7,14 @@ Environment variables (all optional):
 ``TOKENWIRE_DATABASE_URL``  a SQLAlchemy URL (e.g. ``postgresql+asyncpg://…``) instead of SQLite
 ``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
 ``TOKENWIRE_WORKERS``       processes ``tokenwire serve`` runs: N or ``auto`` (``server.workers``)
-``TOKENWIRE_REDIS_URL``     share rate limits and resumable streams through Redis (sets
-                           ``limits.backend`` and ``server.stream_backend`` to ``"redis"``)
+``TOKENWIRE_REDIS_URL``     share rate limits, resumable streams and WebSocket tickets through
+                           Redis (sets ``limits.backend`` and ``server.stream_backend`` to
+                           ``"redis"``)
 ``TOKENWIRE_LOG_FORMAT``    ``json``, ``text`` or ``auto`` (``server.log_format``)
 ``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT``  the metrics listener
                            (``server.metrics_host``, ``server.metrics_port``)
+``TOKENWIRE_DRAIN_TIMEOUT`` seconds running streams may finish after SIGTERM
+                           (``server.drain_timeout_s``)
 
 Provider API keys are never in the file: a provider names the variable that holds its key
 (``api_key_env``), read when the app starts.
@@ -89,6 +92,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
     metrics_host: str = "127.0.0.1"
     metrics_port: Port | None = None  # a listener serving GET /metrics without a key
+    drain_timeout_s: Delay = 30.0  # SIGTERM: running streams may finish this long
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -258,11 +262,26 @@ def parse_workers(text: str, what: str = "TOKENWIRE_WORKERS") -> int | Literal["
     return value
 
 
+def parse_seconds(text: str, what: str = "TOKENWIRE_DRAIN_TIMEOUT") -> float:
+    """A duration of 0 or more seconds given as text, or ``ConfigError`` naming ``what``."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{what}: {text!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
 LOG_FORMATS = ("auto", "json", "text")
 
 
 def _operations_env(server: ServerConfig, environ: Mapping[str, str]) -> ServerConfig:
-    """``TOKENWIRE_LOG_FORMAT``, ``TOKENWIRE_METRICS_HOST`` and ``TOKENWIRE_METRICS_PORT``."""
+    """``TOKENWIRE_LOG_FORMAT``, ``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT`` and
+    ``TOKENWIRE_DRAIN_TIMEOUT``."""
+    if environ.get("TOKENWIRE_DRAIN_TIMEOUT"):
+        seconds = parse_seconds(environ["TOKENWIRE_DRAIN_TIMEOUT"])
+        server = msgspec.structs.replace(server, drain_timeout_s=seconds)
     log_format = environ.get("TOKENWIRE_LOG_FORMAT")
     if log_format:
         if log_format not in LOG_FORMATS:

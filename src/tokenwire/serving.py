@@ -31,7 +31,8 @@ def run_server(
     access_log: bool = True,
     on_started: Callable[[], None] | None = None,
 ) -> bool:
-    """Serve the gateway on ``sockets`` (listening) until stopped; False if it never started.
+    """Serve the gateway on ``sockets`` (listening) until stopped, draining on SIGTERM
+    (:class:`~tokenwire.server.DrainingServer`); False if it never started.
 
     Logging is the caller's (``observability.logs.configure_logging``): uvicorn's lines are
     formatted like ours. ``on_started`` runs once the app is ready to serve, after the
@@ -40,6 +41,7 @@ def run_server(
     import uvicorn
 
     from tokenwire.app import create_app, server_options
+    from tokenwire.server import DrainingServer
 
     def started() -> None:
         freeze_startup_heap()
@@ -53,7 +55,7 @@ def run_server(
         log_config=None,
         **server_options(settings),
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, drain_timeout_s=settings.server.drain_timeout_s)
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal stop
         server.run(sockets=sockets)
     return bool(server.started)

@@ -12,10 +12,12 @@ The supervisor (the process ``serve`` started) never serves a request. It:
    it once), told its settings and socket through its standard input; on Linux a worker also
    dies with its supervisor (``PR_SET_PDEATHSIG``), so a supervisor killed with SIGKILL leaves
    no orphans;
-3. watches them. SIGTERM or SIGINT is forwarded as SIGTERM to every worker, each drains and
-   exits, then the supervisor exits 0 (a second signal is forwarded too: workers then stop
-   without waiting for their streams). A worker that fails before it is ready (bad settings,
-   a database it cannot reach at start) stops everything, exit 1. A worker that dies after
+3. watches them. SIGTERM or SIGINT is forwarded as SIGTERM to every worker, each drains
+   (``tokenwire.server.DrainingServer``) and exits, then the supervisor exits 0; a second
+   signal reaches them as SIGINT, which ends what is left of their drains. (SIGHUP to one
+   worker restarts that worker: it drains, exits 0, and is started again.) A worker that
+   fails before it is ready (bad settings, a database it cannot reach at start) stops
+   everything, exit 1. A worker that dies after
    being ready is restarted after a backoff (1 s, doubling to 30 s; reset once a worker has
    served 60 s); after ``MAX_CRASHES`` deaths in a row without such a stable minute the
    supervisor gives up: it stops the others and exits 1.
@@ -203,11 +205,14 @@ class Supervisor:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # The first signal drains every worker (SIGTERM); a second ends what is left of the
+        # drains (SIGINT after SIGTERM, as a second Ctrl-C does on one process).
         self.stopping += 1
+        forwarded = signal.SIGTERM if self.stopping == 1 else signal.SIGINT
         for slot in self.slots:
             if slot.process is not None and slot.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    slot.process.send_signal(signal.SIGTERM)
+                    slot.process.send_signal(forwarded)
 
     def _start(self, slot: _Slot) -> None:
         read_fd, write_fd = os.pipe()

@@ -73,7 +73,7 @@ class Session(WSSession):
 
     def __init__(self, source: EndlessSource) -> None:
         state = SimpleNamespace(settings=SimpleNamespace(server=ServerConfig()))
-        super().__init__(StuckSocket(), state, key=None)  # type: ignore[arg-type]
+        super().__init__(StuckSocket(), state, key=None, envelope=False)  # type: ignore[arg-type]
         self.source = source
 
     async def _start(self, *args: Any, **kwargs: Any) -> Any:

@@ -17,6 +17,8 @@ from tokenwire import __version__
 from tokenwire.api import openapi_messages
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
+from tokenwire.api.openapi_parts import errors
+from tokenwire.api.openapi_responses import responses_paths, responses_rules
 from tokenwire.api.webhooks import (
     PAYMENT_SUCCEEDED,
     SIGNATURE_HEADER,
@@ -24,9 +26,9 @@ from tokenwire.api.webhooks import (
     WebhookEvent,
 )
 from tokenwire.state import get_state
+from tokenwire.wire.responses_request import ResponsesRequest
 from tokenwire.wire.schema import ChatRequest
 
-_ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 _ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
@@ -157,16 +159,6 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 _KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {
-        str(s): {
-            "description": "OpenAI-style error",
-            "content": {"application/json": {"schema": _ERROR}},
-        }
-        for s in statuses
-    }
-
-
 def _webhook_body(event: dict[str, Any]) -> dict[str, Any]:
     """A ``payment.succeeded`` event must carry a PaymentSucceeded ``data``; others anything."""
     payment = {
@@ -249,24 +241,34 @@ def _encoded(catalog: tuple[CatalogModel, ...]) -> bytes:
 def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
     """The OpenAPI document; with ``catalog``, the models of this gateway (which a key may be
     limited to, which a request may name, and their output limits)."""
-    (request_schema, create_key, update_key, topup, event, _, messages_schema), components = (
-        msgspec.json.schema_components(
-            [
-                ChatRequest,
-                CreateKeyRequest,
-                UpdateKeyRequest,
-                TopupRequest,
-                WebhookEvent,
-                PaymentSucceeded,
-                *openapi_messages.REQUEST_TYPES,
-            ],
-            ref_template="#/components/schemas/{name}",
-        )
+    schemas, components = msgspec.json.schema_components(
+        [
+            ChatRequest,
+            CreateKeyRequest,
+            UpdateKeyRequest,
+            TopupRequest,
+            WebhookEvent,
+            PaymentSucceeded,
+            ResponsesRequest,
+            *openapi_messages.REQUEST_TYPES,
+        ],
+        ref_template="#/components/schemas/{name}",
     )
+    (
+        request_schema,
+        create_key,
+        update_key,
+        topup,
+        event,
+        _,
+        responses_request,
+        messages_schema,
+    ) = schemas
     if catalog:
         _allow_models(components, tuple(model.id for model in catalog))
     _chat_rules(components, catalog)
-    served = ((model.id, model.max_output_tokens) for model in catalog if model.available)
+    served = [(model.id, model.max_output_tokens) for model in catalog if model.available]
+    responses_rules(components, served)
     openapi_messages.add_rules(components, served)
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
@@ -299,10 +301,11 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 "text/event-stream": {"schema": _SSE_EVENT},
                             },
                         },
-                        **_errors(400, 401, 404, 413, 429, 502, 503, 504),
+                        **errors(400, 401, 404, 413, 429, 502, 503, 504),
                     },
                 }
             },
+            **responses_paths(responses_request),
             **openapi_messages.paths(messages_schema),
             "/v1/models": {
                 "get": {
@@ -313,7 +316,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "description": "The model catalog in OpenAI's list format.",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         },
-                        **_errors(401),
+                        **errors(401),
                     },
                 }
             },
@@ -334,7 +337,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "description": "One model.",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         },
-                        **_errors(401, 404),
+                        **errors(401, 404),
                     },
                 }
             },
@@ -377,7 +380,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 },
                             },
                         ),
-                        **_errors(400, 401),
+                        **errors(400, 401),
                     },
                 }
             },
@@ -388,7 +391,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "security": bearer,
                     "responses": {
                         "200": _json("The caller's key (never its secret).", api_key),
-                        **_errors(401),
+                        **errors(401),
                     },
                 }
             },
@@ -419,7 +422,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 },
                             },
                         ),
-                        **_errors(401, 404, 410, 503),
+                        **errors(401, 404, 410, 503),
                     },
                 }
             },
@@ -434,7 +437,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             **_json("The key, with its plaintext `key` (shown once).", api_key),
                             "links": _KEY_LINKS,
                         },
-                        **_errors(400, 401, 403),
+                        **errors(400, 401, 403),
                     },
                 },
                 "get": {
@@ -449,7 +452,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 "properties": {"data": {"type": "array", "items": api_key}},
                             },
                         ),
-                        **_errors(401, 403),
+                        **errors(401, 403),
                     },
                 },
             },
@@ -458,7 +461,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "operationId": "adminGetKey",
                     "security": bearer,
                     "parameters": [_KEY_ID],
-                    "responses": {"200": _json("One key.", api_key), **_errors(401, 403, 404)},
+                    "responses": {"200": _json("One key.", api_key), **errors(401, 403, 404)},
                 },
                 "patch": {
                     "operationId": "adminUpdateKey",
@@ -468,7 +471,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "requestBody": _body(update_key),
                     "responses": {
                         "200": _json("The updated key.", api_key),
-                        **_errors(400, 401, 403, 404),
+                        **errors(400, 401, 403, 404),
                     },
                 },
             },
@@ -479,7 +482,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "parameters": [_KEY_ID],
                     "responses": {
                         "200": _json("The revoked key.", api_key),
-                        **_errors(401, 403, 404, 409),
+                        **errors(401, 403, 404, 409),
                     },
                 }
             },
@@ -493,7 +496,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                         "200": _json(
                             "The key, with its new plaintext `key` (shown once).", api_key
                         ),
-                        **_errors(401, 403, 404, 409),
+                        **errors(401, 403, 404, 409),
                     },
                 }
             },
@@ -517,7 +520,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 },
                             },
                         ),
-                        **_errors(400, 401, 403, 404),
+                        **errors(400, 401, 403, 404),
                     },
                 }
             },
@@ -529,7 +532,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "security": bearer,
                     "responses": {
                         "200": _json("The process's counts.", _RUNTIME_SCHEMA),
-                        **_errors(401, 403),
+                        **errors(401, 403),
                     },
                 }
             },
@@ -561,7 +564,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 },
                             },
                         ),
-                        **_errors(400, 401, 403),
+                        **errors(400, 401, 403),
                     },
                 }
             },
@@ -579,7 +582,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "Received: applied (true, or false for a payment already applied) "
                             "or ignored (another event type)."
                         ),
-                        **_errors(400, 404, 413, 503),
+                        **errors(400, 404, 413, 503),
                     },
                 }
             },
@@ -592,6 +595,22 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "description": (
                                 "Unhealthy: `failing` names the checks that failed (event_loop, "
                                 "generations, database, redis)."
+                            )
+                        },
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": "Readiness for a load balancer: send this instance new requests?",
+                    "responses": {
+                        "200": {"description": "Ready: not draining; database and Redis answer."},
+                        "503": {
+                            "description": (
+                                "Not ready: `status` is `draining` (a graceful drain began; "
+                                "docs/operations.md) or `not_ready`; `failing` names the checks "
+                                "(draining, database, redis)."
                             )
                         },
                     },

@@ -1,4 +1,4 @@
-"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream, bench."""
+"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream, bench, chat."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from rich.table import Table
 from tokenwire.accounting.keys import KeyRecord, KeyStore
 from tokenwire.bench.command import bench
 from tokenwire.cli import accounts
+from tokenwire.cli.chat import chat
 from tokenwire.config import (
     LOG_FORMATS,
     ConfigError,
@@ -36,6 +37,7 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 accounts.register(app, keys_app)  # keys create/update/topup/rotate/show, usage, cost
 app.command("bench")(bench)  # tokenwire bench: see tokenwire.bench and docs/benchmarks.md
+app.command("chat")(chat)  # tokenwire chat: the SDK from a terminal (tokenwire.cli.chat)
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional at runtime
@@ -93,6 +95,15 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    drain_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            min=0,
+            help="On SIGTERM, let running streams finish this many seconds (default 30; "
+            "server.drain_timeout_s, TOKENWIRE_DRAIN_TIMEOUT).",
+            show_default=False,
+        ),
+    ] = None,
     workers: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -105,12 +116,22 @@ def serve(
     """Run the gateway. On a first start it creates the database and prints two keys once.
 
     The keys go to stdout, once; logs go to stderr (JSON unless stderr is a terminal).
+
+    SIGTERM drains it (docs/operations.md): no new requests, running streams finish for up to
+    the drain timeout, then it exits. SIGHUP does the same for a restart (WebSockets close
+    with 1012, exit status 0).
     """
     from tokenwire import workers as multiprocess
     from tokenwire.observability.logs import configure_logging, resolve_format
 
     settings = _serve_settings(
-        _settings(config, data_dir), host, port, log_format, metrics_host, metrics_port
+        _settings(config, data_dir),
+        host,
+        port,
+        log_format,
+        metrics_host,
+        metrics_port,
+        drain_timeout,
     )
     server = settings.server
     try:
@@ -173,6 +194,7 @@ def _serve_settings(
     log_format: str | None,
     metrics_host: str | None,
     metrics_port: int | None,
+    drain_timeout: float | None = None,
 ) -> Settings:
     """The settings with ``serve``'s options laid over them (checked like the file)."""
     changes: dict[str, object] = {
@@ -182,6 +204,7 @@ def _serve_settings(
             ("port", port),
             ("metrics_host", metrics_host),
             ("metrics_port", metrics_port),
+            ("drain_timeout_s", drain_timeout),
         )
         if value is not None
     }

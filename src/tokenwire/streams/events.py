@@ -32,11 +32,17 @@ class ToolCallDelta(msgspec.Struct, frozen=True):
 
 
 class Usage(msgspec.Struct, frozen=True):
-    """Token usage; ``estimated`` is true when the upstream gave no figures of its own."""
+    """Token usage; ``estimated`` is true when the upstream gave no figures of its own.
+
+    ``cost_micro`` is what the completion is charged (integer micro-dollars, the ledger row's
+    ``cost_micro``), set on the final usage of a request that asked to be told its cost
+    (``X-Tokenwire-Include-Cost``); None otherwise.
+    """
 
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
+    cost_micro: int | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -9,7 +9,8 @@ default), which closes the upstream request. It settles exactly once, whoever wa
 The log always ends in one of two canonical shapes, whatever order the provider used::
 
     deltas…, Finish(reason), Usage        (completed, or cancelled with reason "cancelled")
-    deltas…, StreamError                  (failed; usage so far is on ``Generation.usage``)
+    deltas…, StreamError                  (failed, or interrupted by a drain; usage so far
+                                           is on ``Generation.usage``)
 
 **Every generation ends**, however its provider behaves: a gateway error, a cancel, or any
 other exception (a bug below us, reported as a logged ``500 internal_error``) all lead to one
@@ -36,6 +37,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Literal
+
+import msgspec
 
 from tokenwire.errors import GatewayError, UpstreamError, unexpected
 from tokenwire.observability.logs import completion_id_var
@@ -100,6 +103,7 @@ class Generation:
         include_usage: bool = False,
         completion_limit: int | None = None,
         limit_for_prompt: Callable[[int], int] | None = None,
+        price: Callable[[Usage], int] | None = None,
     ) -> None:
         self.id = completion_id
         self.model = model
@@ -127,6 +131,7 @@ class Generation:
         self._on_settle = on_settle
         self._completion_limit = completion_limit if completion_limit is not None else 1 << 62
         self._limit_for_prompt = limit_for_prompt
+        self._price = price  # set when the request asked for its cost in the final usage
         self._usage_seen: Usage | None = None
         self._readers = 0
         self._deltas = 0
@@ -136,6 +141,7 @@ class Generation:
         self._task: asyncio.Task[None] | None = None
         self._running = False
         self._ending = False  # the provider loop is over: a cancel has nothing left to stop
+        self._interrupt: GatewayError | None = None  # the error a drain ends it with
         self._settled = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -169,6 +175,19 @@ class Generation:
             self._task.cancel()
         # else: cancelling a task before its first step would skip _run entirely (no finish,
         # no settle, the reservation held for ever); _run sees cancel_cause and ends instead.
+
+    def interrupt(self, error: GatewayError) -> None:
+        """End it now with ``error`` as its last event (a drain's timeout): a cancel whose
+        readers see an error, billed like a failure (nothing before the first token)."""
+        if self.finished or self._ending or self._task is None:
+            return
+        self._interrupt = error
+        self.cancel("shutdown")
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether it ended with the error given to :meth:`interrupt`."""
+        return self._interrupt is not None and self.error is self._interrupt
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -243,7 +262,9 @@ class Generation:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                usage, finish, error = self._usage_seen, "cancelled", None
+                usage, finish, error = self._usage_seen, "cancelled", self._interrupt
+                if error is not None:
+                    finish = None
             except GatewayError as exc:
                 usage, error = self._usage_seen, exc
             except Exception as exc:  # noqa: BLE001 - a bug below us: logged, reported as a 500
@@ -313,6 +334,8 @@ class Generation:
         """
         self.ended_at = time.perf_counter()
         self.usage = self._final_usage(usage, finish, error)
+        if self._price is not None and error is None:
+            self.usage = msgspec.structs.replace(self.usage, cost_micro=self._price(self.usage))
         try:
             if self._on_end is not None:
                 hook = self._on_end(self)

@@ -87,21 +87,7 @@ class PrivateRedis(OwnedServer):
             "--logfile",
             "",
         ]
-        with self.log_path.open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self._root,
-                start_new_session=True,
-            )
-        self._process = process
-        try:
-            self._wait_ready(process, port)
-        except BaseException:
-            end_process(process, signal.SIGKILL, 5)
-            raise
+        self._run_until_ready(command, self.log_path, lambda p: self._wait_ready(p, port))
 
     def _wait_ready(self, process: subprocess.Popen[bytes], port: int) -> None:
         deadline = time.monotonic() + self._startup_timeout_s
