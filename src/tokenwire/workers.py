@@ -213,6 +213,8 @@ class Supervisor:
             if slot.process is not None and slot.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     slot.process.send_signal(forwarded)
+        for sock in self.sockets:  # with the workers' copies, the port closes: new connections
+            sock.close()  # are refused (a load balancer tries another instance) while they drain
 
     def _start(self, slot: _Slot) -> None:
         read_fd, write_fd = os.pipe()
