@@ -18,6 +18,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.outbox import LedgerOutbox
+from tokenwire.accounting.plans import PlanBook
 from tokenwire.accounting.tickets import TicketStore
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.api import (
@@ -26,6 +27,7 @@ from tokenwire.api import (
     health,
     models,
     openapi,
+    signup,
     streams,
     tickets,
     usage,
@@ -86,6 +88,7 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
             streams=streams,
             stream_grace_s=settings.server.stream_grace_s,
             writer=writer,
+            plans=PlanBook.from_settings(settings),
         ),
         tickets=TicketStore(settings.server.ws_ticket_ttl_s),
         ledger=ledger,
@@ -247,6 +250,7 @@ def create_app(
         Route("/v1/admin/usage", admin.usage_report, methods=["GET"]),
         Route("/v1/admin/runtime", admin.runtime, methods=["GET"]),
         Route("/v1/billing/webhook", webhooks.webhook_endpoint(env), methods=["POST"]),
+        Route("/v1/signup", signup.signup, methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]

@@ -15,7 +15,8 @@ from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.storage.engine import make_engine, migrate
 
 
-def row(completion_id: str, key_id: str, cost: int) -> LedgerRow:
+def row(completion_id: str, key_id: str, charge: int) -> LedgerRow:
+    """A completed row charging ``charge`` (costing a third of it)."""
     return LedgerRow(
         completion_id=completion_id,
         key_id=key_id,
@@ -25,7 +26,9 @@ def row(completion_id: str, key_id: str, cost: int) -> LedgerRow:
         prompt_tokens=10,
         completion_tokens=5,
         usage_estimated=False,
-        cost_micro=cost,
+        cost_micro=charge // 3,
+        charge_micro=charge,
+        plan="standard",
         ttft_ms=1,
         duration_ms=2,
         finish_reason="stop",
@@ -37,7 +40,7 @@ def row(completion_id: str, key_id: str, cost: int) -> LedgerRow:
 async def test_concurrent_settlements_batch_and_refund_exactly(
     database_url: str, tmp_path: Path
 ) -> None:
-    """100 settlements at once: 100 rows, few commits, balance = grant - costs; replays change nothing."""
+    """100 settlements at once: 100 rows, few commits, balance = grant - charges; replays change nothing."""
     engine = make_engine(database_url)
     commits: list[int] = []
 

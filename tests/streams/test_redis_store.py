@@ -144,6 +144,7 @@ def test_codec_round_trips_every_logged_event() -> None:
         ToolCallDelta(0, None, None, "x"),
         Finish("length"),
         Usage(3, 4, estimated=True),
+        Usage(300, 4, cache_write_tokens=100, cache_read_tokens=150),
     ]:
         assert decode_event(encode_event(event)) == event
     error = UpstreamError("upstream broke", code="upstream_error", param="model")

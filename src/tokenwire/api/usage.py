@@ -105,20 +105,54 @@ def time_range(params: dict[str, str]) -> tuple[int | None, int | None]:
     return start, end
 
 
-def total_object(totals: dict[str, Any]) -> dict[str, Any]:
-    """Requests, tokens and cost (micro-dollars and USD) of a ``Ledger.totals`` row."""
+def _money(name: str, micro: int) -> dict[str, Any]:
+    return {f"{name}_micro": micro, f"{name}_usd": usd(micro)}
+
+
+def _tokens(totals: dict[str, Any]) -> dict[str, int]:
     return {
         "requests": int(totals.get("requests") or 0),
-        "prompt_tokens": int(totals.get("prompt_tokens") or 0),
-        "completion_tokens": int(totals.get("completion_tokens") or 0),
-        "cost_micro": int(totals.get("cost_micro") or 0),
-        "cost_usd": usd(int(totals.get("cost_micro") or 0)),
+        **{name: int(totals.get(name) or 0) for name in TOKEN_SUMS},
+    }
+
+
+TOKEN_SUMS = ("prompt_tokens", "completion_tokens", "cache_write_tokens", "cache_read_tokens")
+
+
+def total_object(totals: dict[str, Any]) -> dict[str, Any]:
+    """A key's own totals (``/v1/usage``): requests, tokens and what it was charged.
+
+    ``cost_*`` repeats ``charge_*``: to the key, what its usage cost is what it paid (the
+    field of clients written before plans). The operator's cost is never shown here.
+    """
+    charge = int(totals.get("charge_micro") or 0)
+    return {**_tokens(totals), **_money("charge", charge), **_money("cost", charge)}
+
+
+def report_object(totals: dict[str, Any]) -> dict[str, Any]:
+    """An operator's totals (the admin report, ``tokenwire usage``): requests, tokens, what
+    they cost upstream, what keys were charged, and the margin (charge - cost)."""
+    cost = int(totals.get("cost_micro") or 0)
+    charge = int(totals.get("charge_micro") or 0)
+    return {
+        **_tokens(totals),
+        **_money("cost", cost),
+        **_money("charge", charge),
+        **_money("margin", charge - cost),
     }
 
 
 def row_object(row: LedgerRow) -> dict[str, Any]:
-    """One ledger row as JSON (``created_at`` in Unix ms), with ``cost_usd``."""
-    return {"object": "usage.record", **asdict(row), "cost_usd": usd(row.cost_micro)}
+    """One ledger row as a key sees it (``created_at`` in Unix ms): its charge, not the
+    operator's cost (``cost_*`` repeats the charge, as in :func:`total_object`)."""
+    fields = asdict(row)
+    del fields["cost_micro"]
+    return {
+        "object": "usage.record",
+        **fields,
+        **_money("charge", row.charge_micro),
+        **_money("cost", row.charge_micro),
+    }
 
 
 async def get_usage(request: Request) -> Response:

@@ -6,7 +6,8 @@ gateway process rebuilds exactly the events the generating process logged::
     ["t", text]                                   TextDelta
     ["c", index, id, name, arguments]             ToolCallDelta
     ["f", reason]                                 Finish
-    ["u", prompt_tokens, completion_tokens, est]  Usage
+    ["u", prompt_tokens, completion_tokens, est,  Usage (the cache counts only when
+     cache_write, cache_read]                    one is not 0; older writers: never)
     ["e", status, type, code, message, param]     StreamError (as a RecordedError)
 
 ``Routed`` never reaches a log, so it has no form here.
@@ -51,7 +52,10 @@ def encode_event(event: Event) -> bytes:
     if isinstance(event, Finish):
         return _encode(["f", event.reason])
     if isinstance(event, Usage):
-        return _encode(["u", event.prompt_tokens, event.completion_tokens, event.estimated])
+        item = ["u", event.prompt_tokens, event.completion_tokens, event.estimated]
+        if event.cache_write_tokens or event.cache_read_tokens:
+            item += [event.cache_write_tokens, event.cache_read_tokens]
+        return _encode(item)
     if isinstance(event, StreamError):
         return _encode(_error_fields(event.error))
     raise TypeError(f"{type(event).__name__} is never logged")
@@ -69,7 +73,8 @@ def decode_event(data: bytes) -> Event:
         if kind == "f":
             return Finish(cast(FinishReason, item[1]))
         if kind == "u":
-            return Usage(int(item[1]), int(item[2]), bool(item[3]))
+            cache = (int(item[4]), int(item[5])) if len(item) > 4 else (0, 0)
+            return Usage(int(item[1]), int(item[2]), bool(item[3]), *cache)
         if kind == "e":
             error = RecordedError(
                 str(item[4]),
