@@ -9,6 +9,7 @@ either kind: 10 (P + N).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -343,3 +344,26 @@ def test_two_keys_on_two_plans_are_charged_by_their_own_lists(gw: GatewayServer)
     after = wait_for_requests(gw, 2, key=flat_key)
     assert after["data"][0]["plan"] == "standard"
     assert after["data"][0]["charge_micro"] == 156
+
+
+def test_a_key_whose_plan_is_no_longer_configured_gets_503(gw: GatewayServer) -> None:
+    """A key left on a plan the configuration no longer has is refused with 503
+    plan_unavailable (never charged by another list), and nothing is reserved."""
+    before = usage(gw, gw.api_key).json()["balance_micro"]
+    moved = asyncio.run_coroutine_threadsafe(
+        gw.state.keys.update(gw.api_key_id, plan="vanished"), gw.loop_of_server()
+    )
+    assert moved.result(timeout=10).plan == "vanished"
+    response = requests.post(
+        gw.base_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {gw.api_key}"},
+        json={"model": "priced-sim", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "plan_unavailable"
+    models = requests.get(
+        gw.base_url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=10
+    )
+    assert models.status_code == 503
+    assert usage(gw, gw.api_key).json()["balance_micro"] == before

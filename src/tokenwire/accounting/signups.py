@@ -35,7 +35,8 @@ EMAIL_PATTERN = (
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
-"""An email address as sign-up takes it: the HTML form's rule, with a dot in the domain."""
+"""An email address as sign-up takes it: the HTML form's rule, with a dot in the domain.
+(As everywhere in Python, ``$`` also matches before a final newline; the address is stripped.)"""
 MAX_EMAIL_LENGTH = 254
 DAY_S = 86_400
 _ATTEMPTS = 2  # a sign-up that lost a race on the unique grant index is tried once more
