@@ -258,7 +258,9 @@ async def settled_rows(target: Target, count: int) -> list[LedgerRow]:
             await asyncio.sleep(0.05)  # polling another process's batched writes
             rows = await ledger.rows(key_id=target.key_id, limit=100_000)
         balance = await ledger.balance(target.key_id)
-        assert balance == GRANT_MICRO - sum(r.charge_micro for r in rows), "balance != grant - charges"
+        assert balance == GRANT_MICRO - sum(r.charge_micro for r in rows), (
+            "balance != grant - charges"
+        )
         return rows
     finally:
         await engine.dispose()
