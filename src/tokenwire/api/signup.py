@@ -9,9 +9,8 @@ Refusals: 400 for a body that is not a valid sign-up (``param`` names the field)
 ``signup_disabled`` while sign-up is off; 403 ``invalid_invite_code`` for a missing or wrong
 code (counted like a failed authentication: an address with too many gets 429
 ``too_many_failed_authentications``); 429 ``signup_email_limit``, ``signup_ip_limit`` or
-``signup_day_limit`` when a daily cap is reached (``Retry-After``: the
-next UTC midnight). The caps and the grant's once-per-mailbox rule are in
-:mod:`tokenwire.accounting.signups`.
+``signup_day_limit`` when a daily cap is reached (``Retry-After``: the next UTC midnight).
+The caps and the grant's once-per-mailbox rule are in :mod:`tokenwire.accounting.signups`.
 """
 
 from __future__ import annotations
