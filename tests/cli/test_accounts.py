@@ -194,7 +194,7 @@ def test_update(cli: Cli) -> None:
 
 def test_plans_on_create_and_update(cli: Cli) -> None:
     """--plan puts a key on a configured plan, --default-plan moves it back; an unknown plan
-    exits 1 and changes nothing."""
+    exits 1 and changes nothing; keys list shows each key's plan."""
     key_id, _ = create(cli, "--name", "buyer", "--plan", "at-cost")
     assert cli.show(key_id)["plan"] == "at-cost"
     assert "plan at-cost" in cli.ok("keys", "update", key_id, "--name", "b2").stdout
@@ -207,7 +207,12 @@ def test_plans_on_create_and_update(cli: Cli) -> None:
     cli.fails("keys", "update", key_id, "--plan", "standard", "--default-plan", message="together")
     assert cli.show(key_id) == before
     cli.fails("keys", "create", "--name", "nope", "--plan", "gold", message="no plan 'gold'")
-    assert "nope" not in cli.ok("keys", "list").stdout
+    create(cli, "--name", "follower")
+    lines = cli.ok("keys", "list").stdout.splitlines()
+    assert not any("nope" in line for line in lines)
+    assert "(standard)" in next(line for line in lines if "follower" in line)  # the default's
+    mine = next(line for line in lines if " b2 " in line)
+    assert "standard" in mine and "(standard)" not in mine  # its own
 
 
 def test_topup(cli: Cli) -> None:
