@@ -18,6 +18,15 @@ def test_event_with_and_without_id() -> None:
     assert sse.retry(1500) == b"retry: 1500\n\n"
 
 
+def test_named_event_puts_the_event_line_first() -> None:
+    """A named event is 'event: name', then the id when given, then the data; the parser agrees."""
+    assert sse.event(b"{}", name=b"ping") == b"event: ping\ndata: {}\n\n"
+    framed = sse.event(b"{}", event_id=3, name=b"response.created")
+    assert framed == b"event: response.created\nid: 3\ndata: {}\n\n"
+    (parsed,) = SSEParser().feed(framed)
+    assert (parsed.event, parsed.id, parsed.data) == ("response.created", "3", "{}")
+
+
 def test_parser_handles_comments_ids_multiline_and_crlf() -> None:
     """Comments are skipped, data lines join with newlines, CRLF and CR end lines too."""
     parser = SSEParser()

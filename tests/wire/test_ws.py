@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from tokenwire.api.ws import merge_text
 from tokenwire.errors import GatewayError, InvalidRequest, RateLimited, UpstreamStatusError
-from tokenwire.streams.events import Event, Finish, StreamError, TextDelta, ToolCallDelta, Usage
+from tokenwire.streams.events import ToolCallDelta, Usage
 from tokenwire.wire import ws
 from tokenwire.wire.chunks import ChunkEncoder
 
@@ -413,67 +412,3 @@ def test_error_message_upstream_status_keeps_status_and_retry_after() -> None:
 def test_pong() -> None:
     """PONG is {"type": "pong"}."""
     assert json.loads(ws.PONG) == {"type": "pong"}
-
-
-# -- merge_text --------------------------------------------------------------------------------
-
-
-def test_merge_text_merges_consecutive_deltas_with_the_last_number() -> None:
-    """Consecutive text deltas become one, numbered like the last delta it contains."""
-    batch: list[Event] = [TextDelta("a"), TextDelta("b"), TextDelta("c"), Finish("stop")]
-    batch.append(Usage(1, 3))
-    assert list(merge_text(batch, 0)) == [
-        (TextDelta("abc"), 3),
-        (Finish("stop"), 4),
-        (Usage(1, 3), 5),
-    ]
-
-
-def test_merge_text_continues_from_start_seq() -> None:
-    """Numbers continue after start_seq, so batches read one after another number correctly."""
-    assert list(merge_text([TextDelta("x"), TextDelta("y")], 40)) == [(TextDelta("xy"), 42)]
-
-
-def test_merge_text_keeps_non_text_events_apart() -> None:
-    """A tool-call delta splits the text runs; every event keeps its own number."""
-    tool = ToolCallDelta(index=0, id="c", name="f", arguments="{}")
-    batch: list[Event] = [TextDelta("a"), tool, TextDelta("b"), TextDelta("c"), Finish("stop")]
-    assert list(merge_text(batch, 10)) == [
-        (TextDelta("a"), 11),
-        (tool, 12),
-        (TextDelta("bc"), 14),
-        (Finish("stop"), 15),
-    ]
-
-
-def test_merge_text_passes_errors_through() -> None:
-    """A StreamError after text keeps its number; the text before it is merged."""
-    error = StreamError(GatewayError("upstream died"))
-    assert list(merge_text([TextDelta("a"), TextDelta("b"), error], 0)) == [
-        (TextDelta("ab"), 2),
-        (error, 3),
-    ]
-
-
-def test_merge_text_single_and_empty_batches() -> None:
-    """One delta stays as it is; an empty batch yields nothing."""
-    assert list(merge_text([TextDelta("only")], 0)) == [(TextDelta("only"), 1)]
-    assert list(merge_text([], 5)) == []
-
-
-def test_merge_text_loses_and_repeats_nothing() -> None:
-    """Over many batches, merged text equals the input and the last number is the event count."""
-    events: list[Event] = [TextDelta(f"w{i} ") for i in range(100)]
-    events += [Finish("length"), Usage(1, 100)]
-    seq = 0
-    out: list[tuple[Event, int]] = []
-    for start in range(0, len(events), 7):
-        batch = events[start : start + 7]
-        out.extend(merge_text(batch, seq))
-        seq += len(batch)
-    text = "".join(e.text for e, _ in out if isinstance(e, TextDelta))
-    assert text == "".join(f"w{i} " for i in range(100))
-    numbers = [n for _, n in out]
-    assert numbers == sorted(set(numbers))
-    assert numbers[-1] == len(events)
-    assert sum(isinstance(e, TextDelta) for e, _ in out) == 15  # ceil(100 / 7)

@@ -15,6 +15,7 @@ from tokenwire.state import AppState, get_state
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import request_digest
+from tokenwire.wire.chat_frames import ChatSSEFrames
 from tokenwire.wire.chunks import CompletionBuilder
 from tokenwire.wire.schema import chat_request_from
 from tokenwire.wire.untrusted import decode_json_value, parse_count
@@ -68,7 +69,7 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         return JSONCompletion(generation)
     return SSEStream(
         generation,
-        include_usage=chat_request.include_usage,
+        ChatSSEFrames(generation),
         heartbeat_s=state.settings.server.sse_heartbeat_s,
         retry_ms=RETRY_MS if _resumable(state, generation) else None,
     )

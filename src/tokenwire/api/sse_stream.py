@@ -4,64 +4,55 @@ An ASGI callable rather than Starlette's ``StreamingResponse`` so that it can (1
 when the client disconnects, even while idle (which detaches the reader and lets the
 generation cancel its upstream), and (2) write every batch of events the log holds in one
 ``send`` (one event per send while the client keeps up; merged when it falls behind).
+
+What the frames say is the encoder's business (``wire/frames.py``): Chat Completions chunks,
+Responses events, Anthropic Messages events all go through this one response.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response
+from tokenwire.errors import GatewayError
 from tokenwire.streams.events import Event, StreamError
 from tokenwire.streams.source import StreamSource
 from tokenwire.wire import sse
-from tokenwire.wire.chunks import ChunkEncoder
+from tokenwire.wire.frames import FrameEncoder, FrameLoop
+
+ErrorRenderer = Callable[[GatewayError, dict[str, str]], Response]
+"""How an error before the first event is answered (status, headers and the API's JSON body)."""
 
 
 class SSEStream:
     """Streams one generation to one HTTP client.
 
     It waits for the first batch of events before sending headers, so an error before the
-    first token keeps its HTTP status; after ``heartbeat_s`` with nothing it commits to 200
-    and pings. The wait is guarded like the rest: a client gone meanwhile cancels it.
+    first token keeps its HTTP status (rendered by ``render_error``); after ``heartbeat_s``
+    with nothing it commits to 200 and pings. The wait is guarded like the rest: a client gone
+    meanwhile cancels it. ``read_after`` is where reading the log starts (a resume; the
+    encoder may start earlier than the client's cursor and skip what it already has).
     """
 
     def __init__(
         self,
         generation: StreamSource,
+        encoder: FrameEncoder,
         *,
-        include_usage: bool,
         heartbeat_s: float,
-        after: int = 0,
+        read_after: int = 0,
         retry_ms: int | None = None,
+        render_error: ErrorRenderer = error_response,
     ) -> None:
         self._generation = generation
-        self._batches = generation.read(after=after, heartbeat_s=heartbeat_s)
-        self._include_usage = include_usage
-        self._seq = after
+        self._batches = generation.read(after=read_after, heartbeat_s=heartbeat_s)
+        self._frames = FrameLoop(encoder, after=read_after)
         self._retry = b"" if retry_ms is None else sse.retry(retry_ms)
-        self._encoder = ChunkEncoder(
-            completion_id=generation.id,
-            created=generation.created,
-            model=generation.model,
-            include_usage=include_usage,
-        )
-
-    def _encode(self, batch: list[Event]) -> bytes:
-        parts: list[bytes] = []
-        encode = self._encoder.encode
-        seq = self._seq
-        for event in batch:
-            seq += 1
-            data = encode(event, include_usage=self._include_usage)
-            if data is None:
-                continue
-            if isinstance(event, StreamError):
-                parts.append(sse.event(data))
-            else:
-                parts.append(sse.event(data, event_id=seq))
-        self._seq = seq
-        return b"".join(parts)
+        self._render_error = render_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -75,7 +66,7 @@ class SSEStream:
                         **self._generation.response_headers,
                         "x-stream-id": self._generation.id,
                     }
-                    await error_response(first[0].error, headers)(scope, receive, send)
+                    await self._render_error(first[0].error, headers)(scope, receive, send)
                     return
                 await send(
                     {
@@ -100,10 +91,12 @@ class SSEStream:
             await self._batches.aclose()
 
     async def _write(self, send: Send, first: list[Event] | None) -> None:
+        frames = self._frames.frames
         body = {"type": "http.response.body", "body": b"", "more_body": True}
-        body["body"] = self._retry + (sse.PING if first is None else self._encode(first))
+        body["body"] = self._retry + b"".join(frames(first))
         await send(body)
         async for batch in self._batches:
-            body["body"] = sse.PING if batch is None else self._encode(batch)
+            body["body"] = b"".join(frames(batch))
             await send(body)
-        await send({"type": "http.response.body", "body": sse.DONE, "more_body": False})
+        end = b"".join(self._frames.end())
+        await send({"type": "http.response.body", "body": end, "more_body": False})

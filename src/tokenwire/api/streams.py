@@ -14,6 +14,7 @@ from tokenwire.api.chat import RETRY_MS
 from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import InvalidRequest
 from tokenwire.state import get_state
+from tokenwire.wire.chat_frames import ChatSSEFrames
 from tokenwire.wire.untrusted import parse_count
 
 MAX_CURSOR_DIGITS = 15  # event numbers stay far below 10**15 (and 2**53, for JavaScript clients)
@@ -42,8 +43,8 @@ async def resume_stream(request: Request) -> SSEStream:
     )
     return SSEStream(
         generation,
-        include_usage=generation.include_usage,
+        ChatSSEFrames(generation),
         heartbeat_s=state.settings.server.sse_heartbeat_s,
-        after=after,
+        read_after=after,
         retry_ms=RETRY_MS,
     )

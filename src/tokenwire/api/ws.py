@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +34,12 @@ from tokenwire.errors import (
     unexpected,
 )
 from tokenwire.state import AppState, get_state
-from tokenwire.streams.events import Event, Finish, StreamError, TextDelta, Usage
 from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import request_digest
 from tokenwire.wire import ws as proto
-from tokenwire.wire.chunks import ChunkEncoder, error_json
+from tokenwire.wire.chat_frames import ChatCompatFrames, ChatEnvelopeFrames
+from tokenwire.wire.chunks import error_json
+from tokenwire.wire.frames import FrameLoop
 from tokenwire.wire.schema import convert_chat_request
 
 log = logging.getLogger("tokenwire.ws")
@@ -49,27 +49,6 @@ log = logging.getLogger("tokenwire.ws")
 class _Close:
     code: int
     reason: str
-
-
-def merge_text(batch: list[Event], start_seq: int) -> Iterator[tuple[Event, int]]:
-    """Events with their sequence numbers, consecutive text deltas merged into one.
-
-    A merged delta carries the number of the last event it contains, so a resume
-    ``starting_after`` that number loses nothing and repeats nothing.
-    """
-    seq = start_seq
-    pending: list[str] = []
-    for event in batch:
-        seq += 1
-        if isinstance(event, TextDelta):
-            pending.append(event.text)
-            continue
-        if pending:
-            yield TextDelta("".join(pending)), seq - 1
-            pending = []
-        yield event, seq
-    if pending:
-        yield TextDelta("".join(pending)), seq
 
 
 class _RateBucket:
@@ -437,40 +416,19 @@ class WSSession:
             await self._report(_as_gateway_error(exc, request_id), request_id, compatible=False)
 
     async def _stream_envelope(self, request_id: str, generation: StreamSource, after: int) -> None:
-        include_usage = generation.include_usage
-        encoder = ChunkEncoder(
-            completion_id=generation.id,
-            created=generation.created,
-            model=generation.model,
-            include_usage=include_usage,
-        )
-        seq = after
-        finish: str | None = None
-        usage: Usage | None = None
-        # aclosing: a task cancelled (or failing) while it hands chunks to the writer
+        encoder = ChatEnvelopeFrames(generation, request_id, after)
+        await self._stream(generation, FrameLoop(encoder, after=after, merge=True), after)
+
+    async def _stream(self, source: StreamSource, frames: FrameLoop, after: int) -> None:
+        """Send a stream's frames, in every mode: the log read after ``after``, then the end."""
+        # aclosing: a task cancelled (or failing) while it hands frames to the writer
         # detaches its reader at once, not whenever the iterator happens to be collected.
-        async with contextlib.aclosing(generation.read(after=after)) as batches:
+        async with contextlib.aclosing(source.read(after=after)) as batches:
             async for batch in batches:
-                parts: list[bytes] = []
-                assert batch is not None
-                for event, number in merge_text(batch, seq):
-                    if isinstance(event, StreamError):
-                        parts.append(proto.error_message(event.error, request_id))
-                        continue
-                    if isinstance(event, Finish):
-                        finish = event.reason
-                    elif isinstance(event, Usage):
-                        usage = event
-                    chunk = encoder.encode(event, include_usage=include_usage)
-                    if chunk is not None:
-                        parts.append(proto.envelope_chunk(chunk, request_id, number))
-                seq += len(batch)
-                for part in parts:
-                    await self._send(part)
-        finish = finish or generation.finish_reason  # a resume may start after the finish
-        usage = usage or generation.usage
-        if finish is not None and generation.error is None:
-            await self._send(proto.done_message(request_id, generation.id, finish, usage, seq))
+                for frame in frames.frames(batch):
+                    await self._send(frame)
+        for frame in frames.end():
+            await self._send(frame)
 
     async def _compat_worker(self, queue: asyncio.Queue[dict[str, Any] | GatewayError]) -> None:
         while True:
@@ -493,22 +451,7 @@ class WSSession:
         if isinstance(item, GatewayError):
             raise item
         generation = await self._start(item)
-        include_usage = generation.include_usage
-        encoder = ChunkEncoder(
-            completion_id=generation.id,
-            created=generation.created,
-            model=generation.model,
-            include_usage=include_usage,
-        )
-        seq = 0
-        async with contextlib.aclosing(generation.read()) as batches:
-            async for batch in batches:
-                assert batch is not None
-                for event, _number in merge_text(batch, seq):
-                    chunk = encoder.encode(event, include_usage=include_usage)
-                    if chunk is not None:
-                        await self._send(chunk)
-                seq += len(batch)
+        await self._stream(generation, FrameLoop(ChatCompatFrames(generation), merge=True), 0)
         await self._finish_compatible()
 
     async def _finish_compatible(self) -> None:

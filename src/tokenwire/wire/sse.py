@@ -16,11 +16,13 @@ MAX_EVENT_BYTES = 1 << 20
 """The parser's default bound on one line (buffered until its newline) and one event's data."""
 
 
-def event(data: bytes, *, event_id: int | None = None) -> bytes:
-    """One ``data:`` event (with an ``id:`` line when given). ``data`` must hold no newline."""
+def event(data: bytes, *, event_id: int | None = None, name: bytes = b"") -> bytes:
+    """One ``data:`` event, with an ``event:`` line (``name``, ASCII without newlines) and an
+    ``id:`` line when given. ``data`` must hold no newline."""
+    head = b"event: " + name + b"\n" if name else b""
     if event_id is None:
-        return b"data: " + data + b"\n\n"
-    return b"id: %d\ndata: %s\n\n" % (event_id, data)
+        return head + b"data: " + data + b"\n\n"
+    return b"%sid: %d\ndata: %s\n\n" % (head, event_id, data)
 
 
 def retry(milliseconds: int) -> bytes:
