@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import uvicorn
 from starlette.types import ASGIApp
 
-from tokenwire.accounting.keys import KeyStore, load_server_secret
+from tokenwire.accounting.keys import KeyOptions, KeyStore, load_server_secret
 from tokenwire.app import create_app, server_options
 from tokenwire.config import Settings, load_settings
 from tokenwire.simupstream.app import create_sim_app
@@ -199,6 +199,14 @@ class GatewayServer(ServerThread):
         state: Any = self.app.state.tw  # type: ignore[attr-defined]
         assert isinstance(state, AppState)
         return state
+
+    def create_key(self, name: str, **options: Unpack[KeyOptions]) -> tuple[str, str]:
+        """A key made by the running gateway's key store: (id, plaintext)."""
+        made = asyncio.run_coroutine_threadsafe(
+            self.state.keys.create(name, **options), self.loop_of_server()
+        )
+        record, plaintext = made.result(timeout=10)
+        return record.id, plaintext
 
     def __enter__(self) -> GatewayServer:
         self.start()

@@ -176,40 +176,37 @@ def test_daily_caps_per_address_per_ip_and_overall(gw: GatewayServer) -> None:
     assert attempt("eli@example.com", "10.1.0.5").json()["error"]["code"] == "signup_day_limit"
 
 
+def at_once(gw: GatewayServer, people: list[tuple[str, str]]) -> list[requests.Response]:
+    """Sign-ups of (email, client address), all sent at the same time."""
+    with ThreadPoolExecutor(len(people)) as pool:
+        return list(
+            pool.map(
+                lambda person: sign_up(
+                    gw, {"email": person[0], "invite_code": "beta"}, client=person[1]
+                ),
+                people,
+            )
+        )
+
+
 def test_concurrent_sign_ups_never_exceed_a_cap_or_grant_twice(
     database_url: str, tmp_path: Path
 ) -> None:
-    """Twelve sign-ups of one mailbox at once from twelve addresses get one grant among them;
-    then twenty new addresses at once against a day cap of 8 (minus those already made) get
-    exactly the places left."""
+    """Twelve sign-ups of one mailbox at once from twelve addresses: five (its cap) get keys,
+    one grant among them; then twenty new addresses at once against a day cap of 8 get
+    exactly the three places left."""
     config = SIGNUP.replace("max_per_day = 4", "max_per_day = 8").replace(
         "max_per_email_per_day = 2", "max_per_email_per_day = 5"
     )
     with GatewayServer(tmp_path / "gw", overrides=config, database_url=database_url) as gw:
-        with ThreadPoolExecutor(12) as pool:
-            same = list(
-                pool.map(
-                    lambda i: sign_up(
-                        gw, {"email": f"gil+{i}@example.com", "invite_code": "beta"}, f"10.2.0.{i}"
-                    ),
-                    range(12),
-                )
-            )
+        same = at_once(gw, [(f"gil+{i}@example.com", f"10.2.0.{i}") for i in range(12)])
         made = [r.json() for r in same if r.status_code == 201]
         assert len(made) == 5  # the mailbox's cap
         assert {r.json()["error"]["code"] for r in same if r.status_code != 201} == {
             "signup_email_limit"
         }
         assert sorted(m["grant_micro"] for m in made) == [0, 0, 0, 0, 1_500_000]
-        with ThreadPoolExecutor(20) as pool:
-            many = list(
-                pool.map(
-                    lambda i: sign_up(
-                        gw, {"email": f"u{i}@example.com", "invite_code": "beta"}, f"10.3.0.{i}"
-                    ),
-                    range(20),
-                )
-            )
+        many = at_once(gw, [(f"u{i}@example.com", f"10.3.0.{i}") for i in range(20)])
         assert sum(r.status_code == 201 for r in many) == 8 - 5
         assert all(r.status_code in (201, 429) for r in many)
 

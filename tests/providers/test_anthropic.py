@@ -888,16 +888,9 @@ def test_cache_tokens_are_metered_and_priced_as_such(
     prices ($3.75, $0.30 per 1M), the flat default plan at its one price ($15), and a plan with
     cache prices of its own at those, exactly."""
     gateway, fake = gateway_pair
-    admin = {"Authorization": f"Bearer {gateway.admin_key}"}
-    created = requests.post(
-        gateway.base_url + "/v1/admin/keys",
-        headers=admin,
-        json={"name": "cache buyer", "plan": "cached", "credits_usd": "5"},
-        timeout=10,
-    )
-    assert created.status_code == 201, created.text
+    _, cached_key = gateway.create_key("cache buyer", plan="cached", grant_micro=5_000_000)
     rows = {}
-    for name, key in (("standard", gateway.api_key), ("cached", created.json()["key"])):
+    for name, key in (("standard", gateway.api_key), ("cached", cached_key)):
         client = openai.OpenAI(
             base_url=gateway.base_url + "/v1", api_key=key, max_retries=0, timeout=20
         )
@@ -933,7 +926,7 @@ def test_cache_tokens_are_metered_and_priced_as_such(
     cost = uncached * 3 + 2_000 * 375 // 100 + 10_000 * 3 // 10 + 4 * 15
     report = requests.get(
         gateway.base_url + "/v1/admin/usage?group_by=plan&model=claude-sonnet-4.5",
-        headers=admin,
+        headers={"Authorization": f"Bearer {gateway.admin_key}"},
         timeout=10,
     ).json()
     by_plan = {r["plan"]: r for r in report["data"]}

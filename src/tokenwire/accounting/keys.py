@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -123,6 +124,17 @@ class KeyLimits:
             "tpm": self.tpm,
             "max_concurrent_streams": self.max_concurrent_streams,
         }
+
+
+class KeyOptions(TypedDict, total=False):
+    """What a new key may be given besides its name (:meth:`KeyStore.insert`)."""
+
+    is_admin: bool
+    expires_at: int | None
+    limits: KeyLimits | None
+    grant_micro: int
+    plan: str | None
+    grant_note: str
 
 
 Lookup = Callable[[str], Awaitable["KeyRecord | None"]]
@@ -232,27 +244,10 @@ class KeyStore:
         """The stored form of a key."""
         return hmac.digest(self._secret, plaintext.encode(), "sha256").hex()
 
-    async def create(
-        self,
-        name: str,
-        *,
-        is_admin: bool = False,
-        expires_at: int | None = None,
-        limits: KeyLimits | None = None,
-        grant_micro: int = 0,
-        plan: str | None = None,
-    ) -> tuple[KeyRecord, str]:
-        """Make a key with ``grant_micro`` of credit; returns its record and the plaintext."""
+    async def create(self, name: str, **options: Unpack[KeyOptions]) -> tuple[KeyRecord, str]:
+        """Make a key (see :meth:`insert`); returns its record and the plaintext."""
         async with self._engine.begin() as conn:
-            key_id, plaintext = await self.insert(
-                conn,
-                name,
-                is_admin=is_admin,
-                expires_at=expires_at,
-                limits=limits,
-                grant_micro=grant_micro,
-                plan=plan,
-            )
+            key_id, plaintext = await self.insert(conn, name, **options)
         record = await self.get(key_id)
         assert record is not None
         return record, plaintext
@@ -269,7 +264,8 @@ class KeyStore:
         plan: str | None = None,
         grant_note: str = "free grant for a new key",
     ) -> tuple[str, str]:
-        """Insert a key and its grant in the caller's transaction; returns (id, plaintext)."""
+        """Insert a key with ``grant_micro`` of credit (a ``grant`` credit event) in the
+        caller's transaction; returns its id and its plaintext."""
         plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
         limits = limits or KeyLimits()
         key_id = "key_" + secrets.token_hex(8)
