@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.outbox import LedgerOutbox
 from tokenwire.storage.engine import MIGRATIONS, make_engine, migrate
 from tokenwire.storage.tables import api_keys, credit_events
+from tokenwire.testing import ledger_row
 
 DAY_MS = 86_400_000
 JAN_1 = 1_735_689_600_000  # 2025-01-01T00:00:00Z
@@ -37,26 +37,9 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 def bill(key_id: str, completion_id: str, **fields: object) -> LedgerRow:
-    """A completed row; cost, charge, model, provider, plan and time given by the test."""
-    row = LedgerRow(
-        completion_id=completion_id,
-        key_id=key_id,
-        model="gpt-4.1",
-        provider="openai",
-        transport="sse",
-        prompt_tokens=100,
-        completion_tokens=50,
-        usage_estimated=False,
-        cost_micro=0,
-        charge_micro=0,
-        plan="standard",
-        ttft_ms=3,
-        duration_ms=30,
-        finish_reason="stop",
-        status="completed",
-        created_at=JAN_1,
-    )
-    return replace(row, **fields)  # type: ignore[arg-type]
+    """A completed gpt-4.1 row on 1 January 2025; cost, charge and the rest given by the test."""
+    defaults = {"model": "gpt-4.1", "provider": "openai", "created_at": JAN_1}
+    return ledger_row(key_id, completion_id, **(defaults | fields))
 
 
 async def test_balances_move_by_the_charge_and_the_cost_is_kept(engine: AsyncEngine) -> None:

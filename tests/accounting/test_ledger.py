@@ -18,6 +18,7 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.errors import InsufficientQuota, NotFound
 from tokenwire.storage.engine import make_engine, migrate
 from tokenwire.storage.tables import credit_events, reservations, usage_ledger
+from tokenwire.testing import ledger_row as completed_row
 
 
 class Books:
@@ -49,25 +50,9 @@ async def books(database_url: str, tmp_path: Path) -> AsyncIterator[Books]:
 
 def ledger_row(key_id: str, completion_id: str, charge: int, **changes: object) -> LedgerRow:
     """A completed row charging ``charge`` micro-dollars, at a cost of half of it."""
-    row = LedgerRow(
-        completion_id=completion_id,
-        key_id=key_id,
-        model="priced-sim",
-        provider="sim",
-        transport="sse",
-        prompt_tokens=10,
-        completion_tokens=20,
-        usage_estimated=False,
-        cost_micro=charge // 2,
-        charge_micro=charge,
-        plan="standard",
-        ttft_ms=5,
-        duration_ms=40,
-        finish_reason="stop",
-        status="completed",
-        created_at=int(time.time() * 1000),
+    return completed_row(
+        key_id, completion_id, cost_micro=charge // 2, charge_micro=charge, **changes
     )
-    return replace(row, **changes)  # type: ignore[arg-type]
 
 
 async def test_reserve_refuses_when_short(books: Books) -> None:

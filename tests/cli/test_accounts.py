@@ -22,6 +22,7 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.cli.main import app
 from tokenwire.config import load_settings
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.testing import ledger_row
 
 CONFIG = """
 [accounting]
@@ -257,22 +258,12 @@ def test_show_unknown_key(sqlite_cli: Cli) -> None:
 
 def _row(key_id: str, completion_id: str, model: str, charge: int, at_ms: int) -> LedgerRow:
     """A completed row charging ``charge``, at a cost of a third of it (rounded down)."""
-    return LedgerRow(
-        completion_id=completion_id,
-        key_id=key_id,
+    return ledger_row(
+        key_id,
+        completion_id,
         model=model,
-        provider="sim",
-        transport="sse",
-        prompt_tokens=10,
-        completion_tokens=20,
-        usage_estimated=False,
         cost_micro=charge // 3,
         charge_micro=charge,
-        plan="standard",
-        ttft_ms=1,
-        duration_ms=2,
-        finish_reason="stop",
-        status="completed",
         created_at=at_ms,
     )
 
