@@ -184,6 +184,11 @@ async def test_migration_0004_reads_old_rows_as_charged(database_url: str) -> No
         assert await ledger.settle(
             bill("key_old", "chatcmpl-new", cost_micro=5, charge_micro=9), reserved=False
         )
+        by_plan = await ledger.totals(group_by=("plan",))  # the old row's null plan first
+        assert [(g["plan"], g["charge_micro"], g["cost_micro"]) for g in by_plan] == [
+            (None, 219, 219),
+            ("standard", 9, 5),
+        ]
         async with engine.begin() as conn:
             await conn.run_sync(_to_revision, "0003", down=True)
         async with engine.connect() as conn:

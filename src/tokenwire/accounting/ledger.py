@@ -358,7 +358,8 @@ class Ledger:
         query = sa.select(*keys, sa.func.count().label("requests"), *sums)
         query = _filtered(query, key_id, since_ms, until_ms, model)
         if keys:
-            query = query.group_by(*keys).order_by(*keys)
+            # NULL (a plan before plans) first on both databases
+            query = query.group_by(*keys).order_by(*(sa.nulls_first(k) for k in keys))
         async with self._engine.connect() as conn:
             result = await conn.execute(query)
             out = []
