@@ -28,6 +28,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -56,11 +57,25 @@ from tokenwire.wire.schema import ChatRequest
 
 log = logging.getLogger("tokenwire.completions")
 Transport = Literal["sse", "ws", "json"]
+Api = Literal["chat", "responses", "messages"]
+"""The client API a completion was asked through (recorded in its ledger row)."""
+SettledHook = Callable[[Generation], Awaitable[None]]
+
+_ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl-", "responses": "resp_", "messages": "msg_"}
 
 
-def new_completion_id() -> str:
-    """A fresh ``chatcmpl-…`` id (also the stream id)."""
-    return "chatcmpl-" + secrets.token_urlsafe(18)
+def new_completion_id(api: Api = "chat") -> str:
+    """A fresh id in the API's style (``chatcmpl-…``, ``resp_…``, ``msg_…``), also the stream id."""
+    return _ID_PREFIXES[api] + secrets.token_urlsafe(18)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """How a completion was asked for: transport, API, and the API's settle hook."""
+
+    transport: Transport
+    api: Api
+    on_settled: SettledHook | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +90,8 @@ class _Context:
     plan: Plan  # the key's price list
     price: Price  # what it charges for this model
     reserved_micro: int | None  # None: nothing to charge, nothing was reserved
+    api: Api = "chat"
+    on_settled: SettledHook | None = None  # the API's own record (a stored response), after money
 
 
 def ledger_status(generation: Generation) -> str:
@@ -134,6 +151,8 @@ class CompletionService:
         *,
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
+        api: Api = "chat",
+        on_settled: SettledHook | None = None,
     ) -> StreamSource:
         """Admit and start a completion; raises before anything runs when it may not.
 
@@ -141,18 +160,21 @@ class CompletionService:
         one of the same key returns that stream (nothing new is admitted or billed), possibly
         one another gateway process runs; with another body it is a 409. Resumable
         generations (``resumable`` or ``idempotency``) survive their readers for
-        ``stream_grace_s`` and are kept for resuming.
+        ``stream_grace_s`` and are kept for resuming. ``api`` names the client API (the id's
+        style and the ledger's ``api``); ``on_settled`` runs once after the ledger row is
+        written, before the generation leaves ``live`` (a failure is logged).
         """
-        completion_id = new_completion_id()
+        completion_id = new_completion_id(api)
+        context = _Request(transport, api, on_settled)
         if idempotency is None:
-            return await self._start(key, request, raw_body, transport, completion_id, resumable)
+            return await self._start(key, request, raw_body, context, completion_id, resumable)
         idempotency_key, digest = idempotency
         earlier = await self.streams.claim(key.id, idempotency_key, digest, completion_id)
         if earlier is not None:
             return earlier
         try:
             return await self._start(
-                key, request, raw_body, transport, completion_id, True, idempotency_key
+                key, request, raw_body, context, completion_id, True, idempotency_key
             )
         except BaseException:
             await self.streams.release(key.id, idempotency_key, completion_id)
@@ -163,7 +185,7 @@ class CompletionService:
         key: KeyRecord,
         request: ChatRequest,
         raw_body: dict[str, Any],
-        transport: Transport,
+        asked: _Request,
         completion_id: str,
         resumable: bool,
         idempotency_key: str | None = None,
@@ -203,12 +225,24 @@ class CompletionService:
                     reserved,
                     model=entry.id,
                     provider=entry.provider,
-                    transport=transport,
+                    transport=asked.transport,
+                    api=asked.api,
                 )
         except BaseException:
             await self._release_limits(admission, spec, 0, completion_id)
             raise
-        context = _Context(key.id, entry, transport, spec, admission, plan, price, reserved)
+        context = _Context(
+            key.id,
+            entry,
+            asked.transport,
+            spec,
+            admission,
+            plan,
+            price,
+            reserved,
+            asked.api,
+            asked.on_settled,
+        )
         generation = Generation(
             completion_id=completion_id,
             model=entry.id,
@@ -259,6 +293,11 @@ class CompletionService:
             await self._writer.settle(
                 self._row(context, generation), reserved=context.reserved_micro is not None
             )
+            if context.on_settled is not None:
+                try:
+                    await context.on_settled(generation)
+                except Exception:  # logged; the money is settled either way
+                    log.exception("recording %s after it settled failed", generation.id)
         finally:
             self.streams.finished(generation)
             self.live.pop(generation.id, None)  # last: an empty ``live`` means all is written
@@ -300,6 +339,7 @@ class CompletionService:
             finish_reason=generation.finish_reason,
             status=ledger_status(generation),
             created_at=int(time.time() * 1000),
+            api=context.api,
         )
 
     async def shutdown(self) -> None:

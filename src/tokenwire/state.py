@@ -15,6 +15,7 @@ from tokenwire.config import Settings
 from tokenwire.limits.base import RateLimiter
 from tokenwire.monitor import HealthMonitor
 from tokenwire.providers.registry import ProviderRegistry
+from tokenwire.responses import ResponsesService
 
 
 @dataclass
@@ -30,6 +31,7 @@ class AppState:
     ledger: Ledger
     limiter: RateLimiter
     monitor: HealthMonitor
+    responses: ResponsesService
 
 
 def get_state(connection: HTTPConnection) -> AppState:

@@ -72,6 +72,7 @@ class LedgerRow:
     created_at: int  # Unix milliseconds
     cache_write_tokens: int = 0  # of prompt_tokens: written to the provider's prompt cache
     cache_read_tokens: int = 0  # of prompt_tokens: read from it
+    api: str = "chat"  # "chat", "responses" or "messages" (last: older outbox files lack it)
 
     @property
     def margin_micro(self) -> int:
@@ -119,11 +120,12 @@ class Ledger:
         model: str | None = None,
         provider: str | None = None,
         transport: str | None = None,
+        api: str | None = None,
     ) -> None:
         """Hold ``amount_micro`` of the key's balance, or raise ``InsufficientQuota`` (402).
 
-        ``model``, ``provider`` and ``transport`` describe the completion, for the row written
-        if its process dies before settling it.
+        ``model``, ``provider``, ``transport`` and ``api`` describe the completion, for the row
+        written if its process dies before settling it.
         """
         with database_errors("reserving credit for the request"):
             async with self._engine.begin() as conn:
@@ -147,6 +149,7 @@ class Ledger:
                         model=model,
                         provider=provider,
                         transport=transport,
+                        api=api,
                     )
                 )
 
@@ -308,6 +311,7 @@ class Ledger:
                 finish_reason=None,
                 status=ABANDONED,
                 created_at=int(r.created_at) * 1000,
+                api=r.api or "chat",
             )
             for r in stale
         ]

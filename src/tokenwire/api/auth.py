@@ -1,4 +1,4 @@
-"""Bearer-key authentication for HTTP routes."""
+"""API-key authentication for HTTP routes: ``Authorization: Bearer`` (and ``x-api-key``)."""
 
 from __future__ import annotations
 
@@ -35,12 +35,18 @@ def client_address(connection: HTTPConnection) -> str:
     return connection.client.host if connection.client is not None else "unknown"
 
 
-async def authenticate(connection: HTTPConnection) -> KeyRecord:
-    """The caller's active key, or ``AuthenticationError`` (401)."""
-    token = bearer_token(connection)
+async def authenticate(connection: HTTPConnection, *, x_api_key: bool = False) -> KeyRecord:
+    """The caller's active key, or ``AuthenticationError`` (401).
+
+    With ``x_api_key`` (Anthropic's Messages API), an ``x-api-key`` header is read first.
+    """
+    token = connection.headers.get("x-api-key") if x_api_key else None
     if token is None:
+        token = bearer_token(connection)
+    if not token:
+        how = "'x-api-key: <key>' or " if x_api_key else ""
         raise AuthenticationError(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            f"You didn't provide an API key. Send it as {how}'Authorization: Bearer <key>'.",
             code="missing_api_key",
         )
     return await authenticate_token(get_state(connection), token, client_address(connection))

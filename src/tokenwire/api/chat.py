@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenwire.api.auth import authenticate
 from tokenwire.api.disconnect import cancel_on_disconnect
@@ -12,6 +15,7 @@ from tokenwire.api.errors import error_response, internal_error_response, json_r
 from tokenwire.api.sse_stream import SSEStream
 from tokenwire.errors import BodyTooLarge, GatewayError, InvalidRequest
 from tokenwire.state import AppState, get_state
+from tokenwire.streams.events import Event
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
 from tokenwire.streams.store import request_digest
@@ -52,74 +56,104 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
     # into typed values; the plain object is what an OpenAI-compatible upstream receives.
     raw = decode_json_value(body, what="JSON body of your request")
     chat_request = chat_request_from(raw)
-    idempotency_key = request.headers.get("idempotency-key")
-    if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
-        raise InvalidRequest(
-            "Idempotency-Key must be 1 to 256 characters.", param="Idempotency-Key"
-        )
     generation = await state.completions.start(
         key,
         chat_request,
         raw,
         "sse" if chat_request.stream else "json",
-        resumable=request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true"),
-        idempotency=None if idempotency_key is None else (idempotency_key, request_digest(raw)),
+        resumable=asks_resumable(request),
+        idempotency=idempotency_of(request, raw),
     )
     if not chat_request.stream:
-        return JSONCompletion(generation)
+        return JSONCompletion(generation, chat_completion_json)
     return SSEStream(
         generation,
         ChatSSEFrames(generation),
         heartbeat_s=state.settings.server.sse_heartbeat_s,
-        retry_ms=RETRY_MS if _resumable(state, generation) else None,
+        retry_ms=RETRY_MS if kept_for_resume(state, generation) else None,
     )
 
 
-def _resumable(state: AppState, stream: StreamSource) -> bool:
+def kept_for_resume(state: AppState, stream: StreamSource) -> bool:
     """A stream kept for resuming (one from another process always is)."""
     return not isinstance(stream, Generation) or state.completions.streams.holds(stream)
 
 
-async def completions_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-    """``create_completion`` as a bare ASGI endpoint, with the app's error rendering."""
-    request = Request(scope, receive)
-    response: Response | SSEStream | JSONCompletion
-    try:
-        response = await create_completion(request)
-    except GatewayError as exc:
-        response = error_response(exc)
-    except Exception as exc:  # noqa: BLE001 - rendered as a 500 without a stack trace
-        response = internal_error_response(exc, "POST /v1/chat/completions")
-    await response(scope, receive, send)
+def asks_resumable(request: Request) -> bool:
+    """Whether the request opts in to a resumable stream (``X-Tokenwire-Resumable``)."""
+    return request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true")
+
+
+def idempotency_of(request: Request, raw: dict[str, Any]) -> tuple[str, str] | None:
+    """``(Idempotency-Key, body digest)``, or None without the header; a 400 if malformed."""
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is None:
+        return None
+    if not 0 < len(idempotency_key) <= 256:
+        raise InvalidRequest(
+            "Idempotency-Key must be 1 to 256 characters.", param="Idempotency-Key"
+        )
+    return idempotency_key, request_digest(raw)
+
+
+Endpoint = Callable[[Request], Awaitable[ASGIApp]]
+
+
+def bare_endpoint(create: Endpoint, what: str) -> ASGIApp:
+    """``create`` as a bare ASGI endpoint (no Starlette router), with the app's error rendering."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response: ASGIApp
+        try:
+            response = await create(request)
+        except GatewayError as exc:
+            response = error_response(exc)
+        except Exception as exc:  # noqa: BLE001 - rendered as a 500 without a stack trace
+            response = internal_error_response(exc, what)
+        await response(scope, receive, send)
+
+    return endpoint
+
+
+def chat_completion_json(generation: StreamSource, events: list[Event]) -> Response:
+    """The ``chat.completion`` object of a finished completion (or its error)."""
+    builder = CompletionBuilder()
+    for event in events:
+        builder.add(event)
+    if builder.error is not None:
+        return error_response(builder.error, generation.response_headers)
+    result = builder.build(
+        completion_id=generation.id, created=generation.created, model=generation.model
+    )
+    return json_response(result, headers=generation.response_headers)
 
 
 class JSONCompletion:
-    """Waits for the whole completion and answers one ``chat.completion`` object.
+    """Waits for the whole completion and answers one JSON object (``render`` makes it).
 
     If the client disconnects while waiting, the reader closes and the upstream is cancelled.
     """
 
-    def __init__(self, generation: StreamSource) -> None:
+    def __init__(
+        self, generation: StreamSource, render: Callable[[StreamSource, list[Event]], Response]
+    ) -> None:
         self._generation = generation
+        self._render = render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         generation = self._generation
-        builder = CompletionBuilder()
+        events: list[Event] = []
         batches = generation.read()
         async with cancel_on_disconnect(receive) as disconnect:
             try:
                 async for batch in batches:
-                    for event in batch or ():
-                        builder.add(event)
+                    events.extend(batch or ())
             finally:
                 await batches.aclose()
         if disconnect.happened:
             return
-        if builder.error is not None:
-            response = error_response(builder.error, generation.response_headers)
-        else:
-            result = builder.build(
-                completion_id=generation.id, created=generation.created, model=generation.model
-            )
-            response = json_response(result, headers=generation.response_headers)
-        await response(scope, receive, send)
+        await self._render(generation, events)(scope, receive, send)
+
+
+completions_endpoint = bare_endpoint(create_completion, "POST /v1/chat/completions")

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenwire import __version__
+from tokenwire.api import openapi_messages
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
 from tokenwire.api.signup import SignupRequest
@@ -349,19 +350,21 @@ def openapi_document(
     """The OpenAPI document; with ``catalog``, the models of this gateway (which a key may be
     limited to, which a request may name, and their output limits); with ``plans`` and
     ``currencies``, the plans a key may be on and the currencies a payment may be in."""
-    (request_schema, create_key, update_key, topup, event, _, signup_request), components = (
-        msgspec.json.schema_components(
-            [
-                ChatRequest,
-                CreateKeyRequest,
-                UpdateKeyRequest,
-                TopupRequest,
-                WebhookEvent,
-                PaymentSucceeded,
-                SignupRequest,
-            ],
-            ref_template="#/components/schemas/{name}",
-        )
+    (
+        (request_schema, create_key, update_key, topup, event, _, signup_request, messages_schema),
+        components,
+    ) = msgspec.json.schema_components(
+        [
+            ChatRequest,
+            CreateKeyRequest,
+            UpdateKeyRequest,
+            TopupRequest,
+            WebhookEvent,
+            PaymentSucceeded,
+            SignupRequest,
+            *openapi_messages.REQUEST_TYPES,
+        ],
+        ref_template="#/components/schemas/{name}",
     )
     if catalog:
         _allow_models(components, tuple(model.id for model in catalog))
@@ -369,6 +372,8 @@ def openapi_document(
         _allow_plans(components, plans)
     _payment_rules(components, currencies)
     _chat_rules(components, catalog)
+    served = ((model.id, model.max_output_tokens) for model in catalog if model.available)
+    openapi_messages.add_rules(components, served)
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
     components["UsageTotal"] = _TOTAL_SCHEMA
@@ -406,6 +411,7 @@ def openapi_document(
                     },
                 }
             },
+            **openapi_messages.paths(messages_schema),
             "/v1/models": {
                 "get": {
                     "operationId": "listModels",
@@ -693,6 +699,7 @@ def openapi_document(
             "schemas": components,
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer"},
+                **openapi_messages.SECURITY_SCHEMES,
                 "webhookSignature": {
                     "type": "apiKey",
                     "in": "header",

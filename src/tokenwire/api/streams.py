@@ -20,24 +20,27 @@ from tokenwire.wire.untrusted import parse_count
 MAX_CURSOR_DIGITS = 15  # event numbers stay far below 10**15 (and 2**53, for JavaScript clients)
 
 
-def _cursor(request: Request) -> int:
+def cursor(request: Request) -> int | None:
+    """The client's cursor: ``Last-Event-ID`` or ``starting_after`` (None: neither was sent)."""
     header = request.headers.get("last-event-id")
-    raw = header or request.query_params.get("starting_after") or "0"
-    cursor = parse_count(raw, max_digits=MAX_CURSOR_DIGITS)
-    if cursor is None:
+    raw = header or request.query_params.get("starting_after")
+    if raw is None:
+        return None
+    number = parse_count(raw, max_digits=MAX_CURSOR_DIGITS)
+    if number is None:
         raise InvalidRequest(
             "The cursor (Last-Event-ID or starting_after) must be a whole number "
             f"of at most {MAX_CURSOR_DIGITS} digits.",
             param="Last-Event-ID" if header else "starting_after",
         )
-    return cursor
+    return number
 
 
 async def resume_stream(request: Request) -> SSEStream:
     """Replay a stream's events after the cursor, then follow it live."""
     state = get_state(request)
     key = await authenticate(request)
-    after = _cursor(request)
+    after = cursor(request) or 0
     generation = await state.completions.streams.get(
         request.path_params["stream_id"], key.id, after
     )

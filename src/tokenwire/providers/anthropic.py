@@ -16,7 +16,7 @@ Request (:func:`to_anthropic`, pure)::
     stop                            ``stop_sequences``
     temperature                     clamped to 1.0 (OpenAI allows 0..2, Anthropic 0..1:
                                     clamping keeps 0..1 exact; scaling would change every value)
-    top_p                           ``top_p``
+    top_p, top_k                    ``top_p``, ``top_k``
     tools (function tools)          ``{"name", "description", "input_schema"}``
     tool_choice                     auto→auto, required→any, none→none (tools kept: Anthropic
                                     needs them to read tool_use history), {function}→tool
@@ -75,13 +75,18 @@ from tokenwire.providers.openai_compat import upstream_error
 from tokenwire.streams.events import (
     Event,
     Finish,
-    FinishReason,
     PromptUsage,
     TextDelta,
     ToolCallDelta,
     Usage,
 )
 from tokenwire.wire import schema
+from tokenwire.wire.anthropic import (
+    ANTHROPIC_VERSION,
+    ERROR_STATUS,
+    FINISH_REASONS,
+    IMAGE_TYPES,
+)
 from tokenwire.wire.schema import (
     AssistantMessage,
     ChatRequest,
@@ -90,33 +95,9 @@ from tokenwire.wire.schema import (
     content_text,
 )
 
-ANTHROPIC_VERSION = "2023-06-01"
 Block = dict[str, Any]
 
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,(.*)", re.DOTALL)
-_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
-_STOP: dict[str, FinishReason] = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
-ERROR_STATUS: dict[str, int] = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-}
-"""The HTTP status Anthropic uses for each error type (used for in-stream ``error`` events)."""
 
 
 # -- request translation -------------------------------------------------------------------
@@ -160,7 +141,7 @@ def _user_block(part: schema.UserPart, param: str) -> Block | None:
         if url.startswith(("http://", "https://")):
             return {"type": "image", "source": {"type": "url", "url": url}}
         media_type, data = _data_url(url, f"{param}.image_url.url")
-        if media_type not in _IMAGE_TYPES:
+        if media_type not in IMAGE_TYPES:
             raise _unsupported(f"{param}.image_url.url", f"Image type {media_type!r}")
         source = {"type": "base64", "media_type": media_type, "data": data}
         return {"type": "image", "source": source}
@@ -291,6 +272,8 @@ def to_anthropic(call: ProviderCall, *, default_max_tokens: int = 4096) -> dict[
         body["temperature"] = min(request.temperature, 1.0)
     if request.top_p is not None:
         body["top_p"] = request.top_p
+    if request.top_k is not None:
+        body["top_k"] = request.top_k
     choice = _tool_choice(request.tool_choice)
     if request.tools:
         body["tools"] = _tools(request.tools)
@@ -448,7 +431,7 @@ class StreamTranslator:
             self._take_usage(event.usage)
         elif kind == "message_stop":
             self.done = True
-            reason = _STOP.get(self.stop_reason or "end_turn", "stop")
+            reason = FINISH_REASONS.get(self.stop_reason or "end_turn", "stop")
             return [self.result(), Finish(reason)]
         elif kind == "error":
             error = event.error or _Error()

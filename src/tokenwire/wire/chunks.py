@@ -135,6 +135,16 @@ class CompletionBuilder:
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
 
+    @property
+    def text(self) -> str:
+        """The answer's text so far."""
+        return "".join(self._text)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The tool calls so far, in OpenAI's shape, in order."""
+        return [self._tool_calls[i] for i in sorted(self._tool_calls)]
+
     def add(self, event: Event) -> None:
         """Fold one event into the result."""
         if isinstance(event, TextDelta):
@@ -160,11 +170,11 @@ class CompletionBuilder:
         """The ``chat.completion`` object."""
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": "".join(self._text) if self._text or not self._tool_calls else None,
+            "content": self.text if self._text or not self._tool_calls else None,
             "refusal": None,
         }
         if self._tool_calls:
-            message["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
+            message["tool_calls"] = self.tool_calls
         result: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from tokenwire.errors import InvalidRequest
-from tokenwire.wire.untrusted import param_from_message
+from tokenwire.wire.untrusted import param_from_message, request_object
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -215,6 +215,7 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
     stop: StopSequence | Annotated[list[StopSequence], msgspec.Meta(max_length=4)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
     user: ShortText | None = None
     seed: Int64 | None = None
@@ -277,7 +278,14 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
-_WHOLE_NUMBER_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs")
+_WHOLE_NUMBER_FIELDS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "seed",
+    "top_logprobs",
+    "top_k",
+)
 
 
 def decode_chat_request(body: bytes) -> ChatRequest:
@@ -316,13 +324,7 @@ def chat_request_from(body: Any, *, stream: bool | None = None) -> ChatRequest:
     JSON has one number type: ``5.0`` is the integer five (as JSON Schema says), so the
     whole-number fields take it.
     """
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    values = dict(body)
-    for name in _WHOLE_NUMBER_FIELDS:
-        value = values.get(name)
-        if isinstance(value, float) and value.is_integer():
-            values[name] = int(value)
+    values = request_object(body, _WHOLE_NUMBER_FIELDS)
     if stream is not None:
         values["stream"] = stream
     try:

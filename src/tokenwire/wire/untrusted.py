@@ -51,14 +51,11 @@ def parse_count(text: str, *, max_digits: int = 18) -> int | None:
 def param_from_message(message: str) -> str | None:
     """OpenAI's ``param`` from a msgspec error: ``at `$.messages[0].role``` becomes
     ``messages[0].role``; a missing or unknown field is named too."""
-    unknown = _UNKNOWN_FIELD.search(message)
-    if unknown is not None:
-        return unknown.group(1)
     match = _PATH.search(message)
     path = match.group(1) if match is not None else ""
-    missing = _MISSING.search(message)
-    if missing is not None:
-        return f"{path}.{missing.group(1)}" if path else missing.group(1)
+    field = _UNKNOWN_FIELD.search(message) or _MISSING.search(message)
+    if field is not None:
+        return f"{path}.{field.group(1)}" if path else field.group(1)
     return path or None
 
 
@@ -135,6 +132,19 @@ def integral_floats_as_ints(value: Any) -> Any:
     if isinstance(value, list):
         return [integral_floats_as_ints(v) for v in value]
     return value
+
+
+def request_object(body: Any, whole_numbers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of a decoded request body, which must be a JSON object (else a 400), in which the
+    top-level fields ``whole_numbers`` take a float without fraction (``5.0``) as an int."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    values = dict(body)
+    for name in whole_numbers:
+        value = values.get(name)
+        if isinstance(value, float) and value.is_integer():
+            values[name] = int(value)
+    return values
 
 
 def decode_json(body: bytes, kind: type[S], *, what: str = "JSON body") -> S:
