@@ -3,8 +3,10 @@ sum both, credits keep what was paid, and migration 0004 reads the old rows righ
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,27 @@ def test_outbox_rows_from_before_plans_read_as_charged(tmp_path: Path) -> None:
     [(row, reserved)] = outbox.read(path)
     assert reserved and (row.cost_micro, row.charge_micro, row.plan) == (219, 219, None)
     assert (row.cache_write_tokens, row.cache_read_tokens) == (0, 0)
+
+
+async def test_concurrent_replays_of_one_batch_charge_once(engine: AsyncEngine) -> None:
+    """Two settlements of the same rows at once (two processes replaying one outbox file, or
+    the replay task beside a start-up replay) write each row once and charge it once: the
+    balance ends at grant - charges, whatever the interleaving."""
+    keys, ledger = KeyStore(engine, b"s"), Ledger(engine)
+    record, _ = await keys.create("replayed", grant_micro=1_000_000)
+    rows = []
+    for i in range(20):
+        await ledger.reserve(record.id, f"c{i}", 5_000)
+        rows.append(bill(record.id, f"c{i}", cost_micro=400, charge_micro=1_000 + i))
+    batches = [[(row, True)] for row in rows]
+    written = await asyncio.gather(
+        *(ledger.settle_many(batch) for batch in batches for _ in range(3))
+    )
+    assert sorted(cid for ids in written for cid in ids) == sorted(r.completion_id for r in rows)
+    assert await ledger.balance(record.id) == 1_000_000 - sum(r.charge_micro for r in rows)
+    abandoned = replace(rows[0], completion_id="late", status="abandoned", charge_micro=0)
+    await ledger.settle(abandoned, reserved=False)
+    real = replace(abandoned, status="completed", charge_micro=700)
+    results = await asyncio.gather(*(ledger.settle_many([(real, False)]) for _ in range(3)))
+    assert sum(len(ids) for ids in results) == 1
+    assert await ledger.balance(record.id) == 1_000_000 - sum(r.charge_micro for r in rows) - 700

@@ -165,7 +165,10 @@ class Ledger:
 
         Row by row: a completion id already in the ledger changes nothing (except an
         ``abandoned`` row, which the real one replaces); each new row releases its reservation
-        and refunds ``held - cost``.
+        and refunds ``held - charge``. What counts is what this transaction itself inserted,
+        replaced and deleted (``RETURNING``, row counts), not what it saw before: two
+        settlements of the same rows at once (two processes replaying one outbox file) write
+        and charge each row once.
         """
         if not items:
             return set()
@@ -182,32 +185,32 @@ class Ledger:
                 for row, _ in items
                 if existing.get(row.completion_id) == ABANDONED and row.status != ABANDONED
             ]
-            await self._replace_abandoned(conn, late)
+            replaced = await self._replace_abandoned(conn, late)
             new = {}
             for row, reserved in items:
                 if row.completion_id not in existing and row.completion_id not in new:
                     new[row.completion_id] = (row, reserved)
             if not new:
-                return {row.completion_id for row in late}
-            await conn.execute(
-                insert_ignoring_duplicates(conn, usage_ledger),
+                return replaced
+            inserted = await conn.execute(
+                insert_ignoring_duplicates(conn, usage_ledger).returning(
+                    usage_ledger.c.completion_id
+                ),
                 [asdict(row) for row, _ in new.values()],
             )
-            held_ids = [cid for cid, (_, reserved) in new.items() if reserved]
+            written = {str(cid) for cid in inserted.scalars()}  # not inserted meanwhile
+            held_ids = [cid for cid in written if new[cid][1]]
             held: dict[str, int] = {}
             if held_ids:
                 result = await conn.execute(
-                    sa.select(reservations.c.completion_id, reservations.c.amount_micro).where(
-                        reservations.c.completion_id.in_(held_ids)
-                    )
+                    reservations.delete()
+                    .where(reservations.c.completion_id.in_(held_ids))
+                    .returning(reservations.c.completion_id, reservations.c.amount_micro)
                 )
                 held = {str(cid): int(amount) for cid, amount in result}
-                if held:
-                    await conn.execute(
-                        reservations.delete().where(reservations.c.completion_id.in_(list(held)))
-                    )
             refunds: dict[str, int] = {}
-            for cid, (row, _) in new.items():
+            for cid in written:
+                row = new[cid][0]
                 refund = held.get(cid, 0) - row.charge_micro
                 if refund:
                     refunds[row.key_id] = refunds.get(row.key_id, 0) + refund
@@ -217,14 +220,16 @@ class Ledger:
                     .where(api_keys.c.id == key_id)
                     .values(balance_micro=api_keys.c.balance_micro + refund)
                 )
-        return set(new) | {row.completion_id for row in late}
+        return written | replaced
 
     @staticmethod
-    async def _replace_abandoned(conn: AsyncConnection, rows: list[LedgerRow]) -> None:
+    async def _replace_abandoned(conn: AsyncConnection, rows: list[LedgerRow]) -> set[str]:
         """The real rows of completions abandoned earlier: they replace the free ``abandoned``
-        rows, and their charge is taken now (the abandonment gave the reservation back)."""
+        rows, and their charge is taken now (the abandonment gave the reservation back).
+        Returns the ids replaced by this call (another may have replaced one meanwhile)."""
+        replaced = set()
         for row in rows:
-            await conn.execute(
+            result = await conn.execute(
                 usage_ledger.update()
                 .where(
                     usage_ledger.c.completion_id == row.completion_id,
@@ -232,12 +237,16 @@ class Ledger:
                 )
                 .values(**asdict(row))
             )
+            if result.rowcount != 1:
+                continue
+            replaced.add(row.completion_id)
             if row.charge_micro:
                 await conn.execute(
                     api_keys.update()
                     .where(api_keys.c.id == row.key_id)
                     .values(balance_micro=api_keys.c.balance_micro - row.charge_micro)
                 )
+        return replaced
 
     async def credit(
         self,
