@@ -73,3 +73,42 @@ def test_zero_is_kept_where_it_means_something(tmp_path: Path) -> None:
         ),
     )
     assert settings.server.key_cache_ttl_s == 0 and settings.providers["sim"].itl_ms == 0
+
+
+def test_operations_settings_from_the_environment(tmp_path: Path) -> None:
+    """TOKENWIRE_LOG_FORMAT, TOKENWIRE_METRICS_HOST and TOKENWIRE_METRICS_PORT set the
+    [server] log_format, metrics_host and metrics_port; by default there is no listener."""
+    default = load_settings(data_dir=tmp_path, env={}).server
+    assert (default.log_format, default.metrics_host, default.metrics_port) == (
+        "auto",
+        "127.0.0.1",
+        None,
+    )
+    env = {
+        "TOKENWIRE_LOG_FORMAT": "text",
+        "TOKENWIRE_METRICS_HOST": "0.0.0.0",
+        "TOKENWIRE_METRICS_PORT": "9464",
+    }
+    server = load_settings(data_dir=tmp_path, env=env).server
+    assert (server.log_format, server.metrics_host, server.metrics_port) == (
+        "text",
+        "0.0.0.0",
+        9464,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TOKENWIRE_LOG_FORMAT": "yaml"}, "TOKENWIRE_LOG_FORMAT: 'yaml' is not one of"),
+        ({"TOKENWIRE_METRICS_PORT": "65536"}, "TOKENWIRE_METRICS_PORT: '65536'"),
+        ({"TOKENWIRE_METRICS_PORT": "8000"}, "the API's port too"),
+    ],
+)
+def test_bad_operations_settings_name_what_is_wrong(
+    env: dict[str, str], message: str, tmp_path: Path
+) -> None:
+    """A bad log format or metrics port is a ConfigError naming it."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(data_dir=tmp_path, env=env)
+    assert message in raised.value.message

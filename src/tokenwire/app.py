@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -25,7 +26,9 @@ from tokenwire.api import (
     admin,
     chat,
     health,
+    key,
     messages,
+    metrics,
     models,
     openapi,
     responses,
@@ -37,6 +40,7 @@ from tokenwire.api import (
     ws,
 )
 from tokenwire.api.errors import (
+    error_response,
     handle_database_error,
     handle_gateway_error,
     handle_http_exception,
@@ -44,18 +48,21 @@ from tokenwire.api.errors import (
 )
 from tokenwire.completions import CompletionService
 from tokenwire.config import LimitsConfig, Settings, load_settings
-from tokenwire.errors import GatewayError
+from tokenwire.errors import GatewayError, NotFound
 from tokenwire.limits.base import RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
 from tokenwire.monitor import HealthMonitor
+from tokenwire.observability.metrics import Metrics
 from tokenwire.protocols import server_protocols
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.responses import ResponsesService
+from tokenwire.runtime import metrics_sampler
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
 from tokenwire.storage.responses import ResponseStore
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.store import StreamStore
+from tokenwire.web.site import web_routes
 
 STALE_RESERVATION_S = 6 * 3600
 """A reservation this old belongs to a process that died: it is settled as ``abandoned``."""
@@ -68,7 +75,9 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
     await migrate(engine)
     registry = ProviderRegistry(settings, environ)
     ledger = Ledger(engine)
-    writer = LedgerWriter(ledger, LedgerOutbox(settings.data_dir / "ledger-outbox"))
+    outbox_dir = settings.data_dir / "ledger-outbox"
+    writer = LedgerWriter(ledger, LedgerOutbox(outbox_dir))
+    metrics = Metrics.from_environ(metrics_sampler(writer, registry, outbox_dir))
     await writer.replay()  # rows an earlier run could not write, before anything is abandoned
     await ledger.abandon_stale_reservations(older_than_s=STALE_RESERVATION_S)
     limiter = make_limiter(settings.limits)
@@ -83,6 +92,7 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
         streams=streams,
         stream_grace_s=settings.server.stream_grace_s,
         writer=writer,
+        metrics=metrics,
         plans=PlanBook.from_settings(settings),
     )
     state = AppState(
@@ -100,8 +110,10 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
         limiter=limiter,
         monitor=make_monitor(settings),
         responses=ResponsesService(completions, ResponseStore(engine)),
+        metrics=metrics,
     )
     state.monitor.start(state.completions.live)
+    metrics.start()
     return state
 
 
@@ -167,6 +179,7 @@ def make_stream_store(settings: Settings) -> StreamStore:
 async def close_state(state: AppState) -> None:
     """Cancel live generations, close providers and the database."""
     await state.monitor.aclose()
+    await state.metrics.aclose()
     await state.completions.shutdown()
     await state.completions.streams.aclose()
     await state.registry.aclose()
@@ -192,9 +205,16 @@ class Gateway:
     lifespan included, goes through Starlette unchanged.
     """
 
-    def __init__(self, app: Starlette, trusted_proxies: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        trusted_proxies: list[str] | None = None,
+        *,
+        metrics_port: int | None = None,
+    ) -> None:
         self.app = app
         self.state = app.state
+        self._metrics_port = metrics_port  # connections to it get GET /metrics only, no key
         # The one place that decides the client's address: X-Forwarded-For (and -Proto) are
         # believed only from a peer in server.trusted_proxies (uvicorn's own rewrite is off,
         # see server_options), so nobody else can pick the address the auth throttle counts.
@@ -210,6 +230,9 @@ class Gateway:
             await self._route(scope, receive, send)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._metrics_port is not None and _local_port(scope) == self._metrics_port:
+            await self._metrics_listener(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = _DIRECT_POSTS.get(scope["path"])
             if endpoint is not None:
@@ -223,6 +246,25 @@ class Gateway:
             await ws.ws_chat(WebSocket(scope, receive, send))
             return
         await self.app(scope, receive, send)
+
+    async def _metrics_listener(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The metrics listener: ``GET /metrics`` without a key, and nothing else."""
+        if scope["type"] == "http" and scope["path"] == "/metrics" and scope["method"] == "GET":
+            response = await metrics.metrics_response(Request(scope, receive), self.state.tw)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # refuses the handshake
+            return
+        else:
+            response = error_response(
+                NotFound("The metrics listener serves GET /metrics only.", code="not_found")
+            )
+        await response(scope, receive, send)
+
+
+def _local_port(scope: Scope) -> int | None:
+    """The port of the listener a connection came in on (None for a Unix socket)."""
+    server = scope.get("server")
+    return None if not server or server[1] is None else int(server[1])
 
 
 def create_app(
@@ -247,6 +289,7 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", chat.create_completion, methods=["POST"]),
         Route("/v1/chat/completions/{stream_id}/stream", streams.resume_stream, methods=["GET"]),
+        Route("/v1/chat/completions/{stream_id}/cancel", streams.cancel_stream, methods=["POST"]),
         Route("/v1/messages", messages.create_message_endpoint, methods=["POST"]),
         Route(
             "/v1/messages/{message_id}/stream",
@@ -261,6 +304,7 @@ def create_app(
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
         Route("/v1/ws/tickets", tickets.create_ticket, methods=["POST"]),
         Route("/v1/usage", usage.get_usage, methods=["GET"]),
+        Route("/v1/key", key.get_own_key, methods=["GET"]),
         Route("/v1/admin/keys", admin.create_key, methods=["POST"]),
         Route("/v1/admin/keys", admin.list_keys, methods=["GET"]),
         Route("/v1/admin/keys/{key_id}", admin.get_key, methods=["GET"]),
@@ -273,7 +317,9 @@ def create_app(
         Route("/v1/billing/webhook", webhooks.webhook_endpoint(env), methods=["POST"]),
         Route("/v1/signup", signup.signup, methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+        *web_routes(),  # the pages /, /usage, /admin and /static/… (tokenwire.web)
     ]
     starlette = Starlette(
         routes=routes,
@@ -286,7 +332,8 @@ def create_app(
             Exception: handle_unexpected,
         },
     )
-    return Gateway(starlette, settings.server.trusted_proxies)
+    server = settings.server
+    return Gateway(starlette, server.trusted_proxies, metrics_port=server.metrics_port)
 
 
 def app_from_env() -> Gateway:

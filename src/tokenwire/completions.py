@@ -28,10 +28,10 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 from tokenwire.accounting.budget import (
     completion_budget,
@@ -45,10 +45,15 @@ from tokenwire.accounting.plans import PlanBook
 from tokenwire.accounting.pricing import amount_micro, worst_case_micro
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry, Plan, Price
-from tokenwire.errors import PermissionDenied
+from tokenwire.errors import GatewayError, PermissionDenied
 from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
+from tokenwire.observability.logs import log_completion, log_refusal
+from tokenwire.observability.metrics import Metrics
+from tokenwire.observability.outcomes import completion_record, refusal_of
+from tokenwire.observability.records import Api, Refusal, Transport
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
+from tokenwire.streams.events import Event
 from tokenwire.streams.generation import Generation, GenerationState
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.source import StreamSource
@@ -56,9 +61,6 @@ from tokenwire.streams.store import StreamStore
 from tokenwire.wire.schema import ChatRequest
 
 log = logging.getLogger("tokenwire.completions")
-Transport = Literal["sse", "ws", "json"]
-Api = Literal["chat", "responses", "messages"]
-"""The client API a completion was asked through (recorded in its ledger row)."""
 SettledHook = Callable[[Generation], Awaitable[None]]
 
 _ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl-", "responses": "resp_", "messages": "msg_"}
@@ -67,15 +69,6 @@ _ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl-", "responses": "resp_", "mess
 def new_completion_id(api: Api = "chat") -> str:
     """A fresh id in the API's style (``chatcmpl-…``, ``resp_…``, ``msg_…``), also the stream id."""
     return _ID_PREFIXES[api] + secrets.token_urlsafe(18)
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    """How a completion was asked for: transport, API, and the API's settle hook."""
-
-    transport: Transport
-    api: Api
-    on_settled: SettledHook | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +83,11 @@ class _Context:
     plan: Plan  # the key's price list
     price: Price  # what it charges for this model
     reserved_micro: int | None  # None: nothing to charge, nothing was reserved
-    api: Api = "chat"
-    on_settled: SettledHook | None = None  # the API's own record (a stored response), after money
+    client: str
+    api: Api
+    on_settled: SettledHook | None  # the API's own record (a stored response), after money
+    max_output: int
+    prompt_estimate: int
 
 
 def ledger_status(generation: Generation) -> str:
@@ -103,6 +99,11 @@ def ledger_status(generation: Generation) -> str:
             return "client_disconnected"
         return "cancelled"
     return "completed"
+
+
+def ledger_transport(transport: Transport) -> str:
+    """The ledger's transport: ``sse``, ``ws`` (both WebSocket modes) or ``json``."""
+    return "ws" if transport == "ws-envelope" else transport
 
 
 class CompletionService:
@@ -119,10 +120,12 @@ class CompletionService:
         streams: StreamStore | None = None,
         stream_grace_s: float = 30.0,
         writer: LedgerWriter | None = None,
+        metrics: Metrics | None = None,
         plans: PlanBook | None = None,
     ) -> None:
         self._registry = registry
         self._plans = plans or PlanBook.at_cost()
+        self.metrics = metrics or Metrics()
         self._limiter = limiter
         self._ledger = ledger
         self._writer = writer or LedgerWriter(ledger)
@@ -151,6 +154,7 @@ class CompletionService:
         *,
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
+        client: str = "",
         api: Api = "chat",
         on_settled: SettledHook | None = None,
     ) -> StreamSource:
@@ -162,34 +166,77 @@ class CompletionService:
         generations (``resumable`` or ``idempotency``) survive their readers for
         ``stream_grace_s`` and are kept for resuming. ``api`` names the client API (the id's
         style and the ledger's ``api``); ``on_settled`` runs once after the ledger row is
-        written, before the generation leaves ``live`` (a failure is logged).
+        written, before the generation leaves ``live`` (a failure is logged). ``client`` (the
+        caller's address) goes to the completion's log line.
         """
         completion_id = new_completion_id(api)
-        context = _Request(transport, api, on_settled)
+        admit = _Admit(key, request, raw_body, transport, completion_id, client, api, on_settled)
         if idempotency is None:
-            return await self._start(key, request, raw_body, context, completion_id, resumable)
+            return await self._start(admit, resumable)
         idempotency_key, digest = idempotency
         earlier = await self.streams.claim(key.id, idempotency_key, digest, completion_id)
         if earlier is not None:
+            self.metrics.resumed(transport)
             return earlier
         try:
-            return await self._start(
-                key, request, raw_body, context, completion_id, True, idempotency_key
-            )
+            return await self._start(admit, True, idempotency_key)
         except BaseException:
             await self.streams.release(key.id, idempotency_key, completion_id)
             raise
 
+    async def resume(
+        self, stream_id: str, key_id: str, after: int, transport: Transport
+    ) -> StreamSource:
+        """A resumable stream of ``key_id`` to read after event ``after`` (``streams.get``)."""
+        stream = await self.streams.get(stream_id, key_id, after)
+        self.metrics.resumed(transport)
+        return stream
+
     async def _start(
-        self,
-        key: KeyRecord,
-        request: ChatRequest,
-        raw_body: dict[str, Any],
-        asked: _Request,
-        completion_id: str,
-        resumable: bool,
-        idempotency_key: str | None = None,
+        self, admit: _Admit, resumable: bool, idempotency_key: str | None = None
     ) -> Generation:
+        context, events = await self._admit(admit)
+        request, entry = admit.request, context.entry
+        generation = Generation(
+            completion_id=admit.completion_id,
+            model=entry.id,
+            events=events,
+            prompt_tokens_estimate=context.prompt_estimate,
+            disconnect_grace_s=self._stream_grace_s if resumable else self._grace_s,
+            on_end=partial(self._on_end, context),
+            on_settle=partial(self._settle, context),
+            key_id=context.key_id,
+            include_usage=request.include_usage,
+            completion_limit=context.max_output,
+            limit_for_prompt=(
+                None
+                if context.reserved_micro is None
+                else partial(completion_budget, context.price, context.reserved_micro)
+            ),
+        )
+        generation.response_headers = context.admission.headers
+        self.live[generation.id] = generation
+        self.metrics.stream_opened(admit.transport)  # closed by _settle, which always runs
+        try:
+            if resumable:
+                await self.streams.add(generation, idempotency_key)
+        except BaseException:  # the client left meanwhile: end it like any disconnect
+            generation.start()  # started all the same, so that it settles once and leaves
+            generation.cancel("client_disconnected")
+            raise
+        generation.start()
+        return generation
+
+    async def _admit(self, admit: _Admit) -> tuple[_Context, AsyncIterator[Event]]:
+        """Resolve, check, admit and reserve, or raise (a refusal is counted and logged)."""
+        try:
+            return await self._admission(admit)
+        except GatewayError as exc:
+            self._refused(admit, exc)
+            raise
+
+    async def _admission(self, admit: _Admit) -> tuple[_Context, AsyncIterator[Event]]:
+        key, request, completion_id = admit.key, admit.request, admit.completion_id
         provider, entry = self._registry.resolve(request.model)
         if not key.may_use(entry.id):
             raise PermissionDenied(
@@ -204,7 +251,7 @@ class CompletionService:
         call = ProviderCall(
             request=request,
             upstream_model=entry.upstream_model,
-            raw_body=raw_body,
+            raw_body=admit.raw_body,
             max_output_tokens=max_output,
         )
         # Made before anything is held: nothing runs until the generation pulls it, and
@@ -225,50 +272,50 @@ class CompletionService:
                     reserved,
                     model=entry.id,
                     provider=entry.provider,
-                    transport=asked.transport,
-                    api=asked.api,
+                    transport=ledger_transport(admit.transport),
+                    api=admit.api,
                 )
         except BaseException:
             await self._release_limits(admission, spec, 0, completion_id)
             raise
         context = _Context(
-            key.id,
-            entry,
-            asked.transport,
-            spec,
-            admission,
-            plan,
-            price,
-            reserved,
-            asked.api,
-            asked.on_settled,
-        )
-        generation = Generation(
-            completion_id=completion_id,
-            model=entry.id,
-            events=events,
-            prompt_tokens_estimate=prompt_estimate,
-            disconnect_grace_s=self._stream_grace_s if resumable else self._grace_s,
-            on_end=partial(self._on_end, context),
-            on_settle=partial(self._settle, context),
             key_id=key.id,
-            include_usage=request.include_usage,
-            completion_limit=max_output,
-            limit_for_prompt=(
-                None if reserved is None else partial(completion_budget, price, reserved)
-            ),
+            entry=entry,
+            transport=admit.transport,
+            spec=spec,
+            admission=admission,
+            plan=plan,
+            price=price,
+            reserved_micro=reserved,
+            client=admit.client,
+            api=admit.api,
+            on_settled=admit.on_settled,
+            max_output=max_output,
+            prompt_estimate=prompt_estimate,
         )
-        generation.response_headers = admission.headers
-        self.live[completion_id] = generation
-        try:
-            if resumable:
-                await self.streams.add(generation, idempotency_key)
-        except BaseException:  # the client left meanwhile: end it like any disconnect
-            generation.start()  # started all the same, so that it settles once and leaves
-            generation.cancel("client_disconnected")
-            raise
-        generation.start()
-        return generation
+        return context, events
+
+    def _refused(self, admit: _Admit, error: GatewayError) -> None:
+        """Count and log a refusal of a model in the catalog (an unknown model's name is the
+        client's to choose: no series is made for it)."""
+        entry = self._registry.models.get(admit.request.model)
+        if entry is None:
+            return
+        outcome, reason = refusal_of(error)
+        refusal = Refusal(
+            key_id=admit.key.id,
+            model=entry.id,
+            provider=entry.provider,
+            transport=admit.transport,
+            api=admit.api,
+            outcome=outcome,
+            reason=reason,
+            error_code=error.code,
+            error_status=error.http_status,
+            client=admit.client,
+        )
+        self.metrics.refusal(refusal)
+        log_refusal(refusal)
 
     async def _release_limits(
         self, admission: Admission, spec: LimitSpec, tokens: int, completion_id: str
@@ -281,7 +328,11 @@ class CompletionService:
         try:
             await self._limiter.release(admission, spec, tokens)
         except Exception:  # logged; a slot's lease runs out on its own
-            log.exception("could not release the rate limits of %s", completion_id)
+            log.exception(
+                "could not release the rate limits of %s",
+                completion_id,
+                extra={"fields": {"completion_id": completion_id}},
+            )
 
     async def _on_end(self, context: _Context, generation: Generation) -> None:
         usage = generation.usage
@@ -290,15 +341,29 @@ class CompletionService:
 
     async def _settle(self, context: _Context, generation: Generation) -> None:
         try:
-            await self._writer.settle(
-                self._row(context, generation), reserved=context.reserved_micro is not None
+            row = self._row(context, generation)
+            record = completion_record(
+                generation,
+                row,
+                key_id=context.key_id,
+                transport=context.transport,
+                api=context.api,
+                client=context.client,
             )
+            self.metrics.completion(record)
+            log_completion(record)
+            await self._writer.settle(row, reserved=context.reserved_micro is not None)
             if context.on_settled is not None:
                 try:
                     await context.on_settled(generation)
                 except Exception:  # logged; the money is settled either way
-                    log.exception("recording %s after it settled failed", generation.id)
+                    log.exception(
+                        "recording %s after it settled failed",
+                        generation.id,
+                        extra={"fields": {"completion_id": generation.id}},
+                    )
         finally:
+            self.metrics.stream_closed(context.transport)
             self.streams.finished(generation)
             self.live.pop(generation.id, None)  # last: an empty ``live`` means all is written
 
@@ -321,7 +386,7 @@ class CompletionService:
             key_id=context.key_id,
             model=context.entry.id,
             provider=generation.provider or context.entry.provider,
-            transport=context.transport,
+            transport=ledger_transport(context.transport),
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             usage_estimated=usage.estimated,
@@ -349,3 +414,17 @@ class CompletionService:
             generation.cancel("shutdown")
         await asyncio.gather(*(g.wait_settled() for g in pending))
         await self._writer.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Admit:
+    """One request on its way through admission."""
+
+    key: KeyRecord
+    request: ChatRequest
+    raw_body: dict[str, Any]
+    transport: Transport
+    completion_id: str
+    client: str
+    api: Api
+    on_settled: SettledHook | None

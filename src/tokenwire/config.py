@@ -8,6 +8,9 @@ Environment variables (all optional):
 ``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
 ``TOKENWIRE_REDIS_URL``     share rate limits and resumable streams through Redis (sets
                            ``limits.backend`` and ``server.stream_backend`` to ``"redis"``)
+``TOKENWIRE_LOG_FORMAT``    ``json``, ``text`` or ``auto`` (``server.log_format``)
+``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT``  the metrics listener
+                           (``server.metrics_host``, ``server.metrics_port``)
 
 Provider API keys are never in the file: a provider names the variable that holds its key
 (``api_key_env``), read when the app starts.
@@ -19,6 +22,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
@@ -80,6 +84,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     health_max_loop_lag_s: Interval = 5.0  # /healthz: the event loop is stuck past this lag
     health_stall_s: Interval = 600.0  # /healthz: live generations, none moved for this long
     health_timeout_s: Interval = 2.0  # /healthz: each database / Redis probe
+    # Operations (docs/operations.md)
+    log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port | None = None  # a listener serving GET /metrics without a key
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -196,12 +204,21 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True):
     data_dir: str | None = None
 
 
+def deployment_name(provider: str, upstream_model: str) -> str:
+    """A deployment's name in metrics and logs: ``provider/upstream_model``."""
+    return f"{provider}/{upstream_model}"
+
+
 class DeploymentEntry(msgspec.Struct, frozen=True):
     """One place a model can be served: a provider, its name for the model, a weight."""
 
     provider: str
     upstream_model: str
     weight: int = 1
+
+    @property
+    def name(self) -> str:
+        return deployment_name(self.provider, self.upstream_model)
 
 
 class Price(msgspec.Struct, frozen=True):
@@ -317,6 +334,35 @@ def parse_port(text: str, what: str = "TOKENWIRE_PORT") -> int:
     return port
 
 
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def _operations_env(server: ServerConfig, environ: Mapping[str, str]) -> ServerConfig:
+    """``TOKENWIRE_LOG_FORMAT``, ``TOKENWIRE_METRICS_HOST`` and ``TOKENWIRE_METRICS_PORT``."""
+    log_format = environ.get("TOKENWIRE_LOG_FORMAT")
+    if log_format:
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"TOKENWIRE_LOG_FORMAT: {log_format!r} is not one of {', '.join(LOG_FORMATS)}"
+            )
+        server = msgspec.structs.replace(server, log_format=log_format)
+    if environ.get("TOKENWIRE_METRICS_HOST"):
+        server = msgspec.structs.replace(server, metrics_host=environ["TOKENWIRE_METRICS_HOST"])
+    if environ.get("TOKENWIRE_METRICS_PORT"):
+        port = parse_port(environ["TOKENWIRE_METRICS_PORT"], "TOKENWIRE_METRICS_PORT")
+        server = msgspec.structs.replace(server, metrics_port=port)
+    return server
+
+
+def check_server(server: ServerConfig) -> None:
+    """What no single field can say: the metrics listener needs a port of its own."""
+    if server.metrics_port is not None and server.metrics_port == server.port:
+        raise ConfigError(
+            f"server.metrics_port: {server.metrics_port} is the API's port too; the metrics "
+            "listener needs a port of its own"
+        )
+
+
 def _read_toml(text: str, source: str) -> FileConfig:
     try:
         raw = tomllib.loads(text)
@@ -405,6 +451,7 @@ def load_settings(
         server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
     if environ.get("TOKENWIRE_PORT"):
         server = msgspec.structs.replace(server, port=parse_port(environ["TOKENWIRE_PORT"]))
+    server = _operations_env(server, environ)
     limits = merged.limits
     if environ.get("TOKENWIRE_REDIS_URL"):
         limits = msgspec.structs.replace(
@@ -475,6 +522,7 @@ def load_settings(
                 raise ConfigError(
                     f"server.trusted_proxies: {proxy!r} is not an IP address or network"
                 ) from None
+    check_server(server)
     return Settings(
         data_dir=resolved_dir,
         database_url=database_url,

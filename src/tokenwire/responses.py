@@ -17,8 +17,9 @@ from functools import partial
 from typing import Any
 
 from tokenwire.accounting.keys import KeyRecord
-from tokenwire.completions import CompletionService, Transport
+from tokenwire.completions import CompletionService
 from tokenwire.errors import GatewayError, InvalidRequest
+from tokenwire.observability.records import Transport
 from tokenwire.storage.responses import ResponseStore, not_found
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.source import StreamSource
@@ -74,6 +75,7 @@ class ResponsesService:
         local: dict[str, list[dict[str, Any]]] | None = None,
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
+        client: str = "",
     ) -> StartedResponse:
         """Admit and start a response; ``local`` holds conversations a WebSocket remembers
         (``previous_response_id`` may name one of them even when it was not stored)."""
@@ -90,6 +92,7 @@ class ResponsesService:
                 idempotency=idempotency,
                 api="responses",
                 on_settled=partial(self._settled, key.id, plan, history),
+                client=client,
             )
         except InvalidRequest as exc:
             raise _in_responses_terms(exc) from None

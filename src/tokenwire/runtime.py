@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tokenwire.accounting.writer import LedgerWriter
+from tokenwire.observability.metrics import RuntimeSample, Sampler
+from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import AppState
 
 
@@ -51,3 +54,18 @@ def snapshot(state: AppState) -> dict[str, Any]:
         "ledger_outbox_files": _outbox_files(state.settings.data_dir / "ledger-outbox"),
         "ledger_write_failures": writer.write_failures,
     }
+
+
+def metrics_sampler(writer: LedgerWriter, registry: ProviderRegistry, outbox_dir: Path) -> Sampler:
+    """What ``/metrics`` samples when scraped: the ledger writer's counts, the circuits."""
+
+    def sample() -> RuntimeSample:
+        return RuntimeSample(
+            ledger_queued=writer.queued,
+            ledger_held=writer.held,
+            ledger_outbox_files=_outbox_files(outbox_dir),
+            ledger_write_failures=writer.write_failures,
+            circuits=registry.circuits(),
+        )
+
+    return sample

@@ -14,6 +14,7 @@ from tokenwire.completions import CompletionService
 from tokenwire.config import Settings
 from tokenwire.limits.base import RateLimiter
 from tokenwire.monitor import HealthMonitor
+from tokenwire.observability.metrics import Metrics
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.responses import ResponsesService
 
@@ -32,6 +33,7 @@ class AppState:
     limiter: RateLimiter
     monitor: HealthMonitor
     responses: ResponsesService
+    metrics: Metrics  # this app's Prometheus series (the same object CompletionService observes)
 
 
 def get_state(connection: HTTPConnection) -> AppState:

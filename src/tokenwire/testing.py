@@ -14,13 +14,14 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Unpack
 
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 from tokenwire.accounting.keys import KeyOptions, KeyStore, load_server_secret
@@ -110,6 +111,35 @@ async def read_sse_answer(lines: AsyncIterator[bytes]) -> SSEAnswer:
             elif chunk["choices"]:
                 answer.text += chunk["choices"][0]["delta"].get("content") or ""
     return answer
+
+
+@dataclass
+class Scrape:
+    """A parsed ``GET /metrics`` answer (``prometheus_client``'s own parser)."""
+
+    samples: list[tuple[str, dict[str, str], float]]
+    families: set[str]  # metric names as declared by # TYPE (counters without ``_total``)
+
+    @classmethod
+    def parse(cls, text: str) -> Scrape:
+        samples: list[tuple[str, dict[str, str], float]] = []
+        families: set[str] = set()
+        for family in text_string_to_metric_families(text):
+            families.add(family.name)
+            samples.extend((s.name, dict(s.labels), float(s.value)) for s in family.samples)
+        return cls(samples, families)
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels``."""
+        return sum(
+            value
+            for sample, sample_labels, value in self.samples
+            if sample == name and all(sample_labels.get(k) == v for k, v in labels.items())
+        )
+
+    def names(self) -> set[str]:
+        """Every sample name present (``x_total``, ``x_bucket``, ``x_count``, ``x_sum``…)."""
+        return {name for name, _, _ in self.samples}
 
 
 class ServerThread:
@@ -241,10 +271,12 @@ class GatewayServer(ServerThread):
 
 
 class SimUpstreamServer(ServerThread):
-    """``tokenwire sim-upstream`` on a free port."""
+    """``tokenwire sim-upstream`` on a free port; ``reply`` (tokens) fixes every answer."""
 
-    def __init__(self, *, ttft_ms: float = 0.0, itl_ms: float = 1.0) -> None:
-        super().__init__(create_sim_app(ttft_ms=ttft_ms, itl_ms=itl_ms))
+    def __init__(
+        self, *, ttft_ms: float = 0.0, itl_ms: float = 1.0, reply: Sequence[str] | None = None
+    ) -> None:
+        super().__init__(create_sim_app(ttft_ms=ttft_ms, itl_ms=itl_ms, reply=reply))
 
     def __enter__(self) -> SimUpstreamServer:
         self.start()

@@ -11,7 +11,9 @@ database on a private server and a private Redis URL instead (``testing_services
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from tokenwire.accounting.keys import KeyRecord, KeyStore, load_server_secret
 from tokenwire.storage.engine import make_engine, migrate
 
 STARTUP_DEADLINE_S = 60.0
+_FIRST_KEYS = re.compile(r"(admin key|API key)\s+(key_\w+)\s+(tw-\S+)")  # serve's first start
 
 
 class ClusterError(RuntimeError):
@@ -41,12 +44,14 @@ def free_port() -> int:
 
 @dataclass
 class GatewayProcess:
-    """One ``tokenwire serve`` process."""
+    """One ``tokenwire serve`` process: its log (stderr) in ``log_path``, and its stdout there
+    too unless it was given a file of its own (``stdout_path``)."""
 
     name: str
     port: int
     log_path: Path
     process: subprocess.Popen[bytes]
+    stdout_path: Path | None = None
 
     @property
     def base_url(self) -> str:
@@ -55,6 +60,13 @@ class GatewayProcess:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/ws/chat"
+
+    def first_keys(self) -> dict[str, tuple[str, str]]:
+        """The keys a first start printed on stdout: ``{"admin": (id, key), "api": (id, key)}``
+        (needs ``separate_stdout``; empty when the database already had keys)."""
+        assert self.stdout_path is not None, "spawned without separate_stdout"
+        found = _FIRST_KEYS.findall(self.stdout_path.read_text(errors="replace"))
+        return {"admin" if role == "admin key" else "api": (i, k) for role, i, k in found}
 
     def log_tail(self) -> str:
         try:
@@ -104,24 +116,13 @@ class Cluster:
         """Start one ``tokenwire serve`` process with its own data dir and port."""
         data_dir = self.root / f"data-{index}"
         data_dir.mkdir()
-        port = free_port()
-        log_path = self.root / f"gateway-{index}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "tokenwire.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data_dir),
-            "--no-access-log",
-        ]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        return GatewayProcess(f"gw{index}", port, log_path, process)
+        return spawn_gateway(
+            f"gw{index}",
+            self.root,
+            data_dir=data_dir,
+            env=self.env,
+            args=["--config", str(config), "--no-access-log"],
+        )
 
     async def start(self, config_text: str, count: int = 2) -> list[GatewayProcess]:
         """Start ``count`` processes on ``config_text`` and wait until each is ready."""
@@ -137,6 +138,41 @@ class Cluster:
     def stop(self) -> None:
         for gateway in self.processes:
             gateway.stop()
+
+
+def spawn_gateway(
+    name: str,
+    root: Path,
+    *,
+    data_dir: Path,
+    env: dict[str, str],
+    args: list[str] | tuple[str, ...] = (),
+    port: int | None = None,
+    separate_stdout: bool = False,
+) -> GatewayProcess:
+    """Start ``tokenwire serve --port P --data-dir D ARGS`` with ``env``; its log goes to
+    ``root/<name>.log`` (with its stdout, unless ``separate_stdout``: ``root/<name>.out``).
+    Wait for it with :func:`wait_ready`."""
+    port = free_port() if port is None else port
+    log_path = root / f"{name}.log"
+    stdout_path = root / f"{name}.out" if separate_stdout else None
+    command = [
+        sys.executable,
+        "-m",
+        "tokenwire.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        *args,
+    ]
+    with contextlib.ExitStack() as files:
+        log = files.enter_context(log_path.open("wb"))
+        out = log if stdout_path is None else files.enter_context(stdout_path.open("wb"))
+        stderr = subprocess.STDOUT if stdout_path is None else log
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=stderr)
+    return GatewayProcess(name, port, log_path, process, stdout_path)
 
 
 async def wait_ready(session: aiohttp.ClientSession, gateway: GatewayProcess) -> None:

@@ -421,3 +421,90 @@ async def test_a_client_gone_while_its_resumable_stream_registers_is_settled_onc
         assert await state.ledger.balance(record.id) == 10_000_000 - rows[0].charge_micro
     finally:
         await asyncio.wait_for(close_state(state), 30)  # a never-started generation would hang it
+
+
+def test_cancel_stops_a_resumable_sse_stream(gateway: GatewayServer) -> None:
+    """POST .../cancel ends a running resumable stream with finish_reason cancelled, the usage so far and [DONE]; billed as cancelled."""
+    key = {"Authorization": f"Bearer {gateway.api_key}"}
+    body = chat("cancel me over http", tokens=20_000)
+    with requests.post(
+        gateway.base_url + "/v1/chat/completions",
+        headers={**key, "X-Tokenwire-Resumable": "true"},
+        json=body,
+        stream=True,
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        stream_id = response.headers["x-stream-id"]
+        lines = response.iter_lines(decode_unicode=True)
+        chunks: list[dict[str, Any]] = []
+        for line in lines:
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+            if len(chunks) == 3:
+                break
+        cancel = requests.post(
+            f"{gateway.base_url}/v1/chat/completions/{stream_id}/cancel", headers=key, timeout=10
+        )
+        assert cancel.status_code == 200
+        assert cancel.json() == {
+            "object": "chat.completion.cancel",
+            "id": stream_id,
+            "already_ended": False,
+        }
+        rest = [line[6:] for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "[DONE]"
+    tail = [json.loads(data) for data in rest[:-1]]
+    finishes = [c["choices"][0]["finish_reason"] for c in tail if c["choices"]]
+    assert finishes[-1] == "cancelled"
+    generated = text_of([(0, c) for c in chunks + tail])
+    assert 0 < len(generated) < len(expected_text(body))
+    assert tail[-1]["usage"]["completion_tokens"] < 20_000
+    again = requests.post(
+        f"{gateway.base_url}/v1/chat/completions/{stream_id}/cancel", headers=key, timeout=10
+    )
+    assert again.status_code == 200 and again.json()["already_ended"] is True
+    deadline = time.monotonic() + 10
+    while True:  # the ledger writer batches: the row lands within moments
+        statuses = [
+            r.status for r in asyncio.run(ledger_rows(gateway)) if r.completion_id == stream_id
+        ]
+        if statuses or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert statuses == ["cancelled"]
+
+
+def test_cancel_is_refused_for_unknown_foreign_and_plain_streams(gateway: GatewayServer) -> None:
+    """Cancel answers 404 for an unknown id, another key's stream and a stream that is not resumable, and 401 without a key."""
+    own = {"Authorization": f"Bearer {gateway.api_key}"}
+    resumable = requests.post(
+        gateway.base_url + "/v1/chat/completions",
+        headers={**own, "X-Tokenwire-Resumable": "true"},
+        json=chat("mine only", tokens=5),
+        timeout=10,
+    )
+    plain = requests.post(
+        gateway.base_url + "/v1/chat/completions",
+        headers=own,
+        json=chat("plain", tokens=5),
+        timeout=10,
+    )
+    other = {"Authorization": f"Bearer {gateway.admin_key}"}
+    for headers, stream_id in [
+        (own, "chatcmpl-unknown"),
+        (other, resumable.headers["x-stream-id"]),
+        (own, plain.headers["x-stream-id"]),
+    ]:
+        response = requests.post(
+            f"{gateway.base_url}/v1/chat/completions/{stream_id}/cancel",
+            headers=headers,
+            timeout=10,
+        )
+        assert response.status_code == 404, stream_id
+        assert response.json()["error"]["code"] == "stream_not_found"
+    response = requests.post(
+        f"{gateway.base_url}/v1/chat/completions/{resumable.headers['x-stream-id']}/cancel",
+        timeout=10,
+    )
+    assert response.status_code == 401

@@ -367,3 +367,77 @@ def test_a_key_whose_plan_is_no_longer_configured_gets_503(gw: GatewayServer) ->
     )
     assert models.status_code == 503
     assert usage(gw, gw.api_key).json()["balance_micro"] == before
+
+
+def test_own_usage_groups_by_model_and_day(gw: GatewayServer) -> None:
+    """/v1/usage?group_by=model,day adds the caller's totals per model and day; the rows and total are unchanged; key is refused."""
+    stream(gw, "priced one", 3)  # 63 micro-dollars
+    stream(gw, "priced two", 4)  # 78
+    stream(gw, "free", 6, model="sim")
+    plain = wait_for_requests(gw, 3)
+    assert "groups" not in plain
+    grouped = usage(gw, gw.api_key, "?group_by=model,day").json()
+    assert grouped["group_by"] == ["model", "day"]
+    assert grouped["total"] == plain["total"] and grouped["data"] == plain["data"]
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert {(g["model"], g["requests"], g["cost_micro"]) for g in grouped["groups"]} == {
+        ("priced-sim", 2, 141),
+        ("sim", 1, 0),
+    }
+    assert {g["day"] for g in grouped["groups"]} <= {
+        today,
+        (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%d"),
+    }
+    by_day = usage(gw, gw.api_key, "?group_by=day").json()
+    assert sum(g["requests"] for g in by_day["groups"]) == 3
+    assert sum(g["cost_micro"] for g in by_day["groups"]) == 141
+    for bad in ("key", "key_id", "model,week"):
+        response = usage(gw, gw.api_key, f"?group_by={bad}")
+        assert response.status_code == 400, bad
+        assert response.json()["error"]["param"] == "group_by"
+        assert "model, day" in response.json()["error"]["message"]
+
+
+def test_own_key_shows_limits_models_and_live_balance(gw: GatewayServer) -> None:
+    """GET /v1/key answers the caller's own key (no secret), with the balance as spent so far; no key is 401."""
+    admin = {"Authorization": f"Bearer {gw.admin_key}"}
+    created = requests.post(
+        f"{gw.base_url}/v1/admin/keys",
+        headers=admin,
+        json={
+            "name": "mine",
+            "rpm": 30,
+            "tpm": 9000,
+            "credits_usd": "2.00",
+            "models": ["priced-sim"],
+        },
+        timeout=10,
+    ).json()
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    own = requests.get(f"{gw.base_url}/v1/key", headers=headers, timeout=10)
+    assert own.status_code == 200
+    body = own.json()
+    assert body["id"] == created["id"] and body["name"] == "mine" and body["admin"] is False
+    assert (body["rpm"], body["tpm"], body["max_concurrent_streams"]) == (30, 9000, None)
+    assert body["models"] == ["priced-sim"] and body["status"] == "active"
+    assert body["balance_micro"] == 2_000_000 and body["balance_usd"] == "2.000000"
+    assert "key" not in body and not any("digest" in name for name in body)
+    assert own.headers["x-content-type-options"] == "nosniff"
+    assert own.headers["cache-control"] == "no-store"
+    response = requests.post(
+        gw.base_url + "/v1/chat/completions",
+        headers=headers,
+        json={
+            "model": "priced-sim",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "one two three"}],
+        },
+        timeout=10,
+    )
+    assert response.status_code == 200
+    end = time.monotonic() + 10
+    while usage(gw, created["key"]).json()["total"]["requests"] < 1 and time.monotonic() < end:
+        time.sleep(0.02)
+    after = requests.get(f"{gw.base_url}/v1/key", headers=headers, timeout=10).json()
+    assert after["balance_micro"] == 2_000_000 - 96  # 7 prompt x 3 + 5 completion x 15
+    assert requests.get(f"{gw.base_url}/v1/key", timeout=10).status_code == 401

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +69,7 @@ def test_serve_first_start_prints_keys_once_and_serves(tmp_path: Path) -> None:
             parts = line.split()
             if parts[:2] in (["admin", "key"], ["API", "key"]):
                 keys[parts[0]] = parts[-1]
-            if "Uvicorn running" in line:
+            if "listening on" in line:
                 break
         assert set(keys) == {"admin", "API"}
         models = requests.get(
@@ -92,7 +94,7 @@ def test_serve_first_start_prints_keys_once_and_serves(tmp_path: Path) -> None:
         seen = []
         for line in second.stdout:
             seen.append(line)
-            if "Uvicorn running" in line:
+            if "listening on" in line:
                 break
         assert not any("tw-" in line for line in seen), "keys must be printed only on first start"
     finally:
@@ -110,6 +112,17 @@ def test_serve_first_start_prints_keys_once_and_serves(tmp_path: Path) -> None:
         ([], {"TOKENWIRE_PORT": "70000"}, None, "error: TOKENWIRE_PORT: '70000'"),
         ([], {}, "[server]\nport = 99999\n", "$.server.port"),
         ([], {}, "[server]\nkey_cache_ttl_s = -5\n", "$.server.key_cache_ttl_s"),
+        (["--log-format", "xml"], {}, None, "error: --log-format: 'xml' is not one of"),
+        ([], {"TOKENWIRE_LOG_FORMAT": "xml"}, None, "error: TOKENWIRE_LOG_FORMAT: 'xml'"),
+        (["--metrics-port", "0"], {}, None, "--metrics-port"),
+        ([], {"TOKENWIRE_METRICS_PORT": "x"}, None, "error: TOKENWIRE_METRICS_PORT: 'x'"),
+        (
+            ["--port", "9000", "--metrics-port", "9000"],
+            {},
+            None,
+            "error: server.metrics_port: 9000 is the API's port too",
+        ),
+        ([], {}, "[server]\nmetrics_port = 8000\n", "error: server.metrics_port: 8000"),
     ],
 )
 def test_serve_refuses_bad_ports_and_values_before_starting(
@@ -129,7 +142,7 @@ def test_serve_refuses_bad_ports_and_values_before_starting(
     )
     assert proc.returncode != 0, proc.stderr
     assert message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "listening on" not in proc.stderr
     if message.startswith("error:") or message.startswith("$"):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "data").exists(), "nothing is created before the settings are valid"
@@ -180,3 +193,26 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("which", ["--port", "--metrics-port"])
+def test_serve_refuses_a_port_in_use_before_making_anything(which: str, tmp_path: Path) -> None:
+    """A port (the API's or the metrics listener's) already taken: one error line naming it,
+    exit 1, and no database or keys made."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        ports = {"--port": str(_free_port()), "--metrics-port": str(_free_port()), which: busy}
+        proc = subprocess.run(
+            [sys.executable, "-m", "tokenwire.cli", "serve", *itertools.chain(*ports.items())],
+            env={**os.environ, "TOKENWIRE_DATA_DIR": str(tmp_path / "data")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 1, proc.stderr
+    what = "the API" if which == "--port" else "metrics"
+    assert f"error: cannot listen on 127.0.0.1:{busy} for {what}" in proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "data").exists()

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from tokenwire.limits.base import BucketState, LimitExceeded, gcra, go_duration, rate_headers
+import pytest
+
+from tokenwire.limits.base import (
+    BucketState,
+    LimitExceeded,
+    LimitSpec,
+    gcra,
+    go_duration,
+    raise_if_refused,
+    rate_headers,
+)
 
 
 def test_gcra_allows_a_burst_of_the_limit_then_one_per_interval() -> None:
@@ -52,3 +62,34 @@ def test_rate_headers_and_limit_exceeded() -> None:
     assert error.http_status == 429
     assert error.headers()["Retry-After"] == "12"
     assert error.headers()["X-RateLimit-Limit"] == "5"
+
+
+@pytest.mark.parametrize(
+    ("spec", "tokens", "retries", "open_streams", "reason"),
+    [
+        (LimitSpec(rpm=1), 1, (5.0, None), 0, "requests"),
+        (LimitSpec(tpm=100), 10, (None, 3.0), 0, "tokens"),
+        (LimitSpec(tpm=100), 500, (None, None), 0, "request_too_large"),
+        (LimitSpec(max_streams=1), 1, (None, None), 1, "streams"),
+        (LimitSpec(rpm=1, max_streams=1), 1, (0.5, None), 1, "streams"),  # the longest wait
+    ],
+)
+def test_a_refusal_names_the_limit_that_refused(
+    spec: LimitSpec,
+    tokens: int,
+    retries: tuple[float | None, float | None],
+    open_streams: int,
+    reason: str,
+) -> None:
+    """LimitExceeded carries which limit refused (for metrics), the one whose wait is longest."""
+    with pytest.raises(LimitExceeded) as refused:
+        raise_if_refused(
+            spec,
+            60.0,
+            tokens,
+            requests_retry_s=retries[0],
+            tokens_retry_s=retries[1],
+            open_streams=open_streams,
+            headers={},
+        )
+    assert refused.value.reason == reason

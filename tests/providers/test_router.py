@@ -25,9 +25,25 @@ from tokenwire.errors import (
     UpstreamTimeout,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.router import DeploymentState, RoutedModel
+from tokenwire.providers.router import (
+    CIRCUIT_CLOSED,
+    CIRCUIT_HALF_OPEN,
+    CIRCUIT_OPEN,
+    DeploymentState,
+    RoutedModel,
+    attempt_outcome,
+    circuit_state,
+)
 from tokenwire.storage.engine import make_engine
-from tokenwire.streams.events import Event, Finish, PromptUsage, Routed, TextDelta, Usage
+from tokenwire.streams.events import (
+    AttemptFailed,
+    Event,
+    Finish,
+    PromptUsage,
+    Routed,
+    TextDelta,
+    Usage,
+)
 from tokenwire.testing import GatewayServer, ServerThread, SimUpstreamServer
 from tokenwire.wire.schema import decode_chat_request
 
@@ -267,3 +283,53 @@ async def test_every_deployment_refusing_the_key_ends_at_once() -> None:
     with pytest.raises(UpstreamAuthError):
         await collect(model(only))
     assert only.calls == 1
+
+
+async def test_failed_attempts_are_announced_before_the_one_that_serves() -> None:
+    """Each attempt that failed before the first token is an AttemptFailed event (naming its
+    deployment and how it failed), before the Routed event of the one that served."""
+    first = Scripted("a", [UpstreamStatusError("busy", status=429)])
+    second = Scripted("b", [UpstreamError("refused", request_sent=False)])
+    events = await collect(model(first, second))
+    bookkeeping = [e for e in events if isinstance(e, AttemptFailed | Routed)]
+    assert len(bookkeeping) == 3
+    assert {bookkeeping[0], bookkeeping[1]} == {
+        AttemptFailed("a", "m-a", "rate_limited"),
+        AttemptFailed("b", "m-b", "connect_error"),
+    }
+    assert isinstance(bookkeeping[2], Routed)
+
+
+async def test_a_request_that_fails_everywhere_reports_each_attempt() -> None:
+    """When every attempt fails, each one was announced before the last error is raised."""
+    only = Scripted("a", [UpstreamStatusError("down", status=502)] * 3)
+    events: list[Event] = []
+    with pytest.raises(UpstreamStatusError):
+        async for event in model(only).stream(CALL):
+            events.append(event)
+    assert events == [AttemptFailed("a", "m-a", "server_error")] * 3
+
+
+def test_attempt_outcomes_are_a_fixed_set() -> None:
+    """Every upstream error maps to one bounded outcome label."""
+    assert attempt_outcome(UpstreamStatusError("x", status=429)) == "rate_limited"
+    assert attempt_outcome(UpstreamStatusError("x", status=503)) == "server_error"
+    assert attempt_outcome(UpstreamStatusError("x", status=404)) == "client_error"
+    assert attempt_outcome(UpstreamAuthError("p", 401)) == "auth_error"
+    assert attempt_outcome(UpstreamTimeout("slow")) == "timeout"
+    assert attempt_outcome(UpstreamError("no", request_sent=False)) == "connect_error"
+    assert attempt_outcome(UpstreamError("reset")) == "error"
+
+
+def test_circuit_state_follows_cooldown_and_failures() -> None:
+    """Closed while healthy, open while cooling down, half-open once the cooldown is over but
+    the last attempts failed."""
+    state = DeploymentState(DeploymentEntry("a", "m"), Scripted("a"))
+    now = time.monotonic()
+    assert circuit_state(state, FAST, now) == CIRCUIT_CLOSED
+    state.consecutive_failures = 3
+    state.cooldown_until = now + 30
+    assert circuit_state(state, FAST, now) == CIRCUIT_OPEN
+    assert circuit_state(state, FAST, now + 31) == CIRCUIT_HALF_OPEN
+    state.consecutive_failures = 0
+    assert circuit_state(state, FAST, now + 31) == CIRCUIT_CLOSED

@@ -8,7 +8,17 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tokenwire.errors import UpstreamError
-from tokenwire.streams.events import Event, Finish, PromptUsage, StreamError, TextDelta, Usage
+from tokenwire.observability.logs import completion_id_var
+from tokenwire.streams.events import (
+    AttemptFailed,
+    Event,
+    Finish,
+    PromptUsage,
+    Routed,
+    StreamError,
+    TextDelta,
+    Usage,
+)
 from tokenwire.streams.generation import Generation, GenerationState, read_events
 
 
@@ -152,3 +162,58 @@ async def test_cancel_before_the_first_step_still_finishes_and_settles() -> None
     assert gen.state is GenerationState.CANCELLED
     assert gen.log.read_after(0) == [Finish("cancelled"), Usage(7, 0, estimated=True)]
     assert settled == [gen]
+
+
+async def test_routing_history_and_token_times_are_kept() -> None:
+    """The router's AttemptFailed and Routed events become the generation's attempts (not
+    logged); the first and last delta times bound the inter-token gap."""
+    history: list[Event] = [
+        AttemptFailed("a", "m", "server_error"),
+        Routed("b", "m"),
+        TextDelta("x"),
+        TextDelta("y"),
+        TextDelta("z"),
+        Finish("stop"),
+        Usage(1, 3),
+    ]
+    gen = make(scripted(history))
+    gen.start()
+    events = await collect(gen)
+    assert events == [TextDelta("x"), TextDelta("y"), TextDelta("z"), Finish("stop"), Usage(1, 3)]
+    await gen.wait_settled()
+    assert gen.attempts == [AttemptFailed("a", "m", "server_error"), Routed("b", "m")]
+    assert gen.provider == "b"
+    assert gen.deltas == 3
+    assert gen.first_token_at is not None and gen.last_token_at is not None
+    assert gen.started_at <= gen.first_token_at <= gen.last_token_at
+
+
+async def test_lines_logged_while_generating_carry_the_completion_id() -> None:
+    """What the provider logs runs with the completion id set; the settle hook, and any task
+    it starts (a writer that outlives the completion), run without it."""
+    seen: dict[str, str | None] = {}
+
+    async def provider() -> AsyncIterator[Event]:
+        seen["provider"] = completion_id_var.get()
+        yield TextDelta("a")
+        yield Finish("stop")
+
+    async def settle(generation: Generation) -> None:
+        seen["hook"] = completion_id_var.get()
+
+        async def long_lived() -> None:
+            seen["task"] = completion_id_var.get()
+
+        await asyncio.get_running_loop().create_task(long_lived())
+
+    gen = Generation(
+        completion_id="chatcmpl-ctx",
+        model="sim",
+        events=provider(),
+        prompt_tokens_estimate=1,
+        on_settle=settle,
+    )
+    gen.start()
+    await collect(gen)
+    await gen.wait_settled()
+    assert seen == {"provider": "chatcmpl-ctx", "hook": None, "task": None}

@@ -34,7 +34,6 @@ from starlette.responses import Response
 
 from tokenwire.accounting.costcalc import MAX_USD
 from tokenwire.accounting.keys import KeyLimits, KeyRecord
-from tokenwire.accounting.ledger import GROUPS as LEDGER_GROUPS
 from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.pricing import usd
 from tokenwire.api.auth import authenticate
@@ -47,7 +46,14 @@ from tokenwire.api.formats import (
     USD_PATTERN,
     read_usd,
 )
-from tokenwire.api.usage import parse_instant_ms, query_params, report_object, time_range
+from tokenwire.api.usage import (
+    group_objects,
+    parse_group_by,
+    parse_instant_ms,
+    query_params,
+    report_object,
+    time_range,
+)
 from tokenwire.config import usd_to_micro
 from tokenwire.errors import InvalidRequest, NotFound, PermissionDenied
 from tokenwire.runtime import snapshot
@@ -362,26 +368,6 @@ async def topup_key(request: Request) -> Response:
     )
 
 
-GROUPS = {"key": "key_id", **{name: name for name in LEDGER_GROUPS}}
-DEFAULT_GROUPS = ("key_id", "model", "day")
-
-
-def parse_group_by(value: str | None) -> tuple[str, ...]:
-    """``key,model,day`` (any subset of key, model, provider, plan and day, in any order) →
-    the ledger's column names; 400 if unknown."""
-    if value is None:
-        return DEFAULT_GROUPS
-    names = [part.strip() for part in value.split(",") if part.strip()]
-    unknown = [n for n in names if n not in GROUPS]
-    if unknown:
-        raise InvalidRequest(
-            f"Invalid 'group_by': {', '.join(map(repr, unknown))}; use any of "
-            "key, model, provider, plan, day.",
-            param="group_by",
-        )
-    return tuple(dict.fromkeys(GROUPS[n] for n in names))
-
-
 async def usage_report_data(
     ledger: Ledger, group_by: tuple[str, ...], **filters: Any
 ) -> dict[str, Any]:
@@ -390,7 +376,7 @@ async def usage_report_data(
     (overall,) = await ledger.totals(**filters, group_by=())
     return {
         "group_by": list(group_by),
-        "data": [{**{g: row[g] for g in group_by}, **report_object(row)} for row in groups],
+        "data": group_objects(groups, group_by, report_object),
         "total": report_object(overall),
     }
 

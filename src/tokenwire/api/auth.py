@@ -72,6 +72,7 @@ async def refuse_failed_attempt(state: AppState, client: str, error: GatewayErro
     and one more failure counted; or 429 once the address has too many."""
     blocked_for = await state.limiter.auth_blocked(client)
     if blocked_for is not None:
+        state.metrics.limit_refused("auth_failures")
         raise RateLimited(
             "Too many failed authentications from this address; try again later.",
             retry_after_s=blocked_for,

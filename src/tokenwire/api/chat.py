@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenwire.api.auth import authenticate
+from tokenwire.api.auth import authenticate, client_address
 from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response, internal_error_response, json_response
 from tokenwire.api.sse_stream import SSEStream
@@ -63,6 +63,7 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         "sse" if chat_request.stream else "json",
         resumable=asks_resumable(request),
         idempotency=idempotency_of(request, raw),
+        client=client_address(request),
     )
     if not chat_request.stream:
         return JSONCompletion(generation, chat_completion_json)

@@ -20,15 +20,25 @@ log = logging.getLogger("tokenwire.api")
 
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
+API_SECURITY_HEADERS = {
+    # OWASP's REST set: no content sniffing (a JSON body is never read as HTML), never
+    # framed, never stored by a cache (answers may hold a new key's plaintext)
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+"""Headers on every JSON answer of the API (the web pages have their own, tokenwire.web)."""
+
 
 def json_response(
     payload: object, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    """A JSON response encoded with msgspec."""
+    """A JSON response encoded with msgspec, with :data:`API_SECURITY_HEADERS`."""
     return Response(
         msgspec.json.encode(payload),
         status_code=status,
-        headers=headers,
+        headers=API_SECURITY_HEADERS if headers is None else {**API_SECURITY_HEADERS, **headers},
         media_type="application/json",
     )
 

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenwire.accounting.budget import estimate_prompt_tokens
-from tokenwire.api.auth import authenticate
+from tokenwire.api.auth import authenticate, client_address
 from tokenwire.api.chat import (
     RETRY_MS,
     JSONCompletion,
@@ -90,6 +90,7 @@ async def create_message(request: Request) -> ASGIApp:
         resumable=asks_resumable(request),
         idempotency=idempotency_of(request, raw),
         api="messages",
+        client=client_address(request),
     )
     if not chat_request.stream:
         return JSONCompletion(generation, message_json)
@@ -120,7 +121,7 @@ async def resume_message_stream(request: Request) -> ASGIApp:
     message_id = request.path_params["message_id"]
     if not message_id.startswith("msg_"):
         raise NotFound(f"No stream {message_id!r}.", param="stream_id", code="stream_not_found")
-    generation = await state.completions.streams.get(message_id, key.id, after)
+    generation = await state.completions.resume(message_id, key.id, after, "sse")
     encoder = MessagesEncoder(message_id=message_id, model=generation.model, after=after)
     return SSEStream(
         generation,

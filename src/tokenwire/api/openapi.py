@@ -288,8 +288,13 @@ def _payment_rules(components: dict[str, Any], currencies: tuple[str, ...]) -> N
     payment["oneOf"] = [usd_only, foreign]
 
 
-_GROUP = "(?:key|key_id|model|provider|plan|day)"
-GROUP_BY_PATTERN = rf"^ *(?:{_GROUP} *)?(?:, *(?:{_GROUP} *)?)*$"
+def _group_by_pattern(names: str) -> str:
+    group = f"(?:{names})"
+    return rf"^ *(?:{group} *)?(?:, *(?:{group} *)?)*$"
+
+
+GROUP_BY_PATTERN = _group_by_pattern("key|key_id|model|provider|plan|day")
+OWN_GROUP_BY_PATTERN = _group_by_pattern("model|day")
 
 
 class CatalogModel(NamedTuple):
@@ -460,12 +465,20 @@ def openapi_document(
                             "Rows to return, newest first (totals cover the whole range).",
                             {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                         ),
+                        _query(
+                            "group_by",
+                            "Comma-separated: model and/or day (UTC). The answer then also "
+                            "holds `groups`, the totals per group over the range.",
+                            {"type": "string", "pattern": OWN_GROUP_BY_PATTERN},
+                        ),
                     ],
                     "responses": {
                         "200": _json(
-                            "Ledger rows (created_at in Unix ms), totals and the balance.",
+                            "Ledger rows (created_at in Unix ms), totals and the balance; with "
+                            "group_by, the groups too.",
                             {
                                 "type": "object",
+                                "required": ["object", "data", "total", "balance_micro"],
                                 "properties": {
                                     "object": {"const": "list"},
                                     "data": {
@@ -480,10 +493,54 @@ def openapi_document(
                                     "total": total,
                                     "balance_micro": {"type": "integer"},
                                     "balance_usd": _USD_STRING,
+                                    "group_by": {"type": "array", "items": {"type": "string"}},
+                                    "groups": {"type": "array", "items": {"type": "object"}},
                                 },
                             },
                         ),
                         **_errors(400, 401),
+                    },
+                }
+            },
+            "/v1/key": {
+                "get": {
+                    "operationId": "getOwnKey",
+                    "summary": "The calling key: name, limits, allowed models, expiry, balance.",
+                    "security": bearer,
+                    "responses": {
+                        "200": _json("The caller's key (never its secret).", api_key),
+                        **_errors(401),
+                    },
+                }
+            },
+            "/v1/chat/completions/{stream_id}/cancel": {
+                "post": {
+                    "operationId": "cancelChatCompletionStream",
+                    "summary": "Stop a resumable stream of the caller's; its readers get "
+                    'finish_reason "cancelled", the usage so far, then [DONE].',
+                    "security": bearer,
+                    "parameters": [
+                        {
+                            "name": "stream_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(
+                            "The cancel was requested (already_ended: the stream had ended).",
+                            {
+                                "type": "object",
+                                "required": ["object", "id", "already_ended"],
+                                "properties": {
+                                    "object": {"const": "chat.completion.cancel"},
+                                    "id": {"type": "string"},
+                                    "already_ended": {"type": "boolean"},
+                                },
+                            },
+                        ),
+                        **_errors(401, 404, 410, 503),
                     },
                 }
             },

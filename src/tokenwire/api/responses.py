@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from tokenwire.api.auth import authenticate
+from tokenwire.api.auth import authenticate, client_address
 from tokenwire.api.chat import (
     RETRY_MS,
     JSONCompletion,
@@ -50,6 +50,7 @@ async def create_response(request: Request) -> ASGIApp:
         "sse" if plan.stream else "json",
         resumable=asks_resumable(request),
         idempotency=idempotency_of(request, raw),
+        client=client_address(request),
     )
     if not plan.stream:
         return JSONCompletion(started.source, lambda source, events: _json(state, source, events))
@@ -101,7 +102,7 @@ async def _resume(state: AppState, request: Request, key_id: str, response_id: s
     after = cursor(request)
     if not response_id.startswith("resp_"):
         raise not_found(response_id)
-    source = await state.completions.streams.get(response_id, key_id, 0)
+    source = await state.completions.resume(response_id, key_id, 0, "sse")
     encoder = ResponsesEncoder(
         head_of(source, state.responses.plan_of(response_id)),
         "sse",

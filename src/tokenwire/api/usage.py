@@ -8,14 +8,19 @@ Any active key may read its own usage (and only its own). Query parameters:
 ``model``           only this model
 ``limit``           at most this many rows, newest first (1-1000, default 100); the totals
                     cover the whole range whatever the limit
+``group_by``        ``model``, ``day`` or ``model,day``: the answer also holds ``groups``, the
+                    totals per model and/or UTC day over the range (what the usage page charts)
 
 Unknown parameters are refused (400), so a misspelt filter never silently reads everything.
+A key sees what it was charged (``charge_*``, repeated as ``cost_*``: to the key, what its
+usage cost is what it paid), never what its usage cost the operator; the operator's figures
+(:func:`report_object`) are the admin report's.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -24,6 +29,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenwire.accounting.ledger import GROUPS as LEDGER_GROUPS
 from tokenwire.accounting.ledger import LedgerRow
 from tokenwire.accounting.pricing import usd
 from tokenwire.api.auth import authenticate
@@ -105,8 +111,36 @@ def time_range(params: dict[str, str]) -> tuple[int | None, int | None]:
     return start, end
 
 
+GROUPS = {"key": "key_id", **{name: name for name in LEDGER_GROUPS}}
+"""What the admin report may group by (``key`` is ``key_id``)."""
+DEFAULT_GROUPS = ("key_id", "model", "day")
+OWN_GROUPS = ("model", "day")
+"""What ``GET /v1/usage`` may group by: one key's own rows have no key to group by."""
+
+
+def parse_group_by(value: str | None, allowed: Collection[str] = tuple(GROUPS)) -> tuple[str, ...]:
+    """``key,model,day`` (any subset of ``allowed``, any order) → the ledger's column names;
+    None → those of key, model and day that are allowed; 400 naming ``group_by`` for
+    anything else."""
+    if value is None:
+        allowed_columns = {GROUPS[n] for n in allowed}
+        return tuple(g for g in DEFAULT_GROUPS if g in allowed_columns)
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        choices = ", ".join(dict.fromkeys(n.removesuffix("_id") for n in allowed))
+        raise InvalidRequest(
+            f"Invalid 'group_by': {', '.join(map(repr, unknown))}; use any of {choices}.",
+            param="group_by",
+        )
+    return tuple(dict.fromkeys(GROUPS[n] for n in names))
+
+
 def _money(name: str, micro: int) -> dict[str, Any]:
     return {f"{name}_micro": micro, f"{name}_usd": usd(micro)}
+
+
+TOKEN_SUMS = ("prompt_tokens", "completion_tokens", "cache_write_tokens", "cache_read_tokens")
 
 
 def _tokens(totals: dict[str, Any]) -> dict[str, int]:
@@ -114,9 +148,6 @@ def _tokens(totals: dict[str, Any]) -> dict[str, int]:
         "requests": int(totals.get("requests") or 0),
         **{name: int(totals.get(name) or 0) for name in TOKEN_SUMS},
     }
-
-
-TOKEN_SUMS = ("prompt_tokens", "completion_tokens", "cache_write_tokens", "cache_read_tokens")
 
 
 def total_object(totals: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +173,16 @@ def report_object(totals: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def group_objects(
+    rows: list[dict[str, Any]],
+    group_by: tuple[str, ...],
+    figures: Callable[[dict[str, Any]], dict[str, Any]] = total_object,
+) -> list[dict[str, Any]]:
+    """``Ledger.totals`` rows as JSON: their group columns, then their ``figures``
+    (:func:`total_object` for a key, :func:`report_object` for the operator)."""
+    return [{**{g: row[g] for g in group_by}, **figures(row)} for row in rows]
+
+
 def row_object(row: LedgerRow) -> dict[str, Any]:
     """One ledger row as a key sees it (``created_at`` in Unix ms): its charge, not the
     operator's cost (``cost_*`` repeats the charge, as in :func:`total_object`)."""
@@ -156,9 +197,10 @@ def row_object(row: LedgerRow) -> dict[str, Any]:
 
 
 async def get_usage(request: Request) -> Response:
-    """The caller's ledger rows (newest first), totals over the range, and balance."""
+    """The caller's ledger rows (newest first), totals over the range, and balance; with
+    ``group_by``, the totals per model and/or day too."""
     key = await authenticate(request)
-    params = query_params(request, ("start", "end", "model", "limit"))
+    params = query_params(request, ("start", "end", "model", "limit", "group_by"))
     start, end = time_range(params)
     model = params.get("model") or None
     limit = DEFAULT_LIMIT
@@ -176,12 +218,18 @@ async def get_usage(request: Request) -> Response:
         key_id=key.id, since_ms=start, until_ms=end, model=model, group_by=()
     )
     balance = await ledger.balance(key.id)
-    return json_response(
-        {
-            "object": "list",
-            "data": [row_object(r) for r in rows],
-            "total": total_object(totals),
-            "balance_micro": balance,
-            "balance_usd": usd(balance),
-        }
-    )
+    answer: dict[str, Any] = {
+        "object": "list",
+        "data": [row_object(r) for r in rows],
+        "total": total_object(totals),
+        "balance_micro": balance,
+        "balance_usd": usd(balance),
+    }
+    if params.get("group_by"):
+        group_by = parse_group_by(params["group_by"], OWN_GROUPS)
+        groups = await ledger.totals(
+            key_id=key.id, since_ms=start, until_ms=end, model=model, group_by=group_by
+        )
+        answer["group_by"] = list(group_by)
+        answer["groups"] = group_objects(groups, group_by)
+    return json_response(answer)

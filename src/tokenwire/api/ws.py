@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -90,6 +90,7 @@ class WSSession:
         "_compat_task",
         "_config",
         "_key",
+        "_mode",
         "_out",
         "_reader_task",
         "_receive_timeout",
@@ -121,6 +122,7 @@ class WSSession:
         self._bucket = _RateBucket(self._config.ws_messages_per_second)
         self._auth_deadline: float | None = None
         self._receive_timeout: asyncio.Timeout | None = None
+        self._mode = "pending"  # until the first request: "compatible" or "envelope" (metrics)
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -128,6 +130,7 @@ class WSSession:
         task = asyncio.current_task()
         assert task is not None
         self._reader_task = task
+        self._state.metrics.websocket_mode(None, self._mode)
         try:
             # The reader ends on a close, a violation or a timeout; a writer that ends (the
             # client accepts nothing for ws_send_timeout_s, or the transport is gone) cancels it.
@@ -139,6 +142,8 @@ class WSSession:
         except Exception as exc:  # logged, like any unexpected failure of a connection
             log.error("WebSocket reader failed", exc_info=exc)
         finally:
+            self._state.metrics.websocket_mode(self._mode, None)  # first: the rest awaits
+            self._mode = "closed"  # counted under no mode any more
             self._reader_task = None  # a writer ending from now on cancels nothing
             self._mark_client_closed()
             tasks = [request_task for request_task, _ in self._requests.values()]
@@ -154,6 +159,12 @@ class WSSession:
                     async with asyncio.timeout(1.0):
                         await asyncio.shield(writer)
                 writer.cancel()
+
+    def _set_mode(self, mode: str) -> None:
+        """The socket's first request decides the mode it is counted under."""
+        if self._mode == "pending":
+            self._state.metrics.websocket_mode(self._mode, mode)
+            self._mode = mode
 
     def _queue(self) -> asyncio.Queue[bytes | _Close]:
         """The writer's queue, starting the writer on first use."""
@@ -289,6 +300,7 @@ class WSSession:
     def _check_capacity(self, request_id: str | None) -> None:
         cap = self._config.ws_max_concurrent_requests
         if self._active() >= cap:
+            self._state.metrics.limit_refused("socket_requests")
             error = RateLimited(
                 f"At most {cap} requests may run at once on one socket.",
                 retry_after_s=1.0,
@@ -344,18 +356,21 @@ class WSSession:
         if message.idempotency_key is not None:
             idempotency = (message.idempotency_key, request_digest(message.body))
         try:
-            generation = await self._start(message.body, message.resumable, idempotency)
+            generation = await self._start(
+                message.body, "ws-envelope", message.resumable, idempotency
+            )
         except Exception as exc:  # noqa: BLE001 - logged; fails this request only
             raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
         self._serve(request_id, generation, 0)
 
     async def _resume(self, message: proto.ResumeMessage) -> None:
         request_id = message.request_id or message.stream_id
+        self._set_mode("envelope")
         self._check_new_request_id(request_id)
         try:
             key = await self._live_key()
-            generation = await self._state.completions.streams.get(
-                message.stream_id, key.id, message.starting_after
+            generation = await self._state.completions.resume(
+                message.stream_id, key.id, message.starting_after, "ws-envelope"
             )
         except Exception as exc:  # noqa: BLE001 - logged; fails this request only
             raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
@@ -379,13 +394,21 @@ class WSSession:
     async def _start(
         self,
         body: dict[str, Any],
+        transport: Literal["ws", "ws-envelope"],
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
     ) -> StreamSource:
+        self._set_mode("envelope" if transport == "ws-envelope" else "compatible")
         request = convert_chat_request(body)
         key = await self._live_key()
         return await self._state.completions.start(
-            key, request, body, "ws", resumable=resumable, idempotency=idempotency
+            key,
+            request,
+            body,
+            transport,
+            resumable=resumable,
+            idempotency=idempotency,
+            client=client_address(self._ws),
         )
 
     async def _live_key(self) -> KeyRecord:
@@ -450,7 +473,7 @@ class WSSession:
         reports it in order)."""
         if isinstance(item, GatewayError):
             raise item
-        generation = await self._start(item)
+        generation = await self._start(item, "ws")
         await self._stream(generation, FrameLoop(ChatCompatFrames(generation), merge=True), 0)
         await self._finish_compatible()
 

@@ -390,8 +390,8 @@ def usage(
 ) -> None:
     """Requests, tokens, cost, charge and margin from the usage ledger, grouped by key, model,
     provider, plan and/or day (the admin report's figures)."""
-    from tokenwire.api.admin import parse_group_by, usage_report_data
-    from tokenwire.api.usage import parse_instant_ms
+    from tokenwire.api.admin import usage_report_data
+    from tokenwire.api.usage import parse_group_by, parse_instant_ms
 
     settings = load(config, data_dir)
     try:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
+import socket
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -14,7 +18,7 @@ from rich.table import Table
 from tokenwire.accounting.keys import KeyRecord, KeyStore
 from tokenwire.bench.command import bench
 from tokenwire.cli import accounts
-from tokenwire.config import Settings, usd_to_micro
+from tokenwire.config import LOG_FORMATS, ConfigError, Settings, check_server, usd_to_micro
 
 app = typer.Typer(
     help="tokenwire: an OpenAI-compatible LLM gateway built for streaming.", no_args_is_help=True
@@ -48,6 +52,16 @@ async def _bootstrap(store: KeyStore, grant_micro: int) -> list[tuple[KeyRecord,
     return [admin, await store.create("default", grant_micro=grant_micro)]
 
 
+LogFormatOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--log-format",
+        help="json, text, or auto: text on a terminal, else JSON (server.log_format).",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on.")] = None,  # noqa: UP045
@@ -58,30 +72,128 @@ def serve(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     access_log: Annotated[bool, typer.Option(help="Log one line per request.")] = True,
+    log_format: LogFormatOpt = None,
+    metrics_host: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Interface of the metrics listener.", show_default=False),
+    ] = None,
+    metrics_port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve GET /metrics without a key on this port (else: admin key, main port).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Run the gateway. On a first start it creates the database and prints two keys once."""
+    """Run the gateway. On a first start it creates the database and prints two keys once.
+
+    The keys go to stdout, once; logs go to stderr (JSON unless stderr is a terminal).
+    """
     import uvicorn
 
     from tokenwire.app import create_app, server_options
+    from tokenwire.observability.logs import configure_logging, resolve_format
 
-    settings = _settings(config, data_dir)
+    settings = _serve_settings(
+        _settings(config, data_dir), host, port, log_format, metrics_host, metrics_port
+    )
+    server = settings.server
+    configure_logging(resolve_format(server.log_format, sys.stderr))
+    # Bound first: a port in use stops here, before a database or keys are made.
+    sockets = [_bind(server.host, server.port, "the API")]
+    if server.metrics_port is not None:
+        sockets.append(_bind(server.metrics_host, server.metrics_port, "metrics"))
     grant = usd_to_micro(settings.accounting.free_grant_usd, what="accounting.free_grant_usd")
     created = accounts.run(settings, lambda stores: _bootstrap(stores.keys, grant))
-    console = Console()
+    console = Console()  # stdout: what the operator is shown once, never the log stream
     if created:
         console.print("[bold]First start: these keys are shown once and never again.[/bold]")
         for record, plaintext in created:
             role = "admin key" if record.is_admin else "API key  "
             console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
     console.print(f"data dir: {settings.data_dir}", highlight=False)
-    uvicorn.run(
-        create_app(settings, on_started=freeze_startup_heap),
-        host=host or settings.server.host,
-        port=settings.server.port if port is None else port,
+    console.print(f"web pages: {_url(server.host, server.port)}/ (paste a key)", highlight=False)
+    for sock in sockets:  # connections queue from here, so the line below is true when logged
+        sock.listen(BACKLOG)
+
+    def started() -> None:
+        freeze_startup_heap()
+        log = logging.getLogger("tokenwire.serve")
+        log.info("listening on %s (Press CTRL+C to quit)", _url(server.host, server.port))
+        if server.metrics_port is not None:
+            url = _url(server.metrics_host, server.metrics_port)
+            log.info("metrics on %s/metrics (no key)", url)
+
+    uv_config = uvicorn.Config(
+        create_app(settings, on_started=started),
         access_log=access_log,
         log_level="info",
+        log_config=None,  # configure_logging above: uvicorn's lines are formatted like ours
         **server_options(settings),
     )
+    _run(uvicorn.Server(uv_config), sockets)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _serve_settings(
+    settings: Settings,
+    host: str | None,
+    port: int | None,
+    log_format: str | None,
+    metrics_host: str | None,
+    metrics_port: int | None,
+) -> Settings:
+    """The settings with ``serve``'s options laid over them (checked like the file)."""
+    changes: dict[str, object] = {
+        name: value
+        for name, value in (
+            ("host", host),
+            ("port", port),
+            ("metrics_host", metrics_host),
+            ("metrics_port", metrics_port),
+        )
+        if value is not None
+    }
+    if log_format is not None:
+        if log_format not in LOG_FORMATS:
+            accounts.fail(f"--log-format: {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+        changes["log_format"] = log_format
+    server = msgspec.structs.replace(settings.server, **changes)
+    try:
+        check_server(server)
+    except ConfigError as exc:
+        accounts.fail(exc.message)
+    return msgspec.structs.replace(settings, server=server)
+
+
+BACKLOG = 4096
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not listening yet), or one ``error:`` line and
+    exit 1."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        accounts.fail(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}")
+    sock.set_inheritable(True)  # as uvicorn's own: worker processes may share it
+    return sock
+
+
+def _run(server: Any, sockets: list[socket.socket]) -> None:
+    """Serve on ``sockets`` until stopped; exit 3 (uvicorn's code) if start-up failed."""
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal stop
+        server.run(sockets=sockets)
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn logged why
 
 
 def freeze_startup_heap() -> None:
@@ -129,13 +241,9 @@ def sim_upstream(
     )
     sock = server.config.bind_socket()  # a port in use: uvicorn's one-line error, exit 1
     sock.listen(server.config.backlog)  # connections queue from here on, so the line is true
-    shown = f"[{host}]" if ":" in host else host  # an IPv6 address
-    url = f"http://{shown}:{sock.getsockname()[1]}"
+    url = _url(host, sock.getsockname()[1])
     typer.echo(f"sim-upstream listening on {url} (ttft {ttft_ms:g} ms, itl {itl_ms:g} ms)")
-    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal stop
-        server.run(sockets=[sock])
-    if not server.started:
-        raise typer.Exit(3)  # uvicorn's start-up failure code; it logged why
+    _run(server, [sock])
 
 
 @keys_app.command("list")

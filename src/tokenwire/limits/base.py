@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tokenwire.errors import RateLimited
+from tokenwire.observability.records import LimitReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,35 +131,45 @@ def raise_if_refused(
     ``*_retry_s`` is None where that bucket admitted the request. Both backends call this, so
     their codes and messages cannot drift apart.
     """
-    refusals: list[tuple[float, str, str]] = []
+    refusals: list[tuple[float, str, str, LimitReason]] = []
     if requests_retry_s is not None:
         message = f"Rate limit reached: {spec.rpm} requests per {window_s:g} s."
-        refusals.append((requests_retry_s, "rate_limit_exceeded", message))
+        refusals.append((requests_retry_s, "rate_limit_exceeded", message, "requests"))
     if spec.tpm is not None and tokens > spec.tpm:
         message = (
             f"Request too large: about {tokens} tokens (prompt + max_tokens) against "
             f"a limit of {spec.tpm} tokens per {window_s:g} s; lower max_tokens."
         )
-        refusals.append((window_s, "tokens_exceed_limit", message))
+        refusals.append((window_s, "tokens_exceed_limit", message, "request_too_large"))
     elif tokens_retry_s is not None:
         message = f"Rate limit reached: {spec.tpm} tokens per {window_s:g} s."
-        refusals.append((tokens_retry_s, "rate_limit_exceeded", message))
+        refusals.append((tokens_retry_s, "rate_limit_exceeded", message, "tokens"))
     if spec.max_streams is not None and open_streams >= spec.max_streams:
         message = f"At most {spec.max_streams} streams may run at once for this key."
-        refusals.append((1.0, "concurrent_streams_exceeded", message))
+        refusals.append((1.0, "concurrent_streams_exceeded", message, "streams"))
     if refusals:
-        retry_after, code, message = max(refusals, key=lambda r: r[0])
-        raise LimitExceeded(message, retry_after_s=retry_after, code=code, limit_headers=headers)
+        retry_after, code, message, reason = max(refusals, key=lambda r: r[0])
+        raise LimitExceeded(
+            message, retry_after_s=retry_after, code=code, limit_headers=headers, reason=reason
+        )
 
 
 class LimitExceeded(RateLimited):
-    """A key's limit was hit; carries the rate-limit headers next to ``Retry-After``."""
+    """A key's limit was hit; carries the rate-limit headers next to ``Retry-After``, and
+    which limit refused (``reason``, for metrics)."""
 
     def __init__(
-        self, message: str, *, retry_after_s: float, code: str, limit_headers: dict[str, str]
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        code: str,
+        limit_headers: dict[str, str],
+        reason: LimitReason = "requests",
     ) -> None:
         super().__init__(message, retry_after_s=retry_after_s, code=code)
         self.limit_headers = limit_headers
+        self.reason: LimitReason = reason
 
     def headers(self) -> dict[str, str]:
         return {**self.limit_headers, **super().headers()}

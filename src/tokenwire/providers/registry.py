@@ -8,6 +8,7 @@ tells the operator what to do; requests for its models get that reason as a 503.
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from tokenwire.providers.anthropic import AnthropicProvider
 from tokenwire.providers.base import Provider
 from tokenwire.providers.gemini import GeminiProvider
 from tokenwire.providers.openai_compat import OpenAICompatProvider
-from tokenwire.providers.router import DeploymentState, route
+from tokenwire.providers.router import DeploymentState, circuit_state, route
 from tokenwire.providers.sim import SimProvider
 
 # Upstreams spoken to over HTTP, one module each; all take the same constructor arguments.
@@ -115,6 +116,14 @@ class ProviderRegistry:
             )
             self._routed[model_id] = provider
         return provider, entry
+
+    def circuits(self) -> dict[str, int]:
+        """Each deployment used so far and its circuit now (``router.circuit_state``)."""
+        now = time.monotonic()
+        return {
+            state.entry.name: circuit_state(state, self._routing, now)
+            for state in self._deployment_states.values()
+        }
 
     async def aclose(self) -> None:
         """Close every provider."""

@@ -18,7 +18,9 @@ consecutive failures cool it down for ``breaker_cooldown_s``; a success resets t
 A deployment that refused the gateway's own key (:class:`~tokenwire.errors.UpstreamAuthError`)
 counts as failed and is not tried again by the same request; others still are.
 The deployment that served is announced with a :class:`~tokenwire.streams.events.Routed`
-event, so the ledger names the provider that really answered.
+event, so the ledger names the provider that really answered; each attempt that failed before
+it with an :class:`~tokenwire.streams.events.AttemptFailed` event, so the generation knows its
+routing history (metrics count attempts, retries and fallbacks from it when it settles).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from tokenwire.errors import (
     UpstreamAuthError,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamTimeout,
 )
 from tokenwire.providers.base import Provider, ProviderCall
-from tokenwire.streams.events import Event, PromptUsage, Routed
+from tokenwire.streams.events import AttemptFailed, AttemptOutcome, Event, PromptUsage, Routed
 
 
 @dataclass
@@ -53,6 +56,36 @@ class DeploymentState:
 
     def healthy(self, now: float) -> bool:
         return now >= self.cooldown_until
+
+
+CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN = 0, 1, 2
+
+
+def circuit_state(deployment: DeploymentState, config: RoutingConfig, now: float) -> int:
+    """The deployment's circuit as the router sees it at ``now`` (``time.monotonic()``).
+
+    Open (2) while it cools down (the router avoids it while another deployment is healthy);
+    half-open (1) once the cooldown is over but its last ``breaker_threshold`` attempts failed
+    (the next request is the trial); closed (0) otherwise.
+    """
+    if not deployment.healthy(now):
+        return CIRCUIT_OPEN
+    if deployment.consecutive_failures >= config.breaker_threshold:
+        return CIRCUIT_HALF_OPEN
+    return CIRCUIT_CLOSED
+
+
+def attempt_outcome(error: UpstreamError) -> AttemptOutcome:
+    """How an upstream attempt failed, as a bounded label value."""
+    if isinstance(error, UpstreamAuthError):
+        return "auth_error"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamStatusError):
+        if error.http_status == 429:
+            return "rate_limited"
+        return "server_error" if error.http_status >= 500 else "client_error"
+    return "error" if error.request_sent else "connect_error"
 
 
 def is_retryable(error: GatewayError) -> bool:
@@ -153,10 +186,16 @@ class RoutedModel:
                         yield first
                         first = await anext(events)
                 except StopAsyncIteration:
+                    entry = deployment.entry
+                    yield AttemptFailed(entry.provider, entry.upstream_model, "error")
                     return
                 except GatewayError as exc:
                     if isinstance(exc, UpstreamError):
                         self._failed(deployment, exc)  # the deployment's health either way
+                        entry = deployment.entry
+                        yield AttemptFailed(
+                            entry.provider, entry.upstream_model, attempt_outcome(exc)
+                        )
                     if not is_retryable(exc):
                         raise
                     if isinstance(exc, UpstreamAuthError):

@@ -3,12 +3,15 @@
 It is the upstream that benchmarks and proxy tests put the gateway in front of, so it does
 as little as possible per token: the same :mod:`~tokenwire.providers.sim` plan and the same
 chunk encoder as the gateway, written straight to the socket. It accepts any API key.
-Faults are injected on request (:mod:`tokenwire.simupstream.faults`).
+Faults are injected on request (:mod:`tokenwire.simupstream.faults`). Tests that need one
+exact answer (say, hostile Markdown for the web pages) give ``reply``: every answer is then
+those tokens, with the same timing, usage and cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 from starlette.applications import Starlette
@@ -20,9 +23,9 @@ from starlette.types import Receive, Scope, Send
 from tokenwire.api.errors import error_response, json_response
 from tokenwire.completions import new_completion_id
 from tokenwire.errors import GatewayError
-from tokenwire.providers.sim import run_request
+from tokenwire.providers.sim import SimPlan, prompt_tokens, run_plan, run_request
 from tokenwire.simupstream.faults import ConnectionDropped, Fault, requested_fault
-from tokenwire.streams.events import Usage
+from tokenwire.streams.events import Event, Usage
 from tokenwire.wire import sse
 from tokenwire.wire.chunks import ChunkEncoder, CompletionBuilder
 from tokenwire.wire.schema import ChatRequest, decode_chat_request
@@ -53,6 +56,15 @@ def fault_body(status: int) -> dict[str, dict[str, object]]:
     return {"error": {"message": f"simulated {status}", "type": kind, "param": None, "code": kind}}
 
 
+def answer_events(
+    request: ChatRequest, ttft_s: float, itl_s: float, reply: tuple[str, ...] | None
+) -> AsyncIterator[Event]:
+    """The simulator's answer to ``request``, or ``reply`` (a fixed answer) when given."""
+    if reply is None:
+        return run_request(request, ttft_s=ttft_s, itl_s=itl_s)
+    return run_plan(SimPlan(reply, "stop", prompt_tokens(request)), ttft_s, itl_s)
+
+
 class _SimStream:
     def __init__(
         self,
@@ -61,12 +73,14 @@ class _SimStream:
         itl_s: float,
         stats: SimStats,
         fault: Fault | None = None,
+        reply: tuple[str, ...] | None = None,
     ) -> None:
         self._request = request
         self._ttft_s = ttft_s
         self._itl_s = itl_s
         self._stats = stats
         self._fault = fault
+        self._reply = reply
 
     async def _strike(self, send: Send, receive: Receive) -> None:
         """Fail the way the fault says; returns only by raising or ending the body."""
@@ -123,7 +137,7 @@ class _SimStream:
             if fault is not None and not fault.after_first_token:
                 await self._strike(send, receive)
                 return
-            events = run_request(request, ttft_s=self._ttft_s, itl_s=self._itl_s)
+            events = answer_events(request, self._ttft_s, self._itl_s, self._reply)
             pending_usage: Usage | None = None
             sent = 0
             async for event in events:
@@ -151,9 +165,12 @@ class _SimStream:
             watcher.cancel()
 
 
-def create_sim_app(*, ttft_ms: float, itl_ms: float) -> Starlette:
-    """The sim-upstream ASGI app."""
+def create_sim_app(
+    *, ttft_ms: float, itl_ms: float, reply: Sequence[str] | None = None
+) -> Starlette:
+    """The sim-upstream ASGI app; with ``reply`` (tokens), every answer is that text."""
     ttft_s, itl_s = ttft_ms / 1000, itl_ms / 1000
+    fixed = None if reply is None else tuple(reply)
     stats = SimStats()
 
     async def completions(request: Request) -> Response | _SimStream:
@@ -166,9 +183,9 @@ def create_sim_app(*, ttft_ms: float, itl_ms: float) -> Starlette:
             headers = {"Retry-After": "1"} if fault.status == 429 else None
             return json_response(fault_body(fault.status), fault.status, headers)
         if chat.stream:
-            return _SimStream(chat, ttft_s, itl_s, stats, fault)
+            return _SimStream(chat, ttft_s, itl_s, stats, fault, fixed)
         builder = CompletionBuilder()
-        async for event in run_request(chat, ttft_s=ttft_s, itl_s=itl_s):
+        async for event in answer_events(chat, ttft_s, itl_s, fixed):
             builder.add(event)
         return json_response(
             builder.build(completion_id=new_completion_id(), created=0, model=chat.model)

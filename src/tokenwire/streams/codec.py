@@ -10,7 +10,7 @@ gateway process rebuilds exactly the events the generating process logged::
      cache_write, cache_read]                    one is not 0; older writers: never)
     ["e", status, type, code, message, param]     StreamError (as a RecordedError)
 
-``Routed`` never reaches a log, so it has no form here.
+``Routed`` and ``AttemptFailed`` never reach a log, so they have no form here.
 """
 
 from __future__ import annotations

@@ -79,10 +79,39 @@ class StreamError(msgspec.Struct, frozen=True):
 
 
 class Routed(msgspec.Struct, frozen=True):
-    """Which deployment serves the completion (from the router; not logged)."""
+    """Which deployment serves the completion (from the router; not logged).
+
+    It is also the successful upstream attempt: with the :class:`AttemptFailed` events before
+    it, the completion's whole routing history (for metrics and its log line).
+    """
 
     provider: str
     upstream_model: str
 
 
-Event = TextDelta | ToolCallDelta | Usage | PromptUsage | Finish | StreamError | Routed
+AttemptOutcome = Literal[
+    "rate_limited",
+    "server_error",
+    "client_error",
+    "auth_error",
+    "timeout",
+    "connect_error",
+    "error",
+]
+
+
+class AttemptFailed(msgspec.Struct, frozen=True):
+    """An upstream attempt that failed before the first token (from the router; not logged).
+
+    The router may try again, on the same deployment or another; ``outcome`` says how it
+    failed (``tokenwire.providers.router.attempt_outcome``).
+    """
+
+    provider: str
+    upstream_model: str
+    outcome: AttemptOutcome
+
+
+Event = (
+    TextDelta | ToolCallDelta | Usage | PromptUsage | Finish | StreamError | Routed | AttemptFailed
+)

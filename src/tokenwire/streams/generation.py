@@ -38,7 +38,9 @@ from functools import partial
 from typing import Literal
 
 from tokenwire.errors import GatewayError, UpstreamError, unexpected
+from tokenwire.observability.logs import completion_id_var
 from tokenwire.streams.events import (
+    AttemptFailed,
     Event,
     Finish,
     FinishReason,
@@ -114,7 +116,9 @@ class Generation:
         self.provider: str | None = None  # the deployment that served, when routed
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.ended_at: float | None = None
+        self.attempts: list[Routed | AttemptFailed] = []  # the router's upstream attempts
         self.reported_prompt: PromptUsage | None = None  # the upstream's early count, if any
         self._events = events
         self._prompt_estimate = prompt_tokens_estimate
@@ -145,6 +149,11 @@ class Generation:
     @property
     def finished(self) -> bool:
         return self.state in _TERMINAL
+
+    @property
+    def deltas(self) -> int:
+        """Text and tool-call deltas appended to the log so far."""
+        return self._deltas
 
     async def wait_settled(self) -> None:
         """Wait until the generation has ended and its settle hook has run."""
@@ -224,6 +233,9 @@ class Generation:
         finish: FinishReason | None = None
         error: GatewayError | None = None
         self._running = True
+        # Lines logged while the provider runs (its errors, ours) carry the completion id; not
+        # the hooks' (they name it themselves), nor tasks they may start that outlive it.
+        logging_as = completion_id_var.set(self.id)
         try:
             try:
                 usage, finish, error = await self._pull()
@@ -240,6 +252,7 @@ class Generation:
                 self._ending = True  # from here on a cancel changes nothing
                 await self._close_events()
         finally:
+            completion_id_var.reset(logging_as)
             await self._end(usage, finish, error)
 
     async def _pull(self) -> tuple[Usage | None, FinishReason | None, GatewayError | None]:
@@ -252,8 +265,9 @@ class Generation:
             if isinstance(event, TextDelta | ToolCallDelta):
                 if self._deltas >= self._completion_limit:
                     return None, "length", None  # one delta beyond the budget: stop here
+                self.last_token_at = time.perf_counter()  # ITL, observed once at the end
                 if self._deltas == 0:
-                    self.first_token_at = time.perf_counter()
+                    self.first_token_at = self.last_token_at
                     self._move(GenerationState.STREAMING)
                 self._deltas += 1
                 log.append(event)
@@ -270,6 +284,9 @@ class Generation:
                 finish = event.reason
             elif isinstance(event, Routed):
                 self.provider = event.provider
+                self.attempts.append(event)
+            elif isinstance(event, AttemptFailed):
+                self.attempts.append(event)
             else:
                 return self._usage_seen, None, event.error
         if finish is None:
@@ -371,7 +388,13 @@ async def _run_hook(
 
 def _log_hook_failure(task: asyncio.Future[None], *, completion_id: str, what: str) -> None:
     if not task.cancelled() and task.exception() is not None:
-        _log.error("%s %s failed", what, completion_id, exc_info=task.exception())
+        _log.error(
+            "%s %s failed",
+            what,
+            completion_id,
+            exc_info=task.exception(),
+            extra={"fields": {"completion_id": completion_id}},
+        )
 
 
 async def _aclose(events: AsyncIterator[Event]) -> None:

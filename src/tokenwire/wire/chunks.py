@@ -115,7 +115,7 @@ class ChunkEncoder:
             return self.usage(event) if include_usage else None
         if isinstance(event, StreamError):
             return error_json(event.error)
-        return None  # Routed, PromptUsage: bookkeeping, never sent
+        return None  # Routed, AttemptFailed, PromptUsage: bookkeeping, never sent
 
 
 def error_json(error: GatewayError) -> bytes:
