@@ -19,6 +19,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.outbox import LedgerOutbox
+from tokenwire.accounting.plans import PlanBook
 from tokenwire.accounting.tickets import MemoryTicketStore, RedisTicketStore, TicketStore
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.api import (
@@ -32,6 +33,7 @@ from tokenwire.api import (
     openapi,
     responses,
     responses_ws,
+    signup,
     streams,
     tickets,
     usage,
@@ -100,6 +102,7 @@ async def build_state(
         stream_grace_s=settings.server.stream_grace_s,
         writer=writer,
         metrics=metrics,
+        plans=PlanBook.from_settings(settings),
     )
     state = AppState(
         settings=settings,
@@ -374,6 +377,7 @@ def create_app(
         Route("/v1/admin/usage", admin.usage_report, methods=["GET"]),
         Route("/v1/admin/runtime", admin.runtime, methods=["GET"]),
         Route("/v1/billing/webhook", webhooks.webhook_endpoint(env), methods=["POST"]),
+        Route("/v1/signup", signup.signup, methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),

@@ -25,6 +25,7 @@ where they occur and never leave it.
     ├── StreamGone                    410 stream_expired / cursor_out_of_range
     ├── RateLimited                   429 rate_limit_exceeded   (retry_after_s)
     ├── ProviderUnavailable           503 provider_unavailable  (not configured / not built)
+    ├── PlanUnavailable               503 plan_unavailable      (the key's plan is not configured)
     ├── StreamStoreUnavailable        503 stream_store_unavailable (Redis, for shared streams)
     ├── DatabaseUnavailable           503 database_unavailable  (keys and credits cannot be read)
     ├── LimiterUnavailable            503 rate_limiter_unavailable (Redis, for shared limits)
@@ -285,6 +286,14 @@ class ProviderUnavailable(GatewayError):
     status = 503
     type = "api_error"
     default_code = "provider_unavailable"
+
+
+class PlanUnavailable(GatewayError):
+    """The key's plan is not in this gateway's configuration (it was removed or renamed)."""
+
+    status = 503
+    type = "api_error"
+    default_code = "plan_unavailable"
 
 
 class UpstreamError(GatewayError):

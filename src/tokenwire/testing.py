@@ -10,6 +10,7 @@ its own thread and event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
+from tokenwire.accounting.ledger import LedgerRow
 from tokenwire.app import create_app, server_options
 from tokenwire.config import Settings, load_settings
 from tokenwire.drain import DrainReason
@@ -56,6 +58,30 @@ input_usd_per_mtok = "3.00"
 output_usd_per_mtok = "15.00"
 {extra}
 """
+
+
+def ledger_row(key_id: str, completion_id: str, **fields: Any) -> LedgerRow:
+    """A completed ledger row (``priced-sim`` on ``sim`` over SSE, 10 prompt and 20 completion
+    tokens, no cost or charge, plan ``standard``, made now) with ``fields`` changed."""
+    row = LedgerRow(
+        completion_id=completion_id,
+        key_id=key_id,
+        model="priced-sim",
+        provider="sim",
+        transport="sse",
+        prompt_tokens=10,
+        completion_tokens=20,
+        usage_estimated=False,
+        cost_micro=0,
+        charge_micro=0,
+        plan="standard",
+        ttft_ms=1,
+        duration_ms=2,
+        finish_reason="stop",
+        status="completed",
+        created_at=int(time.time() * 1000),
+    )
+    return dataclasses.replace(row, **fields)
 
 
 def paced_sim(name: str = "paced", *, ttft_ms: float = 5.0, itl_ms: float = 15.0) -> str:

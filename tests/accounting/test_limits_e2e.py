@@ -219,10 +219,10 @@ class Accounts:
             )
         return int(value or 0)
 
-    async def ledger_cost(self, key_id: str) -> int:
+    async def ledger_charges(self, key_id: str) -> int:
         async with self.engine.connect() as conn:
             value = await conn.scalar(
-                sa.select(sa.func.sum(usage_ledger.c.cost_micro)).where(
+                sa.select(sa.func.sum(usage_ledger.c.charge_micro)).where(
                     usage_ledger.c.key_id == key_id
                 )
             )
@@ -813,7 +813,7 @@ async def test_credits_cost_and_insufficient_quota(
             37,
             False,
         )
-        assert row.cost_micro == cost
+        assert row.charge_micro == cost
         assert row.finish_reason == "length"
         assert await acc.ledger.balance(record.id) == grant - cost
 
@@ -834,7 +834,7 @@ async def test_credits_cost_and_insufficient_quota(
         assert await acc.ledger.balance(record.id) == grant - cost
         rows = await acc.ledger.rows(key_id=record.id)
         assert len(rows) == 3  # the priced one and two free ones; the 402s wrote nothing
-        assert sorted(r.cost_micro for r in rows) == [0, 0, cost]
+        assert sorted(r.charge_micro for r in rows) == [0, 0, cost]
 
         balance, applied = await acc.ledger.credit(record.id, cost, payment_id="pay-1")
         assert applied and balance == grant
@@ -844,7 +844,7 @@ async def test_credits_cost_and_insufficient_quota(
         assert await acc.credits(record.id) == grant + cost
         assert await acc.ledger.balance(record.id) == await acc.credits(
             record.id
-        ) - await acc.ledger_cost(record.id)
+        ) - await acc.ledger_charges(record.id)
 
 
 async def test_free_models_at_zero_balance(
@@ -862,4 +862,4 @@ async def test_free_models_at_zero_balance(
         assert await wait_for(lambda: settled(gw, acc, record.id, 2), 5)
         assert await acc.ledger.balance(record.id) == 0
         rows = await acc.ledger.rows(key_id=record.id)
-        assert len(rows) == 2 and all(r.cost_micro == 0 and r.model == "sim" for r in rows)
+        assert len(rows) == 2 and all(r.charge_micro == 0 and r.model == "sim" for r in rows)

@@ -13,31 +13,18 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.outbox import LedgerOutbox
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.testing import ledger_row
 
 
-def row(completion_id: str, key_id: str, cost: int) -> LedgerRow:
-    return LedgerRow(
-        completion_id=completion_id,
-        key_id=key_id,
-        model="priced",
-        provider="sim",
-        transport="sse",
-        prompt_tokens=10,
-        completion_tokens=5,
-        usage_estimated=False,
-        cost_micro=cost,
-        ttft_ms=1,
-        duration_ms=2,
-        finish_reason="stop",
-        status="completed",
-        created_at=1_700_000_000_000,
-    )
+def row(completion_id: str, key_id: str, charge: int) -> LedgerRow:
+    """A completed row charging ``charge`` (costing a third of it)."""
+    return ledger_row(key_id, completion_id, cost_micro=charge // 3, charge_micro=charge)
 
 
 async def test_concurrent_settlements_batch_and_refund_exactly(
     database_url: str, tmp_path: Path
 ) -> None:
-    """100 settlements at once: 100 rows, few commits, balance = grant - costs; replays change nothing."""
+    """100 settlements at once: 100 rows, few commits, balance = grant - charges; replays change nothing."""
     engine = make_engine(database_url)
     commits: list[int] = []
 

@@ -15,6 +15,7 @@ from tokenwire.streams.events import (
     AttemptFailed,
     Event,
     Finish,
+    PromptUsage,
     Routed,
     StreamError,
     TextDelta,
@@ -76,6 +77,17 @@ async def test_missing_finish_becomes_an_upstream_error() -> None:
     assert isinstance(events[-1].error, UpstreamError)
     assert gen.state is GenerationState.FAILED
     assert gen.usage == Usage(7, 1, estimated=True)
+
+
+async def test_a_cut_stream_bills_the_early_prompt_with_its_cached_parts() -> None:
+    """A stream that fails after the upstream's early prompt count is billed for that prompt,
+    its cache-written and cache-read parts kept apart, plus the deltas received."""
+    early = PromptUsage(1200, cache_write_tokens=200, cache_read_tokens=900)
+    gen = make(scripted([early, TextDelta("a"), TextDelta("b")]))
+    gen.start()
+    await collect(gen)
+    assert gen.usage == Usage(1200, 2, True, cache_write_tokens=200, cache_read_tokens=900)
+    assert gen.reported_prompt == early
 
 
 async def test_provider_error_before_first_token_is_logged() -> None:

@@ -145,7 +145,9 @@ def test_codec_round_trips_every_logged_event() -> None:
         ToolCallDelta(0, None, None, "x"),
         Finish("length"),
         Usage(3, 4, estimated=True),
-        Usage(3, 4, cost_micro=78),
+        Usage(3, 4, charge_micro=78),
+        Usage(300, 4, cache_write_tokens=100, cache_read_tokens=150),
+        Usage(300, 4, cache_read_tokens=150, charge_micro=0),
     ]:
         assert decode_event(encode_event(event)) == event
     error = UpstreamError("upstream broke", code="upstream_error", param="model")

@@ -70,7 +70,7 @@ class LedgerOutbox:
         for raw in data.splitlines():
             if raw.strip():
                 line = msgspec.json.decode(raw, type=_Line)
-                items.append((msgspec.convert(line.row, LedgerRow), line.reserved))
+                items.append((msgspec.convert(_upgraded(line.row), LedgerRow), line.reserved))
         return items
 
     def remove(self, path: Path) -> None:
@@ -81,6 +81,14 @@ class LedgerOutbox:
     def pending_rows(self) -> int:
         """How many settlements wait in the outbox (reads every file: for tests and health)."""
         return sum(len(self.read(path)) for path in self.files())
+
+
+def _upgraded(row: dict[str, object]) -> dict[str, object]:
+    """A row spilled by a version before plans: its one amount, ``cost_micro``, was what the
+    key was charged (migration 0004 reads the ledger's old rows the same way)."""
+    if "charge_micro" in row:
+        return row
+    return {**row, "charge_micro": row.get("cost_micro"), "plan": None}
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -296,14 +296,15 @@ def sim_upstream(
 
 @keys_app.command("list")
 def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """List keys (prefixes only; secrets are never stored)."""
+    """List keys (prefixes only; secrets are never stored) and their plans (in parentheses:
+    the default plan, which the key follows)."""
     settings = _settings(config, data_dir)
 
     async def action(stores: accounts.Stores) -> list[KeyRecord]:
         return await stores.keys.list()
 
     records = accounts.run(settings, action)
-    table = Table("id", "name", "prefix", "admin", "status")
+    table = Table("id", "name", "prefix", "admin", "status", "plan")
     for r in records:
         table.add_row(
             r.id,
@@ -311,6 +312,7 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
             r.prefix + "…",
             "yes" if r.is_admin else "",
             "revoked" if r.revoked_at else "active",
+            r.plan or f"({settings.accounting.default_plan})",
         )
     Console().print(table)
 

@@ -88,6 +88,7 @@ def completion_record(
         completion_tokens=row.completion_tokens,
         usage_estimated=row.usage_estimated,
         cost_micro=row.cost_micro,
+        charge_micro=row.charge_micro,
         client=client,
         attempts=tuple(generation.attempts),
     )

@@ -6,7 +6,9 @@ gateway process rebuilds exactly the events the generating process logged::
     ["t", text]                                   TextDelta
     ["c", index, id, name, arguments]             ToolCallDelta
     ["f", reason]                                 Finish
-    ["u", prompt_tokens, completion_tokens, est]  Usage (a fifth item: its cost_micro, when set)
+    ["u", prompt_tokens, completion_tokens, est,  Usage (trailing items only when needed:
+     cache_write, cache_read, charge_micro]      the cache counts when one is not 0 or a
+                                                  charge follows, the charge when set)
     ["e", status, type, code, message, param]     StreamError (as a RecordedError)
     ["e", status, type, code, message, param, {…}]  … with fields beyond OpenAI's four
 
@@ -57,8 +59,12 @@ def encode_event(event: Event) -> bytes:
     if isinstance(event, Finish):
         return _encode(["f", event.reason])
     if isinstance(event, Usage):
-        fields = ["u", event.prompt_tokens, event.completion_tokens, event.estimated]
-        return _encode(fields if event.cost_micro is None else [*fields, event.cost_micro])
+        item: list[object] = ["u", event.prompt_tokens, event.completion_tokens, event.estimated]
+        if event.cache_write_tokens or event.cache_read_tokens or event.charge_micro is not None:
+            item += [event.cache_write_tokens, event.cache_read_tokens]
+        if event.charge_micro is not None:
+            item.append(event.charge_micro)
+        return _encode(item)
     if isinstance(event, StreamError):
         return _encode(_error_fields(event.error))
     raise TypeError(f"{type(event).__name__} is never logged")
@@ -76,8 +82,14 @@ def decode_event(data: bytes) -> Event:
         if kind == "f":
             return Finish(cast(FinishReason, item[1]))
         if kind == "u":
-            cost = int(item[4]) if len(item) > 4 else None
-            return Usage(int(item[1]), int(item[2]), bool(item[3]), cost)
+            return Usage(
+                int(item[1]),
+                int(item[2]),
+                bool(item[3]),
+                cache_write_tokens=int(item[4]) if len(item) > 5 else 0,
+                cache_read_tokens=int(item[5]) if len(item) > 5 else 0,
+                charge_micro=int(item[6]) if len(item) > 6 else None,
+            )
         if kind == "e":
             error = RecordedError(
                 str(item[4]),

@@ -102,7 +102,7 @@ class Generation:
         key_id: str = "",
         include_usage: bool = False,
         completion_limit: int | None = None,
-        limit_for_prompt: Callable[[int], int] | None = None,
+        limit_for_prompt: Callable[[PromptUsage], int] | None = None,
         price: Callable[[Usage], int] | None = None,
     ) -> None:
         self.id = completion_id
@@ -123,7 +123,7 @@ class Generation:
         self.last_token_at: float | None = None
         self.ended_at: float | None = None
         self.attempts: list[Routed | AttemptFailed] = []  # the router's upstream attempts
-        self.reported_prompt_tokens: int | None = None  # the upstream's early count, if any
+        self.reported_prompt: PromptUsage | None = None  # the upstream's early count, if any
         self._events = events
         self._prompt_estimate = prompt_tokens_estimate
         self._grace_s = disconnect_grace_s
@@ -295,9 +295,9 @@ class Generation:
             elif isinstance(event, Usage):
                 self._usage_seen = event
             elif isinstance(event, PromptUsage):
-                self.reported_prompt_tokens = event.prompt_tokens
+                self.reported_prompt = event
                 if self._limit_for_prompt is not None:
-                    limit = self._limit_for_prompt(event.prompt_tokens)
+                    limit = self._limit_for_prompt(event)
                     self._completion_limit = min(self._completion_limit, max(0, limit))
                     if self._deltas > self._completion_limit:
                         return None, "length", None
@@ -335,7 +335,7 @@ class Generation:
         self.ended_at = time.perf_counter()
         self.usage = self._final_usage(usage, finish, error)
         if self._price is not None and error is None:
-            self.usage = msgspec.structs.replace(self.usage, cost_micro=self._price(self.usage))
+            self.usage = msgspec.structs.replace(self.usage, charge_micro=self._price(self.usage))
         try:
             if self._on_end is not None:
                 hook = self._on_end(self)
@@ -362,12 +362,20 @@ class Generation:
         """
         if usage is not None and error is None and finish not in (None, "cancelled"):
             return usage
-        prompt = self.reported_prompt_tokens
+        prompt: Usage | PromptUsage | None = self.reported_prompt
         completion = self._deltas
         if usage is not None and not usage.estimated:
-            prompt = usage.prompt_tokens
+            prompt = usage
             completion = max(completion, usage.completion_tokens)
-        return Usage(self._prompt_estimate if prompt is None else prompt, completion, True)
+        if prompt is None:
+            return Usage(self._prompt_estimate, completion, True)
+        return Usage(
+            prompt.prompt_tokens,
+            completion,
+            True,
+            cache_write_tokens=prompt.cache_write_tokens,
+            cache_read_tokens=prompt.cache_read_tokens,
+        )
 
     def _close_log(self, finish: FinishReason | None, error: GatewayError | None) -> None:
         assert self.usage is not None

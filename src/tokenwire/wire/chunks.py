@@ -32,8 +32,8 @@ def usage_object(usage: Usage) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
-    if usage.cost_micro is not None:
-        result["cost_micro"] = usage.cost_micro
+    if usage.charge_micro is not None:
+        result["cost_micro"] = usage.charge_micro  # what the key pays: its charge
     return result
 
 
