@@ -6,11 +6,15 @@ Environment variables (all optional):
 ``TOKENWIRE_DATA_DIR``      where the SQLite database and the server secret live
 ``TOKENWIRE_DATABASE_URL``  a SQLAlchemy URL (e.g. ``postgresql+asyncpg://…``) instead of SQLite
 ``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
-``TOKENWIRE_REDIS_URL``     share rate limits and resumable streams through Redis (sets
-                           ``limits.backend`` and ``server.stream_backend`` to ``"redis"``)
+``TOKENWIRE_WORKERS``       processes ``tokenwire serve`` runs: N or ``auto`` (``server.workers``)
+``TOKENWIRE_REDIS_URL``     share rate limits, resumable streams and WebSocket tickets through
+                           Redis (sets ``limits.backend`` and ``server.stream_backend`` to
+                           ``"redis"``)
 ``TOKENWIRE_LOG_FORMAT``    ``json``, ``text`` or ``auto`` (``server.log_format``)
 ``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT``  the metrics listener
                            (``server.metrics_host``, ``server.metrics_port``)
+``TOKENWIRE_DRAIN_TIMEOUT`` seconds running streams may finish after SIGTERM
+                           (``server.drain_timeout_s``)
 
 Provider API keys are never in the file: a provider names the variable that holds its key
 (``api_key_env``), read when the app starts.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
@@ -54,6 +59,7 @@ PORT_RANGE = "1-65535"
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8000
+    workers: Capacity | Literal["auto"] = 1  # processes on the port (tokenwire.workers)
     max_body_bytes: Capacity = 1_048_576
     sse_heartbeat_s: Interval = 15.0
     disconnect_grace_s: Delay = 0.0
@@ -87,6 +93,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
     metrics_host: str = "127.0.0.1"
     metrics_port: Port | None = None  # a listener serving GET /metrics without a key
+    drain_timeout_s: Delay = 30.0  # SIGTERM: running streams may finish this long
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,6 +108,40 @@ class AccountingConfig(msgspec.Struct, forbid_unknown_fields=True):
     free_grant_usd: str | float = "0"
     default_max_tokens: Capacity = 4096  # reserved for requests without max_tokens
     webhook_tolerance_s: Interval = 300.0
+    default_plan: str = "standard"  # the price list of keys without a plan of their own
+
+
+class SignupConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /v1/signup``: self-service keys (docs/accounting.md#self-service-sign-up)."""
+
+    enabled: bool = False
+    grant_usd: str | float = "0"  # credit of a new address's key (a repeated address: none)
+    invite_codes: list[str] = msgspec.field(default_factory=list)  # non-empty: one is needed
+    max_per_day: Capacity = 100  # sign-ups per UTC day, every address together
+    max_per_ip_per_day: Capacity = 3  # per client IP address and UTC day
+    max_per_email_per_day: Capacity = 3  # per email address and UTC day
+    plan: str = ""  # the keys' plan; "": none of their own (accounting.default_plan)
+    models: list[str] | None = None  # the models the keys may use; left out: every model
+    rpm: Capacity | None = None  # the keys' limits; left out: unlimited
+    tpm: Capacity | None = None
+    max_concurrent_streams: Capacity | None = None
+
+
+class PlanPriceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One model's price in a plan: ``usd_per_mtok`` (flat), or input and output prices."""
+
+    usd_per_mtok: str | float | None = None
+    input_usd_per_mtok: str | float | None = None
+    output_usd_per_mtok: str | float | None = None
+    cache_write_usd_per_mtok: str | float | None = None
+    cache_read_usd_per_mtok: str | float | None = None
+
+
+class PlanConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """A price list: what keys on it are charged per model (models it leaves out: at cost)."""
+
+    description: str = ""
+    models: dict[str, PlanPriceConfig] = msgspec.field(default_factory=dict)
 
 
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -137,8 +178,11 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
     provider: str | None = None
     upstream_model: str | None = None
     deployments: list[DeploymentConfig] = msgspec.field(default_factory=list)
+    # What the operator pays the upstream; a cache price left out is the input price.
     input_usd_per_mtok: str | float = "0"
     output_usd_per_mtok: str | float = "0"
+    cache_write_usd_per_mtok: str | float | None = None
+    cache_read_usd_per_mtok: str | float | None = None
     max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS  # a larger max_tokens is a 400
     context_tokens: int = DEFAULT_CONTEXT_TOKENS  # the largest prompt the model accepts
 
@@ -159,6 +203,9 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
+    plans: dict[str, PlanConfig] = msgspec.field(default_factory=dict)
+    signup: SignupConfig = msgspec.field(default_factory=SignupConfig)
+    currencies: dict[str, str] = msgspec.field(default_factory=dict)  # code: USD per unit
     database_url: str | None = None
     data_dir: str | None = None
 
@@ -180,12 +227,33 @@ class DeploymentEntry(msgspec.Struct, frozen=True):
         return deployment_name(self.provider, self.upstream_model)
 
 
+class Price(msgspec.Struct, frozen=True):
+    """What 1M tokens of each kind cost, in integer micro-dollars.
+
+    ``input`` is the price of prompt tokens not read from or written to a prompt cache;
+    ``cache_write`` and ``cache_read`` of those that were. ``flat``: one price for every
+    kind of token (the four figures are equal), as a reseller's list has it.
+    """
+
+    input: int
+    output: int
+    cache_write: int
+    cache_read: int
+    flat: bool = False
+
+    @property
+    def free(self) -> bool:
+        """Nothing to pay, whatever the usage."""
+        return not (self.input or self.output or self.cache_write or self.cache_read)
+
+
 class ModelEntry(msgspec.Struct, frozen=True):
-    """A catalog entry, prices in integer micro-dollars per 1M tokens.
+    """A catalog entry, with what it costs the operator in micro-dollars per 1M tokens.
 
     ``provider`` and ``upstream_model`` are the first deployment's. ``max_output_tokens``
     bounds a request's ``max_tokens`` (and what is reserved for it); ``context_tokens`` is
-    the largest prompt the model takes, which bounds what a prompt can cost.
+    the largest prompt the model takes, which bounds what a prompt can cost. The prices are
+    the upstream's (:attr:`cost`); what a key is charged comes from its plan.
     """
 
     id: str
@@ -196,10 +264,36 @@ class ModelEntry(msgspec.Struct, frozen=True):
     deployments: tuple[DeploymentEntry, ...] = ()
     max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    cache_write_micro_per_mtok: int | None = None  # None: the input price
+    cache_read_micro_per_mtok: int | None = None
 
     def all_deployments(self) -> tuple[DeploymentEntry, ...]:
         """The deployments, or the single one implied by provider and upstream_model."""
         return self.deployments or (DeploymentEntry(self.provider, self.upstream_model),)
+
+    @property
+    def cost(self) -> Price:
+        """What the operator pays the upstream per 1M tokens of each kind."""
+        read, write = self.cache_read_micro_per_mtok, self.cache_write_micro_per_mtok
+        return Price(
+            input=self.input_micro_per_mtok,
+            output=self.output_micro_per_mtok,
+            cache_write=self.input_micro_per_mtok if write is None else write,
+            cache_read=self.input_micro_per_mtok if read is None else read,
+        )
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """A price list: what a key on it is charged per model; a model it leaves out is charged
+    what it costs (``ModelEntry.cost``)."""
+
+    name: str
+    description: str = ""
+    prices: dict[str, Price] = msgspec.field(default_factory=dict)
+
+    def price(self, entry: ModelEntry) -> Price:
+        """What 1M tokens of ``entry`` are charged on this plan."""
+        return self.prices.get(entry.id) or entry.cost
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -213,6 +307,9 @@ class Settings(msgspec.Struct, frozen=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    plans: dict[str, Plan] = msgspec.field(default_factory=dict)
+    signup: SignupConfig = msgspec.field(default_factory=SignupConfig)
+    currencies: dict[str, Decimal] = msgspec.field(default_factory=dict)  # USD per unit
 
 
 def default_data_dir() -> Path:
@@ -243,11 +340,39 @@ def parse_port(text: str, what: str = "TOKENWIRE_PORT") -> int:
     return port
 
 
+def parse_workers(text: str, what: str = "TOKENWIRE_WORKERS") -> int | Literal["auto"]:
+    """A worker count given as text: a positive integer or ``auto``; else ``ConfigError``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{what}: {text!r} is not a positive number of workers or 'auto'")
+    return value
+
+
+def parse_seconds(text: str, what: str = "TOKENWIRE_DRAIN_TIMEOUT") -> float:
+    """A duration of 0 or more seconds given as text, or ``ConfigError`` naming ``what``."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{what}: {text!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
 LOG_FORMATS = ("auto", "json", "text")
 
 
 def _operations_env(server: ServerConfig, environ: Mapping[str, str]) -> ServerConfig:
-    """``TOKENWIRE_LOG_FORMAT``, ``TOKENWIRE_METRICS_HOST`` and ``TOKENWIRE_METRICS_PORT``."""
+    """``TOKENWIRE_LOG_FORMAT``, ``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT`` and
+    ``TOKENWIRE_DRAIN_TIMEOUT``."""
+    if environ.get("TOKENWIRE_DRAIN_TIMEOUT"):
+        seconds = parse_seconds(environ["TOKENWIRE_DRAIN_TIMEOUT"])
+        server = msgspec.structs.replace(server, drain_timeout_s=seconds)
     log_format = environ.get("TOKENWIRE_LOG_FORMAT")
     if log_format:
         if log_format not in LOG_FORMATS:
@@ -308,6 +433,7 @@ def _merge(base: FileConfig, over: FileConfig, over_raw: dict[str, Any]) -> File
     limits = _overlay(base.limits, over.limits, over_raw.get("limits", {}))
     accounting = _overlay(base.accounting, over.accounting, over_raw.get("accounting", {}))
     routing = _overlay(base.routing, over.routing, over_raw.get("routing", {}))
+    signup = _overlay(base.signup, over.signup, over_raw.get("signup", {}))
     providers = {**base.providers, **over.providers}
     models = {m.id: m for m in base.models}
     models.update({m.id: m for m in over.models})
@@ -318,6 +444,9 @@ def _merge(base: FileConfig, over: FileConfig, over_raw: dict[str, Any]) -> File
         routing=routing,
         providers=providers,
         models=list(models.values()),
+        plans={**base.plans, **over.plans},
+        signup=signup,
+        currencies={**base.currencies, **over.currencies},
         database_url=over.database_url or base.database_url,
         data_dir=over.data_dir or base.data_dir,
     )
@@ -356,6 +485,10 @@ def load_settings(
         server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
     if environ.get("TOKENWIRE_PORT"):
         server = msgspec.structs.replace(server, port=parse_port(environ["TOKENWIRE_PORT"]))
+    if environ.get("TOKENWIRE_WORKERS"):
+        server = msgspec.structs.replace(
+            server, workers=parse_workers(environ["TOKENWIRE_WORKERS"])
+        )
     server = _operations_env(server, environ)
     limits = merged.limits
     if environ.get("TOKENWIRE_REDIS_URL"):
@@ -409,8 +542,16 @@ def load_settings(
             output_micro_per_mtok=usd_to_micro(
                 model.output_usd_per_mtok, what=f"{model.id} output"
             ),
+            cache_write_micro_per_mtok=_optional_usd(
+                model.cache_write_usd_per_mtok, f"{model.id} cache_write"
+            ),
+            cache_read_micro_per_mtok=_optional_usd(
+                model.cache_read_usd_per_mtok, f"{model.id} cache_read"
+            ),
         )
     usd_to_micro(merged.accounting.free_grant_usd, what="accounting.free_grant_usd")
+    plans = {name: _plan(name, plan, models) for name, plan in merged.plans.items()}
+    _check_signup(merged.signup, merged.accounting, plans, models)
     for proxy in server.trusted_proxies:
         if proxy != "*":
             try:
@@ -429,4 +570,103 @@ def load_settings(
         limits=limits,
         accounting=merged.accounting,
         routing=merged.routing,
+        plans=plans,
+        signup=merged.signup,
+        currencies=_currencies(merged.currencies),
     )
+
+
+# -- plans, sign-up and currencies -----------------------------------------------------------
+
+PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CURRENCY_CODE = re.compile(r"[A-Z]{3}")
+MAX_RATE = Decimal(1_000_000)  # USD per unit of a currency, at most
+MAX_RATE_DECIMALS = 18
+
+
+def _optional_usd(value: str | float | None, what: str) -> int | None:
+    return None if value is None else usd_to_micro(value, what=what)
+
+
+def _plan_price(where: str, config: PlanPriceConfig) -> Price:
+    flat = _optional_usd(config.usd_per_mtok, f"{where}.usd_per_mtok")
+    given_input = _optional_usd(config.input_usd_per_mtok, f"{where}.input_usd_per_mtok")
+    given_output = _optional_usd(config.output_usd_per_mtok, f"{where}.output_usd_per_mtok")
+    if flat is not None:
+        if given_input is not None or given_output is not None:
+            raise ConfigError(
+                f"{where}: give usd_per_mtok (one flat price) or input_usd_per_mtok and "
+                "output_usd_per_mtok, not both"
+            )
+        given_input = given_output = flat
+    elif given_input is None or given_output is None:
+        raise ConfigError(
+            f"{where}: needs usd_per_mtok (one flat price) or both input_usd_per_mtok and "
+            "output_usd_per_mtok"
+        )
+    write = _optional_usd(config.cache_write_usd_per_mtok, f"{where}.cache_write_usd_per_mtok")
+    read = _optional_usd(config.cache_read_usd_per_mtok, f"{where}.cache_read_usd_per_mtok")
+    return Price(
+        input=given_input,
+        output=given_output,
+        cache_write=given_input if write is None else write,
+        cache_read=given_input if read is None else read,
+        flat=flat is not None and write is None and read is None,
+    )
+
+
+def _plan(name: str, config: PlanConfig, models: dict[str, ModelEntry]) -> Plan:
+    if PLAN_NAME.fullmatch(name) is None:
+        raise ConfigError(
+            f"plans.{name}: a plan name is 1-64 letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)"
+        )
+    prices: dict[str, Price] = {}
+    for model_id, price in config.models.items():
+        where = f"plans.{name}.models.{model_id}"
+        if model_id not in models:
+            raise ConfigError(f"{where}: no model {model_id!r} in the catalog")
+        prices[model_id] = _plan_price(where, price)
+    return Plan(name, config.description, prices)
+
+
+def _check_signup(
+    signup: SignupConfig,
+    accounting: AccountingConfig,
+    plans: dict[str, Plan],
+    models: dict[str, ModelEntry],
+) -> None:
+    if accounting.default_plan not in plans:
+        raise ConfigError(
+            f"accounting.default_plan: no plan {accounting.default_plan!r} "
+            f"(the plans are: {', '.join(plans) or 'none'})"
+        )
+    usd_to_micro(signup.grant_usd, what="signup.grant_usd")
+    if signup.plan and signup.plan not in plans:
+        raise ConfigError(f"signup.plan: no plan {signup.plan!r}")
+    unknown = [m for m in signup.models or () if m not in models]
+    if unknown or signup.models == []:
+        raise ConfigError(f"signup.models: not catalog models: {unknown or '[]'}")
+    if any(not code.strip() or len(code) > 200 for code in signup.invite_codes):
+        raise ConfigError("signup.invite_codes: each code is 1-200 characters, not blank")
+
+
+def _currencies(rates: dict[str, str]) -> dict[str, Decimal]:
+    """``[currencies]``: ISO 4217 codes to the USD one unit is credited as, exactly."""
+    out: dict[str, Decimal] = {"USD": Decimal(1)}
+    for code, text in rates.items():
+        where = f"currencies.{code}"
+        if CURRENCY_CODE.fullmatch(code) is None:
+            raise ConfigError(f"{where}: a currency is a three-letter ISO 4217 code, like CNY")
+        try:
+            rate = Decimal(text.strip())
+        except InvalidOperation:
+            raise ConfigError(f"{where}: {text!r} is not a decimal number") from None
+        if not rate.is_finite() or not 0 < rate <= MAX_RATE:
+            raise ConfigError(f"{where}: the rate (USD per unit) must be above 0 and at most 1e6")
+        if -int(rate.as_tuple().exponent) > MAX_RATE_DECIMALS:
+            raise ConfigError(f"{where}: a rate has at most {MAX_RATE_DECIMALS} decimals")
+        if code == "USD" and rate != 1:
+            raise ConfigError(f"{where}: USD is always 1")
+        out[code] = rate
+    return out

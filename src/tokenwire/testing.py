@@ -10,9 +10,13 @@ its own thread and event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,11 +27,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 from tokenwire.accounting.keys import KeyStore, load_server_secret
+from tokenwire.accounting.ledger import LedgerRow
 from tokenwire.app import create_app, server_options
 from tokenwire.config import Settings, load_settings
+from tokenwire.drain import DrainReason
+from tokenwire.providers.sim import SimPlan, plan
+from tokenwire.server import DrainingServer
 from tokenwire.simupstream.app import create_sim_app
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.wire.schema import decode_chat_request
 
 FAST_SIM = """
 [providers.sim]
@@ -51,6 +60,30 @@ output_usd_per_mtok = "15.00"
 """
 
 
+def ledger_row(key_id: str, completion_id: str, **fields: Any) -> LedgerRow:
+    """A completed ledger row (``priced-sim`` on ``sim`` over SSE, 10 prompt and 20 completion
+    tokens, no cost or charge, plan ``standard``, made now) with ``fields`` changed."""
+    row = LedgerRow(
+        completion_id=completion_id,
+        key_id=key_id,
+        model="priced-sim",
+        provider="sim",
+        transport="sse",
+        prompt_tokens=10,
+        completion_tokens=20,
+        usage_estimated=False,
+        cost_micro=0,
+        charge_micro=0,
+        plan="standard",
+        ttft_ms=1,
+        duration_ms=2,
+        finish_reason="stop",
+        status="completed",
+        created_at=int(time.time() * 1000),
+    )
+    return dataclasses.replace(row, **fields)
+
+
 def paced_sim(name: str = "paced", *, ttft_ms: float = 5.0, itl_ms: float = 15.0) -> str:
     """TOML for a sim provider whose answers take real time (for load under faults)."""
     return f"""
@@ -59,6 +92,11 @@ kind = "sim"
 ttft_ms = {ttft_ms}
 itl_ms = {itl_ms}
 """
+
+
+def sim_plan(body: dict[str, Any]) -> SimPlan:
+    """What the simulator answers to this chat-completions body (any model name)."""
+    return plan(decode_chat_request(json.dumps(body).encode()))
 
 
 @dataclass
@@ -116,9 +154,14 @@ class Scrape:
 
 
 class ServerThread:
-    """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread."""
+    """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread.
 
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
+    The server is ``tokenwire serve``'s :class:`~tokenwire.server.DrainingServer`:
+    :meth:`begin_drain` does what SIGTERM does to ``serve``; :meth:`stop` drains with no
+    timeout (running streams end in-band at once) and waits for the thread.
+    """
+
+    def __init__(self, app: ASGIApp, *, drain_timeout_s: float = 0.0, **options: Any) -> None:
         self.app = app
         settings: dict[str, Any] = {
             "loop": "uvloop",
@@ -130,7 +173,7 @@ class ServerThread:
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, access_log=False, log_level="warning", **settings
         )
-        self._server = uvicorn.Server(config)
+        self._server = DrainingServer(config, drain_timeout_s=drain_timeout_s)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -162,8 +205,24 @@ class ServerThread:
         sockets = self._server.servers[0].sockets
         self.port = int(sockets[0].getsockname()[1])
 
+    def begin_drain(self, reason: DrainReason = "shutdown") -> None:
+        """Drain and exit as ``serve`` does on SIGTERM (``"restart"``: SIGHUP); returns at once."""
+        self._server.request_drain(reason)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the server to exit; whether it did."""
+        self._thread.join(timeout=timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def streams_ended_by_drain(self) -> int:
+        """How many streams the drain's timeout ended (after the server exited)."""
+        return self._server.streams_ended_by_drain
+
     def stop(self) -> None:
-        self._server.should_exit = True
+        if not self._server.should_exit:
+            self._server.drain_timeout_s = 0.0  # a test's end: running streams end at once
+            self._server.should_exit = True
         self._thread.join(timeout=15)
 
     @property
@@ -221,7 +280,11 @@ class GatewayServer(ServerThread):
         self.admin_key, self.api_key, self.api_key_id = asyncio.run(
             _bootstrap_keys(self.settings, self.env, grant_usd * 1_000_000)
         )
-        super().__init__(create_app(self.settings, self.env), **server_options(self.settings))
+        super().__init__(
+            create_app(self.settings, self.env),
+            drain_timeout_s=self.settings.server.drain_timeout_s,
+            **server_options(self.settings),
+        )
 
     @property
     def state(self) -> AppState:
@@ -233,6 +296,47 @@ class GatewayServer(ServerThread):
     def __enter__(self) -> GatewayServer:
         self.start()
         return self
+
+    def call(
+        self, method: str, path: str, key: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        """One JSON call to the running gateway with ``key``: the status and decoded body."""
+        request = urllib.request.Request(
+            self.base_url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def create_key(self, name: str, **fields: Any) -> tuple[str, str]:
+        """A new API key made through the admin API (``rpm``, ``credits_usd``, ...): its id
+        and plaintext."""
+        status, body = self.call("POST", "/v1/admin/keys", self.admin_key, {"name": name, **fields})
+        if status != 201:
+            raise RuntimeError(f"creating a key failed: {status} {body}")
+        return body["id"], body["key"]
+
+    def usage_rows(
+        self, key: str, count: int = 0, *, including: Collection[str] = (), timeout_s: float = 20.0
+    ) -> list[dict[str, Any]]:
+        """The key's ledger rows (``GET /v1/usage``, newest first) once at least ``count`` are
+        written and the completions ``including`` have theirs (settlement is batched), or
+        when ``timeout_s`` has passed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status, body = self.call("GET", "/v1/usage?limit=1000", key)
+            if status != 200:
+                raise RuntimeError(f"reading usage failed: {status} {body}")
+            rows: list[dict[str, Any]] = body["data"]
+            written = {row["completion_id"] for row in rows}
+            done = len(rows) >= count and written.issuperset(including)
+            if done or time.monotonic() > deadline:
+                return rows
 
 
 class SimUpstreamServer(ServerThread):

@@ -501,7 +501,7 @@ async def check_scenario(gw: GatewayServer, acc: Accounts, scenario: Scenario) -
         estimate, sim_prompt = prompt_sizes(bodies[index])
         assert row.model == "priced-sim" and row.transport == op.transport
         assert (
-            row.cost_micro
+            row.charge_micro
             == row.prompt_tokens * INPUT_MICRO_PER_TOKEN
             + row.completion_tokens * OUTPUT_MICRO_PER_TOKEN
         ), row
@@ -525,7 +525,7 @@ async def check_scenario(gw: GatewayServer, acc: Accounts, scenario: Scenario) -
             assert row.prompt_tokens == estimate
 
     balance = await acc.ledger.balance(record.id)
-    billed = sum(r.cost_micro for r in rows)
+    billed = sum(r.charge_micro for r in rows)
     assert await acc.credited(record.id) == grant + applied_topups
     assert balance == grant + applied_topups - billed, (balance, grant, applied_topups, billed)
     assert balance >= 0
@@ -583,6 +583,6 @@ async def test_cancel_right_behind_create_settles(gateway: GatewayServer) -> Non
         assert await acc.open_reservations(record.id) == 0
         rows = await acc.ledger.rows(key_id=record.id)
         assert len(rows) == len(request_ids)
-        assert await acc.ledger.balance(record.id) == 10_000_000 - sum(r.cost_micro for r in rows)
+        assert await acc.ledger.balance(record.id) == 10_000_000 - sum(r.charge_micro for r in rows)
     finally:
         await engine.dispose()

@@ -82,7 +82,7 @@ async def test_an_undercounted_prompt_never_takes_a_balance_below_zero(
     assert all(row.prompt_tokens == 404 for row in rows)
     balance = await on_server(gateway, gateway.state.ledger.balance(key_id))
     assert balance >= 0
-    assert balance == 10_000 - sum(row.cost_micro for row in rows)
+    assert balance == 10_000 - sum(row.charge_micro for row in rows)
 
 
 async def test_one_idempotency_key_is_one_request_on_every_transport(

@@ -6,9 +6,9 @@ connection terminated, the server stopped and started. Clients keep streaming th
 (answers already admitted finish in full; new ones during a full outage get a clear 503),
 and once the database is back, with no restart of the gateway:
 
-* every completion a client saw has exactly one ledger row, with its exact cost; no other row;
+* every completion a client saw has exactly one ledger row, with its exact charge; no other row;
 * no reservation is left open, nothing waits in the outbox or in memory;
-* the key's balance is exactly its grant minus the sum of the rows' costs.
+* the key's balance is exactly its grant minus the sum of the rows' charges.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ async def books_settle(gateway: GatewayServer) -> None:
 
 
 async def check_books(gateway: GatewayServer, out: Outcomes) -> None:
-    """One row per served completion at its exact cost; the balance adds up to the micro-dollar."""
+    """One row per served completion at its exact charge; the balance adds up to the micro-dollar."""
     assert out.broken == []
     assert out.served, "no completion was served"
     await books_settle(gateway)
@@ -143,9 +143,9 @@ async def check_books(gateway: GatewayServer, out: Outcomes) -> None:
     assert set(by_id) == set(out.served)  # one row per answer, none for a refusal
     for row in rows:
         assert row.status == "completed" and row.completion_tokens == TOKENS
-        assert row.cost_micro == 3 * row.prompt_tokens + 15 * TOKENS
+        assert row.charge_micro == 3 * row.prompt_tokens + 15 * TOKENS
     balance = await on_server(gateway, gateway.state.ledger.balance(gateway.api_key_id))
-    assert balance == GRANT_MICRO - sum(row.cost_micro for row in rows)
+    assert balance == GRANT_MICRO - sum(row.charge_micro for row in rows)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.errors import InsufficientQuota, NotFound
 from tokenwire.storage.engine import make_engine, migrate
 from tokenwire.storage.tables import credit_events, reservations, usage_ledger
+from tokenwire.testing import ledger_row as completed_row
 
 
 class Books:
@@ -47,24 +48,11 @@ async def books(database_url: str, tmp_path: Path) -> AsyncIterator[Books]:
         await engine.dispose()
 
 
-def ledger_row(key_id: str, completion_id: str, cost: int, **changes: object) -> LedgerRow:
-    row = LedgerRow(
-        completion_id=completion_id,
-        key_id=key_id,
-        model="priced-sim",
-        provider="sim",
-        transport="sse",
-        prompt_tokens=10,
-        completion_tokens=20,
-        usage_estimated=False,
-        cost_micro=cost,
-        ttft_ms=5,
-        duration_ms=40,
-        finish_reason="stop",
-        status="completed",
-        created_at=int(time.time() * 1000),
+def ledger_row(key_id: str, completion_id: str, charge: int, **changes: object) -> LedgerRow:
+    """A completed row charging ``charge`` micro-dollars, at a cost of half of it."""
+    return completed_row(
+        key_id, completion_id, cost_micro=charge // 2, charge_micro=charge, **changes
     )
-    return replace(row, **changes)  # type: ignore[arg-type]
 
 
 async def test_reserve_refuses_when_short(books: Books) -> None:
@@ -105,7 +93,7 @@ async def test_settle_twice_writes_once(books: Books) -> None:
     assert await books.ledger.settle(row) is True
     assert await books.ledger.balance(record.id) == 10_000 - 1_234
     assert await books.ledger.settle(row) is False
-    assert await books.ledger.settle(replace(row, cost_micro=9)) is False
+    assert await books.ledger.settle(replace(row, charge_micro=9)) is False
     assert await books.ledger.balance(record.id) == 10_000 - 1_234
     assert await books.count(usage_ledger, record.id) == 1
     assert await books.count(reservations, record.id) == 0
@@ -171,17 +159,26 @@ async def test_abandon_stale_reservations(books: Books) -> None:
     assert await books.ledger.abandon_stale_reservations(older_than_s=6 * 3600) == 0
     assert await books.count(reservations, record.id) == 1
     [abandoned] = await books.ledger.rows(key_id=record.id)
-    assert (abandoned.completion_id, abandoned.status, abandoned.cost_micro) == (
-        "chatcmpl-old",
-        "abandoned",
-        0,
-    )
+    assert (abandoned.completion_id, abandoned.status) == ("chatcmpl-old", "abandoned")
+    assert (abandoned.cost_micro, abandoned.charge_micro, abandoned.plan) == (0, 0, None)
     assert (abandoned.model, abandoned.provider, abandoned.transport) == ("priced", "sim", "ws")
-    late = replace(abandoned, status="completed", cost_micro=1_200, prompt_tokens=9)
+    late = replace(
+        abandoned,
+        status="completed",
+        cost_micro=500,
+        charge_micro=1_200,
+        plan="standard",
+        prompt_tokens=9,
+    )
     assert await books.ledger.settle_many([(late, True)]) == {"chatcmpl-old"}
     assert await books.ledger.settle_many([(late, True)]) == set()  # a second replay: nothing
     [row] = await books.ledger.rows(key_id=record.id)
-    assert (row.status, row.cost_micro, row.prompt_tokens) == ("completed", 1_200, 9)
+    assert (row.status, row.cost_micro, row.charge_micro, row.prompt_tokens) == (
+        "completed",
+        500,
+        1_200,
+        9,
+    )
     assert await books.ledger.balance(record.id) == 7_000 - 1_200
 
 
@@ -215,14 +212,14 @@ async def test_totals_group_by_utc_day(books: Books) -> None:
     ):
         await books.ledger.settle(ledger_row(record.id, f"c-{i}", 100 + i, created_at=_ms(moment)))
     by_day = await books.ledger.totals(key_id=record.id, group_by=("day",))
-    assert [(r["day"], r["requests"], r["cost_micro"]) for r in by_day] == [
+    assert [(r["day"], r["requests"], r["charge_micro"]) for r in by_day] == [
         ("2025-03-01", 2, 201),
         ("2025-03-02", 1, 102),
     ]
 
 
 async def test_totals_sums(books: Books) -> None:
-    """totals() sums requests, tokens and cost per key and model, and overall with no grouping."""
+    """totals() sums requests, tokens and charge per key and model, and overall with no grouping."""
     one, _ = await books.keys.create("one", grant_micro=10**9)
     two, _ = await books.keys.create("two", grant_micro=10**9)
     await books.ledger.settle(ledger_row(one.id, "a", 100))
@@ -234,7 +231,7 @@ async def test_totals_sums(books: Books) -> None:
             r["requests"],
             r["prompt_tokens"],
             r["completion_tokens"],
-            r["cost_micro"],
+            r["charge_micro"],
         )
         for r in grouped
     }
@@ -244,6 +241,6 @@ async def test_totals_sums(books: Books) -> None:
         (two.id, "priced-sim"): (1, 10, 2, 25),
     }
     (overall,) = await books.ledger.totals(group_by=())
-    assert (overall["requests"], overall["cost_micro"]) == (3, 175)
+    assert (overall["requests"], overall["charge_micro"], overall["cost_micro"]) == (3, 175, 87)
     (empty,) = await books.ledger.totals(key_id="key_none", group_by=())
-    assert (empty["requests"], empty["prompt_tokens"], empty["cost_micro"]) == (0, 0, 0)
+    assert (empty["requests"], empty["prompt_tokens"], empty["charge_micro"]) == (0, 0, 0)

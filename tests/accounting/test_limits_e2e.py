@@ -28,7 +28,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
 import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,6 +43,7 @@ from tokenwire.providers.sim import SimPlan, plan
 from tokenwire.storage.engine import make_engine
 from tokenwire.storage.tables import credit_events, reservations, usage_ledger
 from tokenwire.testing import FAST_SIM, GatewayServer
+from tokenwire.testing_services import delete_keys
 from tokenwire.wire.schema import decode_chat_request
 
 CATALOG = (
@@ -219,10 +219,10 @@ class Accounts:
             )
         return int(value or 0)
 
-    async def ledger_cost(self, key_id: str) -> int:
+    async def ledger_charges(self, key_id: str) -> int:
         async with self.engine.connect() as conn:
             value = await conn.scalar(
-                sa.select(sa.func.sum(usage_ledger.c.cost_micro)).where(
+                sa.select(sa.func.sum(usage_ledger.c.charge_micro)).where(
                     usage_ledger.c.key_id == key_id
                 )
             )
@@ -310,13 +310,7 @@ def limiter_backend(backend: str) -> Iterator[str]:
     try:
         yield f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"'
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            stale = list(client.scan_iter(match=prefix + "*"))
-            if stale:
-                client.delete(*stale)
-        finally:
-            client.close()
+        delete_keys(REDIS_URL, prefix)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -819,7 +813,7 @@ async def test_credits_cost_and_insufficient_quota(
             37,
             False,
         )
-        assert row.cost_micro == cost
+        assert row.charge_micro == cost
         assert row.finish_reason == "length"
         assert await acc.ledger.balance(record.id) == grant - cost
 
@@ -840,7 +834,7 @@ async def test_credits_cost_and_insufficient_quota(
         assert await acc.ledger.balance(record.id) == grant - cost
         rows = await acc.ledger.rows(key_id=record.id)
         assert len(rows) == 3  # the priced one and two free ones; the 402s wrote nothing
-        assert sorted(r.cost_micro for r in rows) == [0, 0, cost]
+        assert sorted(r.charge_micro for r in rows) == [0, 0, cost]
 
         balance, applied = await acc.ledger.credit(record.id, cost, payment_id="pay-1")
         assert applied and balance == grant
@@ -850,7 +844,7 @@ async def test_credits_cost_and_insufficient_quota(
         assert await acc.credits(record.id) == grant + cost
         assert await acc.ledger.balance(record.id) == await acc.credits(
             record.id
-        ) - await acc.ledger_cost(record.id)
+        ) - await acc.ledger_charges(record.id)
 
 
 async def test_free_models_at_zero_balance(
@@ -868,4 +862,4 @@ async def test_free_models_at_zero_balance(
         assert await wait_for(lambda: settled(gw, acc, record.id, 2), 5)
         assert await acc.ledger.balance(record.id) == 0
         rows = await acc.ledger.rows(key_id=record.id)
-        assert len(rows) == 2 and all(r.cost_micro == 0 and r.model == "sim" for r in rows)
+        assert len(rows) == 2 and all(r.charge_micro == 0 and r.model == "sim" for r in rows)

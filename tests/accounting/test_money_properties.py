@@ -1,13 +1,17 @@
 """Money under any interleaving, any reported usage and database faults (a Hypothesis state
 machine over the CompletionService, the ledger writer and its outbox, on SQLite).
 
-Rules start priced completions of random prompt size and ``max_tokens`` on one key; finish
-them with any number of deltas and *any* usage the upstream reports (far above what was
-reserved, too), fail them, cancel them, top the key up, and take the database's ledger writes
-down and up again. After every step, once settlement is idle:
+Rules start priced completions of random prompt size and ``max_tokens`` on one key, whose
+plan charges three times what the model costs (cache prices included); finish them with any
+number of deltas and *any* usage the upstream reports (far above what was reserved, too,
+with any part of the prompt written to or read from a prompt cache), fail them, cancel them,
+top the key up, and take the database's ledger writes down and up again. After every step,
+once settlement is idle:
 
 * the balance is never below zero;
-* ``balance == grant + top-ups - sum(ledger cost) - sum(open reservations)``, exactly;
+* ``balance == grant + top-ups - sum(ledger charge) - sum(open reservations)``, exactly;
+* every row's cost is what its usage costs at the model's prices (0 if it failed before its
+  first token), and its charge at most what the usage comes to at the plan's;
 * no completion has two rows; and at the end, with the database back, every completion that
   was admitted has exactly one row and no reservation is left.
 """
@@ -29,6 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tokenwire.accounting.keys import KeyRecord, KeyStore
 from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.outbox import LedgerOutbox
+from tokenwire.accounting.plans import PlanBook
+from tokenwire.accounting.pricing import amount_micro
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.completions import CompletionService
 from tokenwire.config import load_settings
@@ -50,10 +56,21 @@ kind = "sim"
 [[models]]
 id = "priced"
 provider = "scripted"
-input_usd_per_mtok = "3.00"
-output_usd_per_mtok = "15.00"
+input_usd_per_mtok = "1.00"
+output_usd_per_mtok = "5.00"
+cache_write_usd_per_mtok = "1.25"
+cache_read_usd_per_mtok = "0.10"
 max_output_tokens = 200
 context_tokens = 5000
+
+[accounting]
+default_plan = "triple"
+
+[plans.triple.models.priced]
+input_usd_per_mtok = "3.00"
+output_usd_per_mtok = "15.00"
+cache_write_usd_per_mtok = "3.75"
+cache_read_usd_per_mtok = "0.30"
 """
 GRANT = 20_000
 
@@ -64,7 +81,7 @@ class Script:
     def __init__(self) -> None:
         self.go = asyncio.Event()
         self.deltas = 0
-        self.early_prompt: int | None = None
+        self.early_prompt: PromptUsage | None = None
         self.usage: Usage | None = None
         self.fail = False
 
@@ -85,7 +102,7 @@ class ScriptedProvider:
     async def _stream(self, script: Script) -> AsyncIterator[Event]:
         await script.go.wait()
         if script.early_prompt is not None:
-            yield PromptUsage(script.early_prompt)
+            yield script.early_prompt
         for i in range(script.deltas):
             yield TextDelta(f"t{i} ")
         if script.fail:
@@ -140,6 +157,8 @@ class Money(stateful.RuleBasedStateMachine):
         settings = load_settings(data_dir=self.dir, env={}, overrides=CATALOG)
         registry = ProviderRegistry(settings, {})
         registry.add("scripted", self.provider)
+        self.plans = PlanBook.from_settings(settings)
+        self.entry = settings.models["priced"]
         self.service = CompletionService(
             registry,
             limiter=MemoryRateLimiter(),
@@ -147,6 +166,7 @@ class Money(stateful.RuleBasedStateMachine):
             disconnect_grace_s=0.0,
             default_max_tokens=100,
             writer=self.writer,
+            plans=self.plans,
         )
 
     # -- rules ---------------------------------------------------------------------------
@@ -185,15 +205,26 @@ class Money(stateful.RuleBasedStateMachine):
         prompt=st.integers(0, 10**7),
         completion=st.integers(0, 10**7),
         early=st.booleans(),
+        cached=st.tuples(st.integers(0, 10**7), st.integers(0, 10**7)),
     )
-    def finish(self, index: int, deltas: int, prompt: int, completion: int, early: bool) -> None:
-        """The upstream streams ``deltas`` and reports any usage at all (huge ones too)."""
+    def finish(
+        self,
+        index: int,
+        deltas: int,
+        prompt: int,
+        completion: int,
+        early: bool,
+        cached: tuple[int, int] = (0, 0),
+    ) -> None:
+        """The upstream streams ``deltas`` and reports any usage at all (huge ones too, and
+        cache counts that need not fit in the prompt)."""
         script = self._script(index)
         if script is None:
             return
+        written, read = cached
         script.deltas = deltas
-        script.early_prompt = prompt if early else None
-        script.usage = Usage(prompt, completion)
+        script.early_prompt = PromptUsage(prompt, written, read) if early else None
+        script.usage = Usage(prompt, completion, False, written, read)
         script.go.set()
         self._settle(index)
 
@@ -246,24 +277,30 @@ class Money(stateful.RuleBasedStateMachine):
         self.run(quiet())
 
     async def _books(self) -> tuple[int, int, int, list[str]]:
+        """The balance, the sum of charges, what is held, and the ledger's completion ids."""
         async with self.engine.connect() as conn:
             balance = await self.ledger.balance(self.key.id)
-            cost = await conn.scalar(
-                sa.select(sa.func.coalesce(sa.func.sum(usage_ledger.c.cost_micro), 0))
+            charged = await conn.scalar(
+                sa.select(sa.func.coalesce(sa.func.sum(usage_ledger.c.charge_micro), 0))
             )
             held = await conn.scalar(
                 sa.select(sa.func.coalesce(sa.func.sum(reservations.c.amount_micro), 0))
             )
             ids = list((await conn.scalars(sa.select(usage_ledger.c.completion_id))).all())
-        return balance, int(cost or 0), int(held or 0), ids
+        return balance, int(charged or 0), int(held or 0), ids
 
     @stateful.invariant()
     def the_books_balance(self) -> None:
         self._settle()
-        balance, cost, held, ids = self.run(self._books())
+        balance, charged, held, ids = self.run(self._books())
         assert balance >= 0
-        assert balance == GRANT + self.topups - cost - held
+        assert balance == GRANT + self.topups - charged - held
         assert len(ids) == len(set(ids))
+        price = self.plans.plan(None).price(self.entry)
+        for row in self.run(self.ledger.rows(limit=10_000)):
+            assert row.cost_micro in (0, amount_micro(self.entry.cost, _usage_of(row)))
+            assert 0 <= row.charge_micro <= amount_micro(price, _usage_of(row))
+            assert row.plan == "triple"
 
     def teardown(self) -> None:
         try:
@@ -278,10 +315,10 @@ class Money(stateful.RuleBasedStateMachine):
                 assert await self.writer.replay()
 
             self.run(finish_all())
-            balance, cost, held, ids = self.run(self._books())
+            balance, charged, held, ids = self.run(self._books())
             assert held == 0
             assert sorted(ids) == sorted(g.id for g in self.admitted)
-            assert balance == GRANT + self.topups - cost >= 0
+            assert balance == GRANT + self.topups - charged >= 0
             self.run(self._credits_match())
         finally:
             self.run(self.writer.aclose())
@@ -292,6 +329,16 @@ class Money(stateful.RuleBasedStateMachine):
         async with self.engine.connect() as conn:
             credited = await conn.scalar(sa.select(sa.func.sum(credit_events.c.amount_micro)))
         assert int(credited or 0) == GRANT + self.topups
+
+
+def _usage_of(row: LedgerRow) -> Usage:
+    return Usage(
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.usage_estimated,
+        row.cache_write_tokens,
+        row.cache_read_tokens,
+    )
 
 
 Money.TestCase.settings = settings(fuzz_settings(25), stateful_step_count=30)
@@ -308,8 +355,8 @@ def test_a_charge_never_exceeds_its_reservation_even_for_absurd_usage() -> None:
         assert index == 0
         reserved = machine.run(machine._books())[2]
         machine.finish(index, deltas=5, prompt=10**7, completion=10**7, early=False)
-        balance, cost, held, _ = machine.run(machine._books())
-        assert held == 0 and cost == reserved and balance == GRANT - reserved
+        balance, charged, held, _ = machine.run(machine._books())
+        assert held == 0 and charged == reserved and balance == GRANT - reserved
     finally:
         machine.teardown()
 

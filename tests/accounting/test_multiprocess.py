@@ -252,7 +252,7 @@ async def test_one_balance_across_processes(cluster: Cluster, http: aiohttp.Clie
         assert sorted(r.completion_id for r in rows) == sorted(
             r.stream_id for r in ok if r.stream_id
         )
-        assert all(r.cost_micro == cost and r.status == "completed" for r in rows), rows
+        assert all(r.charge_micro == cost and r.status == "completed" for r in rows), rows
         async with engine.connect() as conn:
             credited = await conn.scalar(
                 sa.select(sa.func.sum(credit_events.c.amount_micro)).where(
@@ -260,7 +260,7 @@ async def test_one_balance_across_processes(cluster: Cluster, http: aiohttp.Clie
                 )
             )
             billed = await conn.scalar(
-                sa.select(sa.func.sum(usage_ledger.c.cost_micro)).where(
+                sa.select(sa.func.sum(usage_ledger.c.charge_micro)).where(
                     usage_ledger.c.key_id == record.id
                 )
             )

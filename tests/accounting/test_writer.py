@@ -13,31 +13,18 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.accounting.outbox import LedgerOutbox
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.testing import ledger_row
 
 
-def row(completion_id: str, key_id: str, cost: int) -> LedgerRow:
-    return LedgerRow(
-        completion_id=completion_id,
-        key_id=key_id,
-        model="priced",
-        provider="sim",
-        transport="sse",
-        prompt_tokens=10,
-        completion_tokens=5,
-        usage_estimated=False,
-        cost_micro=cost,
-        ttft_ms=1,
-        duration_ms=2,
-        finish_reason="stop",
-        status="completed",
-        created_at=1_700_000_000_000,
-    )
+def row(completion_id: str, key_id: str, charge: int) -> LedgerRow:
+    """A completed row charging ``charge`` (costing a third of it)."""
+    return ledger_row(key_id, completion_id, cost_micro=charge // 3, charge_micro=charge)
 
 
 async def test_concurrent_settlements_batch_and_refund_exactly(
     database_url: str, tmp_path: Path
 ) -> None:
-    """100 settlements at once: 100 rows, few commits, balance = grant - costs; replays change nothing."""
+    """100 settlements at once: 100 rows, few commits, balance = grant - charges; replays change nothing."""
     engine = make_engine(database_url)
     commits: list[int] = []
 
@@ -231,5 +218,26 @@ async def test_a_batch_spilled_during_a_replay_is_replayed_too(tmp_path: Path) -
         ids = {r.completion_id for r in await gated.rows(key_id=key_id)}
         assert ids == {"first", "second"}
         await writer.aclose()
+    finally:
+        await engine.dispose()
+
+
+async def test_aclose_writes_every_queued_row_before_it_stops(tmp_path: Path) -> None:
+    """Settlements still queued when the writer is closed (a process's exit) are committed first: every settle returns True and every row is in the ledger."""
+    engine, ledger, key_id = await _books(tmp_path, 100_000)
+    try:
+        for i in range(10):
+            await ledger.reserve(key_id, f"q{i}", 5_000)
+        writer = LedgerWriter(ledger, LedgerOutbox(tmp_path / "outbox"))
+        settles = [
+            asyncio.create_task(writer.settle(row(f"q{i}", key_id, 1_000), reserved=True))
+            for i in range(10)
+        ]
+        closing = asyncio.create_task(writer.aclose())  # runs after the settles queued
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(*settles) == [True] * 10
+            await closing
+        assert len(await ledger.rows(key_id=key_id)) == 10
+        assert await ledger.balance(key_id) == 100_000 - 10 * 1_000
     finally:
         await engine.dispose()

@@ -205,6 +205,9 @@ BAD_CREATES: list[tuple[Any, str | None]] = [
     ({"name": "x", "admin": "yes"}, "admin"),
     ({"name": "x", "balance_micro": 10**9}, "balance_micro"),
     ({"name": "x", "is_admin": True}, "is_admin"),
+    ({"name": "x", "plan": "gold"}, "plan"),
+    ({"name": "x", "plan": ""}, "plan"),
+    ({"name": "x", "plan": 3}, "plan"),
     ({"name": ""}, "name"),
     ({"name": "   "}, "name"),
     ({"name": "x" * 201}, "name"),
@@ -242,6 +245,8 @@ BAD_PATCHES: list[tuple[dict[str, Any], str]] = [
     ({"balance_micro": 1}, "balance_micro"),
     ({"rpm": 10, "colour": "blue"}, "colour"),
     ({"rpm": 10, "tpm": -1}, "tpm"),
+    ({"plan": "gold"}, "plan"),
+    ({"rpm": 9, "plan": "gold"}, "plan"),
 ]
 
 
@@ -255,6 +260,21 @@ def test_bad_patches_are_400_and_change_nothing(gw: GatewayServer) -> None:
         assert get(gw, target["id"]) == target, body
     assert_error(admin(gw, "PATCH", f"/v1/admin/keys/{target['id']}", data="{"), 400)
     assert get(gw, target["id"]) == target
+
+
+def test_plans_are_set_at_creation_and_changed_by_patch(gw: GatewayServer) -> None:
+    """A key is created on a plan or on none (the default); PATCH moves it to another plan or
+    back to the default with null; the key object shows the plan."""
+    plain = create(gw, name="default buyer")
+    assert plain["plan"] is None
+    buyer = create(gw, name="at cost", plan="at-cost")
+    assert buyer["plan"] == "at-cost" and get(gw, buyer["id"])["plan"] == "at-cost"
+    moved = admin(gw, "PATCH", f"/v1/admin/keys/{buyer['id']}", json={"plan": "standard"})
+    assert moved.status_code == 200 and moved.json()["plan"] == "standard"
+    back = admin(gw, "PATCH", f"/v1/admin/keys/{buyer['id']}", json={"plan": None})
+    assert back.status_code == 200 and back.json()["plan"] is None
+    listed = {k["id"]: k["plan"] for k in admin(gw, "GET", "/v1/admin/keys").json()["data"]}
+    assert listed[buyer["id"]] is None and listed[plain["id"]] is None
 
 
 def test_topup(gw: GatewayServer) -> None:
@@ -391,12 +411,22 @@ def test_openapi_documents_the_accounting_routes(sqlite_gw: GatewayServer) -> No
         ("/v1/admin/usage", "get"),
         ("/v1/usage", "get"),
         ("/v1/billing/webhook", "post"),
+        ("/v1/signup", "post"),
     ]:
         assert method in paths[path], (path, method)
     schemas = document["components"]["schemas"]
     assert schemas["CreateKeyRequest"]["additionalProperties"] is False
     assert schemas["CreateKeyRequest"]["properties"]["rpm"]["anyOf"][0]["minimum"] == 1
     assert "amount_usd" in schemas["TopupRequest"]["required"]
+    plans = schemas["CreateKeyRequest"]["properties"]["plan"]["anyOf"]
+    assert {"standard", "at-cost"} <= set(next(b for b in plans if "enum" in b)["enum"])
+    report = paths["/v1/admin/usage"]["get"]["responses"]["200"]["content"]
+    assert report["application/json"]["schema"]["properties"]["data"]["items"] == {
+        "$ref": "#/components/schemas/UsageReportRow"
+    }
+    assert {"cost_micro", "charge_micro", "margin_micro"} <= set(
+        schemas["UsageReportTotal"]["required"]
+    )
 
 
 def test_runtime_counts_return_after_traffic(gw: GatewayServer) -> None:

@@ -61,7 +61,8 @@ SEMANTIC_REFUSALS = {
 
 # The models this gateway serves are simulated and instant, with a small output limit, so the
 # fuzzer spends its time on the gateway rather than on generating answers; "local" (a real
-# CPU model) is served by the simulator here too.
+# CPU model) is served by the simulator here too. Sign-up is on and two currencies are
+# configured, so the fuzzer reaches what they add (keys made, payments converted).
 FUZZ_CATALOG = """
 [providers.sim]
 kind = "sim"
@@ -77,6 +78,15 @@ max_output_tokens = 256
 id = "local"
 provider = "sim"
 max_output_tokens = 256
+
+[signup]
+enabled = true
+grant_usd = "0.25"
+max_per_day = 1000
+
+[currencies]
+CNY = "1.0"
+JPY = "0.0067"
 """
 
 
@@ -278,3 +288,36 @@ def test_semantic_refusals_carry_their_codes(
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("component", "body"),
+    [
+        ("PaymentSucceeded", {"key_id": "k", "payment_id": "p"}),
+        ("PaymentSucceeded", {"key_id": "k", "payment_id": "p", "amount": "1"}),
+        ("PaymentSucceeded", {"key_id": "k", "payment_id": "p", "currency": "CNY"}),
+        ("PaymentSucceeded", {"key_id": "k", "payment_id": "p", "amount": "1", "currency": "GBP"}),
+        ("PaymentSucceeded", {"key_id": "k", "payment_id": "p", "amount": "1", "currency": "Cny"}),
+        (
+            "PaymentSucceeded",
+            {"key_id": "k", "payment_id": "p", "amount_usd": "1", "amount": "1", "currency": "CNY"},
+        ),
+        ("SignupRequest", {"email": "ann@localhost"}),
+        ("CreateKeyRequest", {"name": "x", "plan": "gold"}),
+    ],
+)
+def test_the_document_refuses_payments_sign_ups_and_plans_the_gateway_refuses(
+    gw: GatewayServer, component: str, body: dict[str, Any]
+) -> None:
+    """A payment without exactly one of amount_usd and amount + currency, an unconfigured
+    currency, a sign-up that is not an address, an unknown plan: invalid by /openapi.json
+    too; and the forms it allows are valid."""
+    assert not component_validator(gw, component).is_valid(body)
+    valid = [
+        ("PaymentSucceeded", {"key_id": "k", "payment_id": "p", "amount_usd": "1"}),
+        ("PaymentSucceeded", {"key_id": "k", "payment_id": "p", "amount": 7, "currency": "cny"}),
+        ("SignupRequest", {"email": "ann+x@example.com", "invite_code": "c"}),
+        ("CreateKeyRequest", {"name": "x", "plan": "at-cost"}),
+    ]
+    for name, good in valid:
+        assert component_validator(gw, name).is_valid(good), (name, good)

@@ -324,7 +324,7 @@ async def test_idempotency_key_with_the_openai_sdk_runs_and_bills_once(
     rows = [r for r in await ledger_rows(gateway) if r.completion_id == first.id]
     while not rows and time.monotonic() < deadline:
         rows = [r for r in await ledger_rows(gateway) if r.completion_id == first.id]
-    assert len(rows) == 1 and rows[0].cost_micro > 0
+    assert len(rows) == 1 and rows[0].charge_micro > 0
     with pytest.raises(openai.APIStatusError) as conflict:
         await client.chat.completions.create(
             model="priced-sim",
@@ -418,7 +418,7 @@ async def test_a_client_gone_while_its_resumable_stream_registers_is_settled_onc
         assert [(r.completion_id, r.status) for r in rows] == [
             (generation.id, "client_disconnected")
         ]
-        assert await state.ledger.balance(record.id) == 10_000_000 - rows[0].cost_micro
+        assert await state.ledger.balance(record.id) == 10_000_000 - rows[0].charge_micro
     finally:
         await asyncio.wait_for(close_state(state), 30)  # a never-started generation would hang it
 

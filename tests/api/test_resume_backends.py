@@ -258,7 +258,9 @@ async def settled_rows(target: Target, count: int) -> list[LedgerRow]:
             await asyncio.sleep(0.05)  # polling another process's batched writes
             rows = await ledger.rows(key_id=target.key_id, limit=100_000)
         balance = await ledger.balance(target.key_id)
-        assert balance == GRANT_MICRO - sum(r.cost_micro for r in rows), "balance != grant - costs"
+        assert balance == GRANT_MICRO - sum(r.charge_micro for r in rows), (
+            "balance != grant - charges"
+        )
         return rows
     finally:
         await engine.dispose()
@@ -290,7 +292,7 @@ async def test_chaos_cut_and_resumed_streams_are_exact_and_billed_once(
     rows = await settled_rows(target, STREAMS)
     mine = [r for r in rows if r.transport == transport]
     assert sorted(r.completion_id for r in mine) == ids  # one row per stream, none twice
-    assert all(r.status == "completed" and r.cost_micro > 0 for r in mine)
+    assert all(r.status == "completed" and r.charge_micro > 0 for r in mine)
 
 
 # -- two processes, one stream -----------------------------------------------------------------

@@ -1,12 +1,15 @@
 """GET /v1/usage and GET /v1/admin/usage after real priced completions, on SQLite and PostgreSQL.
 
-The model ``priced-sim`` costs $3.00 / $15.00 per 1M tokens, i.e. 3 and 15 micro-dollars per
-prompt and completion token, so a completion of N tokens with a prompt of P tokens costs
-round((P * 3_000_000 + N * 15_000_000) / 1e6) = 3P + 15N micro-dollars.
+The model ``priced-sim`` costs the operator $1.00 / $5.00 per 1M tokens and the default plan
+charges $3.00 / $15.00, i.e. 3 and 15 micro-dollars per prompt and completion token: a
+completion of N tokens with a prompt of P tokens is charged 3P + 15N micro-dollars, costs
+P + 5N, and leaves a margin of 2P + 10N. The plan ``flat`` charges $10.00 per 1M tokens of
+either kind: 10 (P + N).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -27,8 +30,14 @@ PRICED = (
 id = "priced-sim"
 provider = "sim"
 upstream_model = "sim"
-input_usd_per_mtok = "3.00"
-output_usd_per_mtok = "15.00"
+input_usd_per_mtok = "1.00"
+output_usd_per_mtok = "5.00"
+
+[plans.standard]
+models."priced-sim" = { input_usd_per_mtok = "3.00", output_usd_per_mtok = "15.00" }
+
+[plans.flat]
+models."priced-sim" = { usd_per_mtok = "10.00" }
 """
 )
 GRANT_MICRO = 1000 * 1_000_000  # GatewayServer's default grant_usd
@@ -41,18 +50,32 @@ def gw(database_url: str, tmp_path: Path) -> Iterator[GatewayServer]:
         yield server
 
 
+def charge(prompt: int, completion: int) -> int:
+    """What the default plan charges for a completion (see the module docstring)."""
+    return 3 * prompt + 15 * completion
+
+
+def cost(prompt: int, completion: int) -> int:
+    """What a completion costs the operator."""
+    return prompt + 5 * completion
+
+
 def usage(gw: GatewayServer, key: str | None, query: str = "") -> requests.Response:
     headers = {} if key is None else {"Authorization": f"Bearer {key}"}
     return requests.get(f"{gw.base_url}/v1/usage{query}", headers=headers, timeout=10)
 
 
 def stream(
-    gw: GatewayServer, content: str, max_tokens: int, model: str = "priced-sim"
+    gw: GatewayServer,
+    content: str,
+    max_tokens: int,
+    model: str = "priced-sim",
+    key: str | None = None,
 ) -> dict[str, int]:
-    """A streamed completion read to [DONE]; returns its usage chunk."""
+    """A streamed completion read to [DONE] (with the API key, or ``key``); its usage chunk."""
     response = requests.post(
         gw.base_url + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {gw.api_key}"},
+        headers={"Authorization": f"Bearer {key or gw.api_key}"},
         json={
             "model": model,
             "messages": [{"role": "user", "content": content}],
@@ -71,26 +94,29 @@ def stream(
     return result
 
 
-def wait_for_requests(gw: GatewayServer, count: int, deadline_s: float = 10.0) -> dict[str, Any]:
-    """Poll /v1/usage until ``count`` completions are settled in the ledger."""
+def wait_for_requests(
+    gw: GatewayServer, count: int, deadline_s: float = 10.0, key: str | None = None
+) -> dict[str, Any]:
+    """Poll /v1/usage until ``count`` completions of the key are settled in the ledger."""
     end = time.monotonic() + deadline_s
     while True:
-        body: dict[str, Any] = usage(gw, gw.api_key, "?limit=1000").json()
+        body: dict[str, Any] = usage(gw, key or gw.api_key, "?limit=1000").json()
         if len(body.get("data", ())) >= count or time.monotonic() > end:
             return body
         time.sleep(0.02)
 
 
-def test_usage_shows_exact_costs_totals_and_balance(gw: GatewayServer) -> None:
-    """Three priced streams cost 3P + 15N micro-dollars each in the ledger rows, the totals and the balance."""
+def test_usage_shows_exact_charges_totals_and_balance(gw: GatewayServer) -> None:
+    """Three priced streams are charged 3P + 15N micro-dollars each in the ledger rows, the
+    totals and the balance; the operator's cost (P + 5N) appears nowhere in the answer."""
     prompts = [("one two three", 5), ("a much longer prompt with nine words in it", 12), ("hi", 1)]
     usages = [stream(gw, text, n) for text, n in prompts]
     for (text, n), used in zip(prompts, usages, strict=True):
         assert used["prompt_tokens"] == 4 + len(text.split())
         assert used["completion_tokens"] == n
     expected = {
-        (u["prompt_tokens"], u["completion_tokens"]): round(
-            (u["prompt_tokens"] * 3_000_000 + u["completion_tokens"] * 15_000_000) / 1e6
+        (u["prompt_tokens"], u["completion_tokens"]): charge(
+            u["prompt_tokens"], u["completion_tokens"]
         )
         for u in usages
     }
@@ -101,9 +127,13 @@ def test_usage_shows_exact_costs_totals_and_balance(gw: GatewayServer) -> None:
     for row in body["data"]:
         assert row["key_id"] == gw.api_key_id
         assert (row["model"], row["transport"], row["status"]) == ("priced-sim", "sse", "completed")
-        assert row["cost_micro"] == expected[(row["prompt_tokens"], row["completion_tokens"])]
-        assert row["cost_usd"] == f"0.{row['cost_micro']:06d}"
+        assert row["charge_micro"] == expected[(row["prompt_tokens"], row["completion_tokens"])]
+        assert row["charge_usd"] == f"0.{row['charge_micro']:06d}"
+        assert (row["cost_micro"], row["cost_usd"]) == (row["charge_micro"], row["charge_usd"])
+        assert row["plan"] == "standard"
         assert row["completion_id"].startswith("chatcmpl-")
+        operator_cost = cost(row["prompt_tokens"], row["completion_tokens"])
+        assert operator_cost not in (v for k, v in row.items() if k.endswith("_micro"))
     assert [r["created_at"] for r in body["data"]] == sorted(
         (r["created_at"] for r in body["data"]), reverse=True
     )
@@ -112,6 +142,10 @@ def test_usage_shows_exact_costs_totals_and_balance(gw: GatewayServer) -> None:
         "requests": 3,
         "prompt_tokens": 7 + 13 + 5,
         "completion_tokens": 5 + 12 + 1,
+        "cache_write_tokens": 0,
+        "cache_read_tokens": 0,
+        "charge_micro": total_cost,
+        "charge_usd": "0.000345",
         "cost_micro": total_cost,
         "cost_usd": "0.000345",
     }
@@ -130,9 +164,9 @@ def test_usage_filters(gw: GatewayServer) -> None:
     priced = usage(gw, gw.api_key, "?model=priced-sim").json()
     assert {r["model"] for r in priced["data"]} == {"priced-sim"}
     assert priced["total"]["requests"] == 2
-    assert priced["total"]["cost_micro"] == (6 * 3 + 3 * 15) + (6 * 3 + 4 * 15)
+    assert priced["total"]["charge_micro"] == charge(6, 3) + charge(6, 4)
     free = usage(gw, gw.api_key, "?model=sim").json()
-    assert free["total"]["cost_micro"] == 0 and free["total"]["completion_tokens"] == 6
+    assert free["total"]["charge_micro"] == 0 and free["total"]["completion_tokens"] == 6
 
     limited = usage(gw, gw.api_key, "?limit=1").json()
     assert len(limited["data"]) == 1 and limited["total"]["requests"] == 3
@@ -181,9 +215,10 @@ def test_usage_bad_parameters(gw: GatewayServer) -> None:
 
 
 def test_admin_usage_groups_by_key_model_and_day(gw: GatewayServer, database_url: str) -> None:
-    """/v1/admin/usage totals by key, model and day match the ledger, with the overall total beside them."""
-    stream(gw, "priced one", 3)  # 6 prompt tokens: 18 + 45 = 63
-    stream(gw, "priced two", 4)  # 18 + 60 = 78
+    """/v1/admin/usage totals of cost, charge and margin by key, model and day match the
+    ledger, with the overall total beside them."""
+    stream(gw, "priced one", 3)  # 6 prompt tokens: charged 18 + 45 = 63, cost 6 + 15 = 21
+    stream(gw, "priced two", 4)  # charged 18 + 60 = 78, cost 6 + 20 = 26
     stream(gw, "free", 6, model="sim")
     wait_for_requests(gw, 3)
     admin = {"Authorization": f"Bearer {gw.admin_key}"}
@@ -203,8 +238,14 @@ def test_admin_usage_groups_by_key_model_and_day(gw: GatewayServer, database_url
             "requests": 2,
             "prompt_tokens": 12,
             "completion_tokens": 7,
-            "cost_micro": 141,
-            "cost_usd": "0.000141",
+            "cache_write_tokens": 0,
+            "cache_read_tokens": 0,
+            "cost_micro": 47,
+            "cost_usd": "0.000047",
+            "charge_micro": 141,
+            "charge_usd": "0.000141",
+            "margin_micro": 94,
+            "margin_usd": "0.000094",
         },
         {
             "key_id": gw.api_key_id,
@@ -212,11 +253,19 @@ def test_admin_usage_groups_by_key_model_and_day(gw: GatewayServer, database_url
             "requests": 1,
             "prompt_tokens": 5,
             "completion_tokens": 6,
+            "cache_write_tokens": 0,
+            "cache_read_tokens": 0,
             "cost_micro": 0,
             "cost_usd": "0.000000",
+            "charge_micro": 0,
+            "charge_usd": "0.000000",
+            "margin_micro": 0,
+            "margin_usd": "0.000000",
         },
     ]
-    assert by_model["total"]["requests"] == 3 and by_model["total"]["cost_micro"] == 141
+    total = by_model["total"]
+    assert (total["requests"], total["cost_micro"], total["charge_micro"]) == (3, 47, 141)
+    assert total["margin_micro"] == 94
 
     full = report("")
     assert full["group_by"] == ["key_id", "model", "day"]
@@ -228,11 +277,96 @@ def test_admin_usage_groups_by_key_model_and_day(gw: GatewayServer, database_url
     }
 
     only_priced = report(f"?group_by=model&model=priced-sim&key_id={gw.api_key_id}")
-    assert [(r["model"], r["cost_micro"]) for r in only_priced["data"]] == [("priced-sim", 141)]
+    assert [(r["model"], r["charge_micro"]) for r in only_priced["data"]] == [("priced-sim", 141)]
+    by_provider = report("?group_by=provider,plan")
+    assert [(r["provider"], r["plan"], r["margin_micro"]) for r in by_provider["data"]] == [
+        ("sim", "standard", 94)
+    ]
     nobody = report("?key_id=key_nobody&group_by=model")
     assert nobody["data"] == [] and nobody["total"]["requests"] == 0
     future = report(f"?start={int(time.time()) + 3600}")
     assert future["data"] == [] and future["total"]["cost_micro"] == 0
+
+
+def test_two_keys_on_two_plans_are_charged_by_their_own_lists(gw: GatewayServer) -> None:
+    """The API key (default plan: $3 / $15) and a key on the flat plan ($10 for every token)
+    run the same completion: each is charged by its own list, exactly; the operator's cost is
+    the same; the admin report's margins by plan add up to the total margin."""
+    admin = {"Authorization": f"Bearer {gw.admin_key}"}
+    created = requests.post(
+        gw.base_url + "/v1/admin/keys",
+        headers=admin,
+        json={"name": "flat buyer", "plan": "flat", "credits_usd": "1.00"},
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["plan"] == "flat"
+    flat_key = created.json()["key"]
+    models = requests.get(
+        gw.base_url + "/v1/models/priced-sim",
+        headers={"Authorization": f"Bearer {flat_key}"},
+        timeout=10,
+    ).json()
+    assert models["pricing"]["plan"] == "flat" and models["pricing"]["flat"] is True
+    assert models["pricing"]["input_usd_per_mtok"] == models["pricing"]["output_usd_per_mtok"] == 10
+
+    default = stream(gw, "the same words", 9)
+    flat = stream(gw, "the same words", 9, key=flat_key)
+    assert default == flat  # the same usage: P = 7, N = 9
+    p, n = default["prompt_tokens"], default["completion_tokens"]
+    mine = wait_for_requests(gw, 1)
+    theirs = wait_for_requests(gw, 1, key=flat_key)
+    assert mine["total"]["charge_micro"] == charge(p, n) == 156
+    assert theirs["total"]["charge_micro"] == 10 * (p + n) == 160
+    assert theirs["balance_micro"] == 1_000_000 - 160
+    assert [r["plan"] for r in theirs["data"]] == ["flat"]
+
+    response = requests.get(
+        f"{gw.base_url}/v1/admin/usage?group_by=plan", headers=admin, timeout=10
+    )
+    report = response.json()
+    by_plan = {r["plan"]: r for r in report["data"]}
+    assert {plan: (r["cost_micro"], r["charge_micro"]) for plan, r in by_plan.items()} == {
+        "flat": (cost(p, n), 160),
+        "standard": (cost(p, n), 156),
+    }
+    assert sum(r["margin_micro"] for r in report["data"]) == report["total"]["margin_micro"]
+    assert report["total"]["margin_micro"] == 160 + 156 - 2 * cost(p, n)
+
+    moved = requests.patch(
+        f"{gw.base_url}/v1/admin/keys/{created.json()['id']}",
+        headers=admin,
+        json={"plan": None},
+        timeout=10,
+    )
+    assert moved.status_code == 200 and moved.json()["plan"] is None
+    stream(gw, "the same words", 9, key=flat_key)
+    after = wait_for_requests(gw, 2, key=flat_key)
+    assert after["data"][0]["plan"] == "standard"
+    assert after["data"][0]["charge_micro"] == 156
+
+
+def test_a_key_whose_plan_is_no_longer_configured_gets_503(gw: GatewayServer) -> None:
+    """A key left on a plan the configuration no longer has is refused with 503
+    plan_unavailable (never charged by another list), and nothing is reserved."""
+    before = usage(gw, gw.api_key).json()["balance_micro"]
+    moved = asyncio.run_coroutine_threadsafe(
+        gw.state.keys.update(gw.api_key_id, plan="vanished"), gw.loop_of_server()
+    )
+    assert moved.result(timeout=10).plan == "vanished"
+    response = requests.post(
+        gw.base_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {gw.api_key}"},
+        json={"model": "priced-sim", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "plan_unavailable"
+    models = requests.get(
+        gw.base_url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=10
+    )
+    assert models.status_code == 503
+    assert usage(gw, gw.api_key).json()["balance_micro"] == before
 
 
 def test_own_usage_groups_by_model_and_day(gw: GatewayServer) -> None:

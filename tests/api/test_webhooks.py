@@ -6,6 +6,7 @@ gateway's own helper, so the test pins the wire format.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -16,9 +17,12 @@ from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from tokenwire.api.webhooks import signature_header
-from tokenwire.testing import GatewayServer
+from tokenwire.storage.engine import make_engine
+from tokenwire.storage.tables import credit_events
+from tokenwire.testing import FAST_SIM, GatewayServer
 
 SECRET = "whsec_test_3f9a1c"
 ENV = {"TOKENWIRE_WEBHOOK_SECRET": SECRET}
@@ -172,6 +176,12 @@ def test_unknown_key_other_events_and_bad_bodies(sqlite_gw: GatewayServer) -> No
         (event(gw.api_key_id, "5", "p" * 129), "data.payment_id"),
         (
             json.dumps({"id": "e", "type": "payment.succeeded", "data": {"key_id": "k"}}).encode(),
+            "data.payment_id",
+        ),
+        (
+            json.dumps(
+                {"id": "e", "type": "payment.succeeded", "data": {"key_id": "k", "payment_id": "p"}}
+            ).encode(),
             "data.amount_usd",
         ),
         (json.dumps({"type": "payment.succeeded"}).encode(), "id"),
@@ -202,3 +212,117 @@ def test_signature_helper_matches_the_documented_format() -> None:
     """The gateway's signature_header produces exactly t=<ts>,v1=<hex HMAC of "<ts>.<body>">."""
     body = b'{"id":"evt_1"}'
     assert signature_header(SECRET, body, 1_700_000_000) == sign(body, 1_700_000_000)
+
+
+RATES = """
+[currencies]
+CNY = "1.0"
+EUR = "1.0825"
+"""
+
+
+def payment(key_id: str, payment_id: str, **money: Any) -> bytes:
+    """A payment.succeeded event paying ``money`` (amount_usd, or amount and currency)."""
+    data = {"key_id": key_id, "payment_id": payment_id, **money}
+    return json.dumps(
+        {"id": "evt_" + payment_id, "type": "payment.succeeded", "data": data}
+    ).encode()
+
+
+async def _credit_events(database_url: str, key_id: str) -> list[tuple[Any, ...]]:
+    engine = make_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(
+                    credit_events.c.payment_id,
+                    credit_events.c.amount_micro,
+                    credit_events.c.currency,
+                    credit_events.c.original_micro,
+                    credit_events.c.rate,
+                )
+                .where(credit_events.c.key_id == key_id, credit_events.c.kind == "payment")
+                .order_by(credit_events.c.id)
+            )
+            return [tuple(row) for row in rows]
+    finally:
+        await engine.dispose()
+
+
+def test_payments_in_other_currencies_are_credited_at_the_configured_rate(
+    database_url: str, tmp_path: Path
+) -> None:
+    """70.00 CNY at 1.0 credits $70.00 once per payment id (a redelivery changes nothing); 12.34
+    EUR at 1.0825 credits exactly 13,358,050 micro-dollars; each credit event records the
+    currency, the amount paid and the rate."""
+    with GatewayServer(
+        tmp_path / "gw", env=ENV, database_url=database_url, overrides=FAST_SIM + RATES
+    ) as gw:
+        start = balance(gw, gw.api_key_id)
+        first = deliver(gw, payment(gw.api_key_id, "pi_cny", amount="70.00", currency="CNY"))
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert body["applied"] is True
+        assert (body["amount_micro"], body["currency"], body["original_amount"], body["rate"]) == (
+            70_000_000,
+            "CNY",
+            "70.000000",
+            "1.0",
+        )
+        assert body["balance_micro"] == start + 70_000_000
+        again = deliver(gw, payment(gw.api_key_id, "pi_cny", amount="70.00", currency="cny"))
+        assert again.status_code == 200 and again.json()["applied"] is False
+        assert balance(gw, gw.api_key_id) == start + 70_000_000
+
+        euros = deliver(gw, payment(gw.api_key_id, "pi_eur", amount=12.34, currency="eur"))
+        assert euros.status_code == 200, euros.text
+        assert euros.json()["amount_micro"] == 13_358_050  # 12.34 x 1.0825 = 13.35805
+        dollars = deliver(gw, payment(gw.api_key_id, "pi_usd", amount="5", currency="USD"))
+        assert dollars.json()["amount_micro"] == 5_000_000
+        assert balance(gw, gw.api_key_id) == start + 70_000_000 + 13_358_050 + 5_000_000
+
+        events = asyncio.run(_credit_events(gw.settings.database_url, gw.api_key_id))
+        assert events == [
+            ("pi_cny", 70_000_000, "CNY", 70_000_000, "1.0"),
+            ("pi_eur", 13_358_050, "EUR", 12_340_000, "1.0825"),
+            ("pi_usd", 5_000_000, "USD", 5_000_000, "1"),
+        ]
+
+
+@pytest.mark.parametrize(
+    ("money", "param", "code"),
+    [
+        ({"amount": "10", "currency": "GBP"}, "data.currency", "unknown_currency"),
+        ({"amount": "10", "currency": "Cny"}, "data.currency", "unknown_currency"),
+        ({"amount": "10"}, "data.currency", None),
+        ({"currency": "CNY"}, "data.amount_usd", None),
+        ({"amount": "10", "currency": "CNY", "amount_usd": "10"}, "data.amount_usd", None),
+        ({"amount": "1.0000001", "currency": "CNY"}, "data.amount", None),
+        ({"amount": "0", "currency": "CNY"}, "data.amount", None),
+        ({"amount": "-3", "currency": "CNY"}, "data.amount", None),
+        ({"amount": "10", "currency": "CNYX"}, "data.currency", None),
+    ],
+)
+def test_bad_currency_payments_are_400_naming_the_field(
+    currency_gw: GatewayServer, money: dict[str, Any], param: str, code: str | None
+) -> None:
+    """An unknown currency, a missing half of amount + currency, both forms at once, or a bad
+    amount: 400 naming the field, and nothing credited."""
+    gw = currency_gw
+    before = balance(gw, gw.api_key_id)
+    response = deliver(gw, payment(gw.api_key_id, f"pi_bad_{param}_{code}", **money))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code
+    assert balance(gw, gw.api_key_id) == before
+
+
+@pytest.fixture(scope="module")
+def currency_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    """One SQLite gateway with the secret and CNY / EUR rates, for the refusal cases."""
+    with GatewayServer(
+        tmp_path_factory.mktemp("currency"), env=ENV, overrides=FAST_SIM + RATES
+    ) as server:
+        yield server

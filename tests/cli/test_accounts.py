@@ -22,6 +22,7 @@ from tokenwire.accounting.ledger import Ledger, LedgerRow
 from tokenwire.cli.main import app
 from tokenwire.config import load_settings
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.testing import ledger_row
 
 CONFIG = """
 [accounting]
@@ -192,6 +193,29 @@ def test_update(cli: Cli) -> None:
     cli.fails("keys", "update", "key_missing", "--rpm", "3", message="No API key")
 
 
+def test_plans_on_create_and_update(cli: Cli) -> None:
+    """--plan puts a key on a configured plan, --default-plan moves it back; an unknown plan
+    exits 1 and changes nothing; keys list shows each key's plan."""
+    key_id, _ = create(cli, "--name", "buyer", "--plan", "at-cost")
+    assert cli.show(key_id)["plan"] == "at-cost"
+    assert "plan at-cost" in cli.ok("keys", "update", key_id, "--name", "b2").stdout
+    cli.ok("keys", "update", key_id, "--default-plan")
+    assert cli.show(key_id)["plan"] is None
+    cli.ok("keys", "update", key_id, "--plan", "standard")
+    assert cli.show(key_id)["plan"] == "standard"
+    before = cli.show(key_id)
+    cli.fails("keys", "update", key_id, "--plan", "gold", message="--plan: no plan 'gold'")
+    cli.fails("keys", "update", key_id, "--plan", "standard", "--default-plan", message="together")
+    assert cli.show(key_id) == before
+    cli.fails("keys", "create", "--name", "nope", "--plan", "gold", message="no plan 'gold'")
+    create(cli, "--name", "follower")
+    lines = cli.ok("keys", "list").stdout.splitlines()
+    assert not any("nope" in line for line in lines)
+    assert "(standard)" in next(line for line in lines if "follower" in line)  # the default's
+    mine = next(line for line in lines if " b2 " in line)
+    assert "standard" in mine and "(standard)" not in mine  # its own
+
+
 def test_topup(cli: Cli) -> None:
     """topup adds exactly the amount; zero, negative, malformed amounts and unknown keys change nothing."""
     key_id, _ = create(cli, "--name", "wallet")
@@ -232,27 +256,21 @@ def test_show_unknown_key(sqlite_cli: Cli) -> None:
     sqlite_cli.fails("keys", "show", "key_missing", message="key_missing")
 
 
-def _row(key_id: str, completion_id: str, model: str, cost: int, at_ms: int) -> LedgerRow:
-    return LedgerRow(
-        completion_id=completion_id,
-        key_id=key_id,
+def _row(key_id: str, completion_id: str, model: str, charge: int, at_ms: int) -> LedgerRow:
+    """A completed row charging ``charge``, at a cost of a third of it (rounded down)."""
+    return ledger_row(
+        key_id,
+        completion_id,
         model=model,
-        provider="sim",
-        transport="sse",
-        prompt_tokens=10,
-        completion_tokens=20,
-        usage_estimated=False,
-        cost_micro=cost,
-        ttft_ms=1,
-        duration_ms=2,
-        finish_reason="stop",
-        status="completed",
+        cost_micro=charge // 3,
+        charge_micro=charge,
         created_at=at_ms,
     )
 
 
 def test_usage(cli: Cli) -> None:
-    """usage groups the ledger by key, model and day, filters by key and time, and prints JSON or a table."""
+    """usage groups cost, charge and margin by key, model and day, filters by key and time,
+    and prints JSON or a table."""
     one, _ = create(cli, "--name", "one")
     two, _ = create(cli, "--name", "two")
     now_ms = int(time.time() * 1000)
@@ -266,7 +284,7 @@ def test_usage(cli: Cli) -> None:
     cli.run(fill)
     by_model = json.loads(cli.ok("usage", "--by", "model", "--json").stdout)
     assert by_model["group_by"] == ["model"]
-    assert [(r["model"], r["requests"], r["cost_micro"]) for r in by_model["data"]] == [
+    assert [(r["model"], r["requests"], r["charge_micro"]) for r in by_model["data"]] == [
         ("priced-sim", 3, 345),
         ("sim", 1, 0),
     ]
@@ -274,20 +292,35 @@ def test_usage(cli: Cli) -> None:
         "requests": 4,
         "prompt_tokens": 40,
         "completion_tokens": 80,
-        "cost_micro": 345,
-        "cost_usd": "0.000345",
+        "cache_write_tokens": 0,
+        "cache_read_tokens": 0,
+        "cost_micro": 32 + 73 + 10,
+        "cost_usd": "0.000115",
+        "charge_micro": 345,
+        "charge_usd": "0.000345",
+        "margin_micro": 230,
+        "margin_usd": "0.000230",
     }
     mine = json.loads(cli.ok("usage", "--key", one, "--by", "key", "--json").stdout)
-    assert [(r["key_id"], r["cost_micro"]) for r in mine["data"]] == [(one, 315)]
+    assert [(r["key_id"], r["charge_micro"], r["cost_micro"]) for r in mine["data"]] == [
+        (one, 315, 105)
+    ]
     recent = json.loads(
         cli.ok("usage", "--since", str(now_ms // 1000 - 86_400), "--by", "key", "--json").stdout
     )
-    assert {r["key_id"]: r["cost_micro"] for r in recent["data"]} == {one: 315, two: 0}
+    assert {r["key_id"]: r["charge_micro"] for r in recent["data"]} == {one: 315, two: 0}
+    by_plan = json.loads(cli.ok("usage", "--by", "provider,plan", "--json").stdout)
+    assert [(r["provider"], r["plan"], r["margin_micro"]) for r in by_plan["data"]] == [
+        ("sim", "standard", 230)
+    ]
     future = json.loads(cli.ok("usage", "--since", "2999-01-01", "--json").stdout)
     assert future["data"] == [] and future["total"]["requests"] == 0
 
     table = cli.ok("usage", "--by", "key,model").stdout
-    assert one in table and "priced-sim" in table and "0.000345" in table and "total" in table
+    assert one in table and "priced-sim" in table and "total" in table
+    assert (
+        "0.000345" in table and "0.000115" in table and "0.000230" in table
+    )  # charge, cost, margin
 
     cli.fails("usage", "--by", "colour", message="group_by")
     cli.fails("usage", "--key", "key_nope", message="No API key with id 'key_nope'")
@@ -295,11 +328,14 @@ def test_usage(cli: Cli) -> None:
 
 
 def test_cost_matches_hand_computation(sqlite_cli: Cli) -> None:
-    """tokenwire cost for 1000 users x 50 requests x 1000 tokens, half output, 30 days.
+    """tokenwire cost for 1000 users x 50 requests x 1000 tokens, half output, 30 days, with
+    the defaults: buyers on the reseller's flat list.
 
     Per day: 50,000 requests; 25,000,000 input and 25,000,000 output tokens.
-    gpt-4.1 at $2.00 / $8.00 per 1M: 25 x 2 + 25 x 8 = $250.00 a day; x 30 = $7,500.00.
-    deepseek-v3.2 at $0.28 / $0.42: 25 x 0.28 + 25 x 0.42 = $7.00 + $10.50 = $17.50; x 30 = $525.00.
+    gpt-4.1 costs ($2.00 / $8.00 per 1M) 25 x 2 + 25 x 8 = $250.00 a day; it sells at $8.00
+    flat: 50 x 8 = $400.00 a day ($12,000.00 in 30), a margin of $150.00 ($4,500.00).
+    deepseek-v3.2 costs ($0.28 / $0.42) $7.00 + $10.50 = $17.50; sells at $0.42: 50 x 0.42 =
+    $21.00 a day ($630.00), a margin of $3.50 ($105.00).
     """
     args = ["cost", "--users", "1000", "--requests-per-user", "50", "--tokens-per-request", "1000"]
     result = sqlite_cli.runner.invoke(app, [*args, "--json"], env={})
@@ -315,34 +351,56 @@ def test_cost_matches_hand_computation(sqlite_cli: Cli) -> None:
         "input_tokens_per_day": 25_000_000,
         "output_tokens_per_day": 25_000_000,
     }
+    assert report["plan"] == "standard"
     models = {m["model"]: m for m in report["models"]}
     assert models["gpt-4.1"] == {
         "model": "gpt-4.1",
-        "input_usd_per_mtok": "2.000000",
-        "output_usd_per_mtok": "8.000000",
-        "daily_micro": 250_000_000,
-        "daily_usd": "250.000000",
-        "monthly_micro": 7_500_000_000,
-        "monthly_usd": "7500.000000",
+        "cost_per_mtok": {
+            "input_usd_per_mtok": "2.000000",
+            "output_usd_per_mtok": "8.000000",
+            "cache_read_usd_per_mtok": "0.500000",
+        },
+        "price_per_mtok": {"usd_per_mtok": "8.000000"},
+        "daily_cost_micro": 250_000_000,
+        "daily_cost_usd": "250.000000",
+        "daily_price_micro": 400_000_000,
+        "daily_price_usd": "400.000000",
+        "daily_margin_micro": 150_000_000,
+        "daily_margin_usd": "150.000000",
+        "period_cost_micro": 7_500_000_000,
+        "period_cost_usd": "7500.000000",
+        "period_price_micro": 12_000_000_000,
+        "period_price_usd": "12000.000000",
+        "period_margin_micro": 4_500_000_000,
+        "period_margin_usd": "4500.000000",
     }
-    assert (models["deepseek-v3.2"]["daily_micro"], models["deepseek-v3.2"]["monthly_micro"]) == (
-        17_500_000,
-        525_000_000,
+    deepseek = models["deepseek-v3.2"]
+    assert (deepseek["daily_cost_micro"], deepseek["daily_price_micro"]) == (17_500_000, 21_000_000)
+    assert (deepseek["daily_margin_usd"], deepseek["period_price_usd"]) == (
+        "3.500000",
+        "630.000000",
     )
-    assert models["deepseek-v3.2"]["monthly_usd"] == "525.000000"
-    assert models["sim"]["daily_micro"] == 0
+    assert models["sim"]["daily_price_micro"] == models["sim"]["daily_cost_micro"] == 0
 
     table = sqlite_cli.runner.invoke(app, args, env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
-    assert "$250.00" in table.stdout and "$7500.00" in table.stdout
-    assert "$17.50" in table.stdout and "$525.00" in table.stdout
+    assert "$400.00" in table.stdout and "$250.00" in table.stdout and "$150.00" in table.stdout
+    assert "$21.00" in table.stdout and "$17.50" in table.stdout and "$3.50" in table.stdout
+    assert "$2.00 / $8.00" in table.stdout and "plan standard" in table.stdout
+
+    at_cost = sqlite_cli.runner.invoke(app, [*args, "--plan", "at-cost", "--json"], env={})
+    rows = {m["model"]: m for m in json.loads(at_cost.stdout)["models"]}
+    assert rows["gpt-4.1"]["daily_price_micro"] == 250_000_000
+    assert rows["gpt-4.1"]["daily_margin_micro"] == 0
 
 
 def test_cost_options_and_config(sqlite_cli: Cli, tmp_path: Path) -> None:
-    """--output-share, --days and --config change the figures; invalid values exit 1."""
+    """--output-share, --days, --plan and --config change the figures; invalid values exit 1."""
     config = tmp_path / "priced.toml"
     config.write_text(
         '[[models]]\nid = "priced-sim"\nprovider = "sim"\nupstream_model = "sim"\n'
+        'input_usd_per_mtok = "1.00"\noutput_usd_per_mtok = "5.00"\n'
+        '[plans.retail.models."priced-sim"]\n'
         'input_usd_per_mtok = "3.00"\noutput_usd_per_mtok = "15.00"\n'
     )
     result = sqlite_cli.runner.invoke(
@@ -359,6 +417,8 @@ def test_cost_options_and_config(sqlite_cli: Cli, tmp_path: Path) -> None:
             "0.25",
             "--days",
             "7",
+            "--plan",
+            "retail",
             "--json",
             "--config",
             str(config),
@@ -368,8 +428,13 @@ def test_cost_options_and_config(sqlite_cli: Cli, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     priced = {m["model"]: m for m in json.loads(result.stdout)["models"]}["priced-sim"]
     # 30 requests x 1000 tokens: 22,500 input x $3 + 7,500 output x $15 per 1M
-    # = 67,500 + 112,500 = 180,000 micro-dollars a day; x 7 = 1,260,000.
-    assert (priced["daily_micro"], priced["monthly_micro"]) == (180_000, 1_260_000)
+    # = 67,500 + 112,500 = 180,000 micro-dollars a day; x 7 = 1,260,000. The cost is a third.
+    assert (priced["daily_price_micro"], priced["period_price_micro"]) == (180_000, 1_260_000)
+    assert (priced["daily_cost_micro"], priced["daily_margin_micro"]) == (60_000, 120_000)
+    assert priced["price_per_mtok"] == {
+        "input_usd_per_mtok": "3.000000",
+        "output_usd_per_mtok": "15.000000",
+    }
 
     base = ["cost", "--users", "1", "--requests-per-user", "1", "--tokens-per-request", "1"]
     for extra, message in [
@@ -378,6 +443,7 @@ def test_cost_options_and_config(sqlite_cli: Cli, tmp_path: Path) -> None:
         (["--users", "-1"], "--users"),
         (["--days", "-3"], "--days"),
         (["--days", "0"], "--days must be at least 1"),
+        (["--plan", "gold"], "--plan: no plan 'gold'"),
         (["--config", str(tmp_path / "missing.toml")], "cannot read config file"),
     ]:
         failed = sqlite_cli.runner.invoke(app, [*base, *extra], env={})

@@ -237,7 +237,8 @@ def test_stop_streaming(client: openai.OpenAI) -> None:
 
 
 def test_models_list(client: openai.OpenAI) -> None:
-    """models.list() includes 'sim', available, with a pricing extra the SDK keeps."""
+    """models.list() includes 'sim', available, with a pricing extra (the caller's plan's
+    prices) the SDK keeps."""
     models = {m.id: m for m in client.models.list()}
     assert "sim" in models
     sim = models["sim"]
@@ -246,8 +247,15 @@ def test_models_list(client: openai.OpenAI) -> None:
     extra = sim.model_extra or {}
     assert extra["available"] is True
     pricing = extra["pricing"]
-    assert set(pricing) == {"input_usd_per_mtok", "output_usd_per_mtok"}
-    assert all(isinstance(v, int | float) and v >= 0 for v in pricing.values())
+    prices = {
+        "input_usd_per_mtok",
+        "output_usd_per_mtok",
+        "cache_write_usd_per_mtok",
+        "cache_read_usd_per_mtok",
+    }
+    assert set(pricing) == prices | {"plan", "flat"}
+    assert pricing["plan"] == "standard"  # the caller's plan: the default one
+    assert all(isinstance(pricing[k], int | float) and pricing[k] >= 0 for k in prices)
     assert all("pricing" in (m.model_extra or {}) for m in models.values())
 
 

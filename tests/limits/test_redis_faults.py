@@ -191,4 +191,4 @@ async def test_redis_failing_under_load(
     assert len(ids) == len(set(ids))
     assert set(seen.served) | set(seen.cut) <= set(ids)
     balance = await on_server(gw, gw.state.ledger.balance(key_id))
-    assert balance == 10**8 - sum(row.cost_micro for row in rows)
+    assert balance == 10**8 - sum(row.charge_micro for row in rows)

@@ -36,6 +36,7 @@ def completion() -> RecordFactory:
             "completion_tokens": 20,
             "usage_estimated": False,
             "cost_micro": 330,
+            "charge_micro": 500,
             "client": "127.0.0.1",
             "attempts": (Routed("p", "up"),),
         }

@@ -173,6 +173,7 @@ def test_completion_fields_name_everything_but_the_key(completion: RecordFactory
         prompt_tokens=7,
         completion_tokens=16,
         cost_micro=123,
+        charge_micro=200,
         client="10.0.0.1",
         attempts=(AttemptFailed("a", "m", "server_error"), Routed("b", "m")),
     )
@@ -196,6 +197,7 @@ def test_completion_fields_name_everything_but_the_key(completion: RecordFactory
         "completion_tokens": 16,
         "usage_estimated": False,
         "cost_micro": 123,
+        "charge_micro": 200,
         "client": "10.0.0.1",
         "upstream_attempts": 2,
     }

@@ -51,6 +51,7 @@ def test_one_completion_is_one_observation_in_each_series(completion: RecordFact
     assert s.total("tokenwire_prompt_tokens_total", **base) == 20
     assert s.total("tokenwire_completion_tokens_total", **base) == 40
     assert s.total("tokenwire_cost_microdollars_total", **base) == 660
+    assert s.total("tokenwire_charge_microdollars_total", **base) == 1000
 
 
 def test_buckets_span_5ms_to_60s(completion: RecordFactory) -> None:
@@ -206,7 +207,8 @@ WORKER = textwrap.dedent(
             completion_id=f"c{i}", key_id="k", model="m", provider="p", transport="sse",
             api="chat", outcome="completed", finish_reason="stop", error_code=None,
             error_status=None, ttft_s=0.02, itl_s=0.01, duration_s=0.3, prompt_tokens=3,
-            completion_tokens=4, usage_estimated=False, cost_micro=10, client="c",
+            completion_tokens=4, usage_estimated=False, cost_micro=10, charge_micro=15,
+            client="c",
             attempts=(Routed("p", "up"),),
         ))
     for _ in range(int(sys.argv[2])):
@@ -243,6 +245,7 @@ def test_two_processes_share_one_directory(tmp_path: Path) -> None:
     assert s.total("tokenwire_requests_total", model="m", outcome="completed") == 7
     assert s.total("tokenwire_ttft_seconds_count") == 7
     assert s.total("tokenwire_cost_microdollars_total") == 70
+    assert s.total("tokenwire_charge_microdollars_total") == 105
     assert s.total("tokenwire_upstream_attempts_total", deployment="p/up", outcome="ok") == 7
     assert s.total("tokenwire_open_streams", transport="ws") == 3  # not yet marked dead
     for pid in pids:

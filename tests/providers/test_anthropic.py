@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import openai
 import pytest
+import requests
 
 from tokenwire.accounting.budget import estimate_prompt_tokens
 from tokenwire.accounting.ledger import LedgerRow
@@ -348,12 +349,18 @@ def test_text_stream_translation(chunk_size: int | None) -> None:
     """message_start (with cache usage), ping, text blocks and message_stop, however chunked."""
     events, translator = translate((GOLDEN / "text_stream.sse").read_bytes(), chunk_size)
     assert events == [
-        PromptUsage(25 + 100 + 2000),  # from message_start, before any text
+        # from message_start, before any text: 25 uncached, 100 written to the cache, 2000 read
+        PromptUsage(25 + 100 + 2000, cache_write_tokens=100, cache_read_tokens=2000),
         TextDelta("Hi"),
         TextDelta("Hello"),
         TextDelta("!"),
         TextDelta(" Again."),
-        Usage(prompt_tokens=25 + 100 + 2000, completion_tokens=15),
+        Usage(
+            prompt_tokens=25 + 100 + 2000,
+            completion_tokens=15,
+            cache_write_tokens=100,
+            cache_read_tokens=2000,
+        ),
         Finish("stop"),
     ]
     assert translator.done
@@ -700,6 +707,12 @@ base_url = "{fake.base_url}"
 api_key_env = "ANTHROPIC_API_KEY"
 first_token_timeout_s = 5.0
 idle_timeout_s = 5.0
+
+[plans.cached.models."claude-sonnet-4.5"]
+input_usd_per_mtok = "6.00"
+output_usd_per_mtok = "30.00"
+cache_write_usd_per_mtok = "7.50"
+cache_read_usd_per_mtok = "0.60"
 """
         env = {"ANTHROPIC_API_KEY": "test-key"}
         with GatewayServer(
@@ -848,6 +861,81 @@ def test_a_cancelled_stream_bills_the_prompt_anthropic_reported(
     assert reported != estimate  # otherwise this test could not tell them apart
     assert (found.prompt_tokens, found.completion_tokens) == (reported, 1)
     assert found.usage_estimated
+
+
+def _settled_usage(gateway: GatewayServer, key: str, completion_id: str) -> dict[str, Any]:
+    """The key's /v1/usage row of ``completion_id``, once it is settled."""
+    deadline = time.monotonic() + 10
+    while True:
+        rows = requests.get(
+            gateway.base_url + "/v1/usage",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        ).json()["data"]
+        found = [r for r in rows if r["completion_id"] == completion_id]
+        if found or time.monotonic() > deadline:
+            assert found, rows
+            row: dict[str, Any] = found[0]
+            return row
+        time.sleep(0.01)
+
+
+def test_cache_tokens_are_metered_and_priced_as_such(
+    gateway_pair: tuple[GatewayServer, AnthropicFake],
+) -> None:
+    """Anthropic reports 2,000 prompt tokens written to its cache and 10,000 read from it: the
+    ledger keeps them apart (parts of the prompt count); the cost prices them at Sonnet's cache
+    prices ($3.75, $0.30 per 1M), the flat default plan at its one price ($15), and a plan with
+    cache prices of its own at those, exactly."""
+    gateway, fake = gateway_pair
+    _, cached_key = gateway.create_key("cache buyer", plan="cached", credits_usd="5")
+    rows = {}
+    for name, key in (("standard", gateway.api_key), ("cached", cached_key)):
+        client = openai.OpenAI(
+            base_url=gateway.base_url + "/v1", api_key=key, max_retries=0, timeout=20
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model="claude-sonnet-4.5",
+                messages=[
+                    # a system prompt as long as what Anthropic says it cached (its bytes bound
+                    # the prompt a reservation covers)
+                    {"role": "system", "content": "cacheable " * 1500},
+                    {"role": "user", "content": "price my cache [[cache:2000:10000]]"},
+                ],
+                max_tokens=16,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "Echo: price my cache"
+        uncached = plan_reply(fake.requests[-1].body).input_tokens
+        usage = chunks[-1].usage
+        assert usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (uncached + 12_000, 4)
+        rows[name] = _settled_usage(gateway, key, chunks[0].id)
+    for row in rows.values():
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (uncached + 12_000, 4)
+        assert (row["cache_write_tokens"], row["cache_read_tokens"]) == (2_000, 10_000)
+    # micro-dollars per token = USD per 1M tokens
+    flat = (uncached + 12_000 + 4) * 15
+    assert rows["standard"]["charge_micro"] == flat
+    cached = uncached * 6 + 2_000 * 75 // 10 + 10_000 * 6 // 10 + 4 * 30
+    assert rows["cached"]["charge_micro"] == cached
+    cost = uncached * 3 + 2_000 * 375 // 100 + 10_000 * 3 // 10 + 4 * 15
+    report = requests.get(
+        gateway.base_url + "/v1/admin/usage?group_by=plan&model=claude-sonnet-4.5",
+        headers={"Authorization": f"Bearer {gateway.admin_key}"},
+        timeout=10,
+    ).json()
+    by_plan = {r["plan"]: r for r in report["data"]}
+    assert (by_plan["cached"]["cost_micro"], by_plan["cached"]["charge_micro"]) == (cost, cached)
+    assert by_plan["cached"]["margin_micro"] == cached - cost
+    assert (by_plan["cached"]["cache_write_tokens"], by_plan["cached"]["cache_read_tokens"]) == (
+        2_000,
+        10_000,
+    )
 
 
 def test_deeply_nested_tool_arguments_are_a_400_not_a_crash() -> None:

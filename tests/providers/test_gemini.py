@@ -321,6 +321,24 @@ def test_text_thoughts_and_usage_translate() -> None:
     assert stream.end() == [Usage(4, 11)]
 
 
+def test_cached_content_tokens_are_kept_apart() -> None:
+    """cachedContentTokenCount is the cache-read part of the prompt, early and at the end."""
+    stream = GeminiStream("gemini")
+    usage = {"promptTokenCount": 5000, "candidatesTokenCount": 3, "cachedContentTokenCount": 4096}
+    first = chunk(
+        {"candidates": [{"content": {"parts": [{"text": "Hi"}]}}], "usageMetadata": usage}
+    )
+    last = chunk(
+        {
+            "candidates": [{"content": {"parts": [{"text": "!"}]}, "finishReason": "STOP"}],
+            "usageMetadata": usage,
+        }
+    )
+    assert stream.feed_chunk(first) == [PromptUsage(5000, cache_read_tokens=4096), TextDelta("Hi")]
+    stream.feed_chunk(last)
+    assert stream.end() == [Usage(5000, 3, cache_read_tokens=4096)]
+
+
 def test_function_calls_become_whole_tool_call_deltas() -> None:
     """Each functionCall is one delta with a stable synthesized id; STOP becomes tool_calls."""
     parts = [

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import msgspec
 import pytest
 import requests
 from aiohttp import web
@@ -18,7 +19,7 @@ from starlette.routing import Route
 
 from tokenwire.errors import UpstreamAuthError, UpstreamError, UpstreamStatusError, UpstreamTimeout
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.openai_compat import OpenAICompatProvider
+from tokenwire.providers.openai_compat import OpenAICompatProvider, _Chunk, chunk_events
 from tokenwire.streams.events import Event, Finish, TextDelta, ToolCallDelta, Usage
 from tokenwire.testing import FAST_SIM, GatewayServer, ServerThread
 from tokenwire.wire.schema import ChatRequest, decode_chat_request
@@ -120,6 +121,22 @@ async def test_stream_translates_and_forces_usage(
     assert seen["stream_options"] == {"include_usage": True}
     assert seen["vendor_x"] == 1
     assert seen["auth"] == "Bearer sk-secret-value"
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"prompt_tokens_details": {"cached_tokens": 1024}}, 1024),  # OpenAI
+        ({"prompt_tokens_details": None, "prompt_cache_hit_tokens": 768}, 768),  # DeepSeek
+        ({"prompt_tokens_details": {"cached_tokens": None}}, 0),  # vLLM and the like
+        ({"prompt_tokens_details": {"cached_tokens": 9999}}, 2000),  # never beyond the prompt
+    ],
+)
+def test_cached_prompt_tokens_are_kept_apart(usage: dict[str, object], expected: int) -> None:
+    """The part of the prompt the upstream read from its cache is the usage's cache_read."""
+    body = {"choices": [], "usage": {"prompt_tokens": 2000, "completion_tokens": 5, **usage}}
+    events = chunk_events(msgspec.json.decode(json.dumps(body), type=_Chunk), "openai")
+    assert events == [Usage(2000, 5, cache_read_tokens=expected)]
 
 
 @pytest.mark.parametrize("status", [400, 429, 500, 503])

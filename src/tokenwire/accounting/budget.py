@@ -11,7 +11,7 @@ Admission needs two prompt sizes:
   tools, bound the prompt; and no prompt is larger than the model's context.
 
 The answer is bounded by the admitted output limit, which providers send upstream and the
-Generation enforces. What is billed never exceeds what was reserved (``CompletionService``):
+Generation enforces. What is charged never exceeds what was reserved (``CompletionService``):
 the bound makes that cap a formality, and a stream whose early prompt count shows the
 reservation would not cover its full answer stops at the budget (``completion_budget``).
 """
@@ -22,7 +22,8 @@ from typing import Any
 
 import msgspec
 
-from tokenwire.config import ModelEntry
+from tokenwire.accounting.pricing import TOKENS_PER_PRICE_UNIT, PromptCounts, prompt_scaled
+from tokenwire.config import ModelEntry, Price
 from tokenwire.errors import InvalidRequest
 from tokenwire.wire import schema
 from tokenwire.wire.schema import ChatRequest, content_text
@@ -104,9 +105,10 @@ def output_limit(request: ChatRequest, entry: ModelEntry, default_max_tokens: in
     return asked
 
 
-def completion_budget(entry: ModelEntry, reserved_micro: int, prompt_tokens: int) -> int:
-    """The most completion tokens whose cost, with this prompt's, stays within the reservation."""
-    if entry.output_micro_per_mtok == 0:
+def completion_budget(price: Price, reserved_micro: int, prompt: PromptCounts) -> int:
+    """The most completion tokens whose charge at ``price``, with this prompt's (cached parts
+    at their own prices), stays within the reservation."""
+    if price.output == 0:
         return 1 << 62
-    left = reserved_micro * 1_000_000 - prompt_tokens * entry.input_micro_per_mtok
-    return max(0, left // entry.output_micro_per_mtok)
+    left = reserved_micro * TOKENS_PER_PRICE_UNIT - prompt_scaled(price, prompt)
+    return max(0, left // price.output)

@@ -2,9 +2,10 @@
 
 ``parse_usd`` turns a USD amount from a request, a webhook or the command line (``"12.50"``,
 ``12.5``) into integer micro-dollars, exactly, or says why it cannot. ``project`` answers "what
-would this workload cost on each model of the catalog?" (``tokenwire cost``): it is a pure
-function of the catalog prices and the workload, computed with exact rationals and rounded
-half up to a whole micro-dollar once per figure, never per request or per day.
+would this workload cost the operator on each model of the catalog, what would a buyer on a
+plan pay for it, and what is left?" (``tokenwire cost``): a pure function of the prices and
+the workload, computed with exact rationals and rounded half up to a whole micro-dollar once
+per figure, never per request or per day.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from tokenwire.config import ModelEntry
+from tokenwire.config import ModelEntry, Plan, Price
 
 MICRO_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000
@@ -25,30 +26,31 @@ MAX_USD = 1_000_000_000
 _USD = re.compile(r"(\d+)(?:\.\d{1,6})?")
 
 
-def parse_usd(value: object, *, positive: bool = False) -> int:
+def parse_usd(value: object, *, positive: bool = False, unit: str = "USD") -> int:
     """A USD amount as integer micro-dollars; ``ValueError`` with a reason if it is not one.
 
     Accepts a string (``"12.50"``, at most 6 decimals, no sign or exponent) or a JSON number
     (``12.5``, read through its shortest decimal form, so ``0.1`` is exactly 100000).
+    ``unit`` names another currency in the messages: the amount is then in millionths of it.
     """
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError('must be a USD amount as a string, like "12.50"')
+        raise ValueError(f'must be a {unit} amount as a string, like "12.50"')
     text = value.strip() if isinstance(value, str) else repr(value)
     if isinstance(value, float) and "e" in text.lower():
         try:
             text = format(Decimal(text), "f")
         except InvalidOperation:  # pragma: no cover - repr of a float is always decimal
-            raise ValueError('must be a USD amount, like "12.50"') from None
+            raise ValueError(f'must be a {unit} amount, like "12.50"') from None
     match = _USD.fullmatch(text)
     if match is None:
         if text.startswith("-"):
             raise ValueError("must not be negative")
-        raise ValueError('must be a USD amount with at most 6 decimals, like "12.50"')
+        raise ValueError(f'must be a {unit} amount with at most 6 decimals, like "12.50"')
     if len(match.group(1).lstrip("0")) > len(str(MAX_USD)):
-        raise ValueError(f"must be at most {MAX_USD} USD")
+        raise ValueError(f"must be at most {MAX_USD} {unit}")
     micro = int(Decimal(text) * MICRO_PER_USD)
     if micro > MAX_USD * MICRO_PER_USD:
-        raise ValueError(f"must be at most {MAX_USD} USD")
+        raise ValueError(f"must be at most {MAX_USD} {unit}")
     if positive and micro == 0:
         raise ValueError("must be greater than 0")
     return micro
@@ -102,36 +104,54 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class ModelCost:
-    """What a workload costs on one model, in micro-dollars."""
+    """What a workload costs the operator on one model, what the buyer pays for it on a plan,
+    and the difference, in micro-dollars: per day and over ``Workload.days`` days."""
 
     model: str
-    input_micro_per_mtok: int
-    output_micro_per_mtok: int
-    daily_micro: int
-    period_micro: int  # over ``Workload.days`` days
+    cost: Price  # the model's upstream prices
+    price: Price  # the plan's prices for it
+    daily_cost_micro: int
+    period_cost_micro: int
+    daily_price_micro: int
+    period_price_micro: int
+
+    @property
+    def daily_margin_micro(self) -> int:
+        return self.daily_price_micro - self.daily_cost_micro
+
+    @property
+    def period_margin_micro(self) -> int:
+        return self.period_price_micro - self.period_cost_micro
 
 
-def daily_cost(entry: ModelEntry, workload: Workload) -> Fraction:
-    """The exact (unrounded) cost of one day of ``workload`` on ``entry``, in micro-dollars."""
+def daily_amount(price: Price, workload: Workload) -> Fraction:
+    """The exact (unrounded) amount of one day of ``workload`` at ``price``, in micro-dollars
+    (prompt tokens uncached, at the input price)."""
     scaled = (
-        workload.input_tokens_per_day * entry.input_micro_per_mtok
-        + workload.output_tokens_per_day * entry.output_micro_per_mtok
+        workload.input_tokens_per_day * price.input + workload.output_tokens_per_day * price.output
     )
     return scaled / TOKENS_PER_PRICE_UNIT
 
 
-def project(models: Iterable[ModelEntry], workload: Workload) -> list[ModelCost]:
-    """The daily and per-period cost of ``workload`` on each model, in catalog order."""
+def project(models: Iterable[ModelEntry], plan: Plan, workload: Workload) -> list[ModelCost]:
+    """The daily and per-period cost and price of ``workload`` on each model, in catalog order.
+
+    Each figure is rounded half up once; a margin is the difference of two rounded figures,
+    as the ledger's margin is.
+    """
     out = []
     for entry in models:
-        exact = daily_cost(entry, workload)
+        cost = daily_amount(entry.cost, workload)
+        price = daily_amount(plan.price(entry), workload)
         out.append(
             ModelCost(
                 model=entry.id,
-                input_micro_per_mtok=entry.input_micro_per_mtok,
-                output_micro_per_mtok=entry.output_micro_per_mtok,
-                daily_micro=round_half_up(exact),
-                period_micro=round_half_up(exact * workload.days),
+                cost=entry.cost,
+                price=plan.price(entry),
+                daily_cost_micro=round_half_up(cost),
+                period_cost_micro=round_half_up(cost * workload.days),
+                daily_price_micro=round_half_up(price),
+                period_price_micro=round_half_up(price * workload.days),
             )
         )
     return out

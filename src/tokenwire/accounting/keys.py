@@ -21,10 +21,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tokenwire.accounting.currency import usd_credit
 from tokenwire.errors import NotFound
 from tokenwire.storage.engine import database_errors
 from tokenwire.storage.tables import api_keys, credit_events
@@ -48,6 +50,7 @@ class KeyRecord:
     tpm: int | None = None
     max_concurrent_streams: int | None = None
     balance_micro: int = 0  # as read with the record; the database holds the live figure
+    plan: str | None = None  # the price list it is charged by; None: the default plan
 
     def may_use(self, model: str) -> bool:
         """Whether this key may call ``model``."""
@@ -99,6 +102,7 @@ def _row_to_record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:
             None if m["max_concurrent_streams"] is None else int(m["max_concurrent_streams"])
         ),
         balance_micro=int(m["balance_micro"]),
+        plan=None if m["plan"] is None else str(m["plan"]),
     )
 
 
@@ -120,6 +124,17 @@ class KeyLimits:
             "tpm": self.tpm,
             "max_concurrent_streams": self.max_concurrent_streams,
         }
+
+
+class KeyOptions(TypedDict, total=False):
+    """What a new key may be given besides its name (:meth:`KeyStore.insert`)."""
+
+    is_admin: bool
+    expires_at: int | None
+    limits: KeyLimits | None
+    grant_micro: int
+    plan: str | None
+    grant_note: str
 
 
 Lookup = Callable[[str], Awaitable["KeyRecord | None"]]
@@ -229,53 +244,72 @@ class KeyStore:
         """The stored form of a key."""
         return hmac.digest(self._secret, plaintext.encode(), "sha256").hex()
 
-    async def create(
+    async def create(self, name: str, **options: Unpack[KeyOptions]) -> tuple[KeyRecord, str]:
+        """Make a key (see :meth:`insert`); returns its record and the plaintext."""
+        async with self._engine.begin() as conn:
+            key_id, plaintext = await self.insert(conn, name, **options)
+        record = await self.get(key_id)
+        assert record is not None
+        return record, plaintext
+
+    async def insert(
         self,
+        conn: AsyncConnection,
         name: str,
         *,
         is_admin: bool = False,
         expires_at: int | None = None,
         limits: KeyLimits | None = None,
         grant_micro: int = 0,
-    ) -> tuple[KeyRecord, str]:
-        """Make a key with ``grant_micro`` of credit; returns its record and the plaintext."""
+        plan: str | None = None,
+        grant_note: str = "free grant for a new key",
+    ) -> tuple[str, str]:
+        """Insert a key with ``grant_micro`` of credit (a ``grant`` credit event) in the
+        caller's transaction; returns its id and its plaintext."""
         plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
         limits = limits or KeyLimits()
         key_id = "key_" + secrets.token_hex(8)
         now = int(time.time())
-        async with self._engine.begin() as conn:
+        await conn.execute(
+            api_keys.insert().values(
+                id=key_id,
+                name=name,
+                prefix=plaintext[:10],
+                secret_hash=self.digest(plaintext),
+                is_admin=is_admin,
+                created_at=now,
+                expires_at=expires_at,
+                revoked_at=None,
+                balance_micro=grant_micro,
+                plan=plan,
+                **limits.columns(),
+            )
+        )
+        if grant_micro:
             await conn.execute(
-                api_keys.insert().values(
-                    id=key_id,
-                    name=name,
-                    prefix=plaintext[:10],
-                    secret_hash=self.digest(plaintext),
-                    is_admin=is_admin,
+                credit_events.insert().values(
+                    key_id=key_id,
+                    kind="grant",
+                    amount_micro=grant_micro,
+                    payment_id=None,
+                    note=grant_note,
                     created_at=now,
-                    expires_at=expires_at,
-                    revoked_at=None,
-                    balance_micro=grant_micro,
-                    **limits.columns(),
+                    **usd_credit(grant_micro),
                 )
             )
-            if grant_micro:
-                await conn.execute(
-                    credit_events.insert().values(
-                        key_id=key_id,
-                        kind="grant",
-                        amount_micro=grant_micro,
-                        payment_id=None,
-                        note="free grant for a new key",
-                        created_at=now,
-                    )
-                )
-        record = await self.get(key_id)
-        assert record is not None
-        return record, plaintext
+        return key_id, plaintext
 
     async def update(self, key_id: str, **changes: object) -> KeyRecord:
-        """Change a key's name, limits, models or expiry; raises ``NotFound``."""
-        allowed = {"name", "expires_at", "allowed_models", "rpm", "tpm", "max_concurrent_streams"}
+        """Change a key's name, limits, models, expiry or plan; raises ``NotFound``."""
+        allowed = {
+            "name",
+            "expires_at",
+            "allowed_models",
+            "rpm",
+            "tpm",
+            "max_concurrent_streams",
+            "plan",
+        }
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}")

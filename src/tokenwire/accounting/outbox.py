@@ -18,7 +18,6 @@ import contextlib
 import os
 import secrets
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import msgspec
@@ -46,7 +45,7 @@ class LedgerOutbox:
         name = f"ledger-{int(time.time() * 1000):015d}-{os.getpid()}-{secrets.token_hex(4)}"
         final = self.directory / (name + _SUFFIX)
         temporary = self.directory / (name + ".tmp")
-        lines = [msgspec.json.encode(_Line(asdict(row), reserved)) for row, reserved in items]
+        lines = [msgspec.json.encode(_Line(row.columns(), reserved)) for row, reserved in items]
         with temporary.open("wb") as file:
             file.write(b"\n".join(lines) + b"\n")
             file.flush()
@@ -71,7 +70,7 @@ class LedgerOutbox:
         for raw in data.splitlines():
             if raw.strip():
                 line = msgspec.json.decode(raw, type=_Line)
-                items.append((msgspec.convert(line.row, LedgerRow), line.reserved))
+                items.append((msgspec.convert(_upgraded(line.row), LedgerRow), line.reserved))
         return items
 
     def remove(self, path: Path) -> None:
@@ -82,6 +81,14 @@ class LedgerOutbox:
     def pending_rows(self) -> int:
         """How many settlements wait in the outbox (reads every file: for tests and health)."""
         return sum(len(self.read(path)) for path in self.files())
+
+
+def _upgraded(row: dict[str, object]) -> dict[str, object]:
+    """A row spilled by a version before plans: its one amount, ``cost_micro``, was what the
+    key was charged (migration 0004 reads the ledger's old rows the same way)."""
+    if "charge_micro" in row:
+        return row
+    return {**row, "charge_micro": row.get("cost_micro"), "plan": None}
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -5,12 +5,13 @@
     POST  /v1/admin/keys                 create a key (201; the plaintext ``key`` is shown once)
     GET   /v1/admin/keys                 list keys
     GET   /v1/admin/keys/{id}            one key
-    PATCH /v1/admin/keys/{id}            change name, limits, models or expiry (null clears)
+    PATCH /v1/admin/keys/{id}            change name, limits, models, expiry or plan (null clears)
     POST  /v1/admin/keys/{id}/revoke     revoke (requests with it get 401 at once; not the
                                          caller's own key: 409)
     POST  /v1/admin/keys/{id}/rotate     a new secret for the same key (the old one stops)
     POST  /v1/admin/keys/{id}/topup      add credit
-    GET   /v1/admin/usage                totals by key, model and day
+    GET   /v1/admin/usage                cost, charge and margin by key, model, provider,
+                                         plan and day
     GET   /v1/admin/runtime              what this process holds now (tasks, files, database
                                          connections, stream slots, unwritten ledger rows)
 
@@ -33,6 +34,7 @@ from starlette.responses import Response
 
 from tokenwire.accounting.costcalc import MAX_USD
 from tokenwire.accounting.keys import KeyLimits, KeyRecord
+from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.pricing import usd
 from tokenwire.api.auth import authenticate
 from tokenwire.api.chat import read_body
@@ -49,8 +51,8 @@ from tokenwire.api.usage import (
     parse_group_by,
     parse_instant_ms,
     query_params,
+    report_object,
     time_range,
-    total_object,
 )
 from tokenwire.config import usd_to_micro
 from tokenwire.errors import InvalidRequest, NotFound, PermissionDenied
@@ -69,6 +71,14 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"\S")]
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Models = Annotated[list[ModelId], msgspec.Meta(min_length=1)]  # null, not [], allows every model
 Note = Annotated[str, msgspec.Meta(max_length=500)]
+PlanName = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=64,
+        description="A configured plan (price list); null: the gateway's default plan.",
+    ),
+]
 # USD, read exactly by parse_usd; a JSON number with a fraction is read through its shortest
 # decimal form and must have at most 6 decimals too.
 Amount = Annotated[
@@ -106,6 +116,7 @@ class CreateKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     models: Models | None = None
     expires_at: Instant | None = None
     admin: bool = False
+    plan: PlanName | None = None
 
 
 class UpdateKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -117,6 +128,7 @@ class UpdateKeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     max_concurrent_streams: Limit | UnsetType | None = UNSET
     models: Models | UnsetType | None = UNSET
     expires_at: Instant | UnsetType | None = UNSET
+    plan: PlanName | UnsetType | None = UNSET
 
 
 class TopupRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -153,6 +165,7 @@ def key_object(record: KeyRecord) -> dict[str, Any]:
         "max_concurrent_streams": record.max_concurrent_streams,
         "balance_micro": record.balance_micro,
         "balance_usd": usd(record.balance_micro),
+        "plan": record.plan,
     }
 
 
@@ -213,6 +226,16 @@ def _models(state: AppState, models: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(models))
 
 
+def _plan(state: AppState, name: str | None) -> str | None:
+    """A key's plan: a configured one, or None for the default plan."""
+    if name is not None and name not in state.completions.plans:
+        raise InvalidRequest(
+            f"Unknown plan {name!r}; the plans are: {', '.join(state.completions.plans.names)}.",
+            param="plan",
+        )
+    return name
+
+
 async def _record(state: AppState, key_id: str) -> KeyRecord:
     record = await state.keys.get(key_id)
     if record is None:
@@ -232,6 +255,7 @@ async def create_key(request: Request) -> Response:
     )
     models = None if body.models is None else _models(state, body.models)
     expires_at = None if body.expires_at is None else _expiry(body.expires_at)
+    plan = _plan(state, body.plan)
     grant = usd_to_micro(state.settings.accounting.free_grant_usd, what="free_grant_usd")
     record, plaintext = await state.keys.create(
         name,
@@ -244,6 +268,7 @@ async def create_key(request: Request) -> Response:
             max_concurrent_streams=body.max_concurrent_streams,
         ),
         grant_micro=grant,
+        plan=plan,
     )
     if credits:
         await state.ledger.credit(record.id, credits, kind="topup", note="credits at creation")
@@ -282,6 +307,8 @@ async def update_key(request: Request) -> Response:
         changes["allowed_models"] = None if body.models is None else _models(state, body.models)
     if body.expires_at is not UNSET:
         changes["expires_at"] = None if body.expires_at is None else _expiry(body.expires_at)
+    if body.plan is not UNSET:
+        changes["plan"] = _plan(state, body.plan)
     if not changes:
         return json_response(key_object(await _record(state, key_id)))
     return json_response(key_object(await state.keys.update(key_id, **changes)))
@@ -341,6 +368,19 @@ async def topup_key(request: Request) -> Response:
     )
 
 
+async def usage_report_data(
+    ledger: Ledger, group_by: tuple[str, ...], **filters: Any
+) -> dict[str, Any]:
+    """Cost, charge and margin per group and in total (``filters``: ``Ledger.totals``'s)."""
+    groups = await ledger.totals(**filters, group_by=group_by)
+    (overall,) = await ledger.totals(**filters, group_by=())
+    return {
+        "group_by": list(group_by),
+        "data": group_objects(groups, group_by, report_object),
+        "total": report_object(overall),
+    }
+
+
 async def runtime(request: Request) -> Response:
     """This process's counts of what it holds (``tokenwire.runtime``): leaks show here."""
     state = await require_admin(request)
@@ -348,27 +388,17 @@ async def runtime(request: Request) -> Response:
 
 
 async def usage_report(request: Request) -> Response:
-    """Requests, tokens and cost grouped by key, model and/or day, plus the overall total."""
+    """Requests, tokens, cost, charge and margin grouped by key, model, provider, plan and/or
+    day, plus the overall total."""
     state = await require_admin(request)
     params = query_params(request, ("start", "end", "group_by", "key_id", "model"))
     start, end = time_range(params)
-    group_by = parse_group_by(params.get("group_by"))
-    filters: dict[str, Any] = {
-        "key_id": params.get("key_id") or None,
-        "since_ms": start,
-        "until_ms": end,
-        "model": params.get("model") or None,
-    }
-    groups = await state.ledger.totals(**filters, group_by=group_by)
-    (overall,) = await state.ledger.totals(**filters, group_by=())
-    data = group_objects(groups, group_by)
-    return json_response(
-        {
-            "object": "list",
-            "group_by": list(group_by),
-            "start_ms": start,
-            "end_ms": end,
-            "data": data,
-            "total": total_object(overall),
-        }
+    report = await usage_report_data(
+        state.ledger,
+        parse_group_by(params.get("group_by")),
+        key_id=params.get("key_id") or None,
+        since_ms=start,
+        until_ms=end,
+        model=params.get("model") or None,
     )
+    return json_response({"object": "list", "start_ms": start, "end_ms": end, **report})

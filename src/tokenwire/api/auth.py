@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from starlette.requests import HTTPConnection
 
 from tokenwire.accounting.keys import KeyRecord
-from tokenwire.errors import AuthenticationError, RateLimited
+from tokenwire.errors import AuthenticationError, GatewayError, RateLimited
 from tokenwire.state import AppState, get_state
 
 
@@ -60,6 +62,14 @@ async def authenticate_token(state: AppState, token: str, client: str) -> KeyRec
     record = await state.keys.authenticate(token)
     if record is not None:
         return record
+    await refuse_failed_attempt(
+        state, client, AuthenticationError("Incorrect, expired or revoked API key provided.")
+    )
+
+
+async def refuse_failed_attempt(state: AppState, client: str, error: GatewayError) -> NoReturn:
+    """Refuse a failed credential (a bad key, a wrong invite code) from ``client``: ``error``,
+    and one more failure counted; or 429 once the address has too many."""
     blocked_for = await state.limiter.auth_blocked(client)
     if blocked_for is not None:
         state.metrics.limit_refused("auth_failures")
@@ -69,4 +79,4 @@ async def authenticate_token(state: AppState, token: str, client: str) -> KeyRec
             code="too_many_failed_authentications",
         )
     await state.limiter.auth_failed(client)
-    raise AuthenticationError("Incorrect, expired or revoked API key provided.")
+    raise error

@@ -51,15 +51,16 @@ with a real calendar date in the years 1970-9999."""
 INSTANT = re.compile(INSTANT_PATTERN)
 
 
-def read_usd(value: object, param: str, *, positive: bool) -> int:
-    """A USD amount as micro-dollars (``parse_usd``), or a 400 naming ``param``.
+def read_usd(value: object, param: str, *, positive: bool, unit: str = "USD") -> int:
+    """A USD amount as micro-dollars (``parse_usd``), or a 400 naming ``param``; with
+    ``unit``, an amount of that currency in millionths of its unit.
 
     A JSON number with more than 6 decimals (``0.1234567``, ``5e-324``) gets the code
     ``amount_too_precise``: the one refusal of a number the schema's range allows, since
     JSON Schema cannot say "at most 6 decimals" of a binary float (``multipleOf`` is inexact).
     """
     try:
-        return parse_usd(value, positive=positive)
+        return parse_usd(value, positive=positive, unit=unit)
     except ValueError as exc:
         too_precise = isinstance(value, float) and "decimals" in str(exc)
         raise InvalidRequest(

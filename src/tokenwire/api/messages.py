@@ -70,8 +70,8 @@ def message_json(source: StreamSource, events: list[Event]) -> Response:
 
 def _prompt_tokens(source: StreamSource, estimate: int) -> int:
     """The best prompt count for ``message_start``: the upstream's early one, if it gave one."""
-    if isinstance(source, Generation) and source.reported_prompt_tokens is not None:
-        return source.reported_prompt_tokens
+    if isinstance(source, Generation) and source.reported_prompt is not None:
+        return source.reported_prompt.prompt_tokens
     return estimate
 
 

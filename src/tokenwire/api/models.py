@@ -1,4 +1,8 @@
-"""``GET /v1/models`` and ``GET /v1/models/{id}`` in OpenAI's list format, plus pricing."""
+"""``GET /v1/models`` and ``GET /v1/models/{id}`` in OpenAI's list format, plus pricing.
+
+``pricing`` is what the calling key is charged, on its plan (USD per 1M tokens); what a model
+costs the operator upstream is never shown here.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,37 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenwire.accounting.pricing import per_mtok_usd
 from tokenwire.api.auth import authenticate
 from tokenwire.api.errors import json_response
-from tokenwire.config import ModelEntry
+from tokenwire.config import ModelEntry, Plan
 from tokenwire.errors import ModelNotFound
 from tokenwire.providers.registry import ProviderRegistry
 from tokenwire.state import get_state
 
 
-def model_object(entry: ModelEntry, registry: ProviderRegistry) -> dict[str, Any]:
-    """One model in OpenAI's shape, with ``pricing`` (USD per 1M tokens) and availability."""
+def pricing_object(plan: Plan, entry: ModelEntry) -> dict[str, Any]:
+    """What ``plan`` charges for ``entry``, in USD per 1M tokens of each kind."""
+    price = plan.price(entry)
+    return {
+        "plan": plan.name,
+        "flat": price.flat,
+        "input_usd_per_mtok": per_mtok_usd(price.input),
+        "output_usd_per_mtok": per_mtok_usd(price.output),
+        "cache_write_usd_per_mtok": per_mtok_usd(price.cache_write),
+        "cache_read_usd_per_mtok": per_mtok_usd(price.cache_read),
+    }
+
+
+def model_object(entry: ModelEntry, registry: ProviderRegistry, plan: Plan) -> dict[str, Any]:
+    """One model in OpenAI's shape, with ``pricing`` on ``plan`` and availability."""
     reason = registry.unavailable_reason(entry)
     result: dict[str, Any] = {
         "id": entry.id,
         "object": "model",
         "created": 0,
         "owned_by": entry.provider,
-        "pricing": {
-            "input_usd_per_mtok": entry.input_micro_per_mtok / 1_000_000,
-            "output_usd_per_mtok": entry.output_micro_per_mtok / 1_000_000,
-        },
+        "pricing": pricing_object(plan, entry),
         "available": reason is None,
     }
     if reason is not None:
@@ -35,19 +50,22 @@ def model_object(entry: ModelEntry, registry: ProviderRegistry) -> dict[str, Any
 
 
 async def list_models(request: Request) -> Response:
-    """Every model in the catalog."""
-    await authenticate(request)
-    registry = get_state(request).registry
-    data = [model_object(entry, registry) for entry in registry.models.values()]
+    """Every model in the catalog, priced on the caller's plan."""
+    key = await authenticate(request)
+    state = get_state(request)
+    plan = state.completions.plans.plan(key.plan)
+    registry = state.registry
+    data = [model_object(entry, registry, plan) for entry in registry.models.values()]
     return json_response({"object": "list", "data": data})
 
 
 async def get_model(request: Request) -> Response:
     """One model by id, or 404 ``model_not_found``."""
-    await authenticate(request)
-    registry = get_state(request).registry
+    key = await authenticate(request)
+    state = get_state(request)
     model_id = request.path_params["model_id"]
-    entry = registry.models.get(model_id)
+    entry = state.registry.models.get(model_id)
     if entry is None:
         raise ModelNotFound(f"The model {model_id!r} does not exist.", param="model")
-    return json_response(model_object(entry, registry))
+    plan = state.completions.plans.plan(key.plan)
+    return json_response(model_object(entry, state.registry, plan))

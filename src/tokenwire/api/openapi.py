@@ -19,6 +19,7 @@ from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
 from tokenwire.api.openapi_parts import errors, json_body
 from tokenwire.api.openapi_responses import responses_paths, responses_rules
+from tokenwire.api.signup import SignupRequest
 from tokenwire.api.webhooks import (
     PAYMENT_SUCCEEDED,
     SIGNATURE_HEADER,
@@ -114,17 +115,91 @@ _API_KEY_SCHEMA = {
         "max_concurrent_streams": _INT_OR_NULL,
         "balance_micro": {"type": "integer"},
         "balance_usd": _USD_STRING,
+        "plan": {
+            "type": ["string", "null"],
+            "description": "The plan (price list) the key is charged by; null: the default plan.",
+        },
         "key": {"type": "string", "description": "The plaintext key: on create and rotate only."},
     },
 }
+_TOKEN_COUNTS = {
+    "requests": _COUNT,
+    "prompt_tokens": {**_COUNT, "description": "The whole prompt, cached parts included."},
+    "completion_tokens": _COUNT,
+    "cache_write_tokens": {**_COUNT, "description": "Prompt tokens written to the cache."},
+    "cache_read_tokens": {**_COUNT, "description": "Prompt tokens read from the cache."},
+}
+
+
+def _money(name: str, description: str, *, signed: bool = False) -> dict[str, Any]:
+    micro: dict[str, Any] = {"type": "integer", "description": f"{description}, micro-dollars"}
+    if not signed:
+        micro["minimum"] = 0
+    return {f"{name}_micro": micro, f"{name}_usd": _USD_STRING}
+
+
 _TOTAL_SCHEMA = {
     "type": "object",
+    "description": "A key's own totals: what it was charged (cost_* repeats charge_*).",
+    "required": [*_TOKEN_COUNTS, "charge_micro", "charge_usd", "cost_micro", "cost_usd"],
     "properties": {
-        "requests": {"type": "integer"},
-        "prompt_tokens": {"type": "integer"},
-        "completion_tokens": {"type": "integer"},
-        "cost_micro": {"type": "integer"},
-        "cost_usd": _USD_STRING,
+        **_TOKEN_COUNTS,
+        **_money("charge", "What the key was charged"),
+        **_money("cost", "The same as charge_micro: what the usage cost the key"),
+    },
+}
+_REPORT_FIGURES = {
+    **_TOKEN_COUNTS,
+    **_money("cost", "What the upstreams charge the operator"),
+    **_money("charge", "What the keys were charged"),
+    **_money("margin", "charge - cost (negative: sold below cost)", signed=True),
+}
+_REPORT_TOTAL_SCHEMA = {
+    "type": "object",
+    "description": "Requests, tokens, cost, charge and margin of a group or of the range.",
+    "required": list(_REPORT_FIGURES),
+    "properties": _REPORT_FIGURES,
+}
+_REPORT_ROW_SCHEMA = {
+    "type": "object",
+    "description": "One group: the values it is grouped by (those in group_by), then its figures.",
+    "required": list(_REPORT_FIGURES),
+    "properties": {
+        "key_id": {"type": "string"},
+        "model": {"type": "string"},
+        "provider": {"type": "string"},
+        "plan": {"type": ["string", "null"], "description": "null: rows from before plans."},
+        "day": {"type": "string", "format": "date", "description": "UTC date."},
+        **_REPORT_FIGURES,
+    },
+}
+_SIGNUP_SCHEMA = {
+    "allOf": [
+        {"$ref": "#/components/schemas/ApiKey"},
+        {
+            "type": "object",
+            "required": ["key", "email", "grant_micro", "grant_usd"],
+            "properties": {
+                "email": {"type": "string"},
+                **_money("grant", "The free credit given (0: this mailbox had its grant)"),
+            },
+        },
+    ]
+}
+_PAYMENT_RESULT_SCHEMA = {
+    "type": "object",
+    "required": ["received"],
+    "properties": {
+        "received": {"const": True},
+        "applied": {"type": "boolean"},
+        "ignored": {"type": "boolean"},
+        "key_id": {"type": "string"},
+        "payment_id": {"type": "string"},
+        **_money("amount", "Credited"),
+        "currency": {"type": "string", "description": "What was paid (ISO 4217)."},
+        "original_amount": {"type": "string", "description": "How much of it, 6 decimals."},
+        "rate": {"type": "string", "description": "USD per unit of currency, as configured."},
+        **_money("balance", "The key's balance now"),
     },
 }
 _TIME_DOC = (
@@ -178,12 +253,35 @@ def _allow_models(components: dict[str, Any], model_ids: tuple[str, ...]) -> Non
                 branch["items"] = {"enum": list(model_ids)}
 
 
+def _allow_plans(components: dict[str, Any], plans: tuple[str, ...]) -> None:
+    """Key requests' ``plan``: a configured plan, or null for the default."""
+    for name in ("CreateKeyRequest", "UpdateKeyRequest"):
+        field = components[name]["properties"]["plan"]
+        for branch in field["anyOf"]:
+            if branch.get("type") == "string":
+                branch["enum"] = list(plans)
+
+
+def _payment_rules(components: dict[str, Any], currencies: tuple[str, ...]) -> None:
+    """A payment has ``amount_usd``, or ``amount`` and ``currency`` (a configured one)."""
+    payment = components["PaymentSucceeded"]
+    payment["properties"]["currency"]["enum"] = [
+        form for code in currencies for form in (code, code.lower())
+    ]
+    usd_only = {
+        "required": ["amount_usd"],
+        "not": {"anyOf": [{"required": ["amount"]}, {"required": ["currency"]}]},
+    }
+    foreign = {"required": ["amount", "currency"], "not": {"required": ["amount_usd"]}}
+    payment["oneOf"] = [usd_only, foreign]
+
+
 def _group_by_pattern(names: str) -> str:
     group = f"(?:{names})"
     return rf"^ *(?:{group} *)?(?:, *(?:{group} *)?)*$"
 
 
-GROUP_BY_PATTERN = _group_by_pattern("key|key_id|model|day")
+GROUP_BY_PATTERN = _group_by_pattern("key|key_id|model|provider|plan|day")
 OWN_GROUP_BY_PATTERN = _group_by_pattern("model|day")
 
 
@@ -220,23 +318,31 @@ def _chat_rules(components: dict[str, Any], catalog: tuple[CatalogModel, ...]) -
 
 
 def openapi_json_for(request: Request) -> bytes:
-    """The document for this app (its model catalog), encoded once per catalog."""
-    registry = get_state(request).registry
+    """The document for this app (its model catalog, plans and currencies), encoded once."""
+    state = get_state(request)
+    registry = state.registry
     catalog = tuple(
         CatalogModel(entry.id, entry.max_output_tokens, registry.unavailable_reason(entry) is None)
         for entry in registry.models.values()
     )
-    return _encoded(catalog)
+    return _encoded(catalog, state.completions.plans.names, tuple(state.settings.currencies))
 
 
 @cache
-def _encoded(catalog: tuple[CatalogModel, ...]) -> bytes:
-    return msgspec.json.encode(openapi_document(catalog))
+def _encoded(
+    catalog: tuple[CatalogModel, ...], plans: tuple[str, ...], currencies: tuple[str, ...]
+) -> bytes:
+    return msgspec.json.encode(openapi_document(catalog, plans, currencies))
 
 
-def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
+def openapi_document(
+    catalog: tuple[CatalogModel, ...] = (),
+    plans: tuple[str, ...] = (),
+    currencies: tuple[str, ...] = ("USD",),
+) -> dict[str, Any]:
     """The OpenAPI document; with ``catalog``, the models of this gateway (which a key may be
-    limited to, which a request may name, and their output limits)."""
+    limited to, which a request may name, and their output limits); with ``plans`` and
+    ``currencies``, the plans a key may be on and the currencies a payment may be in."""
     schemas, components = msgspec.json.schema_components(
         [
             ChatRequest,
@@ -246,6 +352,7 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
             WebhookEvent,
             PaymentSucceeded,
             ResponsesRequest,
+            SignupRequest,
             *openapi_messages.REQUEST_TYPES,
         ],
         ref_template="#/components/schemas/{name}",
@@ -258,10 +365,14 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
         event,
         _,
         responses_request,
+        signup_request,
         messages_schema,
     ) = schemas
     if catalog:
         _allow_models(components, tuple(model.id for model in catalog))
+    if plans:
+        _allow_plans(components, plans)
+    _payment_rules(components, currencies)
     _chat_rules(components, catalog)
     served = [(model.id, model.max_output_tokens) for model in catalog if model.available]
     responses_rules(components, served)
@@ -269,6 +380,8 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
     components["UsageTotal"] = _TOTAL_SCHEMA
+    components["UsageReportTotal"] = _REPORT_TOTAL_SCHEMA
+    components["UsageReportRow"] = _REPORT_ROW_SCHEMA
     api_key = {"$ref": "#/components/schemas/ApiKey"}
     total = {"$ref": "#/components/schemas/UsageTotal"}
     bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
@@ -364,7 +477,15 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                                 "required": ["object", "data", "total", "balance_micro"],
                                 "properties": {
                                     "object": {"const": "list"},
-                                    "data": {"type": "array", "items": {"type": "object"}},
+                                    "data": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "description": "A ledger row: what the key was "
+                                            "charged (charge_*, repeated as cost_*), never "
+                                            "the operator's cost.",
+                                        },
+                                    },
                                     "total": total,
                                     "balance_micro": {"type": "integer"},
                                     "balance_usd": _USD_STRING,
@@ -532,14 +653,16 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
             "/v1/admin/usage": {
                 "get": {
                     "operationId": "adminUsage",
-                    "summary": "Requests, tokens and cost grouped by key, model and day (admin).",
+                    "summary": "Requests, tokens, cost, charge and margin grouped by key, "
+                    "model, provider, plan and day (admin).",
                     "security": bearer,
                     "parameters": [
                         _query("start", f"From this time (inclusive): {_TIME_DOC}.", _INSTANT),
                         _query("end", f"Until this time (exclusive): {_TIME_DOC}.", _INSTANT),
                         _query(
                             "group_by",
-                            "Comma-separated: any of key, model, day (UTC). Default: all three.",
+                            "Comma-separated: any of key, model, provider, plan, day (UTC). "
+                            "Default: key,model,day.",
                             {"type": "string", "pattern": GROUP_BY_PATTERN},
                         ),
                         _query("key_id", "Only this key."),
@@ -547,13 +670,27 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json(
-                            "One row per group, and the total.",
+                            "One row per group (cost: what the upstreams charge the "
+                            "operator; charge: what keys paid; margin: the difference), and "
+                            "the total over the range.",
                             {
                                 "type": "object",
+                                "required": ["object", "group_by", "data", "total"],
                                 "properties": {
-                                    "group_by": {"type": "array", "items": {"type": "string"}},
-                                    "data": {"type": "array", "items": {"type": "object"}},
-                                    "total": total,
+                                    "object": {"const": "list"},
+                                    "group_by": {
+                                        "type": "array",
+                                        "items": {
+                                            "enum": ["key_id", "model", "provider", "plan", "day"]
+                                        },
+                                    },
+                                    "start_ms": _INT_OR_NULL,
+                                    "end_ms": _INT_OR_NULL,
+                                    "data": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/UsageReportRow"},
+                                    },
+                                    "total": {"$ref": "#/components/schemas/UsageReportTotal"},
                                 },
                             },
                         ),
@@ -573,9 +710,26 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                     "responses": {
                         "200": _json(
                             "Received: applied (true, or false for a payment already applied) "
-                            "or ignored (another event type)."
+                            "or ignored (another event type).",
+                            _PAYMENT_RESULT_SCHEMA,
                         ),
                         **errors(400, 404, 413, 503),
+                    },
+                }
+            },
+            "/v1/signup": {
+                "post": {
+                    "operationId": "signup",
+                    "summary": "A key for an email address, with the free grant once per "
+                    "mailbox (when the gateway has sign-up turned on).",
+                    "security": [],
+                    "requestBody": _body(signup_request),
+                    "responses": {
+                        "201": _json(
+                            "The new key, with its plaintext `key` (shown once) and its grant.",
+                            _SIGNUP_SCHEMA,
+                        ),
+                        **errors(400, 403, 413, 429),
                     },
                 }
             },
@@ -588,6 +742,22 @@ def openapi_document(catalog: tuple[CatalogModel, ...] = ()) -> dict[str, Any]:
                             "description": (
                                 "Unhealthy: `failing` names the checks that failed (event_loop, "
                                 "generations, database, redis)."
+                            )
+                        },
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": "Readiness for a load balancer: send this instance new requests?",
+                    "responses": {
+                        "200": {"description": "Ready: not draining; database and Redis answer."},
+                        "503": {
+                            "description": (
+                                "Not ready: `status` is `draining` (a graceful drain began; "
+                                "docs/operations.md) or `not_ready`; `failing` names the checks "
+                                "(draining, database, redis)."
                             )
                         },
                     },

@@ -38,13 +38,18 @@ class ResponsesSession(WSSession):
 
     __slots__ = ("_remembered", "_running")
 
-    def __init__(self, websocket: WebSocket, state: AppState, key: KeyRecord | None) -> None:
-        super().__init__(websocket, state, key)
+    def __init__(
+        self, websocket: WebSocket, state: AppState, key: KeyRecord | None, *, envelope: bool
+    ) -> None:
+        super().__init__(websocket, state, key, envelope=envelope)
         self._running: dict[str | None, StreamSource] = {}  # per lane
         self._remembered: dict[str, list[dict[str, Any]]] = {}  # id → conversation
 
     def _parse(self, text: str, max_bytes: int) -> object:
         return parse_responses_message(text, max_bytes=max_bytes)
+
+    def _speaks_envelope(self, message: object) -> bool:
+        return False  # OpenAI's WebSocket mode has no session.closing: a drain closes 1001
 
     async def _dispatch(self, message: object) -> None:
         if isinstance(message, proto.PingMessage):

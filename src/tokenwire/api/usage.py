@@ -12,12 +12,15 @@ Any active key may read its own usage (and only its own). Query parameters:
                     totals per model and/or UTC day over the range (what the usage page charts)
 
 Unknown parameters are refused (400), so a misspelt filter never silently reads everything.
+A key sees what it was charged (``charge_*``, repeated as ``cost_*``: to the key, what its
+usage cost is what it paid), never what its usage cost the operator; the operator's figures
+(:func:`report_object`) are the admin report's.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,6 +29,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenwire.accounting.ledger import GROUPS as LEDGER_GROUPS
 from tokenwire.accounting.ledger import LedgerRow
 from tokenwire.accounting.pricing import usd
 from tokenwire.api.auth import authenticate
@@ -107,16 +111,20 @@ def time_range(params: dict[str, str]) -> tuple[int | None, int | None]:
     return start, end
 
 
-GROUPS = {"key": "key_id", "key_id": "key_id", "model": "model", "day": "day"}
+GROUPS = {"key": "key_id", **{name: name for name in LEDGER_GROUPS}}
+"""What the admin report may group by (``key`` is ``key_id``)."""
+DEFAULT_GROUPS = ("key_id", "model", "day")
 OWN_GROUPS = ("model", "day")
 """What ``GET /v1/usage`` may group by: one key's own rows have no key to group by."""
 
 
 def parse_group_by(value: str | None, allowed: Collection[str] = tuple(GROUPS)) -> tuple[str, ...]:
     """``key,model,day`` (any subset of ``allowed``, any order) → the ledger's column names;
-    None → all of them; 400 naming ``group_by`` for anything else."""
+    None → those of key, model and day that are allowed; 400 naming ``group_by`` for
+    anything else."""
     if value is None:
-        return tuple(dict.fromkeys(GROUPS[n] for n in allowed))
+        allowed_columns = {GROUPS[n] for n in allowed}
+        return tuple(g for g in DEFAULT_GROUPS if g in allowed_columns)
     names = [part.strip() for part in value.split(",") if part.strip()]
     unknown = [n for n in names if n not in allowed]
     if unknown:
@@ -128,25 +136,64 @@ def parse_group_by(value: str | None, allowed: Collection[str] = tuple(GROUPS)) 
     return tuple(dict.fromkeys(GROUPS[n] for n in names))
 
 
-def total_object(totals: dict[str, Any]) -> dict[str, Any]:
-    """Requests, tokens and cost (micro-dollars and USD) of a ``Ledger.totals`` row."""
+def _money(name: str, micro: int) -> dict[str, Any]:
+    return {f"{name}_micro": micro, f"{name}_usd": usd(micro)}
+
+
+TOKEN_SUMS = ("prompt_tokens", "completion_tokens", "cache_write_tokens", "cache_read_tokens")
+
+
+def _tokens(totals: dict[str, Any]) -> dict[str, int]:
     return {
         "requests": int(totals.get("requests") or 0),
-        "prompt_tokens": int(totals.get("prompt_tokens") or 0),
-        "completion_tokens": int(totals.get("completion_tokens") or 0),
-        "cost_micro": int(totals.get("cost_micro") or 0),
-        "cost_usd": usd(int(totals.get("cost_micro") or 0)),
+        **{name: int(totals.get(name) or 0) for name in TOKEN_SUMS},
     }
 
 
-def group_objects(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> list[dict[str, Any]]:
-    """``Ledger.totals`` rows as JSON: their group columns, then :func:`total_object`."""
-    return [{**{g: row[g] for g in group_by}, **total_object(row)} for row in rows]
+def total_object(totals: dict[str, Any]) -> dict[str, Any]:
+    """A key's own totals (``/v1/usage``): requests, tokens and what it was charged.
+
+    ``cost_*`` repeats ``charge_*``: to the key, what its usage cost is what it paid (the
+    field of clients written before plans). The operator's cost is never shown here.
+    """
+    charge = int(totals.get("charge_micro") or 0)
+    return {**_tokens(totals), **_money("charge", charge), **_money("cost", charge)}
+
+
+def report_object(totals: dict[str, Any]) -> dict[str, Any]:
+    """An operator's totals (the admin report, ``tokenwire usage``): requests, tokens, what
+    they cost upstream, what keys were charged, and the margin (charge - cost)."""
+    cost = int(totals.get("cost_micro") or 0)
+    charge = int(totals.get("charge_micro") or 0)
+    return {
+        **_tokens(totals),
+        **_money("cost", cost),
+        **_money("charge", charge),
+        **_money("margin", charge - cost),
+    }
+
+
+def group_objects(
+    rows: list[dict[str, Any]],
+    group_by: tuple[str, ...],
+    figures: Callable[[dict[str, Any]], dict[str, Any]] = total_object,
+) -> list[dict[str, Any]]:
+    """``Ledger.totals`` rows as JSON: their group columns, then their ``figures``
+    (:func:`total_object` for a key, :func:`report_object` for the operator)."""
+    return [{**{g: row[g] for g in group_by}, **figures(row)} for row in rows]
 
 
 def row_object(row: LedgerRow) -> dict[str, Any]:
-    """One ledger row as JSON (``created_at`` in Unix ms), with ``cost_usd``."""
-    return {"object": "usage.record", **asdict(row), "cost_usd": usd(row.cost_micro)}
+    """One ledger row as a key sees it (``created_at`` in Unix ms): its charge, not the
+    operator's cost (``cost_*`` repeats the charge, as in :func:`total_object`)."""
+    fields = asdict(row)
+    del fields["cost_micro"]
+    return {
+        "object": "usage.record",
+        **fields,
+        **_money("charge", row.charge_micro),
+        **_money("cost", row.charge_micro),
+    }
 
 
 async def get_usage(request: Request) -> Response:
@@ -184,7 +231,5 @@ async def get_usage(request: Request) -> Response:
             key_id=key.id, since_ms=start, until_ms=end, model=model, group_by=group_by
         )
         answer["group_by"] = list(group_by)
-        answer["groups"] = [
-            {**{g: row[g] for g in group_by}, **total_object(row)} for row in groups
-        ]
+        answer["groups"] = group_objects(groups, group_by)
     return json_response(answer)

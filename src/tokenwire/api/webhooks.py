@@ -12,10 +12,16 @@ from now (either way) is refused, so a captured delivery cannot be replayed late
     {"id": "evt_…", "type": "payment.succeeded",
      "data": {"key_id": "key_…", "amount_usd": "10.00", "payment_id": "pi_…"}}
 
+or, paid in another currency, ``"amount": "70.00", "currency": "CNY"`` instead of
+``amount_usd``: the amount in units of that currency (yuan, not fen), credited at the rate
+``[currencies]`` configures (``accounting/currency.py``: exact, rounded half up once to a
+micro-dollar); the credit event records the currency, the amount and the rate.
+
 ``payment.succeeded`` credits the key once per ``payment_id``: a redelivery answers 200 with
 ``"applied": false`` and changes nothing. Other event types are acknowledged (200) and
-ignored. Answers: 400 ``invalid_signature`` / ``timestamp_out_of_tolerance`` / a bad body,
-404 for an unknown key, 503 while the secret is not set.
+ignored. Answers: 400 ``invalid_signature`` / ``timestamp_out_of_tolerance`` / a bad body
+(``unknown_currency`` for a currency without a rate), 404 for an unknown key, 503 while the
+secret is not set.
 """
 
 from __future__ import annotations
@@ -25,12 +31,21 @@ import hmac
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
 from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenwire.accounting.currency import (
+    USD,
+    AmountTooLarge,
+    Credit,
+    UnknownCurrency,
+    convert,
+    rate_for,
+)
 from tokenwire.accounting.pricing import usd
 from tokenwire.api.admin import PositiveAmount
 from tokenwire.api.chat import read_body
@@ -53,12 +68,64 @@ class WebhookEvent(msgspec.Struct):
     data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+CurrencyAmount = Annotated[
+    PositiveAmount,
+    msgspec.Meta(
+        description='Units of `currency` (yuan, not fen) above 0: a string such as "70.00" '
+        "(at most 6 decimals) or a number."
+    ),
+]
+Currency = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=3,
+        max_length=3,
+        description="An ISO 4217 code configured in [currencies] (USD always is), upper or "
+        "lower case.",
+    ),
+]
+
+
 class PaymentSucceeded(msgspec.Struct):
-    """``data`` of a ``payment.succeeded`` event."""
+    """``data`` of a ``payment.succeeded`` event: ``amount_usd``, or ``amount`` + ``currency``."""
 
     key_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    amount_usd: PositiveAmount
     payment_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    amount_usd: PositiveAmount | msgspec.UnsetType = msgspec.UNSET
+    amount: CurrencyAmount | msgspec.UnsetType = msgspec.UNSET
+    currency: Currency | msgspec.UnsetType = msgspec.UNSET
+
+
+def payment_credit(payment: PaymentSucceeded, rates: Mapping[str, Decimal]) -> Credit:
+    """What a payment credits: ``amount_usd`` as is, or ``amount`` of ``currency`` at its
+    configured rate; a 400 naming the field otherwise."""
+    if payment.amount_usd is not msgspec.UNSET:
+        if payment.amount is not msgspec.UNSET or payment.currency is not msgspec.UNSET:
+            raise InvalidRequest(
+                "Give 'amount_usd', or 'amount' and 'currency', not both.",
+                param="data.amount_usd",
+            )
+        micro = read_usd(payment.amount_usd, "data.amount_usd", positive=True)
+        return Credit(micro, USD, micro, "1")
+    if payment.amount is msgspec.UNSET:
+        raise InvalidRequest(
+            "A payment needs 'amount_usd', or 'amount' and 'currency'.", param="data.amount_usd"
+        )
+    if payment.currency is msgspec.UNSET:
+        raise InvalidRequest("'amount' needs its 'currency'.", param="data.currency")
+    try:
+        code, rate = rate_for(payment.currency, rates)
+    except UnknownCurrency as exc:
+        raise InvalidRequest(
+            f"Invalid 'data.currency': {exc}.", param="data.currency", code="unknown_currency"
+        ) from None
+    original = read_usd(payment.amount, "data.amount", positive=True, unit=code)
+    try:
+        return convert(original, code, rate)
+    except AmountTooLarge as exc:
+        raise InvalidRequest(
+            f"Invalid 'data.amount': {exc}.", param="data.amount", code="amount_too_large"
+        ) from None
 
 
 def signature_header(secret: str | bytes, body: bytes, timestamp: int) -> str:
@@ -141,13 +208,15 @@ async def _handle(request: Request, secret: bytes | None) -> Response:
             param=f"data.{param}" if param else "data",
             code="invalid_value",
         ) from None
-    amount = read_usd(payment.amount_usd, "data.amount_usd", positive=True)
+    paid = payment_credit(payment, state.settings.currencies)
+    amount = paid.amount_micro
     balance, applied = await state.ledger.credit(
         payment.key_id,
         amount,
         kind="payment",
         payment_id=payment.payment_id,
         note=f"webhook event {event.id}",
+        paid=paid,
     )
     return json_response(
         {
@@ -159,6 +228,9 @@ async def _handle(request: Request, secret: bytes | None) -> Response:
             "payment_id": payment.payment_id,
             "amount_micro": amount,
             "amount_usd": usd(amount),
+            "currency": paid.currency,
+            "original_amount": usd(paid.original_micro),
+            "rate": paid.rate,
             "balance_micro": balance,
             "balance_usd": usd(balance),
         }

@@ -9,6 +9,10 @@ closed with 1013.
 
 Compatible-mode requests run one after another (their chunks carry no request id); envelope
 requests run concurrently up to ``ws_max_concurrent_requests``.
+
+When the process drains (tokenwire.drain), a session refuses new requests (503
+``server_shutting_down``), tells an envelope-mode client with ``session.closing``, and closes
+(1001, or 1012 for a restart) as soon as it runs no request.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenwire.accounting.keys import KeyRecord
 from tokenwire.api.auth import authenticate_token, bearer_token, client_address
 from tokenwire.config import ServerConfig
+from tokenwire.drain import DrainNotice, refusal
 from tokenwire.errors import (
     AuthenticationError,
     GatewayError,
@@ -41,6 +47,9 @@ from tokenwire.wire.chat_frames import ChatCompatFrames, ChatEnvelopeFrames
 from tokenwire.wire.chunks import error_json
 from tokenwire.wire.frames import FrameLoop
 from tokenwire.wire.schema import convert_chat_request
+
+if TYPE_CHECKING:
+    from tokenwire.protocols import FastWebSocket
 
 log = logging.getLogger("tokenwire.ws")
 
@@ -60,6 +69,16 @@ class _Lane:
 class _Close:
     code: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Ping:
+    """A ping for the writer to send once the messages queued before it are written."""
+
+    answered: asyncio.Future[bool]  # True: the pong came; False: the client closed first
+
+
+_Outgoing = bytes | _Close | _Ping
 
 
 class _RateBucket:
@@ -97,6 +116,10 @@ class WSSession:
         "_closed_event",
         "_closing",
         "_config",
+        "_drain",
+        "_draining_notice_task",
+        "_envelope",
+        "_fast",
         "_key",
         "_lanes",
         "_mode",
@@ -107,19 +130,25 @@ class WSSession:
         "_state",
         "_writer_gone",
         "_writer_task",
+        "_writing",
         "_ws",
     )
 
-    def __init__(self, websocket: WebSocket, state: AppState, key: KeyRecord | None) -> None:
+    def __init__(
+        self, websocket: WebSocket, state: AppState, key: KeyRecord | None, *, envelope: bool
+    ) -> None:
         self._ws = websocket
         self._state = state
         self._config: ServerConfig = state.settings.server
         self._key = key
+        # uvicorn under `tokenwire serve`: batched writes and pings the app can await
+        self._fast: FastWebSocket | None = websocket.scope.get("extensions", {}).get("tokenwire.ws")
         # The writer and its queue are made with the first message to send (memory per socket).
-        self._out: asyncio.Queue[bytes | _Close] | None = None
+        self._out: asyncio.Queue[_Outgoing] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._reader_task: asyncio.Task[Any] | None = None  # the connection's task, while reading
         self._writer_gone = False
+        self._writing = False  # the writer holds messages taken from the queue, unwritten
         self._requests: dict[str, tuple[asyncio.Task[None], StreamSource]] = {}
         # Made with the first compatible request: most sockets never need them (memory).
         self._lanes: dict[str | None, _Lane] | None = None  # made with the first queued request
@@ -129,6 +158,11 @@ class WSSession:
         self._bucket = _RateBucket(self._config.ws_messages_per_second)
         self._auth_deadline: float | None = None
         self._receive_timeout: asyncio.Timeout | None = None
+        # Drain: the notice once the process drains; whether the client speaks envelope mode
+        # (the tokenwire.v1 subprotocol, or a typed message), which gets session.closing.
+        self._drain: DrainNotice | None = None
+        self._envelope = envelope
+        self._draining_notice_task: asyncio.Task[None] | None = None
         self._mode = "pending"  # until the first request: "compatible" or "envelope" (metrics)
 
     # -- the connection ----------------------------------------------------------------------
@@ -137,6 +171,7 @@ class WSSession:
         task = asyncio.current_task()
         assert task is not None
         self._reader_task = task
+        self._state.drain.join(self)
         self._state.metrics.websocket_mode(None, self._mode)
         try:
             # The reader ends on a close, a violation or a timeout; a writer that ends (the
@@ -151,6 +186,7 @@ class WSSession:
         finally:
             self._state.metrics.websocket_mode(self._mode, None)  # first: the rest awaits
             self._mode = "closed"  # counted under no mode any more
+            self._state.drain.leave(self)
             self._reader_task = None  # a writer ending from now on cancels nothing
             self._mark_client_closed()
             tasks = self._tasks()
@@ -171,7 +207,7 @@ class WSSession:
             self._state.metrics.websocket_mode(self._mode, mode)
             self._mode = mode
 
-    def _queue(self) -> asyncio.Queue[bytes | _Close]:
+    def _queue(self) -> asyncio.Queue[_Outgoing]:
         """The writer's queue, starting the writer on first use."""
         if self._out is None:
             self._out = asyncio.Queue(maxsize=64)
@@ -203,32 +239,111 @@ class WSSession:
             out.get_nowait()
         out.put_nowait(_Close(code, reason))
 
-    async def _writer(self, out: asyncio.Queue[bytes | _Close]) -> None:
-        timeout = self._config.ws_send_timeout_s
-        ws = self._ws
+    async def _writer(self, out: asyncio.Queue[_Outgoing]) -> None:
+        """Write what the queue holds, in order: every message queued since the last wake-up
+        in one batch (one system call with :class:`FastWebSocket`)."""
         try:
             while True:
-                item = await out.get()
-                if isinstance(item, _Close):
+                batch = [await out.get()]
+                while not out.empty():
+                    batch.append(out.get_nowait())
+                self._writing = True
+                texts: list[bytes] = []
+                for item in batch:
+                    if isinstance(item, bytes):
+                        texts.append(item)
+                        continue
+                    if texts and not await self._write(texts):
+                        return
+                    texts = []
+                    if isinstance(item, _Ping):
+                        self._ping(item.answered)
+                        continue
                     with contextlib.suppress(Exception):
-                        async with asyncio.timeout(timeout):
-                            await ws.close(item.code, item.reason)
+                        async with asyncio.timeout(self._config.ws_send_timeout_s):
+                            await self._ws.close(item.code, item.reason)
                     return
-                try:
-                    async with asyncio.timeout(timeout):
-                        await ws.send({"type": "websocket.send", "text": item.decode()})
-                except TimeoutError:
-                    self._closing = True
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(1.0):
-                            await ws.close(proto.CLOSE_TRY_AGAIN_LATER, "client too slow")
+                if texts and not await self._write(texts):
                     return
+                self._writing = False
         except (OSError, RuntimeError, WebSocketDisconnect):
             self._mark_client_closed()  # the transport is gone
 
-    async def _send(self, message: bytes) -> None:
-        if not self._closing:
-            await self._queue().put(message)
+    async def _write(self, texts: list[bytes]) -> bool:
+        """Send text messages; False when the session must end (client gone or too slow)."""
+        fast = self._fast
+        if fast is not None:
+            if not fast.writable.is_set():
+                # A client that reads nothing for ws_send_timeout_s is aborted by the
+                # connection's stall guard, which sets `writable` (and write_texts fails).
+                await fast.writable.wait()
+            if fast.write_texts(texts):
+                return True
+            self._mark_client_closed()
+            return False
+        timeout = self._config.ws_send_timeout_s
+        for text in texts:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ws.send({"type": "websocket.send", "text": text.decode()})
+            except TimeoutError:
+                self._closing = True
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await self._ws.close(proto.CLOSE_TRY_AGAIN_LATER, "client too slow")
+                return False
+        return True
+
+    def _ping(self, answered: asyncio.Future[bool]) -> None:
+        if self._fast is None:
+            answered.set_result(not self._client_closed)
+            return
+        self._fast.ping().add_done_callback(partial(_pass_on, answered))
+
+    async def _send_all(self, messages: list[bytes]) -> None:
+        """:meth:`_send` each message; with :class:`FastWebSocket` and nothing waiting ahead,
+        all of them in one write."""
+        if len(messages) > 1 and self._can_write_now():
+            assert self._fast is not None
+            if not self._fast.write_texts(messages):
+                self._mark_client_closed()
+            return
+        for message in messages:
+            await self._send(message)
+
+    def _can_write_now(self) -> bool:
+        """Whether a message may be written by the calling task now: nothing waits ahead of
+        it (in the queue or in the writer's hands) and the transport takes more."""
+        return (
+            self._fast is not None
+            and not self._closing
+            and not self._writing
+            and (self._out is None or self._out.empty())
+            and self._fast.writable.is_set()
+        )
+
+    async def _send(self, message: bytes | _Ping) -> None:
+        """Send a message after those sent before it (by any task of this session).
+
+        With :class:`FastWebSocket`, while nothing waits in the queue or in the writer's
+        hands and the transport takes more, the message is written at once by the calling
+        task (a synchronous write, so frames never interleave); otherwise it joins the
+        queue behind the others and the writer sends it when the client takes more.
+        """
+        if self._closing:
+            return
+        if self._can_write_now():
+            assert self._fast is not None
+            if isinstance(message, _Ping):
+                self._ping(message.answered)
+            elif not self._fast.write_texts([message]):
+                self._mark_client_closed()  # the reader sees the disconnect and ends it all
+            return
+        out = self._queue()
+        if out.full():
+            await out.put(message)
+        else:
+            out.put_nowait(message)
 
     def _receive_deadline(self) -> float | None:
         """When the reader stops waiting: auth deadline, idle deadline, or never (busy)."""
@@ -239,9 +354,36 @@ class WSSession:
         return asyncio.get_running_loop().time() + self._config.ws_idle_timeout_s
 
     def _rearm_idle(self) -> None:
-        """A request ended: restart the idle clock of a reader that waits with none."""
+        """A request ended: restart the idle clock of a reader that waits with none (or, while
+        draining, close the socket once no request runs)."""
+        self._close_if_drained()
         if self._receive_timeout is not None and not self._active():
             self._receive_timeout.reschedule(self._receive_deadline())
+
+    # -- drain -------------------------------------------------------------------------------
+
+    def drain(self, notice: DrainNotice) -> None:
+        """The process drains: refuse new requests, tell an envelope client, close when idle."""
+        if self._drain is not None:
+            return
+        self._drain = notice
+        if self._key is not None and self._envelope:
+            loop = asyncio.get_running_loop()
+            self._draining_notice_task = loop.create_task(self._send_closing(notice))
+        else:
+            self._close_if_drained()
+
+    async def _send_closing(self, notice: DrainNotice) -> None:
+        drain_ms = int(notice.remaining_s() * 1000)
+        await self._send(proto.closing_message(notice.reason, notice.close_code, drain_ms))
+        self._draining_notice_task = None
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        """Close with the drain's code once no request runs (after ``session.closing``)."""
+        notice = self._drain
+        if notice is not None and self._draining_notice_task is None and not self._active():
+            self._close_soon(notice.close_code, notice.close_reason)
 
     async def _reader(self) -> None:
         max_bytes = self._config.ws_max_message_bytes
@@ -270,6 +412,7 @@ class WSSession:
                 return
             try:
                 parsed = self._parse(text, max_bytes)
+                self._envelope = self._envelope or self._speaks_envelope(parsed)
                 if self._key is None:
                     await self._authenticate(parsed)
                     continue
@@ -302,10 +445,16 @@ class WSSession:
         """One client message, typed (the protocol's own parser)."""
         return proto.parse_client_message(text, max_bytes=max_bytes)
 
+    def _speaks_envelope(self, message: object) -> bool:
+        """Whether a client sending ``message`` speaks envelope mode (gets ``session.closing``)."""
+        return not isinstance(message, proto.CompatibleRequest)
+
     def _tasks(self) -> list[asyncio.Task[None]]:
-        """The tasks serving requests (cancelled when the socket ends)."""
+        """The tasks serving requests and the drain notice (cancelled when the socket ends)."""
         tasks = [request_task for request_task, _ in self._requests.values()]
         tasks.extend(lane.task for lane in (self._lanes or {}).values() if lane.task is not None)
+        if self._draining_notice_task is not None:
+            tasks.append(self._draining_notice_task)
         return tasks
 
     def _active(self) -> int:
@@ -313,6 +462,8 @@ class WSSession:
         return len(self._requests) + queued
 
     def _check_capacity(self, request_id: str | None) -> None:
+        if self._drain is not None:
+            raise proto.RequestFailed(refusal(), request_id)
         cap = self._config.ws_max_concurrent_requests
         if self._active() >= cap:
             self._state.metrics.limit_refused("socket_requests")
@@ -367,7 +518,7 @@ class WSSession:
             idempotency = (message.idempotency_key, request_digest(message.body))
         try:
             generation = await self._start(
-                message.body, "ws-envelope", message.resumable, idempotency
+                message.body, "ws-envelope", message.resumable, idempotency, message.include_cost
             )
         except Exception as exc:  # noqa: BLE001 - logged; fails this request only
             raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
@@ -407,6 +558,7 @@ class WSSession:
         transport: Literal["ws", "ws-envelope"],
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
+        include_cost: bool = False,
     ) -> StreamSource:
         self._set_mode("envelope" if transport == "ws-envelope" else "compatible")
         request = convert_chat_request(body)
@@ -419,6 +571,7 @@ class WSSession:
             resumable=resumable,
             idempotency=idempotency,
             client=client_address(self._ws),
+            include_cost=include_cost,
         )
 
     async def _live_key(self) -> KeyRecord:
@@ -458,10 +611,8 @@ class WSSession:
         # detaches its reader at once, not whenever the iterator happens to be collected.
         async with contextlib.aclosing(source.read(after=after)) as batches:
             async for batch in batches:
-                for frame in frames.frames(batch):
-                    await self._send(frame)
-        for frame in frames.end():
-            await self._send(frame)
+                await self._send_all(frames.frames(batch))
+        await self._send_all(frames.end())
 
     # -- requests served one after another, per lane ------------------------------------------
 
@@ -515,7 +666,24 @@ class WSSession:
         await self._finish_compatible()
 
     async def _finish_compatible(self) -> None:
-        """Send ``[DONE]`` unless the client closes within the grace period."""
+        """Send ``[DONE]``, unless the client is closing the socket.
+
+        Some clients close as soon as they see a finish reason and fail on any later message
+        (Node ``ws`` delivers messages that arrive after ``close()``). Under ``tokenwire
+        serve`` the writer pings once the last chunk is written and ``[DONE]`` follows the
+        pong: a closing client sends its close frame before that pong could come (it answers
+        no ping once closing), one that reads on answers at once, so nobody waits longer
+        than a round trip. Elsewhere (no :class:`FastWebSocket`) the server waits
+        ``ws_done_grace_ms`` for the client's close instead.
+        """
+        if self._fast is not None:
+            if self._closing:
+                return
+            answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            await self._send(_Ping(answered))
+            if await answered and not self._client_closed:
+                await self._send(proto.DONE.encode())
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._config.ws_done_grace_ms / 1000):
                 if not self._client_closed:
@@ -523,6 +691,11 @@ class WSSession:
                     await self._closed_event.wait()
         if not self._client_closed:
             await self._send(proto.DONE.encode())
+
+
+def _pass_on(answered: asyncio.Future[bool], pong: asyncio.Future[bool]) -> None:
+    if not answered.done():
+        answered.set_result(pong.result())
 
 
 def _as_gateway_error(exc: Exception, what: str) -> GatewayError:
@@ -562,6 +735,11 @@ async def serve_socket(websocket: WebSocket, session: type[WSSession]) -> None:
     state = get_state(websocket)
     offered = list(websocket.scope.get("subprotocols") or [])
     subprotocol = proto.SUBPROTOCOL if proto.SUBPROTOCOL in offered else None
+    notice = state.drain.notice
+    if notice is not None:  # an upgrade on a connection still open during a drain
+        await websocket.accept(subprotocol)
+        await websocket.close(notice.close_code, notice.close_reason)
+        return
     if not _origin_allowed(websocket, state.settings.server.ws_allowed_origins):
         await websocket.accept(subprotocol)
         await websocket.close(proto.CLOSE_POLICY, "origin not allowed")
@@ -576,7 +754,7 @@ async def serve_socket(websocket: WebSocket, session: type[WSSession]) -> None:
         if token is not None:
             key = await authenticate_token(state, token, client)
         elif ticket is not None:
-            key_id = state.tickets.redeem(ticket)
+            key_id = await state.tickets.redeem(ticket)
             key = None if key_id is None else await state.keys.get(key_id)
             if key is None or not key.is_active(time.time()):
                 raise AuthenticationError("invalid or expired ticket")
@@ -590,4 +768,4 @@ async def serve_socket(websocket: WebSocket, session: type[WSSession]) -> None:
         await websocket.close(proto.CLOSE_INTERNAL, "internal error; try again later")
         return
     await websocket.accept(subprotocol)
-    await session(websocket, state, key).run()
+    await session(websocket, state, key, envelope=subprotocol is not None).run()

@@ -26,11 +26,12 @@ from rich.console import Console
 from rich.table import Column, Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from tokenwire.accounting.costcalc import Workload, parse_share, parse_usd, project
+from tokenwire.accounting.costcalc import ModelCost, Workload, parse_share, parse_usd, project
 from tokenwire.accounting.keys import KeyLimits, KeyRecord, KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
+from tokenwire.accounting.plans import PlanBook
 from tokenwire.accounting.pricing import usd
-from tokenwire.config import Settings, load_settings, usd_to_micro
+from tokenwire.config import Price, Settings, load_settings, usd_to_micro
 from tokenwire.errors import GatewayError, NotFound
 from tokenwire.storage.engine import make_engine, migrate
 
@@ -133,6 +134,13 @@ def _models(settings: Settings, value: str) -> tuple[str, ...]:
     return models
 
 
+def _plan(settings: Settings, value: str) -> str:
+    """A configured plan's name (for ``--plan``)."""
+    if value not in settings.plans:
+        fail(f"--plan: no plan {value!r}; the plans are {', '.join(settings.plans)}")
+    return value
+
+
 def _name(value: str) -> str:
     """A key's label as stored: stripped, 1 to 200 characters (as the admin API takes it)."""
     name = value.strip()
@@ -160,9 +168,10 @@ def _limits_text(record: KeyRecord) -> str:
         return "unlimited" if value is None else str(value)
 
     models = "all" if record.allowed_models is None else ",".join(record.allowed_models)
+    plan = "the default plan" if record.plan is None else f"plan {record.plan}"
     return (
         f"rpm {show(record.rpm)}, tpm {show(record.tpm)}, "
-        f"streams {show(record.max_concurrent_streams)}, models {models}"
+        f"streams {show(record.max_concurrent_streams)}, models {models}; {plan}"
     )
 
 
@@ -190,6 +199,10 @@ def keys_create(
     expires: Annotated[
         TextOpt, typer.Option(help="Expiry as ISO 8601 or Unix seconds (default: never).")
     ] = None,
+    plan: Annotated[
+        TextOpt,
+        typer.Option(help="The plan (price list) it is charged by (default: the default plan)."),
+    ] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -204,11 +217,17 @@ def keys_create(
     )
     extra = 0 if credits is None else _usd(credits, "--credits", positive=False)
     expires_at = None if expires is None else _expiry(expires)
+    plan_name = None if plan is None else _plan(settings, plan)
     grant = usd_to_micro(settings.accounting.free_grant_usd, what="free_grant_usd")
 
     async def action(stores: Stores) -> tuple[KeyRecord, str]:
         record, plaintext = await stores.keys.create(
-            name, is_admin=admin, expires_at=expires_at, limits=limits, grant_micro=grant
+            name,
+            is_admin=admin,
+            expires_at=expires_at,
+            limits=limits,
+            grant_micro=grant,
+            plan=plan_name,
         )
         if extra:
             await stores.ledger.credit(record.id, extra, kind="topup", note="credits at creation")
@@ -241,10 +260,14 @@ def keys_update(
     ] = False,
     expires: Annotated[TextOpt, typer.Option(help="Expiry as ISO 8601 or Unix seconds.")] = None,
     no_expires: Annotated[bool, typer.Option("--no-expires", help="Never expire.")] = False,
+    plan: Annotated[TextOpt, typer.Option(help="The plan (price list) it is charged by.")] = None,
+    default_plan: Annotated[
+        bool, typer.Option("--default-plan", help="Follow the default plan again.")
+    ] = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Change a key's name, limits, models or expiry; options left out stay as they are.
+    """Change a key's name, limits, models, expiry or plan; options left out stay as they are.
 
     A running gateway applies it within server.key_cache_ttl_s (5 s by default).
     """
@@ -262,6 +285,7 @@ def keys_update(
         ),
         ("allowed_models", "--models", models, all_models, lambda v: _models(settings, v)),
         ("expires_at", "--expires", expires, no_expires, _expiry),
+        ("plan", "--plan", plan, default_plan, lambda v: _plan(settings, v)),
     ]
     for column, option, value, clear, convert in pairs:
         if value is not None and clear:
@@ -357,15 +381,17 @@ def usage(
         TextOpt, typer.Option(help="From this time on (ISO 8601 or Unix seconds).")
     ] = None,
     until: Annotated[TextOpt, typer.Option(help="Before this time.")] = None,
-    by: Annotated[str, typer.Option("--by", help="Group by any of key, model, day.")] = (
-        "key,model,day"
-    ),
+    by: Annotated[
+        str, typer.Option("--by", help="Group by any of key, model, provider, plan, day.")
+    ] = "key,model,day",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Requests, tokens and cost from the usage ledger, grouped by key, model and/or day."""
-    from tokenwire.api.usage import parse_group_by, parse_instant_ms, total_object
+    """Requests, tokens, cost, charge and margin from the usage ledger, grouped by key, model,
+    provider, plan and/or day (the admin report's figures)."""
+    from tokenwire.api.admin import usage_report_data
+    from tokenwire.api.usage import parse_group_by, parse_instant_ms
 
     settings = load(config, data_dir)
     try:
@@ -382,38 +408,35 @@ def usage(
     if since_ms is not None and until_ms is not None and until_ms <= since_ms:
         fail("--until must be later than --since")
 
-    async def action(stores: Stores) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    async def action(stores: Stores) -> dict[str, Any]:
         if key is not None and await stores.keys.get(key) is None:
             raise NotFound(f"No API key with id {key!r}.")  # a typo must not read as "no usage"
-        filters: dict[str, Any] = {"key_id": key, "since_ms": since_ms, "until_ms": until_ms}
-        groups = await stores.ledger.totals(**filters, group_by=group_by)
-        (overall,) = await stores.ledger.totals(**filters, group_by=())
-        return groups, overall
-
-    groups, overall = run(settings, action)
-    data = [{**{g: row[g] for g in group_by}, **total_object(row)} for row in groups]
-    if as_json:
-        payload = {"group_by": list(group_by), "data": data, "total": total_object(overall)}
-        typer.echo(json.dumps(payload, indent=2))
-        return
-    table = Table(*group_by, *(_right(h) for h in ("requests", "prompt", "completion", "cost USD")))
-    for row in data if group_by else []:  # ungrouped: the total row alone
-        table.add_row(
-            *(str(row[g]) for g in group_by),
-            str(row["requests"]),
-            str(row["prompt_tokens"]),
-            str(row["completion_tokens"]),
-            row["cost_usd"],
+        return await usage_report_data(
+            stores.ledger, group_by, key_id=key, since_ms=since_ms, until_ms=until_ms
         )
-    total = total_object(overall)
-    table.add_section()
-    table.add_row(
-        *(["total"] + [""] * (len(group_by) - 1) if group_by else []),
-        str(total["requests"]),
-        str(total["prompt_tokens"]),
-        str(total["completion_tokens"]),
-        total["cost_usd"],
-    )
+
+    report = run(settings, action)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    headers = ("requests", "prompt", "cached", "completion", "cost USD", "charge USD", "margin USD")
+    table = Table(*group_by, *(_right(h) for h in headers))
+    total = report["total"]
+    rows = [([str(row[g]) for g in group_by], row) for row in report["data"] if group_by]
+    rows.append((["total"] + [""] * (len(group_by) - 1) if group_by else [], total))
+    for position, (labels, figures) in enumerate(rows):
+        if position == len(rows) - 1:
+            table.add_section()  # the total, under the groups (ungrouped: alone)
+        table.add_row(
+            *labels,
+            str(figures["requests"]),
+            str(figures["prompt_tokens"]),
+            str(figures["cache_read_tokens"] + figures["cache_write_tokens"]),
+            str(figures["completion_tokens"]),
+            figures["cost_usd"],
+            figures["charge_usd"],
+            figures["margin_usd"],
+        )
     console().print(table)
 
 
@@ -431,10 +454,43 @@ def console() -> Console:
 
 def money(micro: int) -> str:
     """Micro-dollars for people: ``$250.00``, or all six decimals when cents are not exact."""
-    text = usd(micro)
+    text = usd(abs(micro))
     if text.endswith("0000"):
         text = text[:-4]
-    return "$" + text
+    return ("-$" if micro < 0 else "$") + text
+
+
+def price_text(price: Price) -> str:
+    """A price per 1M tokens for people: ``$8.00`` (flat) or ``$2.00 / $8.00`` (in / out)."""
+    if price.flat:
+        return money(price.input)
+    return f"{money(price.input)} / {money(price.output)}"
+
+
+def price_fields(price: Price) -> dict[str, Any]:
+    """A price per 1M tokens as JSON: ``usd_per_mtok`` when flat, else input and output."""
+    if price.flat:
+        return {"usd_per_mtok": usd(price.input)}
+    fields = {"input_usd_per_mtok": usd(price.input), "output_usd_per_mtok": usd(price.output)}
+    if price.cache_write != price.input:
+        fields["cache_write_usd_per_mtok"] = usd(price.cache_write)
+    if price.cache_read != price.input:
+        fields["cache_read_usd_per_mtok"] = usd(price.cache_read)
+    return fields
+
+
+def _cost_fields(row: ModelCost) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "model": row.model,
+        "cost_per_mtok": price_fields(row.cost),
+        "price_per_mtok": price_fields(row.price),
+    }
+    for period in ("daily", "period"):
+        for name in ("cost", "price", "margin"):
+            micro = getattr(row, f"{period}_{name}_micro")
+            fields[f"{period}_{name}_micro"] = micro
+            fields[f"{period}_{name}_usd"] = usd(micro)
+    return fields
 
 
 def cost(
@@ -444,11 +500,15 @@ def cost(
     output_share: Annotated[
         str, typer.Option(help="Share of tokens that are output (completion), 0-1.")
     ] = "0.5",
-    days: Annotated[int, typer.Option(help="Days in the period ('monthly' figure), >= 1.")] = 30,
+    days: Annotated[int, typer.Option(help="Days in the period, >= 1.")] = 30,
+    plan: Annotated[
+        TextOpt, typer.Option(help="The plan buyers are on (default: the default plan).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """What a steady workload would cost per day and per period on each catalog model."""
+    """What a steady workload costs the operator per day and per period on each catalog
+    model, what buyers on a plan pay for it, and the operator's margin."""
     settings = load(config)
     try:
         share = parse_share(output_share)
@@ -464,8 +524,11 @@ def cost(
             fail(f"{option} must not be negative")
     if days < 1:
         fail("--days must be at least 1")
+    price_list = PlanBook.from_settings(settings).plan(
+        None if plan is None else _plan(settings, plan)
+    )
     workload = Workload(users, requests_per_user, tokens_per_request, share, days)
-    rows = project(settings.models.values(), workload)
+    rows = project(settings.models.values(), price_list, workload)
     if as_json:
         payload = {
             "workload": {
@@ -478,36 +541,40 @@ def cost(
                 "input_tokens_per_day": _number(workload.input_tokens_per_day),
                 "output_tokens_per_day": _number(workload.output_tokens_per_day),
             },
-            "models": [
-                {
-                    "model": r.model,
-                    "input_usd_per_mtok": usd(r.input_micro_per_mtok),
-                    "output_usd_per_mtok": usd(r.output_micro_per_mtok),
-                    "daily_micro": r.daily_micro,
-                    "daily_usd": usd(r.daily_micro),
-                    "monthly_micro": r.period_micro,
-                    "monthly_usd": usd(r.period_micro),
-                }
-                for r in rows
-            ],
+            "plan": price_list.name,
+            "models": [_cost_fields(r) for r in rows],
         }
         typer.echo(json.dumps(payload, indent=2))
         return
     table = Table(
         "model",
-        *(_right(h) for h in ("input $/1M", "output $/1M", "per day", f"per {days} days")),
+        *(
+            _right(h)
+            for h in (
+                "cost $/1M",
+                "price $/1M",
+                "cost/day",
+                "price/day",
+                "margin/day",
+                f"price/{days} days",
+                f"margin/{days} days",
+            )
+        ),
         title=(
             f"{users} users x {requests_per_user} requests/day x {tokens_per_request} tokens, "
-            f"{float(share):.4g} of them output"
+            f"{float(share):.4g} of them output; buyers on plan {price_list.name}"
         ),
     )
     for r in rows:
         table.add_row(
             r.model,
-            money(r.input_micro_per_mtok),
-            money(r.output_micro_per_mtok),
-            money(r.daily_micro),
-            money(r.period_micro),
+            price_text(r.cost),
+            price_text(r.price),
+            money(r.daily_cost_micro),
+            money(r.daily_price_micro),
+            money(r.daily_margin_micro),
+            money(r.period_price_micro),
+            money(r.period_margin_micro),
         )
     console().print(table)
 

@@ -196,6 +196,7 @@ def completion_fields(record: CompletionRecord) -> dict[str, Any]:
         "completion_tokens": record.completion_tokens,
         "usage_estimated": record.usage_estimated,
         "cost_micro": record.cost_micro,
+        "charge_micro": record.charge_micro,
         "client": record.client,
         "upstream_attempts": len(record.attempts),
     }

@@ -85,7 +85,7 @@ Sampler = Callable[[], RuntimeSample]
 class _Series:
     """The label children of one (model, provider, transport), looked up once."""
 
-    __slots__ = ("completion_tokens", "cost", "itl", "prompt_tokens", "ttft")
+    __slots__ = ("charge", "completion_tokens", "cost", "itl", "prompt_tokens", "ttft")
 
     def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
         self.ttft = metrics.ttft.labels(*labels)
@@ -93,6 +93,7 @@ class _Series:
         self.prompt_tokens = metrics.prompt_tokens.labels(*labels)
         self.completion_tokens = metrics.completion_tokens.labels(*labels)
         self.cost = metrics.cost.labels(*labels)
+        self.charge = metrics.charge.labels(*labels)
 
 
 class Metrics:
@@ -145,7 +146,14 @@ class Metrics:
         )
         self.cost = Counter(
             "tokenwire_cost_microdollars_total",
-            "What completions were charged, in micro-dollars (1e-6 USD).",
+            "What completions cost the operator upstream (the models' prices), in "
+            "micro-dollars (1e-6 USD).",
+            per_model,
+            registry=registry,
+        )
+        self.charge = Counter(
+            "tokenwire_charge_microdollars_total",
+            "What keys were charged for completions (their plans' prices), in micro-dollars.",
             per_model,
             registry=registry,
         )
@@ -268,6 +276,8 @@ class Metrics:
         series.completion_tokens.inc(record.completion_tokens)
         if record.cost_micro:
             series.cost.inc(record.cost_micro)
+        if record.charge_micro:
+            series.charge.inc(record.charge_micro)
         if record.attempts:
             self._attempts(record.model, record.attempts)
 

@@ -57,7 +57,8 @@ class CompletionRecord:
     prompt_tokens: int
     completion_tokens: int
     usage_estimated: bool
-    cost_micro: int
+    cost_micro: int  # what the upstream charges the operator (the model's prices)
+    charge_micro: int  # what the key was charged (its plan's prices)
     client: str
     attempts: tuple[Routed | AttemptFailed, ...]
 

@@ -34,15 +34,16 @@ message is sent as is, so Anthropic continues it (prefill).
 
 Stream (:class:`StreamTranslator`, sans-I/O)::
 
-    message_start                   PromptUsage(usage.input_tokens + cache creation/read tokens):
-                                    billed if the stream is cut before message_stop
+    message_start                   PromptUsage(usage.input_tokens + cache creation/read tokens,
+                                    with the two cache counts apart): billed if the stream is
+                                    cut before message_stop
     content_block_start text        TextDelta of its initial text, if any
     content_block_start tool_use    ToolCallDelta(index=<n-th tool call>, id, name, "")
     content_block_delta text_delta  TextDelta
       input_json_delta              ToolCallDelta(index, arguments=partial_json)
     content_block_stop              a tool call whose arguments were all empty gets "{}"
     message_delta                   stop_reason; usage (cumulative) updated
-    message_stop                    Usage(prompt, completion) then Finish
+    message_stop                    Usage(prompt, completion, cache write/read) then Finish
     ping, thinking, unknown types   ignored
     error                           UpstreamStatusError with the status Anthropic uses for
                                     that error type (overloaded_error → 529, retryable)
@@ -358,13 +359,20 @@ class StreamTranslator:
                 self.usage[name] = value
 
     def result(self) -> Usage:
-        """Usage so far; prompt tokens include cache writes and reads, as OpenAI counts them."""
+        """Usage so far; prompt tokens include cache writes and reads, as OpenAI counts them,
+        and the two cache counts are kept apart for pricing."""
         get = self.usage.get
-        prompt = get("input_tokens", 0) + get("cache_creation_input_tokens", 0)
-        prompt += get("cache_read_input_tokens", 0)
+        written = get("cache_creation_input_tokens", 0)
+        read = get("cache_read_input_tokens", 0)
+        prompt = get("input_tokens", 0) + written + read
         if prompt > MAX_TOKEN_COUNT:
             raise UpstreamError(f"Upstream {self.provider!r} reported {prompt} prompt tokens.")
-        return Usage(prompt, get("output_tokens", 0))
+        return Usage(
+            prompt,
+            get("output_tokens", 0),
+            cache_write_tokens=written,
+            cache_read_tokens=read,
+        )
 
     def end(self) -> list[Event]:
         """The body ended: fine after ``message_stop``, a cut stream before it."""
@@ -409,7 +417,14 @@ class StreamTranslator:
         if kind == "message_start":
             self._take_usage((event.message or {}).get("usage"))
             if self.usage:
-                return [PromptUsage(self.result().prompt_tokens)]
+                usage = self.result()
+                return [
+                    PromptUsage(
+                        usage.prompt_tokens,
+                        cache_write_tokens=usage.cache_write_tokens,
+                        cache_read_tokens=usage.cache_read_tokens,
+                    )
+                ]
         elif kind == "message_delta":
             if event.delta is not None and event.delta.stop_reason:
                 self.stop_reason = event.delta.stop_reason

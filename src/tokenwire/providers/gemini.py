@@ -48,7 +48,8 @@ Reply (Gemini → events)::
     usageMetadata of the first chunk          PromptUsage(promptTokenCount), billed if the stream
                                               is cut before its end
     usageMetadata of the last chunk           Usage(promptTokenCount, candidatesTokenCount +
-                                              thoughtsTokenCount): thinking is billed as output
+                                              thoughtsTokenCount): thinking is billed as output;
+                                              cachedContentTokenCount: the cache-read part
     HTTP error {"error": {code, message,      UpstreamStatusError, status kept, code = status
     status, details}} / error event           name; RetryInfo.retryDelay → retry_after_s
     end of stream without finishReason        UpstreamError
@@ -319,6 +320,11 @@ class _UsageMetadata(msgspec.Struct, rename="camel"):
     prompt_token_count: TokenCount = 0
     candidates_token_count: TokenCount = 0
     thoughts_token_count: TokenCount = 0
+    cached_content_token_count: TokenCount = 0  # the part of the prompt read from a cache
+
+    @property
+    def cached(self) -> int:
+        return min(self.cached_content_token_count, self.prompt_token_count)
 
 
 class _PromptFeedback(msgspec.Struct, rename="camel"):
@@ -403,8 +409,11 @@ class GeminiStream:
             raise gemini_error(self.provider, status, msgspec.json.encode({"error": chunk.error}))
         events: list[Event] = []
         if chunk.usage_metadata is not None:
-            if self._usage is None and chunk.usage_metadata.prompt_token_count:
-                events.append(PromptUsage(chunk.usage_metadata.prompt_token_count))
+            metadata = chunk.usage_metadata
+            if self._usage is None and metadata.prompt_token_count:
+                events.append(
+                    PromptUsage(metadata.prompt_token_count, cache_read_tokens=metadata.cached)
+                )
             self._usage = chunk.usage_metadata
         if not chunk.candidates:
             feedback = chunk.prompt_feedback
@@ -445,7 +454,7 @@ class GeminiStream:
         completion = usage.candidates_token_count + usage.thoughts_token_count
         if completion > MAX_TOKEN_COUNT:
             raise UpstreamError(f"Upstream {self.provider!r} reported {completion} output tokens.")
-        return [Usage(usage.prompt_token_count, completion)]
+        return [Usage(usage.prompt_token_count, completion, cache_read_tokens=usage.cached)]
 
 
 # --- the provider ---------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 The client's original body is passed through (vendor extensions included) with the upstream
 model name, ``stream: true`` and ``stream_options.include_usage`` forced, so usage is always
 the upstream's own figure, and the admitted token limit added when the client sent none.
-The SSE reply is parsed incrementally into typed events.
+The SSE reply is parsed incrementally into typed events; the part of the prompt the upstream
+read from its prompt cache (OpenAI's ``prompt_tokens_details.cached_tokens``, DeepSeek's
+``prompt_cache_hit_tokens``) is kept apart in the usage, priced at the model's cache-read price.
 Connections come from one aiohttp pool per provider; closing the event iterator (a cancel or
 a client gone) closes the upstream connection at once.
 """
@@ -43,9 +45,26 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: TokenCount | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: TokenCount = 0
     completion_tokens: TokenCount = 0
+    prompt_tokens_details: _PromptDetails | None = None  # OpenAI: cached_tokens, read
+    prompt_cache_hit_tokens: TokenCount | None = None  # DeepSeek's name for the same
+
+    def event(self) -> Usage:
+        """The usage event; prompt tokens read from the provider's cache are a part of them."""
+        details = self.prompt_tokens_details
+        cached = (details.cached_tokens if details is not None else None) or 0
+        cached = cached or self.prompt_cache_hit_tokens or 0
+        return Usage(
+            self.prompt_tokens,
+            self.completion_tokens,
+            cache_read_tokens=min(cached, self.prompt_tokens),
+        )
 
 
 class _Chunk(msgspec.Struct):
@@ -126,7 +145,7 @@ def chunk_events(chunk: _Chunk, provider: str) -> list[Event]:
         if choice.finish_reason:
             events.append(Finish(_FINISH.get(choice.finish_reason, "stop")))
     if chunk.usage is not None:
-        events.append(Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens))
+        events.append(chunk.usage.event())
     return events
 
 

@@ -26,6 +26,7 @@ api_keys = sa.Table(
     sa.Column("tpm", sa.Integer, nullable=True),
     sa.Column("max_concurrent_streams", sa.Integer, nullable=True),
     sa.Column("balance_micro", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("plan", sa.String(64), nullable=True),  # NULL: accounting.default_plan
 )
 
 # Worst-case cost held at admission, released when the completion settles.
@@ -55,7 +56,12 @@ usage_ledger = sa.Table(
     sa.Column("prompt_tokens", sa.Integer, nullable=False),
     sa.Column("completion_tokens", sa.Integer, nullable=False),
     sa.Column("usage_estimated", sa.Boolean, nullable=False),
-    sa.Column("cost_micro", sa.BigInteger, nullable=False),
+    # parts of prompt_tokens: written to / read from the provider's prompt cache
+    sa.Column("cache_write_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cache_read_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cost_micro", sa.BigInteger, nullable=False),  # what the operator pays upstream
+    sa.Column("charge_micro", sa.BigInteger, nullable=False),  # what the key was charged
+    sa.Column("plan", sa.String(64), nullable=True),  # the price list that charged it
     sa.Column("ttft_ms", sa.Integer, nullable=True),
     sa.Column("duration_ms", sa.Integer, nullable=False),
     sa.Column("finish_reason", sa.String(32), nullable=True),
@@ -72,10 +78,41 @@ credit_events = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("key_id", sa.String(32), nullable=False, index=True),
     sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("amount_micro", sa.BigInteger, nullable=False),
+    sa.Column("amount_micro", sa.BigInteger, nullable=False),  # credited, in micro-dollars
     sa.Column("payment_id", sa.String(128), nullable=True, unique=True),
     sa.Column("note", sa.String(500), nullable=True),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # what was paid: ISO 4217 currency, millionths of its unit, USD per unit (exact decimal)
+    sa.Column("currency", sa.String(3), nullable=False, server_default="USD"),
+    sa.Column("original_micro", sa.BigInteger, nullable=False),
+    sa.Column("rate", sa.String(40), nullable=False, server_default="1"),
+)
+
+# Self-service sign-ups (POST /v1/signup), one row each. ``grant_email`` is the address's
+# mailbox (``docs/accounting.md``) on the one sign-up that received the free grant, NULL on
+# the others: its unique index is what makes the grant once per address.
+signups = sa.Table(
+    "signups",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("email", sa.String(254), nullable=False, index=True),
+    sa.Column("grant_email", sa.String(254), nullable=True, unique=True),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("client_ip", sa.String(64), nullable=False),
+    sa.Column("invite_code", sa.String(200), nullable=True),
+    sa.Column("grant_micro", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+# Sign-ups per UTC day: overall (scope "day"), per client IP ("ip") and per address
+# ("email"). One conditional UPDATE takes a place under the cap, atomically on both databases.
+signup_counters = sa.Table(
+    "signup_counters",
+    metadata,
+    sa.Column("scope", sa.String(8), primary_key=True),
+    sa.Column("subject", sa.String(254), primary_key=True),
+    sa.Column("day", sa.Integer, primary_key=True),  # days since 1970-01-01 (UTC)
+    sa.Column("count", sa.Integer, nullable=False),
 )
 
 # Responses API objects kept for GET /v1/responses/{id} and previous_response_id (per key).

@@ -32,11 +32,25 @@ class ToolCallDelta(msgspec.Struct, frozen=True):
 
 
 class Usage(msgspec.Struct, frozen=True):
-    """Token usage; ``estimated`` is true when the upstream gave no figures of its own."""
+    """Token usage; ``estimated`` is true when the upstream gave no figures of its own.
+
+    ``prompt_tokens`` counts the whole prompt, as OpenAI does: the two cache counts are parts
+    of it, priced on their own (``accounting/pricing.py``). ``cache_write_tokens`` were
+    written to the provider's prompt cache (Anthropic's ``cache_creation_input_tokens``),
+    ``cache_read_tokens`` read from it (``cache_read_input_tokens``, OpenAI's
+    ``cached_tokens``, Gemini's ``cachedContentTokenCount``).
+
+    ``charge_micro`` is what the completion is charged (integer micro-dollars, the ledger row's
+    ``charge_micro``), set on the final usage of a request that asked to be told its cost
+    (``X-Tokenwire-Include-Cost``; clients see it as ``usage.cost_micro``); None otherwise.
+    """
 
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    charge_micro: int | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -48,10 +62,13 @@ class PromptUsage(msgspec.Struct, frozen=True):
     ``message_start``, Gemini's first ``usageMetadata``); not logged.
 
     A generation cancelled or failed before the final :class:`Usage` bills these instead of
-    an estimate, and it caps the answer so that its cost stays within the reservation.
+    an estimate, and it caps the answer so that its cost stays within the reservation. The
+    cache counts are parts of ``prompt_tokens``, as in :class:`Usage`.
     """
 
     prompt_tokens: int
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
 
 
 class Finish(msgspec.Struct, frozen=True):

@@ -25,6 +25,11 @@ instead: the required string properties get the user's text, numbers 42, boolean
 the input JSON is streamed in 8-character ``input_json_delta`` fragments. Input tokens: 3 per
 message plus the whitespace-separated words of the system prompt and of every message.
 
+**Prompt cache**: ``[[cache:W:R]]`` in the last user message makes ``message_start``'s usage
+report ``cache_creation_input_tokens: W`` and ``cache_read_input_tokens: R`` besides the
+uncached ``input_tokens`` (what Anthropic reports when ``cache_control`` breakpoints write and
+hit its prompt cache); the marker is not echoed.
+
 **Faults**, chosen per request by the header ``x-fake-fault: KIND[:N]`` or by
 ``[[fault:KIND[:N]]]`` in the last user message (N deltas are sent first; default 0, after
 ``message_start``, ``content_block_start`` and ``ping``):
@@ -66,6 +71,7 @@ HTTP_FAULTS = {
 }
 STREAM_FAULTS = frozenset({"hang", "reset", "stall", "malformed", "truncate", "error"})
 _MARKER = re.compile(r"\[\[fault:([a-z0-9]+)(?::(\d+))?\]\]")
+_CACHE = re.compile(r"\[\[cache:(\d{1,9}):(\d{1,9})\]\]")
 _TOKEN = re.compile(r"\s*\S+|\s+$")
 _FRAGMENT = 8
 
@@ -102,6 +108,8 @@ class FakePlan:
     input_tokens: int
     stop_sequence: str | None = None
     tool_use: ToolUse | None = None
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
 
     @property
     def text(self) -> str:
@@ -200,14 +208,16 @@ def plan_reply(body: dict[str, Any]) -> FakePlan:
     """What the fake streams for a (valid) request body; see the module docstring."""
     last = _last_user(body)
     said = " ".join(_texts(last)) or " ".join(_texts(last, tool_results=True))
-    said = " ".join(_MARKER.sub(" ", said).split())
+    cache = _CACHE.search(said)
+    written, read = (int(cache.group(1)), int(cache.group(2))) if cache else (0, 0)
+    said = " ".join(_CACHE.sub(" ", _MARKER.sub(" ", said)).split())
     messages = body.get("messages", [])
     words = len(" ".join(_texts(body.get("system", ""))).split())
     for message in messages:
         words += 3 + len(" ".join(_texts(message.get("content"), tool_results=True)).split())
     tool_use = _tool_use(body, said)
     if tool_use is not None:
-        return FakePlan((), "tool_use", words, tool_use=tool_use)
+        return FakePlan((), "tool_use", words, None, tool_use, written, read)
     text = f"Echo: {said}" if said else "Echo: (nothing)"
     stop_reason, stop_sequence = "end_turn", None
     cuts = [(text.find(s), s) for s in body.get("stop_sequences") or () if s in text]
@@ -217,13 +227,18 @@ def plan_reply(body: dict[str, Any]) -> FakePlan:
     tokens = tuple(_TOKEN.findall(text))
     if len(tokens) > body["max_tokens"]:
         tokens, stop_reason, stop_sequence = tokens[: body["max_tokens"]], "max_tokens", None
-    return FakePlan(tokens, stop_reason, words, stop_sequence, None)
+    return FakePlan(tokens, stop_reason, words, stop_sequence, None, written, read)
 
 
 def stream_frames(plan: FakePlan, model: str) -> tuple[list[bytes], list[bytes], list[bytes]]:
     """The stream for ``plan``: the frames before the deltas, the deltas, the frames after."""
     message_id = "msg_fake_" + hashlib.sha256(repr(plan).encode()).hexdigest()[:20]
-    usage = {"input_tokens": plan.input_tokens, "output_tokens": 1}
+    usage = {
+        "input_tokens": plan.input_tokens,
+        "cache_creation_input_tokens": plan.cache_creation_input_tokens,
+        "cache_read_input_tokens": plan.cache_read_input_tokens,
+        "output_tokens": 1,
+    }
     start = wire.message(message_id, model, [], stop_reason=None, stop_sequence=None, usage=usage)
     deltas: list[bytes]
     if plan.tool_use is not None:

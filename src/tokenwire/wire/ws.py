@@ -37,6 +37,7 @@ CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 3000
 CLOSE_FORBIDDEN = 3003
@@ -71,6 +72,7 @@ class CreateMessage(msgspec.Struct, tag_field="type", tag="chat.completion.creat
     body: dict[str, Any]
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
     resumable: bool = False
+    include_cost: bool = False
 
 
 class CancelMessage(msgspec.Struct, tag_field="type", tag="chat.completion.cancel"):
@@ -215,6 +217,22 @@ def error_message(error: GatewayError, request_id: str | None = None) -> bytes:
         message["request_id"] = request_id
     message["error"] = body["error"]
     return _encode(message)
+
+
+def closing_message(reason: str, close_code: int, drain_ms: int) -> bytes:
+    """``session.closing``: the server drains (``reason`` ``shutdown`` or ``restart``).
+
+    Running requests go on for up to ``drain_ms``; new ones are refused; the socket closes
+    with ``close_code`` once none runs (docs/websocket-protocol.md, "Server shutdown").
+    """
+    return _encode(
+        {
+            "type": "session.closing",
+            "reason": reason,
+            "close_code": close_code,
+            "drain_ms": drain_ms,
+        }
+    )
 
 
 PONG = _encode({"type": "pong"})
