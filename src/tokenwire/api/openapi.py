@@ -723,7 +723,7 @@ def openapi_document(
                     "summary": "A key for an email address, with the free grant once per "
                     "mailbox (when the gateway has sign-up turned on).",
                     "security": [],
-                    "requestBody": _body(signup_request),
+                    "requestBody": json_body(signup_request),
                     "responses": {
                         "201": _json(
                             "The new key, with its plaintext `key` (shown once) and its grant.",
