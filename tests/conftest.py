@@ -10,11 +10,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import redis
 
 from tokenwire.testing import FAST_SIM, GatewayServer, SimUpstreamServer
 from tokenwire.testing_cluster import Cluster
-from tokenwire.testing_services import PrivateDatabase, PrivatePostgres, PrivateRedis
+from tokenwire.testing_services import PrivateDatabase, PrivatePostgres, PrivateRedis, delete_keys
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -104,13 +103,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield state
     finally:
         state.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            stale = list(client.scan_iter(match=prefix + "*"))
-            if stale:
-                client.delete(*stale)
-        finally:
-            client.close()
+        delete_keys(REDIS_URL, prefix)
         asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +20,7 @@ from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.outbox import LedgerOutbox
 from tokenwire.accounting.plans import PlanBook
-from tokenwire.accounting.tickets import TicketStore
+from tokenwire.accounting.tickets import MemoryTicketStore, RedisTicketStore, TicketStore
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.api import (
     admin,
@@ -32,6 +32,7 @@ from tokenwire.api import (
     models,
     openapi,
     responses,
+    responses_ws,
     signup,
     streams,
     tickets,
@@ -48,6 +49,7 @@ from tokenwire.api.errors import (
 )
 from tokenwire.completions import CompletionService
 from tokenwire.config import LimitsConfig, Settings, load_settings
+from tokenwire.drain import Drain, DrainReason, refusal, run_drain
 from tokenwire.errors import GatewayError, NotFound
 from tokenwire.limits.base import RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
@@ -68,7 +70,14 @@ STALE_RESERVATION_S = 6 * 3600
 """A reservation this old belongs to a process that died: it is settled as ``abandoned``."""
 
 
-async def build_state(settings: Settings, env: Mapping[str, str] | None = None) -> AppState:
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Answered while draining too: liveness stays true, readiness says ``draining``, and
+Prometheus still scrapes the drain's progress."""
+
+
+async def build_state(
+    settings: Settings, env: Mapping[str, str] | None = None, drain: Drain | None = None
+) -> AppState:
     """Open the database (migrating it), load the secret, build providers."""
     environ = dict(os.environ if env is None else env)
     engine = make_engine(settings.database_url)
@@ -105,20 +114,26 @@ async def build_state(settings: Settings, env: Mapping[str, str] | None = None) 
         ),
         registry=registry,
         completions=completions,
-        tickets=TicketStore(settings.server.ws_ticket_ttl_s),
+        tickets=make_ticket_store(settings),
         ledger=ledger,
         limiter=limiter,
         monitor=make_monitor(settings),
         responses=ResponsesService(completions, ResponseStore(engine)),
         metrics=metrics,
+        drain=drain or Drain(),
     )
     state.monitor.start(state.completions.live)
     metrics.start()
     return state
 
 
+def redis_configured(settings: Settings) -> bool:
+    """Whether this gateway shares state through Redis (limits or streams; then tickets too)."""
+    return "redis" in (settings.limits.backend, settings.server.stream_backend)
+
+
 def make_monitor(settings: Settings) -> HealthMonitor:
-    """The /healthz watchdog; it probes Redis when limits or streams live there."""
+    """The /healthz watchdog; it probes Redis when limits, streams or tickets live there."""
     server = settings.server
     used_for = tuple(
         name
@@ -128,6 +143,8 @@ def make_monitor(settings: Settings) -> HealthMonitor:
         )
         if backend == "redis"
     )
+    if used_for:
+        used_for += ("tickets",)
     return HealthMonitor(
         max_loop_lag_s=server.health_max_loop_lag_s,
         stall_s=server.health_stall_s,
@@ -135,6 +152,15 @@ def make_monitor(settings: Settings) -> HealthMonitor:
         redis_url=settings.limits.redis_url if used_for else None,
         redis_used_for=used_for,
     )
+
+
+def make_ticket_store(settings: Settings) -> TicketStore:
+    """WebSocket tickets: in Redis when Redis is configured (any instance redeems them)."""
+    ttl_s = settings.server.ws_ticket_ttl_s
+    if redis_configured(settings):
+        limits = settings.limits
+        return RedisTicketStore(limits.redis_url, prefix=limits.redis_prefix, ttl_s=ttl_s)
+    return MemoryTicketStore(ttl_s)
 
 
 def make_limiter(config: LimitsConfig) -> RateLimiter:
@@ -184,6 +210,7 @@ async def close_state(state: AppState) -> None:
     await state.completions.streams.aclose()
     await state.registry.aclose()
     await state.limiter.aclose()
+    await state.tickets.aclose()
     await state.engine.dispose()
 
 
@@ -193,6 +220,11 @@ _DIRECT_POSTS: dict[str, ASGIApp] = {
     "/v1/messages": messages.create_message_endpoint,
 }
 """The completion routes, served without Starlette's router (see :class:`Gateway`)."""
+_DIRECT_SOCKETS: dict[str, Callable[[WebSocket], Awaitable[None]]] = {
+    "/v1/ws/chat": ws.ws_chat,
+    "/v1/responses": responses_ws.ws_responses,
+}
+"""The WebSocket routes, served without Starlette's router (see :class:`Gateway`)."""
 
 
 class Gateway:
@@ -211,10 +243,12 @@ class Gateway:
         trusted_proxies: list[str] | None = None,
         *,
         metrics_port: int | None = None,
+        drain_state: Drain | None = None,
     ) -> None:
         self.app = app
         self.state = app.state
         self._metrics_port = metrics_port  # connections to it get GET /metrics only, no key
+        self.drain = drain_state or Drain()  # the lifespan hands it to the AppState
         # The one place that decides the client's address: X-Forwarded-For (and -Proto) are
         # believed only from a peer in server.trusted_proxies (uvicorn's own rewrite is off,
         # see server_options), so nobody else can pick the address the auth throttle counts.
@@ -224,6 +258,11 @@ class Gateway:
             self._proxied = ProxyHeadersMiddleware(route, trusted_hosts=trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.drain.draining and scope["type"] == "http" and scope["path"] not in PROBE_PATHS:
+            # A request on a connection still open during a drain: 503, and the connection
+            # closes, so the client's retry opens a new one (to another instance).
+            await error_response(refusal(), {"Connection": "close"})(scope, receive, send)
+            return
         if self._proxied is not None:
             await self._proxied(scope, receive, send)
         else:
@@ -239,13 +278,33 @@ class Gateway:
                 scope["app"] = self.app
                 await endpoint(scope, receive, send)
                 return
-        if scope["type"] == "websocket" and scope["path"] == "/v1/ws/chat":
+        if scope["type"] == "websocket":
             # Direct too: a socket's task lives as long as the socket, and Starlette's router
             # and middlewares would keep five more coroutine frames alive per idle socket.
-            scope["app"] = self.app
-            await ws.ws_chat(WebSocket(scope, receive, send))
-            return
+            socket = _DIRECT_SOCKETS.get(scope["path"])
+            if socket is not None:
+                scope["app"] = self.app
+                await socket(WebSocket(scope, receive, send))
+                return
         await self.app(scope, receive, send)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The metrics listener's port (it stays open while the process drains)."""
+        return self._metrics_port
+
+    async def drain_before_exit(
+        self, *, reason: DrainReason, timeout_s: float, forced: Callable[[], bool]
+    ) -> int:
+        """Drain the running app (tokenwire.drain); the number of streams the timeout ended.
+
+        Called by :class:`tokenwire.server.DrainingServer` once it stopped accepting
+        connections; a no-op before the app started.
+        """
+        state = getattr(self.state, "tw", None)
+        if not isinstance(state, AppState):
+            return 0
+        return await run_drain(state, reason=reason, timeout_s=timeout_s, forced=forced)
 
     async def _metrics_listener(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The metrics listener: ``GET /metrics`` without a key, and nothing else."""
@@ -275,9 +334,11 @@ def create_app(
 ) -> Gateway:
     """The tokenwire ASGI app for ``settings``; ``on_started`` runs once it is ready to serve."""
 
+    drain_state = Drain()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state = await build_state(settings, env)
+        state = await build_state(settings, env, drain_state)
         app.state.tw = state
         if on_started is not None:
             on_started()
@@ -302,6 +363,7 @@ def create_app(
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         WebSocketRoute("/v1/ws/chat", ws.ws_chat),
+        WebSocketRoute("/v1/responses", responses_ws.ws_responses),
         Route("/v1/ws/tickets", tickets.create_ticket, methods=["POST"]),
         Route("/v1/usage", usage.get_usage, methods=["GET"]),
         Route("/v1/key", key.get_own_key, methods=["GET"]),
@@ -317,6 +379,7 @@ def create_app(
         Route("/v1/billing/webhook", webhooks.webhook_endpoint(env), methods=["POST"]),
         Route("/v1/signup", signup.signup, methods=["POST"]),
         Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/readyz", health.readyz, methods=["GET"]),
         Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
         *web_routes(),  # the pages /, /usage, /admin and /static/… (tokenwire.web)
@@ -333,7 +396,12 @@ def create_app(
         },
     )
     server = settings.server
-    return Gateway(starlette, server.trusted_proxies, metrics_port=server.metrics_port)
+    return Gateway(
+        starlette,
+        server.trusted_proxies,
+        metrics_port=server.metrics_port,
+        drain_state=drain_state,
+    )
 
 
 def app_from_env() -> Gateway:
@@ -360,5 +428,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "backlog": 4096,
         "proxy_headers": False,  # the app reads forwarding headers itself (Gateway)
         "timeout_keep_alive": 75,  # longer than clients' pools keep idle connections
-        "timeout_graceful_shutdown": 10,
+        # After a drain (tokenwire.server) only finished responses and closing sockets are
+        # left; a bare uvicorn (app_from_env) gets no drain, just this wait.
+        "timeout_graceful_shutdown": 3,
     }

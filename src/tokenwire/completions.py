@@ -9,7 +9,8 @@ it is the one place where a validated request becomes a generation:
    stream slot;
 3. the ledger reserves the most its charge can be from the key's credits (402), at the key's
    plan's prices: a prompt bound that no upstream count exceeds, and the admitted output
-   limit (``accounting/budget.py``);
+   limit (``accounting/budget.py``), in a transaction shared with the reservations asked for
+   meanwhile (``accounting/reserver.py``);
 4. the generation starts. When it ends, however it ends and whoever was reading, it first
    releases the limits (the stream slot is free and the token bucket corrected before the
    client sees the end), then settles money: one ledger row with the cost (the model's
@@ -40,11 +41,13 @@ from tokenwire.accounting.budget import (
     prompt_token_bound,
 )
 from tokenwire.accounting.keys import KeyRecord
-from tokenwire.accounting.ledger import Ledger, LedgerRow
+from tokenwire.accounting.ledger import Ledger, LedgerRow, Reservation
 from tokenwire.accounting.plans import PlanBook
 from tokenwire.accounting.pricing import amount_micro, worst_case_micro
+from tokenwire.accounting.reserver import Reserver
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry, Plan, Price
+from tokenwire.drain import interrupted
 from tokenwire.errors import GatewayError, PermissionDenied
 from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.observability.logs import log_completion, log_refusal
@@ -53,7 +56,7 @@ from tokenwire.observability.outcomes import completion_record, refusal_of
 from tokenwire.observability.records import Api, Refusal, Transport
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.registry import ProviderRegistry
-from tokenwire.streams.events import Event
+from tokenwire.streams.events import Event, Usage
 from tokenwire.streams.generation import Generation, GenerationState
 from tokenwire.streams.memory_store import MemoryStreamStore
 from tokenwire.streams.source import StreamSource
@@ -92,6 +95,8 @@ class _Context:
 
 def ledger_status(generation: Generation) -> str:
     """The ledger's status for a finished generation."""
+    if generation.interrupted:
+        return "shutdown"
     if generation.state is GenerationState.FAILED:
         return "upstream_error"
     if generation.state is GenerationState.CANCELLED:
@@ -129,6 +134,7 @@ class CompletionService:
         self._limiter = limiter
         self._ledger = ledger
         self._writer = writer or LedgerWriter(ledger)
+        self._reserver = Reserver(ledger)
         self._grace_s = disconnect_grace_s
         self._default_max_tokens = default_max_tokens
         self.live: dict[str, Generation] = {}
@@ -157,6 +163,7 @@ class CompletionService:
         client: str = "",
         api: Api = "chat",
         on_settled: SettledHook | None = None,
+        include_cost: bool = False,
     ) -> StreamSource:
         """Admit and start a completion; raises before anything runs when it may not.
 
@@ -167,10 +174,13 @@ class CompletionService:
         ``stream_grace_s`` and are kept for resuming. ``api`` names the client API (the id's
         style and the ledger's ``api``); ``on_settled`` runs once after the ledger row is
         written, before the generation leaves ``live`` (a failure is logged). ``client`` (the
-        caller's address) goes to the completion's log line.
+        caller's address) goes to the completion's log line. With ``include_cost`` the final
+        usage carries the charge (``cost_micro``).
         """
         completion_id = new_completion_id(api)
-        admit = _Admit(key, request, raw_body, transport, completion_id, client, api, on_settled)
+        admit = _Admit(
+            key, request, raw_body, transport, completion_id, client, api, on_settled, include_cost
+        )
         if idempotency is None:
             return await self._start(admit, resumable)
         idempotency_key, digest = idempotency
@@ -213,6 +223,7 @@ class CompletionService:
                 if context.reserved_micro is None
                 else partial(completion_budget, context.price, context.reserved_micro)
             ),
+            price=partial(self._charge, context) if admit.include_cost else None,
         )
         generation.response_headers = context.admission.headers
         self.live[generation.id] = generation
@@ -266,14 +277,16 @@ class CompletionService:
             if not price.free:
                 prompt_bound = prompt_token_bound(request, entry.context_tokens)
                 reserved = worst_case_micro(price, prompt_bound, max_output)
-                await self._ledger.reserve(
-                    key.id,
-                    completion_id,
-                    reserved,
-                    model=entry.id,
-                    provider=entry.provider,
-                    transport=ledger_transport(admit.transport),
-                    api=admit.api,
+                await self._reserver.reserve(
+                    Reservation(
+                        key.id,
+                        completion_id,
+                        reserved,
+                        entry.id,
+                        entry.provider,
+                        ledger_transport(admit.transport),
+                        admit.api,
+                    )
                 )
         except BaseException:
             await self._release_limits(admission, spec, 0, completion_id)
@@ -367,6 +380,15 @@ class CompletionService:
             self.streams.finished(generation)
             self.live.pop(generation.id, None)  # last: an empty ``live`` means all is written
 
+    @staticmethod
+    def _charge(context: _Context, usage: Usage) -> int:
+        """What a completion that produced output is charged for ``usage``: its plan's price,
+        never more than was reserved. The ledger row and the reported charge both use it."""
+        charge = amount_micro(context.price, usage)
+        if context.reserved_micro is not None:
+            charge = min(charge, context.reserved_micro)
+        return charge
+
     def _row(self, context: _Context, generation: Generation) -> LedgerRow:
         """The completion's ledger row: what it used, what it cost and what it is charged."""
         usage = generation.usage
@@ -377,9 +399,7 @@ class CompletionService:
         cost = charge = 0
         if not failed_before_output:
             cost = amount_micro(context.entry.cost, usage)
-            charge = amount_micro(context.price, usage)
-        if context.reserved_micro is not None:
-            charge = min(charge, context.reserved_micro)  # never more than was reserved
+            charge = self._charge(context, usage)
         ended = generation.ended_at or time.perf_counter()
         return LedgerRow(
             completion_id=generation.id,
@@ -407,12 +427,30 @@ class CompletionService:
             api=context.api,
         )
 
+    def interrupt_all(self) -> int:
+        """End every running generation with the in-band ``server_shutting_down`` error (a
+        drain's timeout, or the shutdown itself); the number ended. Each says whether its
+        events can be read again on another gateway process."""
+        running = [g for g in self.live.values() if not g.finished]
+        for generation in running:
+            readable_s = self.streams.readable_elsewhere_s(generation)
+            generation.interrupt(
+                interrupted(
+                    generation.id,
+                    generation.log.last_seq,
+                    resumable=readable_s is not None,
+                    retention_s=readable_s or 0.0,
+                )
+            )
+        return len(running)
+
     async def shutdown(self) -> None:
-        """Cancel every live generation and wait for them to settle."""
+        """End every live generation, wait for them to settle (and reservations given back),
+        flush the ledger writer."""
         pending = list(self.live.values())
-        for generation in pending:
-            generation.cancel("shutdown")
+        self.interrupt_all()
         await asyncio.gather(*(g.wait_settled() for g in pending))
+        await self._reserver.aclose()
         await self._writer.aclose()
 
 
@@ -428,3 +466,4 @@ class _Admit:
     client: str
     api: Api
     on_settled: SettledHook | None
+    include_cost: bool = False  # the final usage carries the charge

@@ -6,11 +6,15 @@ Environment variables (all optional):
 ``TOKENWIRE_DATA_DIR``      where the SQLite database and the server secret live
 ``TOKENWIRE_DATABASE_URL``  a SQLAlchemy URL (e.g. ``postgresql+asyncpg://…``) instead of SQLite
 ``TOKENWIRE_HOST``, ``TOKENWIRE_PORT``  where ``tokenwire serve`` listens
-``TOKENWIRE_REDIS_URL``     share rate limits and resumable streams through Redis (sets
-                           ``limits.backend`` and ``server.stream_backend`` to ``"redis"``)
+``TOKENWIRE_WORKERS``       processes ``tokenwire serve`` runs: N or ``auto`` (``server.workers``)
+``TOKENWIRE_REDIS_URL``     share rate limits, resumable streams and WebSocket tickets through
+                           Redis (sets ``limits.backend`` and ``server.stream_backend`` to
+                           ``"redis"``)
 ``TOKENWIRE_LOG_FORMAT``    ``json``, ``text`` or ``auto`` (``server.log_format``)
 ``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT``  the metrics listener
                            (``server.metrics_host``, ``server.metrics_port``)
+``TOKENWIRE_DRAIN_TIMEOUT`` seconds running streams may finish after SIGTERM
+                           (``server.drain_timeout_s``)
 
 Provider API keys are never in the file: a provider names the variable that holds its key
 (``api_key_env``), read when the app starts.
@@ -55,6 +59,7 @@ PORT_RANGE = "1-65535"
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8000
+    workers: Capacity | Literal["auto"] = 1  # processes on the port (tokenwire.workers)
     max_body_bytes: Capacity = 1_048_576
     sse_heartbeat_s: Interval = 15.0
     disconnect_grace_s: Delay = 0.0
@@ -88,6 +93,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
     metrics_host: str = "127.0.0.1"
     metrics_port: Port | None = None  # a listener serving GET /metrics without a key
+    drain_timeout_s: Delay = 30.0  # SIGTERM: running streams may finish this long
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -334,11 +340,39 @@ def parse_port(text: str, what: str = "TOKENWIRE_PORT") -> int:
     return port
 
 
+def parse_workers(text: str, what: str = "TOKENWIRE_WORKERS") -> int | Literal["auto"]:
+    """A worker count given as text: a positive integer or ``auto``; else ``ConfigError``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{what}: {text!r} is not a positive number of workers or 'auto'")
+    return value
+
+
+def parse_seconds(text: str, what: str = "TOKENWIRE_DRAIN_TIMEOUT") -> float:
+    """A duration of 0 or more seconds given as text, or ``ConfigError`` naming ``what``."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{what}: {text!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
 LOG_FORMATS = ("auto", "json", "text")
 
 
 def _operations_env(server: ServerConfig, environ: Mapping[str, str]) -> ServerConfig:
-    """``TOKENWIRE_LOG_FORMAT``, ``TOKENWIRE_METRICS_HOST`` and ``TOKENWIRE_METRICS_PORT``."""
+    """``TOKENWIRE_LOG_FORMAT``, ``TOKENWIRE_METRICS_HOST``, ``TOKENWIRE_METRICS_PORT`` and
+    ``TOKENWIRE_DRAIN_TIMEOUT``."""
+    if environ.get("TOKENWIRE_DRAIN_TIMEOUT"):
+        seconds = parse_seconds(environ["TOKENWIRE_DRAIN_TIMEOUT"])
+        server = msgspec.structs.replace(server, drain_timeout_s=seconds)
     log_format = environ.get("TOKENWIRE_LOG_FORMAT")
     if log_format:
         if log_format not in LOG_FORMATS:
@@ -451,6 +485,10 @@ def load_settings(
         server = msgspec.structs.replace(server, host=environ["TOKENWIRE_HOST"])
     if environ.get("TOKENWIRE_PORT"):
         server = msgspec.structs.replace(server, port=parse_port(environ["TOKENWIRE_PORT"]))
+    if environ.get("TOKENWIRE_WORKERS"):
+        server = msgspec.structs.replace(
+            server, workers=parse_workers(environ["TOKENWIRE_WORKERS"])
+        )
     server = _operations_env(server, environ)
     limits = merged.limits
     if environ.get("TOKENWIRE_REDIS_URL"):

@@ -29,6 +29,9 @@ where they occur and never leave it.
     ├── StreamStoreUnavailable        503 stream_store_unavailable (Redis, for shared streams)
     ├── DatabaseUnavailable           503 database_unavailable  (keys and credits cannot be read)
     ├── LimiterUnavailable            503 rate_limiter_unavailable (Redis, for shared limits)
+    ├── TicketStoreUnavailable        503 ticket_store_unavailable (Redis, for shared tickets)
+    ├── ServerShuttingDown            503 server_shutting_down  (draining: retry elsewhere;
+    │                                     in-band when a drain ends a running stream)
     ├── UpstreamError                 502 upstream_error        (retryable)
     │   ├── UpstreamTimeout           504 upstream_timeout
     │   ├── UpstreamAuthError         502 upstream_auth_error   (the operator's provider key
@@ -50,6 +53,7 @@ class GatewayError(Exception):
     type: ClassVar[str] = "api_error"
     default_code: ClassVar[str | None] = None
     retryable: ClassVar[bool] = False
+    retry_after_header: ClassVar[str | None] = None  # a fixed Retry-After, e.g. "1"
 
     def __init__(
         self,
@@ -83,7 +87,7 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         """Extra response headers this error carries (e.g. ``Retry-After``)."""
-        return {}
+        return {} if self.retry_after_header is None else {"Retry-After": self.retry_after_header}
 
 
 class InternalError(GatewayError):
@@ -207,9 +211,7 @@ class IdempotencyInProgress(GatewayError):
     status = 409
     type = "invalid_request_error"
     default_code = "idempotency_key_in_use"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    retry_after_header = "1"
 
 
 class StreamStoreUnavailable(GatewayError):
@@ -227,9 +229,7 @@ class DatabaseUnavailable(GatewayError):
     type = "api_error"
     default_code = "database_unavailable"
     retryable = True
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    retry_after_header = "1"
 
 
 class LimiterUnavailable(GatewayError):
@@ -238,6 +238,46 @@ class LimiterUnavailable(GatewayError):
     status = 503
     type = "api_error"
     default_code = "rate_limiter_unavailable"
+
+
+class TicketStoreUnavailable(GatewayError):
+    """The shared WebSocket ticket store (Redis) cannot be reached."""
+
+    status = 503
+    type = "api_error"
+    default_code = "ticket_store_unavailable"
+    retry_after_header = "1"
+
+
+class ServerShuttingDown(GatewayError):
+    """This gateway process is draining before it exits (docs/operations.md, "Drain").
+
+    Before a request runs, it is refused with this (503, ``Retry-After: 1``): another
+    instance behind the same load balancer takes the retry. A stream still running when the
+    drain timeout ends is ended with it in-band; ``stream_id`` and ``resumable`` then say
+    whether its events can be read again on another instance (a shared stream store).
+    """
+
+    status = 503
+    type = "api_error"
+    default_code = "server_shutting_down"
+    retryable = True
+    retry_after_header = "1"
+    retry_after_s = 1.0  # over WebSocket: retry_after_ms
+
+    def __init__(
+        self, message: str, *, stream_id: str | None = None, resumable: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+        self.resumable = resumable
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        if self.stream_id is not None:
+            body["error"]["stream_id"] = self.stream_id
+            body["error"]["resumable"] = self.resumable
+        return body
 
 
 class ProviderUnavailable(GatewayError):
@@ -352,12 +392,21 @@ class RecordedError(GatewayError):
     """
 
     def __init__(
-        self, message: str, *, status: int, error_type: str, code: str | None, param: str | None
+        self,
+        message: str,
+        *,
+        status: int,
+        error_type: str,
+        code: str | None,
+        param: str | None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message, status=status, code=code, param=param)
         self.error_type = error_type
+        self.extra = extra or {}  # fields beyond OpenAI's four (e.g. a drain's stream_id)
 
     def to_body(self) -> dict[str, Any]:
         body = super().to_body()
         body["error"]["type"] = self.error_type
+        body["error"].update(self.extra)
         return body

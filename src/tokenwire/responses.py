@@ -18,7 +18,7 @@ from typing import Any
 
 from tokenwire.accounting.keys import KeyRecord
 from tokenwire.completions import CompletionService
-from tokenwire.errors import GatewayError, InvalidRequest
+from tokenwire.errors import GatewayError, InvalidRequest, NotFound
 from tokenwire.observability.records import Transport
 from tokenwire.storage.responses import ResponseStore, not_found
 from tokenwire.streams.generation import Generation
@@ -48,9 +48,23 @@ class StartedResponse:
         return [*self.history, *self.plan.messages, *encoder.chat_messages()]
 
 
-def head_of(source: StreamSource, plan: ResponsesPlan | None) -> ResponseHead:
-    """A response's identity and echoed request fields (none known for another process's)."""
-    echo = {} if plan is None else plan.echo
+_OWN_FIELDS = frozenset(
+    {"id", "object", "created_at", "status", "error", "incomplete_details", "model", "output"}
+    | {"usage"}
+)
+
+
+def head_of(
+    source: StreamSource, plan: ResponsesPlan | None, stored: dict[str, Any] | None = None
+) -> ResponseHead:
+    """A response's identity and echoed request fields: its plan's while it runs here, else a
+    stored copy's, else none (a response running in another process, not stored)."""
+    if plan is not None:
+        echo = plan.echo
+    elif stored is not None:
+        echo = {name: value for name, value in stored.items() if name not in _OWN_FIELDS}
+    else:
+        echo = {}
     return ResponseHead(source.id, source.created, source.model, echo)
 
 
@@ -65,6 +79,17 @@ class ResponsesService:
     def plan_of(self, response_id: str) -> ResponsesPlan | None:
         """The plan of a response running in this process."""
         return self._plans.get(response_id)
+
+    async def head(self, source: StreamSource, key_id: str) -> ResponseHead:
+        """The head of a response to replay (a resume): from its plan, or its stored copy."""
+        plan = self._plans.get(source.id)
+        if plan is not None:
+            return head_of(source, plan)
+        try:
+            stored = await self.store.get(source.id, key_id)
+        except NotFound:
+            stored = None
+        return head_of(source, None, stored)
 
     async def start(
         self,

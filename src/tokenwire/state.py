@@ -12,6 +12,7 @@ from tokenwire.accounting.ledger import Ledger
 from tokenwire.accounting.tickets import TicketStore
 from tokenwire.completions import CompletionService
 from tokenwire.config import Settings
+from tokenwire.drain import Drain
 from tokenwire.limits.base import RateLimiter
 from tokenwire.monitor import HealthMonitor
 from tokenwire.observability.metrics import Metrics
@@ -34,6 +35,7 @@ class AppState:
     monitor: HealthMonitor
     responses: ResponsesService
     metrics: Metrics  # this app's Prometheus series (the same object CompletionService observes)
+    drain: Drain
 
 
 def get_state(connection: HTTPConnection) -> AppState:

@@ -14,23 +14,29 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Unpack
+from typing import Any
 
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
-from tokenwire.accounting.keys import KeyOptions, KeyStore, load_server_secret
+from tokenwire.accounting.keys import KeyStore, load_server_secret
 from tokenwire.accounting.ledger import LedgerRow
 from tokenwire.app import create_app, server_options
 from tokenwire.config import Settings, load_settings
+from tokenwire.drain import DrainReason
+from tokenwire.providers.sim import SimPlan, plan
+from tokenwire.server import DrainingServer
 from tokenwire.simupstream.app import create_sim_app
 from tokenwire.state import AppState
 from tokenwire.storage.engine import make_engine, migrate
+from tokenwire.wire.schema import decode_chat_request
 
 FAST_SIM = """
 [providers.sim]
@@ -88,6 +94,11 @@ itl_ms = {itl_ms}
 """
 
 
+def sim_plan(body: dict[str, Any]) -> SimPlan:
+    """What the simulator answers to this chat-completions body (any model name)."""
+    return plan(decode_chat_request(json.dumps(body).encode()))
+
+
 @dataclass
 class SSEAnswer:
     """What a client read from one streamed chat completion."""
@@ -143,9 +154,14 @@ class Scrape:
 
 
 class ServerThread:
-    """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread."""
+    """Runs an ASGI app under uvicorn on 127.0.0.1 and a free port, in a daemon thread.
 
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
+    The server is ``tokenwire serve``'s :class:`~tokenwire.server.DrainingServer`:
+    :meth:`begin_drain` does what SIGTERM does to ``serve``; :meth:`stop` drains with no
+    timeout (running streams end in-band at once) and waits for the thread.
+    """
+
+    def __init__(self, app: ASGIApp, *, drain_timeout_s: float = 0.0, **options: Any) -> None:
         self.app = app
         settings: dict[str, Any] = {
             "loop": "uvloop",
@@ -157,7 +173,7 @@ class ServerThread:
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, access_log=False, log_level="warning", **settings
         )
-        self._server = uvicorn.Server(config)
+        self._server = DrainingServer(config, drain_timeout_s=drain_timeout_s)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -189,8 +205,24 @@ class ServerThread:
         sockets = self._server.servers[0].sockets
         self.port = int(sockets[0].getsockname()[1])
 
+    def begin_drain(self, reason: DrainReason = "shutdown") -> None:
+        """Drain and exit as ``serve`` does on SIGTERM (``"restart"``: SIGHUP); returns at once."""
+        self._server.request_drain(reason)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the server to exit; whether it did."""
+        self._thread.join(timeout=timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def streams_ended_by_drain(self) -> int:
+        """How many streams the drain's timeout ended (after the server exited)."""
+        return self._server.streams_ended_by_drain
+
     def stop(self) -> None:
-        self._server.should_exit = True
+        if not self._server.should_exit:
+            self._server.drain_timeout_s = 0.0  # a test's end: running streams end at once
+            self._server.should_exit = True
         self._thread.join(timeout=15)
 
     @property
@@ -248,7 +280,11 @@ class GatewayServer(ServerThread):
         self.admin_key, self.api_key, self.api_key_id = asyncio.run(
             _bootstrap_keys(self.settings, self.env, grant_usd * 1_000_000)
         )
-        super().__init__(create_app(self.settings, self.env), **server_options(self.settings))
+        super().__init__(
+            create_app(self.settings, self.env),
+            drain_timeout_s=self.settings.server.drain_timeout_s,
+            **server_options(self.settings),
+        )
 
     @property
     def state(self) -> AppState:
@@ -257,17 +293,50 @@ class GatewayServer(ServerThread):
         assert isinstance(state, AppState)
         return state
 
-    def create_key(self, name: str, **options: Unpack[KeyOptions]) -> tuple[str, str]:
-        """A key made by the running gateway's key store: (id, plaintext)."""
-        made = asyncio.run_coroutine_threadsafe(
-            self.state.keys.create(name, **options), self.loop_of_server()
-        )
-        record, plaintext = made.result(timeout=10)
-        return record.id, plaintext
-
     def __enter__(self) -> GatewayServer:
         self.start()
         return self
+
+    def call(
+        self, method: str, path: str, key: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        """One JSON call to the running gateway with ``key``: the status and decoded body."""
+        request = urllib.request.Request(
+            self.base_url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def create_key(self, name: str, **fields: Any) -> tuple[str, str]:
+        """A new API key made through the admin API (``rpm``, ``credits_usd``, ...): its id
+        and plaintext."""
+        status, body = self.call("POST", "/v1/admin/keys", self.admin_key, {"name": name, **fields})
+        if status != 201:
+            raise RuntimeError(f"creating a key failed: {status} {body}")
+        return body["id"], body["key"]
+
+    def usage_rows(
+        self, key: str, count: int = 0, *, including: Collection[str] = (), timeout_s: float = 20.0
+    ) -> list[dict[str, Any]]:
+        """The key's ledger rows (``GET /v1/usage``, newest first) once at least ``count`` are
+        written and the completions ``including`` have theirs (settlement is batched), or
+        when ``timeout_s`` has passed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status, body = self.call("GET", "/v1/usage?limit=1000", key)
+            if status != 200:
+                raise RuntimeError(f"reading usage failed: {status} {body}")
+            rows: list[dict[str, Any]] = body["data"]
+            written = {row["completion_id"] for row in rows}
+            done = len(rows) >= count and written.issuperset(including)
+            if done or time.monotonic() > deadline:
+                return rows
 
 
 class SimUpstreamServer(ServerThread):

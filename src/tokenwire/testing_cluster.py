@@ -42,6 +42,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def loopback_urls(port: int) -> tuple[str, str]:
+    """The base URL and the WebSocket chat URL of a gateway (or a proxy) on 127.0.0.1."""
+    return f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws/chat"
+
+
 @dataclass
 class GatewayProcess:
     """One ``tokenwire serve`` process: its log (stderr) in ``log_path``, and its stdout there
@@ -55,11 +60,11 @@ class GatewayProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return loopback_urls(self.port)[0]
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws/chat"
+        return loopback_urls(self.port)[1]
 
     def first_keys(self) -> dict[str, tuple[str, str]]:
         """The keys a first start printed on stdout: ``{"admin": (id, key), "api": (id, key)}``
@@ -99,6 +104,8 @@ class Cluster:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
         environ["TOKENWIRE_DATABASE_URL"] = self.database_url
         environ["TOKENWIRE_SECRET"] = self.secret
+        # a test's end (SIGTERM) drains for 2 s at most; `serve --drain-timeout` overrides it
+        environ["TOKENWIRE_DRAIN_TIMEOUT"] = "2"
         return environ
 
     def keystore(self, engine: Any) -> KeyStore:
@@ -112,8 +119,9 @@ class Cluster:
         finally:
             await engine.dispose()
 
-    def spawn(self, index: int, config: Path) -> GatewayProcess:
-        """Start one ``tokenwire serve`` process with its own data dir and port."""
+    def spawn(self, index: int, config: Path, args: tuple[str, ...] = ()) -> GatewayProcess:
+        """Start one ``tokenwire serve`` process (``args``: more options) with its own data dir
+        and port."""
         data_dir = self.root / f"data-{index}"
         data_dir.mkdir()
         return spawn_gateway(
@@ -121,15 +129,18 @@ class Cluster:
             self.root,
             data_dir=data_dir,
             env=self.env,
-            args=["--config", str(config), "--no-access-log"],
+            args=["--config", str(config), "--no-access-log", *args],
         )
 
-    async def start(self, config_text: str, count: int = 2) -> list[GatewayProcess]:
-        """Start ``count`` processes on ``config_text`` and wait until each is ready."""
+    async def start(
+        self, config_text: str, count: int = 2, args: tuple[str, ...] = ()
+    ) -> list[GatewayProcess]:
+        """Start ``count`` processes on ``config_text`` (``args``: more ``serve`` options) and
+        wait until each is ready."""
         config = self.root / "tokenwire.toml"
         config.write_text(config_text)
         for i in range(count):
-            self.processes.append(self.spawn(i, config))
+            self.processes.append(self.spawn(i, config, args))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             for gateway in self.processes:
                 await wait_ready(session, gateway)

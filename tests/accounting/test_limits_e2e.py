@@ -28,7 +28,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
 import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,6 +43,7 @@ from tokenwire.providers.sim import SimPlan, plan
 from tokenwire.storage.engine import make_engine
 from tokenwire.storage.tables import credit_events, reservations, usage_ledger
 from tokenwire.testing import FAST_SIM, GatewayServer
+from tokenwire.testing_services import delete_keys
 from tokenwire.wire.schema import decode_chat_request
 
 CATALOG = (
@@ -310,13 +310,7 @@ def limiter_backend(backend: str) -> Iterator[str]:
     try:
         yield f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"'
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            stale = list(client.scan_iter(match=prefix + "*"))
-            if stale:
-                client.delete(*stale)
-        finally:
-            client.close()
+        delete_keys(REDIS_URL, prefix)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -220,3 +220,24 @@ async def test_a_batch_spilled_during_a_replay_is_replayed_too(tmp_path: Path) -
         await writer.aclose()
     finally:
         await engine.dispose()
+
+
+async def test_aclose_writes_every_queued_row_before_it_stops(tmp_path: Path) -> None:
+    """Settlements still queued when the writer is closed (a process's exit) are committed first: every settle returns True and every row is in the ledger."""
+    engine, ledger, key_id = await _books(tmp_path, 100_000)
+    try:
+        for i in range(10):
+            await ledger.reserve(key_id, f"q{i}", 5_000)
+        writer = LedgerWriter(ledger, LedgerOutbox(tmp_path / "outbox"))
+        settles = [
+            asyncio.create_task(writer.settle(row(f"q{i}", key_id, 1_000), reserved=True))
+            for i in range(10)
+        ]
+        closing = asyncio.create_task(writer.aclose())  # runs after the settles queued
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(*settles) == [True] * 10
+            await closing
+        assert len(await ledger.rows(key_id=key_id)) == 10
+        assert await ledger.balance(key_id) == 100_000 - 10 * 1_000
+    finally:
+        await engine.dispose()

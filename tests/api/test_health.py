@@ -219,7 +219,7 @@ async def test_redis_outage_makes_healthz_fail_and_websockets_answer_cleanly(
     gateway, redis_server = redis_gateway
     status, body = await asyncio.to_thread(healthz, gateway)
     assert status == 200, body
-    assert body["checks"]["redis"] == {"ok": True, "used_for": ["limits", "streams"]}
+    assert body["checks"]["redis"] == {"ok": True, "used_for": ["limits", "streams", "tickets"]}
 
     redis_server.kill()
 
@@ -228,6 +228,19 @@ async def test_redis_outage_makes_healthz_fail_and_websockets_answer_cleanly(
     assert body["failing"] == ["redis"]
     assert body["checks"]["redis"]["ok"] is False and body["checks"]["redis"]["error"]
     assert body["checks"]["database"]["ok"] is True
+    ready = await asyncio.to_thread(requests.get, gateway.base_url + "/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["status"] == "not_ready", ready.text
+    assert ready.json()["failing"] == ["redis"]
+    # tickets live in Redis too: minting one is a 503 naming the store, with Retry-After
+    ticket = await asyncio.to_thread(
+        requests.post,
+        gateway.base_url + "/v1/ws/tickets",
+        headers={"Authorization": f"Bearer {gateway.api_key}"},
+        timeout=30,
+    )
+    assert ticket.status_code == 503, ticket.text
+    assert ticket.json()["error"]["code"] == "ticket_store_unavailable"
+    assert ticket.headers["retry-after"] == "1"
 
     # a valid key opens the socket; its request gets an error message (503), not a crash
     request = json.dumps({"model": "sim", "messages": [{"role": "user", "content": "hi"}]})

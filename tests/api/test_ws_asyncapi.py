@@ -5,7 +5,8 @@ The AsyncAPI document is loaded with PyYAML and its message payload schemas are 
 ``referencing`` registry holding the whole document. A live gateway is then driven through
 every documented exchange (compatible mode with ``[DONE]``, a compatible error, envelope
 ``create`` with usage, tool calls, ``cancel``, ``resume``, a bad request, ``ping``/``pong``,
-``auth``/``auth.ok``), and every message either side sent is validated against the payload
+``auth``/``auth.ok``, and a drain: ``session.closing``, a refused request and a stream ended
+with ``server_shutting_down``), and every message either side sent is validated against the payload
 schemas of its direction: the operation with ``action: receive`` lists what the client sends,
 ``action: send`` what the server sends.
 """
@@ -26,7 +27,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from websockets.asyncio.client import ClientConnection, connect
 
-from tokenwire.testing import GatewayServer
+from tokenwire.testing import GatewayServer, paced_sim
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "websocket-asyncapi.yaml"
 BASE_URI = "urn:tokenwire:websocket-asyncapi"
@@ -43,6 +44,7 @@ SERVER_MESSAGES = {
     "error",
     "pong",
     "authOk",
+    "sessionClosing",
 }
 
 
@@ -187,6 +189,7 @@ class Conversation:
                 "error": "error",
                 "pong": "pong",
                 "auth.ok": "authOk",
+                "session.closing": "sessionClosing",
             }.get(payload.get("type"), f"unexpected {payload.get('type')!r}")
         message = Message(SERVER, label, payload, is_json)
         self.log.append(message)
@@ -274,9 +277,36 @@ async def converse(gateway: GatewayServer) -> list[Message]:
     return talk.log
 
 
+async def converse_during_a_drain(gateway: GatewayServer) -> list[Message]:
+    """A drain: session.closing, a create refused with an error, the running request ended."""
+    talk = Conversation()
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    async with connect(_ws_url(gateway), additional_headers=headers) as ws:
+        body = _chat(model="paced", max_tokens=2000)  # ~40 s: ended by the drain
+        await talk.send(
+            ws, "create", {"type": "chat.completion.create", "request_id": "long", "body": body}
+        )
+        assert (await talk.receive(ws)).label == "envelopeChunk"
+        gateway.begin_drain()
+        while (await talk.receive(ws)).label != "sessionClosing":
+            pass
+        late = {"type": "chat.completion.create", "request_id": "late", "body": _chat()}
+        await talk.send(ws, "create", late)
+        ends: dict[str, str] = {}
+        while len(ends) < 2:
+            message = await talk.receive(ws)
+            if message.label != "envelopeChunk":
+                ends[message.payload["request_id"]] = message.payload["error"]["code"]
+        assert ends == {"late": "server_shutting_down", "long": "server_shutting_down"}
+    return talk.log
+
+
 @pytest.fixture(scope="module")
-def traffic(gateway: GatewayServer) -> list[Message]:
-    return asyncio.run(converse(gateway))
+def traffic(gateway: GatewayServer, tmp_path_factory: pytest.TempPathFactory) -> list[Message]:
+    overrides = paced_sim("paced", ttft_ms=0.0, itl_ms=20.0) + "\n[server]\ndrain_timeout_s = 0.5\n"
+    overrides += '[[models]]\nid = "paced"\nprovider = "paced"\nupstream_model = "sim"\n'
+    with GatewayServer(tmp_path_factory.mktemp("drain"), overrides=overrides) as draining:
+        return asyncio.run(converse(gateway)) + asyncio.run(converse_during_a_drain(draining))
 
 
 def test_traffic_exercises_every_documented_message(traffic: list[Message]) -> None:

@@ -19,9 +19,11 @@ from tokenwire.streams.events import Event, TextDelta
 
 
 class StuckSocket:
-    """A WebSocket whose client accepts nothing: every send waits for ever."""
+    """A WebSocket whose client accepts nothing: every send waits for ever (ASGI only, no
+    ``tokenwire.ws`` extension: the writer's own send timeout applies)."""
 
     client = None
+    scope: dict[str, Any] = {"extensions": {}}  # noqa: RUF012 - read only
 
     async def send(self, message: Any) -> None:
         await asyncio.Event().wait()
@@ -71,7 +73,7 @@ class Session(WSSession):
 
     def __init__(self, source: EndlessSource) -> None:
         state = SimpleNamespace(settings=SimpleNamespace(server=ServerConfig()))
-        super().__init__(StuckSocket(), state, key=None)  # type: ignore[arg-type]
+        super().__init__(StuckSocket(), state, key=None, envelope=False)  # type: ignore[arg-type]
         self.source = source
 
     async def _start(self, *args: Any, **kwargs: Any) -> Any:

@@ -42,7 +42,8 @@ from tokenwire.bench.metrics import (
     timeline,
 )
 from tokenwire.bench.options import BenchOptions, Scenario, parse_concurrency, parse_scenarios
-from tokenwire.bench.results import check
+from tokenwire.bench.resources import ResourceUsage
+from tokenwire.bench.results import GATEWAY, RowRun, check
 from tokenwire.bench.sse import handle_line
 from tokenwire.bench.workload import StreamState, decode_message, request_body
 from tokenwire.errors import InvalidRequest
@@ -92,6 +93,8 @@ def started_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
     """One small real run of every scenario, bench starting sim-upstream and the gateway."""
     out = tmp_path_factory.mktemp("bench") / "out"
     done = run_bench(
+        "--scenarios",
+        ",".join(SCENARIOS),
         "--concurrency",
         ",".join(map(str, CONCURRENCY)),
         "--tokens",
@@ -143,9 +146,15 @@ def test_every_scenario_and_concurrency_completed_every_request_correctly(
             assert record["errors"] == 0 and record["wrong"] == 0
             assert record["output_tokens"] == expected * TOKENS
             assert record["ttft_ms"]["count"] == expected
-            # one gap per pair of content chunks; the WebSocket writer merges the deltas of a
-            # client that fell behind into one message, so there may be fewer than tokens - 1
-            assert 0 < record["itl_ms"]["count"] <= expected * (TOKENS - 1)
+            if scenario == "json":  # the whole answer at once: TTFT = E2E, no gaps
+                assert record["itl_ms"]["count"] == 0
+                assert record["per_request"]["ttft_ms"] == record["per_request"]["e2e_ms"]
+            else:
+                # one gap per pair of content chunks; the WebSocket writer merges the deltas of
+                # a client that fell behind into one message, so there may be fewer than
+                # tokens - 1
+                assert 0 < record["itl_ms"]["count"] <= expected * (TOKENS - 1)
+            assert record["server_cpu_ms_per_request"] >= 0
             assert len(record["per_request"]["ttft_ms"]) == expected
             assert record["per_request"]["output_tokens"] == [TOKENS] * expected
             assert record["server_peak_rss_mib"] > 10
@@ -369,6 +378,38 @@ def test_target_mode_measures_a_running_gateway(tmp_path: Path) -> None:
     assert document["options"]["admin_key"] == gateway.admin_key[:6] + "…"
     written = (out / "results.json").read_text()
     assert gateway.admin_key not in written and gateway.api_key not in written
+
+
+def test_workers_runs_the_started_gateway_as_several_processes_on_redis(tmp_path: Path) -> None:
+    """--workers 2: the gateway bench starts has two worker processes sharing limits and
+    streams in Redis; CPU is sampled over all of them, leak accounting is skipped with a note."""
+    out = tmp_path / "out"
+    done = run_bench(
+        *("--workers", "2", "--scenarios", "direct,sse,json", "--concurrency", "4"),
+        *("--tokens", str(TOKENS), "--requests-per-user", "3", "--pause-s", "0"),
+        *("--settle-s", "0", "--no-plots", "--out", str(out)),
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = load_results(out)
+    assert document["setup"]["gateway_workers"] == 2
+    assert document["setup"]["gateway_shared_state"] == "redis"
+    assert any("2 gateway workers" in note for note in document["notes"])
+    records = records_by_key(document)
+    for scenario in ("sse", "json"):
+        record = records[(scenario, 4)]
+        assert record["completed"] == 12 and record["errors"] == record["wrong"] == 0
+        assert record["server_cpu_ms_per_request"] is not None
+
+
+def test_cpu_per_request_is_server_cpu_over_requests_sent() -> None:
+    """server CPU ms/req: the server's CPU seconds in the row over the requests of the row."""
+    records = [RequestRecord(0, i, 0.01, 0.02, None, [], 4, 1, 1) for i in range(8)]
+    row = RowRun(scenario=Scenario.SSE, concurrency=2, round=1)
+    row.metrics = summarize_row(records, wall_s=1.0)
+    row.resources = ResourceUsage(cpu_s={GATEWAY: 0.004})
+    assert row.cpu_ms_per_request(GATEWAY) == pytest.approx(0.5)
+    assert row.cpu_ms_per_request("client") is None  # not sampled
 
 
 def test_warmup_s_keeps_the_warm_up_load_going(tmp_path: Path) -> None:

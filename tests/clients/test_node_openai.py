@@ -1,4 +1,5 @@
-"""The ``openai`` npm package under Node against a live gateway (``node/openai_stream.mjs``)."""
+"""The ``openai`` npm package under Node against a live gateway: Chat Completions
+(``node/openai_stream.mjs``) and the Responses API's streaming (``node/responses_stream.mjs``)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 
 from tokenwire.providers.sim import SimPlan, plan
 from tokenwire.testing import GatewayServer
-from tokenwire.wire.schema import decode_chat_request
+from tokenwire.wire.responses_request import responses_request_from
+from tokenwire.wire.schema import chat_request_from, decode_chat_request
 
 NODE_DIR = Path(__file__).parent / "node"
 SCRIPT = NODE_DIR / "openai_stream.mjs"
+RESPONSES_SCRIPT = NODE_DIR / "responses_stream.mjs"
 # The script's default prompt; the expected text is computed from the same request.
 DEFAULT_MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "hello from node"}]
 
@@ -34,8 +37,9 @@ def run_node(
     request: dict[str, Any] | None = None,
     api_key: str | None = None,
     model: str = "sim",
+    script: Path = SCRIPT,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Run the script; its exit status and the JSON lines it printed."""
+    """Run a script; its exit status and the JSON lines it printed."""
     node = shutil.which("node")
     assert node is not None, "node is not on PATH"
     env = {
@@ -44,7 +48,7 @@ def run_node(
         "TW_REQUEST": json.dumps(request or {}),
     }
     proc = subprocess.run(
-        [node, str(SCRIPT), gateway.base_url + "/v1", api_key or gateway.api_key, model],
+        [node, str(script), gateway.base_url + "/v1", api_key or gateway.api_key, model],
         cwd=NODE_DIR,
         env=env,
         capture_output=True,
@@ -142,3 +146,30 @@ def test_node_unknown_model(gateway: GatewayServer) -> None:
     assert lines[-1]["status"] == 404
     assert lines[-1]["name"] == "NotFoundError"
     assert lines[-1]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("mode", ["create", "stream"])
+def test_node_streams_a_response(gateway: GatewayServer, mode: str) -> None:
+    """Responses: ``responses.create({stream: true})`` and ``responses.stream()``, every event
+    numbered 0, 1, 2…, the sim's exact text, completed with usage."""
+    request = {"input": "hello from node", "instructions": "Be brief."}
+    code, lines = run_node(gateway, mode=mode, request=request, script=RESPONSES_SCRIPT)
+    assert code == 0, lines[-1]
+    events = [line for line in lines if line["type"] == "event"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["event"] == "response.created" and events[-1]["event"] == "response.completed"
+    result = lines[-1]
+    sim = plan(chat_request_from(responses_request_from({"model": "sim", **request}).chat_body([])))
+    assert result["text"] == result["output_text"] == sim.text
+    assert result["status"] == "completed" and result["id"].startswith("resp_")
+    assert result["usage"]["input_tokens"] == sim.prompt_tokens
+    assert result["usage"]["output_tokens"] == sim.completion_tokens
+
+
+def test_node_sees_a_responses_refusal_as_an_api_error(gateway: GatewayServer) -> None:
+    """Responses: a field the gateway does not take makes the SDK raise with status 400."""
+    code, lines = run_node(
+        gateway, mode="create", request={"background": True}, script=RESPONSES_SCRIPT
+    )
+    assert code == 1
+    assert lines[-1]["type"] == "error" and lines[-1]["status"] == 400

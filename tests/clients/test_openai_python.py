@@ -442,3 +442,13 @@ async def test_tool_call_async_streaming_helper(aclient: openai.AsyncOpenAI) -> 
     assert choice.message.tool_calls is not None
     assert len(choice.message.tool_calls) == 1
     check_tool_call(choice.message.tool_calls[0], expected(body))
+
+
+def test_resumable_stream_reads_in_the_sdk(client: openai.OpenAI) -> None:
+    """A resumable stream starts with a retry line; the SDK reads it as part of the first
+    event (a block holding only retry: would be an event without data, which it cannot read)."""
+    stream = client.chat.completions.create(
+        **request_body(), stream=True, extra_headers={"X-Tokenwire-Resumable": "true"}
+    )
+    chunks = list(stream)
+    check_chunks(chunks, expected(request_body()), include_usage=False)

@@ -5,6 +5,7 @@
 * ``sim``: the in-process simulator (instant);
 * ``proxied-sim``: ``tokenwire sim-upstream`` over real HTTP (the session's ``sim_upstream``);
 * ``instant-sim``: the in-process simulator with no delay between tokens (large outputs);
+* ``priced-sim``: ``sim`` at $3 / $15 per 1M tokens (billing);
 * ``flaky``: a misbehaving OpenAI-compatible upstream whose behaviour is chosen by the last
   user message (see :func:`flaky_completions`), for upstream failures before and after the
   first token.
@@ -23,7 +24,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tokenwire.testing import FAST_SIM, GatewayServer, ServerThread, SimUpstreamServer
+from tokenwire.testing import (
+    FAST_SIM,
+    GatewayServer,
+    ServerThread,
+    SimUpstreamServer,
+    priced_model,
+)
 
 #: How long the ``hang`` mode waits before its first event.
 HANG_S = 3.0
@@ -153,6 +160,7 @@ upstream_model = "sim"
 id = "flaky"
 provider = "flaky"
 """
+        + priced_model("priced-sim")
     )
     data_dir = tmp_path_factory.mktemp("conformance")
     with GatewayServer(data_dir, overrides=overrides) as server:

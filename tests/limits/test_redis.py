@@ -207,6 +207,19 @@ async def test_concurrent_streams_are_capped_and_released_on_settle(make: MakeLi
     await refused(limiter, "k", spec, 10, "d")
 
 
+async def test_a_burst_larger_than_the_connection_pool_is_admitted(make: MakeLimiter) -> None:
+    """600 admissions at once (more than the 128 pooled connections, and redis-py's default
+    of 100 that refused the rest): each waits for a connection, all are admitted and counted."""
+    limiter = make()
+    spec = LimitSpec(max_streams=1000)
+    admissions = await asyncio.gather(
+        *(limiter.admit("burst", spec, 10, f"s{i}") for i in range(600))
+    )
+    assert len(admissions) == 600
+    await asyncio.gather(*(limiter.release(a, spec, 10) for a in admissions))
+    await limiter.admit("burst", LimitSpec(max_streams=1), 10, "after")  # all slots were freed
+
+
 REFUSALS = {
     "requests": (LimitSpec(rpm=1, tpm=100, max_streams=2), 10, "rate_limit_exceeded"),
     "tokens": (LimitSpec(rpm=2, tpm=100, max_streams=2), 95, "rate_limit_exceeded"),

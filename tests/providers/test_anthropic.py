@@ -888,7 +888,7 @@ def test_cache_tokens_are_metered_and_priced_as_such(
     prices ($3.75, $0.30 per 1M), the flat default plan at its one price ($15), and a plan with
     cache prices of its own at those, exactly."""
     gateway, fake = gateway_pair
-    _, cached_key = gateway.create_key("cache buyer", plan="cached", grant_micro=5_000_000)
+    _, cached_key = gateway.create_key("cache buyer", plan="cached", credits_usd="5")
     rows = {}
     for name, key in (("standard", gateway.api_key), ("cached", cached_key)):
         client = openai.OpenAI(

@@ -96,7 +96,31 @@ CALL = ProviderCall(
 
 
 async def collect(routed: RoutedModel) -> list[Event]:
-    return [event async for event in routed.stream(CALL)]
+    """Every event of one request, the stream closed at the end as the Generation does."""
+    events = routed.stream(CALL)
+    try:
+        return [event async for event in events]
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def test_events_after_the_first_come_from_the_deployment_and_closing_ends_in_flight() -> None:
+    """Routed, then the deployment's events in order (handed over after the first), and the
+    request counts as in flight until its stream is closed, read to the end or not."""
+    routed = model(Scripted("a"))
+    (state,) = routed._deployments
+    assert await collect(routed) == [
+        Routed("a", "m-a"),
+        TextDelta("a:m-a"),
+        Usage(1, 1),
+        Finish("stop"),
+    ]
+    assert state.in_flight == 0
+    events = routed.stream(CALL)
+    assert [await anext(events), await anext(events)] == [Routed("a", "m-a"), TextDelta("a:m-a")]
+    assert state.in_flight == 1
+    await events.aclose()  # type: ignore[attr-defined]
+    assert state.in_flight == 0
 
 
 async def test_falls_back_to_the_second_deployment_on_503() -> None:

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tokenwire.errors import UpstreamError
+from tokenwire.completions import ledger_status
+from tokenwire.errors import ServerShuttingDown, UpstreamError
 from tokenwire.observability.logs import completion_id_var
+from tokenwire.observability.outcomes import completion_outcome
 from tokenwire.streams.events import (
     AttemptFailed,
     Event,
@@ -217,3 +219,23 @@ async def test_lines_logged_while_generating_carry_the_completion_id() -> None:
     await collect(gen)
     await gen.wait_settled()
     assert seen == {"provider": "chatcmpl-ctx", "hook": None, "task": None}
+
+
+async def test_an_interrupted_generation_ends_with_the_drain_error_and_is_named_shutdown() -> None:
+    """interrupt(error) (a drain's timeout) stops the provider, ends the log with that error after the deltas so far, settles once; the ledger status and the metrics outcome are both 'shutdown'."""
+    gate = asyncio.Event()  # never set: the provider waits after its first delta
+    settled: list[Generation] = []
+    gen = make(scripted([TextDelta("a"), TextDelta("b"), Finish("stop")], gate), settled)
+    gen.start()
+    reader = read_events(gen)
+    assert await anext(reader) == [TextDelta("a")]
+    error = ServerShuttingDown("drained", stream_id=gen.id)
+    gen.interrupt(error)
+    rest = [event async for batch in reader for event in batch or ()]
+    await gen.wait_settled()
+    assert rest == [StreamError(error)]
+    assert gen.interrupted and gen.error is error and settled == [gen]
+    assert gen.usage == Usage(7, 1, estimated=True)  # the prompt and the one delta generated
+    assert ledger_status(gen) == "shutdown" and completion_outcome(gen) == "shutdown"
+    gen.interrupt(error)  # a finished generation: nothing changes
+    assert settled == [gen]

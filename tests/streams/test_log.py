@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tokenwire.streams.events import Finish, TextDelta
-from tokenwire.streams.log import MemoryStreamLog
+from tokenwire.streams.log import Heartbeat, MemoryStreamLog
 
 
 def test_events_are_numbered_from_one_and_replayable() -> None:
@@ -34,10 +34,12 @@ async def test_waiting_reader_wakes_on_append_and_close() -> None:
 
 
 async def test_wait_times_out_for_heartbeats() -> None:
-    """With a timeout and no event, wait_beyond returns False (time for a heartbeat)."""
+    """With a heartbeat and no event, wait_beyond returns False (time for a heartbeat)."""
     log = MemoryStreamLog()
-    assert await log.wait_beyond(0, 0.01) is False
+    heartbeat = Heartbeat(0.01)
+    assert await log.wait_beyond(0, heartbeat) is False
     assert log._waiters == []
+    heartbeat.stop()
 
 
 def test_append_after_close_is_a_bug() -> None:

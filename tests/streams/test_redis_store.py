@@ -23,6 +23,7 @@ from tokenwire.errors import (
     InvalidRequest,
     NotFound,
     RecordedError,
+    ServerShuttingDown,
     StreamGone,
     UpstreamError,
 )
@@ -137,14 +138,16 @@ async def finished_in_redis(owner: RedisStreamStore, gen: Generation) -> None:
 
 
 def test_codec_round_trips_every_logged_event() -> None:
-    """Every event kind survives encode/decode; an error keeps status, type, code, message, param."""
+    """Every event kind survives encode/decode (a usage with its cost too); an error keeps status, type, code, message, param and any further fields."""
     for event in [
         TextDelta("héllo"),
         ToolCallDelta(1, "call_1", "get_weather", '{"city": "Oslo"}'),
         ToolCallDelta(0, None, None, "x"),
         Finish("length"),
         Usage(3, 4, estimated=True),
+        Usage(3, 4, charge_micro=78),
         Usage(300, 4, cache_write_tokens=100, cache_read_tokens=150),
+        Usage(300, 4, cache_read_tokens=150, charge_micro=0),
     ]:
         assert decode_event(encode_event(event)) == event
     error = UpstreamError("upstream broke", code="upstream_error", param="model")
@@ -152,6 +155,11 @@ def test_codec_round_trips_every_logged_event() -> None:
     assert isinstance(decoded, StreamError) and isinstance(decoded.error, RecordedError)
     assert decoded.error.http_status == 502
     assert decoded.error.to_body() == error.to_body()
+    shutdown = ServerShuttingDown("ended by a drain", stream_id="chatcmpl-x", resumable=True)
+    decoded = decode_event(encode_event(StreamError(shutdown)))  # fields beyond OpenAI's four
+    assert isinstance(decoded, StreamError) and decoded.error.http_status == 503
+    assert decoded.error.to_body() == shutdown.to_body()
+    assert decoded.error.to_body()["error"]["stream_id"] == "chatcmpl-x"
     with pytest.raises(CorruptEvent):
         decode_event(b'["zz"]')
     with pytest.raises(CorruptEvent):

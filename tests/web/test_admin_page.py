@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from playwright.sync_api import Page, Request, Route, expect
+from prometheus_client.parser import text_string_to_metric_families
 from tests.web.conftest import WebGateway, use_key, wait_until
 
 SAMPLE_METRICS = """\
@@ -245,3 +246,37 @@ def test_admin_usage_shows_cost_charge_and_margin(web: WebGateway, page: Page) -
         figure = page.locator("#by-model")
         expect(figure).to_have_attribute("data-total", str(total[f"{measure}_micro"]))
         expect(figure.locator(".chart-total")).to_contain_text(measure)
+
+
+def _ttft_count(web: WebGateway, transport: str) -> int:
+    """The gateway's own TTFT observation count for ``transport`` (all models), from /metrics."""
+    response = web.api("GET", "/metrics", web.server.admin_key)
+    assert response.status_code == 200, response.text
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(response.text)
+            if family.name == "tokenwire_ttft_seconds"
+            for sample in family.samples
+            if sample.name.endswith("_count") and sample.labels.get("transport") == transport
+        )
+    )
+
+
+def test_live_figures_match_the_gateway_s_real_metrics(web: WebGateway, page: Page) -> None:
+    """After real streamed requests, the page's SSE TTFT row counts what the gateway's own /metrics counts."""
+    _, key = web.new_key("live-metrics")
+    before = _ttft_count(web, "sse")
+    for _ in range(2):
+        response = web.api(
+            "POST",
+            "/v1/chat/completions",
+            key,
+            json={"model": "sim", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    wait_until(lambda: _ttft_count(web, "sse") == before + 2, "two more SSE TTFT observations")
+    open_admin(web, page)
+    row = page.locator("#ttft-table tr[data-row=sse] td")
+    expect(row.nth(1)).to_have_text(str(before + 2))
+    assert re.fullmatch(r"[\d.]+ ms", row.nth(2).inner_text())  # a real p50, not a dash

@@ -15,7 +15,7 @@ def test_event_with_and_without_id() -> None:
     assert sse.event(b"{}") == b"data: {}\n\n"
     assert sse.event(b"{}", event_id=7) == b"id: 7\ndata: {}\n\n"
     assert sse.DONE == b"data: [DONE]\n\n"
-    assert sse.retry(1500) == b"retry: 1500\n\n"
+    assert sse.retry(1500) == b"retry: 1500\n"  # a line of the event it starts
 
 
 def test_named_event_puts_the_event_line_first() -> None:

@@ -11,6 +11,9 @@ prices). Balances move by charges only. The invariant, for every key at every mo
   SQLite and PostgreSQL alike) and record the reservation. Concurrent requests therefore
   never take a balance below zero, and since a completion is never charged more than its
   reservation (``completions.py``), no completion can either.
+  Reservations asked for while one is being written share the next transaction
+  (``accounting/reserver.py``); one whose request went away before it started is given back
+  (**release**: no ledger row, nothing was used).
 * **settle** (when the completion ends, once): insert the ledger row keyed by the completion
   id (a second attempt inserts nothing and changes nothing), delete the reservation, and give
   back ``reserved - charge``.
@@ -24,7 +27,7 @@ prices). Balances move by charges only. The invariant, for every key at every mo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
@@ -79,6 +82,57 @@ class LedgerRow:
         """What the operator kept: the charge less the cost (negative: sold below cost)."""
         return self.charge_micro - self.cost_micro
 
+    def columns(self) -> dict[str, Any]:
+        """The row as ``usage_ledger`` column values (``dataclasses.asdict`` deep-copies
+        every value, a tenth of the batch writer's time in a profile)."""
+        return {name: getattr(self, name) for name in _LEDGER_COLUMNS}
+
+
+_LEDGER_COLUMNS = tuple(f.name for f in fields(LedgerRow))
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a request holds of a key's balance until it settles (the ``reservations`` row)."""
+
+    key_id: str
+    completion_id: str
+    amount_micro: int
+    model: str | None = None  # these describe the completion, for the row written if its
+    provider: str | None = None  # process dies before settling it
+    transport: str | None = None
+    api: str | None = None
+
+    def row(self, now: int) -> dict[str, Any]:
+        return {
+            "completion_id": self.completion_id,
+            "key_id": self.key_id,
+            "amount_micro": self.amount_micro,
+            "created_at": now,
+            "model": self.model,
+            "provider": self.provider,
+            "transport": self.transport,
+            "api": self.api,
+        }
+
+    def refusal(self) -> InsufficientQuota:
+        """The 402 for a reservation the balance did not cover."""
+        return InsufficientQuota(
+            "You exceeded your current quota: this request may cost up to "
+            f"${self.amount_micro / 1_000_000:.6f}, more than the key's credit balance. "
+            "Top up the key or lower max_tokens."
+        )
+
+
+async def _take(conn: AsyncConnection, key_id: str, amount_micro: int) -> bool:
+    """Take ``amount_micro`` off the key's balance if it covers it (one conditional UPDATE)."""
+    result = await conn.execute(
+        api_keys.update()
+        .where(api_keys.c.id == key_id, api_keys.c.balance_micro >= amount_micro)
+        .values(balance_micro=api_keys.c.balance_micro - amount_micro)
+    )
+    return bool(result.rowcount == 1)
+
 
 def _filtered(
     query: Any, key_id: str | None, since_ms: int | None, until_ms: int | None, model: str | None
@@ -125,33 +179,71 @@ class Ledger:
         """Hold ``amount_micro`` of the key's balance, or raise ``InsufficientQuota`` (402).
 
         ``model``, ``provider``, ``transport`` and ``api`` describe the completion, for the row
-        written if its process dies before settling it.
+        written if its process dies before settling it. One item of :meth:`reserve_many`.
         """
+        wanted = Reservation(key_id, completion_id, amount_micro, model, provider, transport, api)
+        if not (await self.reserve_many([wanted]))[0]:
+            raise wanted.refusal()
+
+    async def reserve_many(self, items: list[Reservation]) -> list[bool]:
+        """Reserve a batch in one transaction; per item, whether it was held (False: the
+        key's balance did not cover it, nothing was held for it).
+
+        Per key, one conditional ``UPDATE`` takes the sum of its items when the balance covers
+        them all; otherwise the items are taken one by one, in order, each while the balance
+        still covers it (as separate calls in that order would). Either way no balance goes
+        below zero, and a database failure holds nothing (``DatabaseUnavailable``).
+        """
+        granted = [False] * len(items)
+        by_key: dict[str, list[int]] = {}
+        for index, item in enumerate(items):
+            by_key.setdefault(item.key_id, []).append(index)
         with database_errors("reserving credit for the request"):
             async with self._engine.begin() as conn:
-                result = await conn.execute(
-                    api_keys.update()
-                    .where(api_keys.c.id == key_id, api_keys.c.balance_micro >= amount_micro)
-                    .values(balance_micro=api_keys.c.balance_micro - amount_micro)
+                for key_id, indexes in by_key.items():
+                    total = sum(items[i].amount_micro for i in indexes)
+                    if await _take(conn, key_id, total):
+                        for i in indexes:
+                            granted[i] = True
+                        continue
+                    for i in indexes if len(indexes) > 1 else ():
+                        granted[i] = await _take(conn, key_id, items[i].amount_micro)
+                now = int(time.time())
+                held = [item.row(now) for item, ok in zip(items, granted, strict=True) if ok]
+                if held:
+                    await conn.execute(reservations.insert(), held)
+        return granted
+
+    async def release(self, completion_ids: list[str]) -> int:
+        """Give back reservations whose request never started (no ledger row: nothing was
+        used); returns how many were still held."""
+        with database_errors("giving back a reservation"):
+            async with self._engine.begin() as conn:
+                found = await conn.execute(
+                    sa.select(
+                        reservations.c.completion_id,
+                        reservations.c.key_id,
+                        reservations.c.amount_micro,
+                    ).where(reservations.c.completion_id.in_(completion_ids))
                 )
-                if result.rowcount == 0:
-                    raise InsufficientQuota(
-                        "You exceeded your current quota: this request may cost up to "
-                        f"${amount_micro / 1_000_000:.6f}, more than the key's credit balance. "
-                        "Top up the key or lower max_tokens."
-                    )
+                held = [(str(cid), str(key_id), int(amount)) for cid, key_id, amount in found]
+                if not held:
+                    return 0
                 await conn.execute(
-                    reservations.insert().values(
-                        completion_id=completion_id,
-                        key_id=key_id,
-                        amount_micro=amount_micro,
-                        created_at=int(time.time()),
-                        model=model,
-                        provider=provider,
-                        transport=transport,
-                        api=api,
+                    reservations.delete().where(
+                        reservations.c.completion_id.in_([cid for cid, _, _ in held])
                     )
                 )
+                refunds: dict[str, int] = {}
+                for _, key_id, amount in held:
+                    refunds[key_id] = refunds.get(key_id, 0) + amount
+                for key_id, refund in refunds.items():
+                    await conn.execute(
+                        api_keys.update()
+                        .where(api_keys.c.id == key_id)
+                        .values(balance_micro=api_keys.c.balance_micro + refund)
+                    )
+        return len(held)
 
     async def settle(self, row: LedgerRow, *, reserved: bool = True) -> bool:
         """Write the ledger row and settle its reservation, once. True if this call did it.
@@ -196,7 +288,7 @@ class Ledger:
                 insert_ignoring_duplicates(conn, usage_ledger).returning(
                     usage_ledger.c.completion_id
                 ),
-                [asdict(row) for row, _ in new.values()],
+                [row.columns() for row, _ in new.values()],
             )
             written = {str(cid) for cid in inserted.scalars()}  # not inserted meanwhile
             held_ids = [cid for cid in written if new[cid][1]]
@@ -235,7 +327,7 @@ class Ledger:
                     usage_ledger.c.completion_id == row.completion_id,
                     usage_ledger.c.status == ABANDONED,
                 )
-                .values(**asdict(row))
+                .values(**row.columns())
             )
             if result.rowcount != 1:
                 continue

@@ -18,7 +18,6 @@ import contextlib
 import os
 import secrets
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import msgspec
@@ -46,7 +45,7 @@ class LedgerOutbox:
         name = f"ledger-{int(time.time() * 1000):015d}-{os.getpid()}-{secrets.token_hex(4)}"
         final = self.directory / (name + _SUFFIX)
         temporary = self.directory / (name + ".tmp")
-        lines = [msgspec.json.encode(_Line(asdict(row), reserved)) for row, reserved in items]
+        lines = [msgspec.json.encode(_Line(row.columns(), reserved)) for row, reserved in items]
         with temporary.open("wb") as file:
             file.write(b"\n".join(lines) + b"\n")
             file.flush()

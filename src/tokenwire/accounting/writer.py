@@ -83,6 +83,7 @@ class LedgerWriter:
                 for row, _, done in batch:
                     if not done.done():
                         done.set_result(written is None or row.completion_id in written)
+                    self._queue.task_done()
 
     async def _write(self, items: list[Settlement]) -> set[str] | None:
         """Commit ``items`` (the ids new to the ledger), or keep them durable: None."""
@@ -146,6 +147,9 @@ class LedgerWriter:
             held, self._held = self._held, []
             try:
                 await self._ledger.settle_many(held)
+            except asyncio.CancelledError:  # stopped (aclose): they go to the outbox there
+                self._held = held + self._held
+                raise
             except Exception as exc:  # noqa: BLE001 - still down: keep them for the next round
                 self._held = held + self._held
                 log.warning("ledger replay: database still unavailable (%r)", exc)
@@ -165,11 +169,16 @@ class LedgerWriter:
         return True
 
     async def aclose(self) -> None:
-        """Stop the writer (callers first wait for their settle calls, as shutdown does).
+        """Flush, then stop the writer (a process's last step: see tokenwire.drain).
 
-        Rows still held in memory are written to the outbox if it can take them, so the next
-        start replays them.
+        Every queued row is written first: committed, or (the database refusing it through
+        every retry) put in the outbox; so this takes at most the retry delays and a disk
+        write. Rows still held in memory are then written to the outbox if it can take them,
+        so the next start replays them.
         """
+        if not self._queue.empty() and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+        await self._queue.join()  # the writer always finishes a batch (retries, then spill)
         for task in (self._task, self._replayer):
             if task is not None:
                 task.cancel()

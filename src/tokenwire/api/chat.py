@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenwire.accounting.keys import KeyRecord
 from tokenwire.api.auth import authenticate, client_address
 from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response, internal_error_response, json_response
@@ -28,33 +29,54 @@ RETRY_MS = 1000  # the ``retry:`` SSE field sent on resumable streams
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or ``BodyTooLarge`` (413) as soon as it exceeds ``limit`` bytes."""
+    """The request body, or ``BodyTooLarge`` (413) as soon as it exceeds ``limit`` bytes.
+
+    Read from the ASGI channel directly (Starlette's ``request.stream()`` is an async
+    generator per request); a client gone before the end is Starlette's ``ClientDisconnect``.
+    """
     # A malformed length is left to the server's HTTP parser; the count below still holds.
     declared = parse_count(request.headers.get("content-length", ""), max_digits=30)
     if declared is not None and declared > limit:
         raise _too_large(limit)
+    receive = request.receive
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body: bytes = message.get("body", b"")  # the whole body in one message: most requests
+        if len(body) > limit:
+            raise _too_large(limit)
+        return body
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+        message = await receive()
 
 
 def _too_large(limit: int) -> BodyTooLarge:
     return BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
 
 
-async def create_completion(request: Request) -> Response | SSEStream | JSONCompletion:
-    """Run a chat completion and answer as JSON or as an SSE stream."""
+async def authenticated_json(request: Request) -> tuple[AppState, KeyRecord, Any]:
+    """The app's state, the caller's key and the request's JSON body: read within the size
+    limit (413) and decoded once, its nesting bounded (a 400, not a RecursionError)."""
     state = get_state(request)
     key = await authenticate(request)
     body = await read_body(request, state.settings.server.max_body_bytes)
-    # Decoded once: plain JSON (nesting bounded: a 400, not a RecursionError), then validated
-    # into typed values; the plain object is what an OpenAI-compatible upstream receives.
-    raw = decode_json_value(body, what="JSON body of your request")
+    return state, key, decode_json_value(body, what="JSON body of your request")
+
+
+async def create_completion(request: Request) -> Response | SSEStream | JSONCompletion:
+    """Run a chat completion and answer as JSON or as an SSE stream."""
+    state, key, raw = await authenticated_json(request)
+    # Validated into typed values; the plain object is what an OpenAI-compatible upstream gets.
     chat_request = chat_request_from(raw)
     generation = await state.completions.start(
         key,
@@ -64,6 +86,7 @@ async def create_completion(request: Request) -> Response | SSEStream | JSONComp
         resumable=asks_resumable(request),
         idempotency=idempotency_of(request, raw),
         client=client_address(request),
+        include_cost=asks_cost(request),
     )
     if not chat_request.stream:
         return JSONCompletion(generation, chat_completion_json)
@@ -83,6 +106,11 @@ def kept_for_resume(state: AppState, stream: StreamSource) -> bool:
 def asks_resumable(request: Request) -> bool:
     """Whether the request opts in to a resumable stream (``X-Tokenwire-Resumable``)."""
     return request.headers.get("x-tokenwire-resumable", "").lower() in ("1", "true")
+
+
+def asks_cost(request: Request) -> bool:
+    """Whether the request wants its charge in its usage (``X-Tokenwire-Include-Cost``)."""
+    return request.headers.get("x-tokenwire-include-cost", "").lower() in ("1", "true")
 
 
 def idempotency_of(request: Request, raw: dict[str, Any]) -> tuple[str, str] | None:
@@ -122,12 +150,13 @@ def chat_completion_json(generation: StreamSource, events: list[Event]) -> Respo
     builder = CompletionBuilder()
     for event in events:
         builder.add(event)
+    headers = {**generation.response_headers, "x-stream-id": generation.id}
     if builder.error is not None:
-        return error_response(builder.error, generation.response_headers)
+        return error_response(builder.error, headers)
     result = builder.build(
         completion_id=generation.id, created=generation.created, model=generation.model
     )
-    return json_response(result, headers=generation.response_headers)
+    return json_response(result, headers=headers)
 
 
 class JSONCompletion:

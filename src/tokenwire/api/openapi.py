@@ -17,6 +17,8 @@ from tokenwire import __version__
 from tokenwire.api import openapi_messages
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
+from tokenwire.api.openapi_parts import errors
+from tokenwire.api.openapi_responses import responses_paths, responses_rules
 from tokenwire.api.signup import SignupRequest
 from tokenwire.api.webhooks import (
     PAYMENT_SUCCEEDED,
@@ -25,9 +27,9 @@ from tokenwire.api.webhooks import (
     WebhookEvent,
 )
 from tokenwire.state import get_state
+from tokenwire.wire.responses_request import ResponsesRequest
 from tokenwire.wire.schema import ChatRequest
 
-_ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 _ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
@@ -232,16 +234,6 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 _KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {
-        str(s): {
-            "description": "OpenAI-style error",
-            "content": {"application/json": {"schema": _ERROR}},
-        }
-        for s in statuses
-    }
-
-
 def _webhook_body(event: dict[str, Any]) -> dict[str, Any]:
     """A ``payment.succeeded`` event must carry a PaymentSucceeded ``data``; others anything."""
     payment = {
@@ -355,10 +347,7 @@ def openapi_document(
     """The OpenAPI document; with ``catalog``, the models of this gateway (which a key may be
     limited to, which a request may name, and their output limits); with ``plans`` and
     ``currencies``, the plans a key may be on and the currencies a payment may be in."""
-    (
-        (request_schema, create_key, update_key, topup, event, _, signup_request, messages_schema),
-        components,
-    ) = msgspec.json.schema_components(
+    schemas, components = msgspec.json.schema_components(
         [
             ChatRequest,
             CreateKeyRequest,
@@ -366,18 +355,31 @@ def openapi_document(
             TopupRequest,
             WebhookEvent,
             PaymentSucceeded,
+            ResponsesRequest,
             SignupRequest,
             *openapi_messages.REQUEST_TYPES,
         ],
         ref_template="#/components/schemas/{name}",
     )
+    (
+        request_schema,
+        create_key,
+        update_key,
+        topup,
+        event,
+        _,
+        responses_request,
+        signup_request,
+        messages_schema,
+    ) = schemas
     if catalog:
         _allow_models(components, tuple(model.id for model in catalog))
     if plans:
         _allow_plans(components, plans)
     _payment_rules(components, currencies)
     _chat_rules(components, catalog)
-    served = ((model.id, model.max_output_tokens) for model in catalog if model.available)
+    served = [(model.id, model.max_output_tokens) for model in catalog if model.available]
+    responses_rules(components, served)
     openapi_messages.add_rules(components, served)
     components["ErrorResponse"] = _ERROR_SCHEMA
     components["ApiKey"] = _API_KEY_SCHEMA
@@ -412,10 +414,11 @@ def openapi_document(
                                 "text/event-stream": {"schema": _SSE_EVENT},
                             },
                         },
-                        **_errors(400, 401, 404, 413, 429, 502, 503, 504),
+                        **errors(400, 401, 404, 413, 429, 502, 503, 504),
                     },
                 }
             },
+            **responses_paths(responses_request),
             **openapi_messages.paths(messages_schema),
             "/v1/models": {
                 "get": {
@@ -426,7 +429,7 @@ def openapi_document(
                             "description": "The model catalog in OpenAI's list format.",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         },
-                        **_errors(401),
+                        **errors(401),
                     },
                 }
             },
@@ -447,7 +450,7 @@ def openapi_document(
                             "description": "One model.",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         },
-                        **_errors(401, 404),
+                        **errors(401, 404),
                     },
                 }
             },
@@ -498,7 +501,7 @@ def openapi_document(
                                 },
                             },
                         ),
-                        **_errors(400, 401),
+                        **errors(400, 401),
                     },
                 }
             },
@@ -509,7 +512,7 @@ def openapi_document(
                     "security": bearer,
                     "responses": {
                         "200": _json("The caller's key (never its secret).", api_key),
-                        **_errors(401),
+                        **errors(401),
                     },
                 }
             },
@@ -540,7 +543,7 @@ def openapi_document(
                                 },
                             },
                         ),
-                        **_errors(401, 404, 410, 503),
+                        **errors(401, 404, 410, 503),
                     },
                 }
             },
@@ -555,7 +558,7 @@ def openapi_document(
                             **_json("The key, with its plaintext `key` (shown once).", api_key),
                             "links": _KEY_LINKS,
                         },
-                        **_errors(400, 401, 403),
+                        **errors(400, 401, 403),
                     },
                 },
                 "get": {
@@ -570,7 +573,7 @@ def openapi_document(
                                 "properties": {"data": {"type": "array", "items": api_key}},
                             },
                         ),
-                        **_errors(401, 403),
+                        **errors(401, 403),
                     },
                 },
             },
@@ -579,7 +582,7 @@ def openapi_document(
                     "operationId": "adminGetKey",
                     "security": bearer,
                     "parameters": [_KEY_ID],
-                    "responses": {"200": _json("One key.", api_key), **_errors(401, 403, 404)},
+                    "responses": {"200": _json("One key.", api_key), **errors(401, 403, 404)},
                 },
                 "patch": {
                     "operationId": "adminUpdateKey",
@@ -589,7 +592,7 @@ def openapi_document(
                     "requestBody": _body(update_key),
                     "responses": {
                         "200": _json("The updated key.", api_key),
-                        **_errors(400, 401, 403, 404),
+                        **errors(400, 401, 403, 404),
                     },
                 },
             },
@@ -600,7 +603,7 @@ def openapi_document(
                     "parameters": [_KEY_ID],
                     "responses": {
                         "200": _json("The revoked key.", api_key),
-                        **_errors(401, 403, 404, 409),
+                        **errors(401, 403, 404, 409),
                     },
                 }
             },
@@ -614,7 +617,7 @@ def openapi_document(
                         "200": _json(
                             "The key, with its new plaintext `key` (shown once).", api_key
                         ),
-                        **_errors(401, 403, 404, 409),
+                        **errors(401, 403, 404, 409),
                     },
                 }
             },
@@ -638,7 +641,7 @@ def openapi_document(
                                 },
                             },
                         ),
-                        **_errors(400, 401, 403, 404),
+                        **errors(400, 401, 403, 404),
                     },
                 }
             },
@@ -650,7 +653,7 @@ def openapi_document(
                     "security": bearer,
                     "responses": {
                         "200": _json("The process's counts.", _RUNTIME_SCHEMA),
-                        **_errors(401, 403),
+                        **errors(401, 403),
                     },
                 }
             },
@@ -698,7 +701,7 @@ def openapi_document(
                                 },
                             },
                         ),
-                        **_errors(400, 401, 403),
+                        **errors(400, 401, 403),
                     },
                 }
             },
@@ -717,7 +720,7 @@ def openapi_document(
                             "or ignored (another event type).",
                             _PAYMENT_RESULT_SCHEMA,
                         ),
-                        **_errors(400, 404, 413, 503),
+                        **errors(400, 404, 413, 503),
                     },
                 }
             },
@@ -733,7 +736,7 @@ def openapi_document(
                             "The new key, with its plaintext `key` (shown once) and its grant.",
                             _SIGNUP_SCHEMA,
                         ),
-                        **_errors(400, 403, 413, 429),
+                        **errors(400, 403, 413, 429),
                     },
                 }
             },
@@ -746,6 +749,22 @@ def openapi_document(
                             "description": (
                                 "Unhealthy: `failing` names the checks that failed (event_loop, "
                                 "generations, database, redis)."
+                            )
+                        },
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": "Readiness for a load balancer: send this instance new requests?",
+                    "responses": {
+                        "200": {"description": "Ready: not draining; database and Redis answer."},
+                        "503": {
+                            "description": (
+                                "Not ready: `status` is `draining` (a graceful drain began; "
+                                "docs/operations.md) or `not_ready`; `failing` names the checks "
+                                "(draining, database, redis)."
                             )
                         },
                     },

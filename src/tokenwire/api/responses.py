@@ -17,10 +17,10 @@ from tokenwire.api.chat import (
     RETRY_MS,
     JSONCompletion,
     asks_resumable,
+    authenticated_json,
     bare_endpoint,
     idempotency_of,
     kept_for_resume,
-    read_body,
 )
 from tokenwire.api.errors import error_response, json_response
 from tokenwire.api.sse_stream import SSEStream
@@ -34,15 +34,11 @@ from tokenwire.streams.source import StreamSource
 from tokenwire.wire.frames import FrameLoop
 from tokenwire.wire.responses_frames import ResponsesEncoder
 from tokenwire.wire.responses_request import responses_request_from
-from tokenwire.wire.untrusted import decode_json_value
 
 
 async def create_response(request: Request) -> ASGIApp:
     """Run a response and answer as one JSON ``response`` object or as an SSE stream."""
-    state = get_state(request)
-    key = await authenticate(request)
-    body = await read_body(request, state.settings.server.max_body_bytes)
-    raw = decode_json_value(body, what="JSON body of your request")
+    state, key, raw = await authenticated_json(request)
     plan = responses_request_from(raw)
     started = await state.responses.start(
         key,
@@ -87,9 +83,12 @@ async def get_response(request: Request) -> ASGIApp:
         return await _resume(state, request, key.id, response_id)
     running = state.completions.live.get(response_id)
     if running is not None and running.key_id == key.id:
-        encoder = ResponsesEncoder(head_of(running, state.responses.plan_of(response_id)), None)
-        FrameLoop(encoder).frames(running.log.read_after(0))
-        return json_response(encoder.response())
+        plan = state.responses.plan_of(response_id)
+        if not running.finished and plan is not None and plan.store:
+            encoder = ResponsesEncoder(head_of(running, plan), None)
+            FrameLoop(encoder).frames(running.log.read_after(0))
+            return json_response(encoder.response())
+        await running.wait_settled()  # ended: it is being stored (or, store false, not)
     return json_response(await state.responses.store.get(response_id, key.id))
 
 
@@ -104,7 +103,7 @@ async def _resume(state: AppState, request: Request, key_id: str, response_id: s
         raise not_found(response_id)
     source = await state.completions.resume(response_id, key_id, 0, "sse")
     encoder = ResponsesEncoder(
-        head_of(source, state.responses.plan_of(response_id)),
+        await state.responses.head(source, key_id),
         "sse",
         starting_after=-1 if after is None else after,
     )

@@ -90,13 +90,24 @@ class SSEStream:
         finally:
             await self._batches.aclose()
 
+    def _join(self, frames: list[bytes]) -> bytes:
+        """The frames as one write; the ``retry:`` line (resumable streams) starts the first
+        event that has data (not a ``: ping`` comment)."""
+        if self._retry:
+            for index, frame in enumerate(frames):
+                if not frame.startswith(b":"):
+                    frames[index] = self._retry + frame
+                    self._retry = b""
+                    break
+        return b"".join(frames)
+
     async def _write(self, send: Send, first: list[Event] | None) -> None:
         frames = self._frames.frames
         body = {"type": "http.response.body", "body": b"", "more_body": True}
-        body["body"] = self._retry + b"".join(frames(first))
+        body["body"] = self._join(frames(first))
         await send(body)
         async for batch in self._batches:
-            body["body"] = b"".join(frames(batch))
+            body["body"] = self._join(frames(batch)) if self._retry else b"".join(frames(batch))
             await send(body)
-        end = b"".join(self._frames.end())
+        end = self._join(self._frames.end())
         await send({"type": "http.response.body", "body": end, "more_body": False})

@@ -14,7 +14,7 @@ from tokenwire.wire.ws import SUBPROTOCOL, TICKET_PREFIX
 async def create_ticket(request: Request) -> Response:
     """Issue a ticket for the caller's key; offer it as a subprotocol within its lifetime."""
     key = await authenticate(request)
-    ticket = get_state(request).tickets.issue(key.id)
+    ticket = await get_state(request).tickets.issue(key.id)
     return json_response(
         {
             "ticket": ticket.value,

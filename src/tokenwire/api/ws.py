@@ -9,6 +9,10 @@ closed with 1013.
 
 Compatible-mode requests run one after another (their chunks carry no request id); envelope
 requests run concurrently up to ``ws_max_concurrent_requests``.
+
+When the process drains (tokenwire.drain), a session refuses new requests (503
+``server_shutting_down``), tells an envelope-mode client with ``session.closing``, and closes
+(1001, or 1012 for a restart) as soon as it runs no request.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenwire.accounting.keys import KeyRecord
 from tokenwire.api.auth import authenticate_token, bearer_token, client_address
 from tokenwire.config import ServerConfig
+from tokenwire.drain import DrainNotice, refusal
 from tokenwire.errors import (
     AuthenticationError,
     GatewayError,
@@ -42,13 +48,37 @@ from tokenwire.wire.chunks import error_json
 from tokenwire.wire.frames import FrameLoop
 from tokenwire.wire.schema import convert_chat_request
 
+if TYPE_CHECKING:
+    from tokenwire.protocols import FastWebSocket
+
 log = logging.getLogger("tokenwire.ws")
+
+
+class _Lane:
+    """Requests that answer one after another: their queue, and the task serving it."""
+
+    __slots__ = ("busy", "queue", "task")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any] | GatewayError] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.busy = False
 
 
 @dataclass(frozen=True, slots=True)
 class _Close:
     code: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Ping:
+    """A ping for the writer to send once the messages queued before it are written."""
+
+    answered: asyncio.Future[bool]  # True: the pong came; False: the client closed first
+
+
+_Outgoing = bytes | _Close | _Ping
 
 
 class _RateBucket:
@@ -85,11 +115,13 @@ class WSSession:
         "_client_closed",
         "_closed_event",
         "_closing",
-        "_compat",
-        "_compat_busy",
-        "_compat_task",
         "_config",
+        "_drain",
+        "_draining_notice_task",
+        "_envelope",
+        "_fast",
         "_key",
+        "_lanes",
         "_mode",
         "_out",
         "_reader_task",
@@ -98,30 +130,39 @@ class WSSession:
         "_state",
         "_writer_gone",
         "_writer_task",
+        "_writing",
         "_ws",
     )
 
-    def __init__(self, websocket: WebSocket, state: AppState, key: KeyRecord | None) -> None:
+    def __init__(
+        self, websocket: WebSocket, state: AppState, key: KeyRecord | None, *, envelope: bool
+    ) -> None:
         self._ws = websocket
         self._state = state
         self._config: ServerConfig = state.settings.server
         self._key = key
+        # uvicorn under `tokenwire serve`: batched writes and pings the app can await
+        self._fast: FastWebSocket | None = websocket.scope.get("extensions", {}).get("tokenwire.ws")
         # The writer and its queue are made with the first message to send (memory per socket).
-        self._out: asyncio.Queue[bytes | _Close] | None = None
+        self._out: asyncio.Queue[_Outgoing] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._reader_task: asyncio.Task[Any] | None = None  # the connection's task, while reading
         self._writer_gone = False
+        self._writing = False  # the writer holds messages taken from the queue, unwritten
         self._requests: dict[str, tuple[asyncio.Task[None], StreamSource]] = {}
         # Made with the first compatible request: most sockets never need them (memory).
-        self._compat: asyncio.Queue[dict[str, Any] | GatewayError] | None = None
-        self._compat_busy = False
-        self._compat_task: asyncio.Task[None] | None = None  # started by the first such request
+        self._lanes: dict[str | None, _Lane] | None = None  # made with the first queued request
         self._client_closed = False
         self._closed_event: asyncio.Event | None = None  # made only when someone waits for it
         self._closing = False
         self._bucket = _RateBucket(self._config.ws_messages_per_second)
         self._auth_deadline: float | None = None
         self._receive_timeout: asyncio.Timeout | None = None
+        # Drain: the notice once the process drains; whether the client speaks envelope mode
+        # (the tokenwire.v1 subprotocol, or a typed message), which gets session.closing.
+        self._drain: DrainNotice | None = None
+        self._envelope = envelope
+        self._draining_notice_task: asyncio.Task[None] | None = None
         self._mode = "pending"  # until the first request: "compatible" or "envelope" (metrics)
 
     # -- the connection ----------------------------------------------------------------------
@@ -130,6 +171,7 @@ class WSSession:
         task = asyncio.current_task()
         assert task is not None
         self._reader_task = task
+        self._state.drain.join(self)
         self._state.metrics.websocket_mode(None, self._mode)
         try:
             # The reader ends on a close, a violation or a timeout; a writer that ends (the
@@ -144,11 +186,10 @@ class WSSession:
         finally:
             self._state.metrics.websocket_mode(self._mode, None)  # first: the rest awaits
             self._mode = "closed"  # counted under no mode any more
+            self._state.drain.leave(self)
             self._reader_task = None  # a writer ending from now on cancels nothing
             self._mark_client_closed()
-            tasks = [request_task for request_task, _ in self._requests.values()]
-            if self._compat_task is not None:
-                tasks.append(self._compat_task)
+            tasks = self._tasks()
             for request_task in tasks:
                 request_task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -166,7 +207,7 @@ class WSSession:
             self._state.metrics.websocket_mode(self._mode, mode)
             self._mode = mode
 
-    def _queue(self) -> asyncio.Queue[bytes | _Close]:
+    def _queue(self) -> asyncio.Queue[_Outgoing]:
         """The writer's queue, starting the writer on first use."""
         if self._out is None:
             self._out = asyncio.Queue(maxsize=64)
@@ -198,32 +239,111 @@ class WSSession:
             out.get_nowait()
         out.put_nowait(_Close(code, reason))
 
-    async def _writer(self, out: asyncio.Queue[bytes | _Close]) -> None:
-        timeout = self._config.ws_send_timeout_s
-        ws = self._ws
+    async def _writer(self, out: asyncio.Queue[_Outgoing]) -> None:
+        """Write what the queue holds, in order: every message queued since the last wake-up
+        in one batch (one system call with :class:`FastWebSocket`)."""
         try:
             while True:
-                item = await out.get()
-                if isinstance(item, _Close):
+                batch = [await out.get()]
+                while not out.empty():
+                    batch.append(out.get_nowait())
+                self._writing = True
+                texts: list[bytes] = []
+                for item in batch:
+                    if isinstance(item, bytes):
+                        texts.append(item)
+                        continue
+                    if texts and not await self._write(texts):
+                        return
+                    texts = []
+                    if isinstance(item, _Ping):
+                        self._ping(item.answered)
+                        continue
                     with contextlib.suppress(Exception):
-                        async with asyncio.timeout(timeout):
-                            await ws.close(item.code, item.reason)
+                        async with asyncio.timeout(self._config.ws_send_timeout_s):
+                            await self._ws.close(item.code, item.reason)
                     return
-                try:
-                    async with asyncio.timeout(timeout):
-                        await ws.send({"type": "websocket.send", "text": item.decode()})
-                except TimeoutError:
-                    self._closing = True
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(1.0):
-                            await ws.close(proto.CLOSE_TRY_AGAIN_LATER, "client too slow")
+                if texts and not await self._write(texts):
                     return
+                self._writing = False
         except (OSError, RuntimeError, WebSocketDisconnect):
             self._mark_client_closed()  # the transport is gone
 
-    async def _send(self, message: bytes) -> None:
-        if not self._closing:
-            await self._queue().put(message)
+    async def _write(self, texts: list[bytes]) -> bool:
+        """Send text messages; False when the session must end (client gone or too slow)."""
+        fast = self._fast
+        if fast is not None:
+            if not fast.writable.is_set():
+                # A client that reads nothing for ws_send_timeout_s is aborted by the
+                # connection's stall guard, which sets `writable` (and write_texts fails).
+                await fast.writable.wait()
+            if fast.write_texts(texts):
+                return True
+            self._mark_client_closed()
+            return False
+        timeout = self._config.ws_send_timeout_s
+        for text in texts:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ws.send({"type": "websocket.send", "text": text.decode()})
+            except TimeoutError:
+                self._closing = True
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await self._ws.close(proto.CLOSE_TRY_AGAIN_LATER, "client too slow")
+                return False
+        return True
+
+    def _ping(self, answered: asyncio.Future[bool]) -> None:
+        if self._fast is None:
+            answered.set_result(not self._client_closed)
+            return
+        self._fast.ping().add_done_callback(partial(_pass_on, answered))
+
+    async def _send_all(self, messages: list[bytes]) -> None:
+        """:meth:`_send` each message; with :class:`FastWebSocket` and nothing waiting ahead,
+        all of them in one write."""
+        if len(messages) > 1 and self._can_write_now():
+            assert self._fast is not None
+            if not self._fast.write_texts(messages):
+                self._mark_client_closed()
+            return
+        for message in messages:
+            await self._send(message)
+
+    def _can_write_now(self) -> bool:
+        """Whether a message may be written by the calling task now: nothing waits ahead of
+        it (in the queue or in the writer's hands) and the transport takes more."""
+        return (
+            self._fast is not None
+            and not self._closing
+            and not self._writing
+            and (self._out is None or self._out.empty())
+            and self._fast.writable.is_set()
+        )
+
+    async def _send(self, message: bytes | _Ping) -> None:
+        """Send a message after those sent before it (by any task of this session).
+
+        With :class:`FastWebSocket`, while nothing waits in the queue or in the writer's
+        hands and the transport takes more, the message is written at once by the calling
+        task (a synchronous write, so frames never interleave); otherwise it joins the
+        queue behind the others and the writer sends it when the client takes more.
+        """
+        if self._closing:
+            return
+        if self._can_write_now():
+            assert self._fast is not None
+            if isinstance(message, _Ping):
+                self._ping(message.answered)
+            elif not self._fast.write_texts([message]):
+                self._mark_client_closed()  # the reader sees the disconnect and ends it all
+            return
+        out = self._queue()
+        if out.full():
+            await out.put(message)
+        else:
+            out.put_nowait(message)
 
     def _receive_deadline(self) -> float | None:
         """When the reader stops waiting: auth deadline, idle deadline, or never (busy)."""
@@ -234,9 +354,36 @@ class WSSession:
         return asyncio.get_running_loop().time() + self._config.ws_idle_timeout_s
 
     def _rearm_idle(self) -> None:
-        """A request ended: restart the idle clock of a reader that waits with none."""
+        """A request ended: restart the idle clock of a reader that waits with none (or, while
+        draining, close the socket once no request runs)."""
+        self._close_if_drained()
         if self._receive_timeout is not None and not self._active():
             self._receive_timeout.reschedule(self._receive_deadline())
+
+    # -- drain -------------------------------------------------------------------------------
+
+    def drain(self, notice: DrainNotice) -> None:
+        """The process drains: refuse new requests, tell an envelope client, close when idle."""
+        if self._drain is not None:
+            return
+        self._drain = notice
+        if self._key is not None and self._envelope:
+            loop = asyncio.get_running_loop()
+            self._draining_notice_task = loop.create_task(self._send_closing(notice))
+        else:
+            self._close_if_drained()
+
+    async def _send_closing(self, notice: DrainNotice) -> None:
+        drain_ms = int(notice.remaining_s() * 1000)
+        await self._send(proto.closing_message(notice.reason, notice.close_code, drain_ms))
+        self._draining_notice_task = None
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        """Close with the drain's code once no request runs (after ``session.closing``)."""
+        notice = self._drain
+        if notice is not None and self._draining_notice_task is None and not self._active():
+            self._close_soon(notice.close_code, notice.close_reason)
 
     async def _reader(self) -> None:
         max_bytes = self._config.ws_max_message_bytes
@@ -264,7 +411,8 @@ class WSSession:
                 self._close_soon(proto.CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted")
                 return
             try:
-                parsed = proto.parse_client_message(text, max_bytes=max_bytes)
+                parsed = self._parse(text, max_bytes)
+                self._envelope = self._envelope or self._speaks_envelope(parsed)
                 if self._key is None:
                     await self._authenticate(parsed)
                     continue
@@ -277,7 +425,7 @@ class WSSession:
             except Exception as exc:  # noqa: BLE001 - logged; fails this message, not the socket
                 await self._report(_as_gateway_error(exc, "a message"), None, compatible=False)
 
-    async def _authenticate(self, message: proto.ClientMessage) -> None:
+    async def _authenticate(self, message: object) -> None:
         if not isinstance(message, proto.AuthMessage):
             raise proto.ProtocolViolation(
                 proto.CLOSE_UNAUTHORIZED, "authenticate first: send {type: auth, api_key}"
@@ -293,11 +441,29 @@ class WSSession:
 
     # -- messages ----------------------------------------------------------------------------
 
+    def _parse(self, text: str, max_bytes: int) -> object:
+        """One client message, typed (the protocol's own parser)."""
+        return proto.parse_client_message(text, max_bytes=max_bytes)
+
+    def _speaks_envelope(self, message: object) -> bool:
+        """Whether a client sending ``message`` speaks envelope mode (gets ``session.closing``)."""
+        return not isinstance(message, proto.CompatibleRequest)
+
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        """The tasks serving requests and the drain notice (cancelled when the socket ends)."""
+        tasks = [request_task for request_task, _ in self._requests.values()]
+        tasks.extend(lane.task for lane in (self._lanes or {}).values() if lane.task is not None)
+        if self._draining_notice_task is not None:
+            tasks.append(self._draining_notice_task)
+        return tasks
+
     def _active(self) -> int:
-        queued = 0 if self._compat is None else self._compat.qsize()
-        return len(self._requests) + queued + int(self._compat_busy)
+        queued = sum(lane.queue.qsize() + lane.busy for lane in (self._lanes or {}).values())
+        return len(self._requests) + queued
 
     def _check_capacity(self, request_id: str | None) -> None:
+        if self._drain is not None:
+            raise proto.RequestFailed(refusal(), request_id)
         cap = self._config.ws_max_concurrent_requests
         if self._active() >= cap:
             self._state.metrics.limit_refused("socket_requests")
@@ -308,21 +474,16 @@ class WSSession:
             )
             raise proto.RequestFailed(error, request_id)
 
-    async def _dispatch(self, message: proto.ClientMessage) -> None:
+    async def _dispatch(self, message: object) -> None:
         if isinstance(message, proto.PingMessage):
             await self._send(proto.PONG)
         elif isinstance(message, proto.CompatibleRequest):
             # Compatible requests answer in order, so even a refusal waits for its turn.
-            if self._compat is None:
-                self._compat = asyncio.Queue()
-                self._compat_task = asyncio.get_running_loop().create_task(
-                    self._compat_worker(self._compat)
-                )
             try:
                 self._check_capacity(None)
-                self._compat.put_nowait(message.body)
+                self._enqueue(None, message.body)
             except proto.RequestFailed as exc:
-                self._compat.put_nowait(exc.error)
+                self._enqueue(None, exc.error)
         elif isinstance(message, proto.CreateMessage):
             await self._create(message)
         elif isinstance(message, proto.CancelMessage):
@@ -357,7 +518,7 @@ class WSSession:
             idempotency = (message.idempotency_key, request_digest(message.body))
         try:
             generation = await self._start(
-                message.body, "ws-envelope", message.resumable, idempotency
+                message.body, "ws-envelope", message.resumable, idempotency, message.include_cost
             )
         except Exception as exc:  # noqa: BLE001 - logged; fails this request only
             raise proto.RequestFailed(_as_gateway_error(exc, request_id), request_id) from None
@@ -397,6 +558,7 @@ class WSSession:
         transport: Literal["ws", "ws-envelope"],
         resumable: bool = False,
         idempotency: tuple[str, str] | None = None,
+        include_cost: bool = False,
     ) -> StreamSource:
         self._set_mode("envelope" if transport == "ws-envelope" else "compatible")
         request = convert_chat_request(body)
@@ -409,6 +571,7 @@ class WSSession:
             resumable=resumable,
             idempotency=idempotency,
             client=client_address(self._ws),
+            include_cost=include_cost,
         )
 
     async def _live_key(self) -> KeyRecord:
@@ -448,25 +611,50 @@ class WSSession:
         # detaches its reader at once, not whenever the iterator happens to be collected.
         async with contextlib.aclosing(source.read(after=after)) as batches:
             async for batch in batches:
-                for frame in frames.frames(batch):
-                    await self._send(frame)
-        for frame in frames.end():
-            await self._send(frame)
+                await self._send_all(frames.frames(batch))
+        await self._send_all(frames.end())
 
-    async def _compat_worker(self, queue: asyncio.Queue[dict[str, Any] | GatewayError]) -> None:
-        while True:
-            item = await queue.get()
-            self._compat_busy = True
-            try:
-                await self._serve_compatible(item)
-            except Exception as exc:  # noqa: BLE001 - logged, in order; the next one is served
-                error = _as_gateway_error(exc, "a compatible request")
-                await self._report(error, None, compatible=True)
-                if not isinstance(error, AuthenticationError):  # else the socket closes
-                    await self._finish_compatible()
-            finally:
-                self._compat_busy = False
-                self._rearm_idle()
+    # -- requests served one after another, per lane ------------------------------------------
+
+    def _enqueue(self, lane: str | None, item: dict[str, Any] | GatewayError) -> None:
+        """Queue a request (or the error that refused it) on a lane that answers in order; a
+        lane's worker starts with its first item and ends when it has nothing left."""
+        lanes = self._lanes
+        if lanes is None:
+            lanes = self._lanes = {}
+        entry = lanes.get(lane)
+        if entry is None:
+            entry = lanes[lane] = _Lane()
+            entry.task = asyncio.get_running_loop().create_task(self._lane_worker(lane, entry))
+        entry.queue.put_nowait(item)
+
+    async def _lane_worker(self, lane: str | None, entry: _Lane) -> None:
+        try:
+            while True:
+                item = entry.queue.get_nowait()
+                entry.busy = True
+                try:
+                    await self._serve_queued(lane, item)
+                except Exception as exc:  # noqa: BLE001 - logged, in order; the next one runs
+                    await self._queued_failed(lane, _as_gateway_error(exc, "a queued request"))
+                finally:
+                    entry.busy = False
+                    self._rearm_idle()
+        except asyncio.QueueEmpty:
+            pass
+        finally:
+            if self._lanes is not None and self._lanes.get(lane) is entry:
+                del self._lanes[lane]
+
+    async def _serve_queued(self, lane: str | None, item: dict[str, Any] | GatewayError) -> None:
+        """Serve one queued request (compatible mode: its lane is None)."""
+        await self._serve_compatible(item)
+
+    async def _queued_failed(self, lane: str | None, error: GatewayError) -> None:
+        """Report a queued request's failure, in its turn."""
+        await self._report(error, None, compatible=True)
+        if not isinstance(error, AuthenticationError):  # else the socket closes
+            await self._finish_compatible()
 
     async def _serve_compatible(self, item: dict[str, Any] | GatewayError) -> None:
         """Stream one compatible-mode request; a refusal or a failure raises (the worker
@@ -478,7 +666,24 @@ class WSSession:
         await self._finish_compatible()
 
     async def _finish_compatible(self) -> None:
-        """Send ``[DONE]`` unless the client closes within the grace period."""
+        """Send ``[DONE]``, unless the client is closing the socket.
+
+        Some clients close as soon as they see a finish reason and fail on any later message
+        (Node ``ws`` delivers messages that arrive after ``close()``). Under ``tokenwire
+        serve`` the writer pings once the last chunk is written and ``[DONE]`` follows the
+        pong: a closing client sends its close frame before that pong could come (it answers
+        no ping once closing), one that reads on answers at once, so nobody waits longer
+        than a round trip. Elsewhere (no :class:`FastWebSocket`) the server waits
+        ``ws_done_grace_ms`` for the client's close instead.
+        """
+        if self._fast is not None:
+            if self._closing:
+                return
+            answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            await self._send(_Ping(answered))
+            if await answered and not self._client_closed:
+                await self._send(proto.DONE.encode())
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._config.ws_done_grace_ms / 1000):
                 if not self._client_closed:
@@ -486,6 +691,11 @@ class WSSession:
                     await self._closed_event.wait()
         if not self._client_closed:
             await self._send(proto.DONE.encode())
+
+
+def _pass_on(answered: asyncio.Future[bool], pong: asyncio.Future[bool]) -> None:
+    if not answered.done():
+        answered.set_result(pong.result())
 
 
 def _as_gateway_error(exc: Exception, what: str) -> GatewayError:
@@ -515,10 +725,21 @@ def _origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
 
 
 async def ws_chat(websocket: WebSocket) -> None:
-    """Authenticate (header, ticket, or an ``auth`` message) and run the session."""
+    """``/v1/ws/chat``: authenticate (header, ticket, or an ``auth`` message), then chat."""
+    await serve_socket(websocket, WSSession)
+
+
+async def serve_socket(websocket: WebSocket, session: type[WSSession]) -> None:
+    """Check the origin, authenticate (header, ticket, or later an ``auth`` message) and run
+    a ``session`` of the socket's protocol."""
     state = get_state(websocket)
     offered = list(websocket.scope.get("subprotocols") or [])
     subprotocol = proto.SUBPROTOCOL if proto.SUBPROTOCOL in offered else None
+    notice = state.drain.notice
+    if notice is not None:  # an upgrade on a connection still open during a drain
+        await websocket.accept(subprotocol)
+        await websocket.close(notice.close_code, notice.close_reason)
+        return
     if not _origin_allowed(websocket, state.settings.server.ws_allowed_origins):
         await websocket.accept(subprotocol)
         await websocket.close(proto.CLOSE_POLICY, "origin not allowed")
@@ -533,7 +754,7 @@ async def ws_chat(websocket: WebSocket) -> None:
         if token is not None:
             key = await authenticate_token(state, token, client)
         elif ticket is not None:
-            key_id = state.tickets.redeem(ticket)
+            key_id = await state.tickets.redeem(ticket)
             key = None if key_id is None else await state.keys.get(key_id)
             if key is None or not key.is_active(time.time()):
                 raise AuthenticationError("invalid or expired ticket")
@@ -547,4 +768,4 @@ async def ws_chat(websocket: WebSocket) -> None:
         await websocket.close(proto.CLOSE_INTERNAL, "internal error; try again later")
         return
     await websocket.accept(subprotocol)
-    await WSSession(websocket, state, key).run()
+    await session(websocket, state, key, envelope=subprotocol is not None).run()

@@ -44,7 +44,8 @@ def bench(
     scenarios: Annotated[
         str,
         typer.Option(
-            help="Comma list of direct, sse, sse-new-conn, ws, ws-mux (run in that order).",
+            help="Comma list of direct, sse, sse-new-conn, json, ws, ws-mux (run in that "
+            "order; json, one answer per request, only when named).",
             rich_help_panel=LOAD,
         ),
     ] = "direct,sse,sse-new-conn,ws,ws-mux",
@@ -183,6 +184,24 @@ def bench(
             rich_help_panel=SERVERS,
         ),
     ] = ServerChoice.uvicorn,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes of the gateway bench starts (serve --workers N); more than "
+            "one keeps its limits and streams in Redis (--redis, default the local one).",
+            rich_help_panel=SERVERS,
+        ),
+    ] = 1,
+    redis: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Redis URL for the started gateway's limits and streams (a key prefix of the "
+            "run's own, removed at the end). Default: in process with one worker, "
+            "redis://127.0.0.1:6379/0 with more.",
+            rich_help_panel=SERVERS,
+        ),
+    ] = None,
     profile: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
@@ -275,6 +294,8 @@ def bench(
             save_itl=save_itl,
             profile=profile,
             gateway_server="granian" if gateway_server is ServerChoice.granian else "uvicorn",
+            workers=workers,
+            redis_url=redis,
             keep_temp=keep_temp,
             check=check,
             min_ratio=min_ratio,

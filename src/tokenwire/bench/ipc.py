@@ -21,7 +21,7 @@ class RowSpec(msgspec.Struct, frozen=True):
 
     row_id: str
     scenario: str
-    transport: str  # "sse" | "ws"
+    transport: str  # "sse" | "json" | "ws"
     url: str
     headers: dict[str, str]
     model: str

@@ -20,13 +20,16 @@ class Scenario(StrEnum):
     DIRECT = "direct"
     SSE = "sse"
     SSE_NEW_CONN = "sse-new-conn"
+    JSON = "json"
     WS = "ws"
     WS_MUX = "ws-mux"
 
     @property
-    def transport(self) -> Literal["sse", "ws"]:
-        """How the client talks: SSE over HTTP POST, or WebSocket."""
-        return "ws" if self in (Scenario.WS, Scenario.WS_MUX) else "sse"
+    def transport(self) -> Literal["sse", "json", "ws"]:
+        """How the client talks: SSE over HTTP POST, one JSON answer, or WebSocket."""
+        if self in (Scenario.WS, Scenario.WS_MUX):
+            return "ws"
+        return "json" if self is Scenario.JSON else "sse"
 
     @property
     def via_gateway(self) -> bool:
@@ -38,6 +41,7 @@ SCENARIO_DESCRIPTIONS: dict[Scenario, str] = {
     Scenario.DIRECT: "SSE straight to sim-upstream, keep-alive (the baseline)",
     Scenario.SSE: "SSE through the gateway, keep-alive connection pool",
     Scenario.SSE_NEW_CONN: "SSE through the gateway, a new TCP connection per request",
+    Scenario.JSON: "one JSON answer per request (stream: false) through the gateway, keep-alive",
     Scenario.WS: "WebSocket through the gateway, one socket per user, requests in sequence",
     Scenario.WS_MUX: "WebSocket through the gateway, users' requests multiplexed on shared sockets",
 }
@@ -46,13 +50,22 @@ DEFAULT_MODEL = "proxied-sim"
 UPSTREAM_MODEL = "sim"
 GatewayServerKind = Literal["uvicorn", "granian"]
 WsMode = Literal["envelope", "compat"]
+DEFAULT_SCENARIOS = (
+    Scenario.DIRECT,
+    Scenario.SSE,
+    Scenario.SSE_NEW_CONN,
+    Scenario.WS,
+    Scenario.WS_MUX,
+)
+"""Every scenario but ``json`` (asked for by name: it is for per-request cost)."""
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     """Everything one ``tokenwire bench`` run was asked to do."""
 
-    scenarios: tuple[Scenario, ...] = tuple(Scenario)
+    scenarios: tuple[Scenario, ...] = DEFAULT_SCENARIOS
     concurrency: tuple[int, ...] = (1, 10, 100, 1000)
     requests_per_user: int = 1
     duration_s: float | None = None
@@ -81,6 +94,8 @@ class BenchOptions:
     save_itl: bool = False
     profile: Path | None = None
     gateway_server: GatewayServerKind = "uvicorn"
+    workers: int = 1
+    redis_url: str | None = None
     keep_temp: bool = False
     check: bool = False
     min_ratio: float = 0.90
@@ -145,6 +160,12 @@ def validate(opts: BenchOptions) -> None:
             "--mux-streams-per-socket must be >= 1",
         ),
         (opts.idle_websockets >= 0, "--idle-websockets", "--idle-websockets must be >= 0"),
+        (opts.workers >= 1, "--workers", "--workers must be >= 1"),
+        (
+            opts.target is None or (opts.workers == 1 and opts.redis_url is None),
+            "--workers",
+            "--workers and --redis apply to the gateway bench starts, not to --target",
+        ),
         (
             opts.target is None or opts.key is not None,
             "--key",

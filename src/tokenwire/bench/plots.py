@@ -23,6 +23,7 @@ COLORS = {
     Scenario.DIRECT: "#555555",
     Scenario.SSE: "#1f77b4",
     Scenario.SSE_NEW_CONN: "#17becf",
+    Scenario.JSON: "#2ca02c",
     Scenario.WS: "#d62728",
     Scenario.WS_MUX: "#ff7f0e",
 }

@@ -129,6 +129,7 @@ def _round_json(row: RowRun) -> dict[str, Any]:
         "itl_ms": _dist_json(Dist.empty() if m is None else m.itl),
         "connect_s": _round(row.connect_s, 4),
         "server_cpu_s_per_1k_tokens": _round(row.cpu_s_per_1k_tokens(row.server), 4),
+        "server_cpu_ms_per_request": _round(row.cpu_ms_per_request(row.server), 4),
         "server_peak_rss_mib": _round(row.peak_rss_mib(row.server), 1),
         "client_rss_kib_per_stream": _round(row.client_rss_kib_per_stream, 2),
         "host_cpu_percent": _round(row.resources.host_cpu_percent if row.resources else None, 1),
@@ -189,6 +190,7 @@ def record_json(record: ScenarioRecord, save_itl: bool) -> dict[str, Any]:
         **_metrics_json(record.metrics),
         "server": "gateway" if scenario.via_gateway else "upstream",
         "server_cpu_s_per_1k_tokens": _round(record.server_cpu_s_per_1k_tokens, 4),
+        "server_cpu_ms_per_request": _round(record.server_cpu_ms_per_request, 4),
         "server_peak_rss_mib": _round(record.server_peak_rss_mib, 1),
         "upstream_cpu_s_per_1k_tokens": _round(record.upstream_cpu_s_per_1k_tokens, 4),
         "client_cpu_s_per_1k_tokens": _round(record.client_cpu_s_per_1k_tokens, 4),
@@ -220,6 +222,8 @@ def build_document(outcome: RunOutcome) -> dict[str, Any]:
             "gateway_pid": ends.gateway_pid,
             "upstream_pid": ends.upstream_pid,
             "gateway_server": opts.gateway_server if ends.mode == "started" else None,
+            "gateway_workers": opts.workers if ends.mode == "started" else None,
+            "gateway_shared_state": ends.shared_state,
             "upstream_ttft_ms": opts.ttft_ms if started_upstream else None,
             "upstream_itl_ms": opts.itl_ms if started_upstream else None,
             "ws_mode": opts.ws_mode,
@@ -279,8 +283,10 @@ def describe(outcome: RunOutcome) -> str:
         if ends.upstream_pid is not None
         else f"upstream {ends.upstream_url or '(none)'}"
     )
+    workers = "" if opts.workers == 1 else f", {opts.workers} workers"
     target = (
-        f"gateway {ends.gateway_url} (started, {opts.gateway_server}, pid {ends.gateway_pid})"
+        f"gateway {ends.gateway_url} (started, {opts.gateway_server}{workers}, "
+        f"pid {ends.gateway_pid})"
         if ends.mode == "started"
         else f"target {ends.gateway_url} model {ends.model} (pid {ends.gateway_pid or '?'})"
     )
@@ -332,6 +338,7 @@ MARKDOWN_COLUMNS = (
     "Δ ITL p99",
     "Δ E2E p50",
     "server CPU s/1k tok",
+    "server CPU ms/req",
     "server peak RSS MiB",
     "client KiB/stream",
     "chunks/read",
@@ -365,6 +372,7 @@ def _row_cells(r: ScenarioRecord) -> list[str]:
         "-" if o is None else _signed(o.itl.p99),
         "-" if o is None else _signed(o.e2e.p50),
         _cell(r.server_cpu_s_per_1k_tokens, ".3f"),
+        _cell(r.server_cpu_ms_per_request, ".3f"),
         _cell(r.server_peak_rss_mib, ".0f"),
         _cell(r.client_rss_kib_per_stream, ".1f"),
         _cell(m.chunks_per_read, ".2f"),
@@ -437,7 +445,8 @@ def print_tables(outcome: RunOutcome, console: Console) -> None:
     """Throughput and resources, then latency and overhead, then the verdict."""
     first = Table(title="Throughput, correctness, resources (median over rounds)")
     for col in ("scenario", "conc", "ok/req", "err", "wrong", "tok/s", "req/s", "vs direct",
-                "server CPU s/1k", "server RSS MiB", "client KiB/str", "chunks/read"):  # fmt: skip
+                "server CPU s/1k", "ms/req", "server RSS MiB", "client KiB/str",
+                "chunks/read"):  # fmt: skip
         first.add_column(col, justify="right")
     second = Table(title="Latency, ms: p50 / p90 / p99 (Δ vs direct: p50 / p99)")
     for col in ("scenario", "conc", "TTFT", "ITL", "TPOT", "E2E", "Δ TTFT", "Δ ITL", "Δ E2E"):
@@ -452,7 +461,7 @@ def print_tables(outcome: RunOutcome, console: Console) -> None:
     for r in outcome.records:
         m, o = r.metrics, r.overhead
         if m is None:
-            first.add_row(r.scenario.value, str(r.concurrency), r.status, *["-"] * 9)
+            first.add_row(r.scenario.value, str(r.concurrency), r.status, *["-"] * 10)
             continue
         first.add_row(
             r.scenario.value,
@@ -464,6 +473,7 @@ def print_tables(outcome: RunOutcome, console: Console) -> None:
             _cell(m.requests_per_s, ",.1f"),
             "-" if o is None else _cell(o.tokens_per_s_ratio, ".3f"),
             _cell(r.server_cpu_s_per_1k_tokens, ".3f"),
+            _cell(r.server_cpu_ms_per_request, ".3f"),
             _cell(r.server_peak_rss_mib, ".0f"),
             _cell(r.client_rss_kib_per_stream, ".1f"),
             _cell(m.chunks_per_read, ".2f"),

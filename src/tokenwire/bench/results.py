@@ -59,6 +59,13 @@ class RowRun:
         cpu = self.resources.cpu_s.get(process)
         return None if cpu is None else cpu / self.metrics.output_tokens * 1000
 
+    def cpu_ms_per_request(self, process: str) -> float | None:
+        """CPU milliseconds of ``process`` per request sent in this row."""
+        if self.metrics is None or self.resources is None or not self.metrics.requests:
+            return None
+        cpu = self.resources.cpu_s.get(process)
+        return None if cpu is None else cpu / self.metrics.requests * 1000
+
     def peak_rss_mib(self, process: str) -> float | None:
         return None if self.resources is None else self.resources.peak_rss_mib.get(process)
 
@@ -84,6 +91,7 @@ class ScenarioRecord:
     metrics: RowMetrics | None = None
     overhead: Overhead | None = None
     server_cpu_s_per_1k_tokens: float | None = None
+    server_cpu_ms_per_request: float | None = None
     server_peak_rss_mib: float | None = None
     upstream_cpu_s_per_1k_tokens: float | None = None
     client_cpu_s_per_1k_tokens: float | None = None
@@ -138,6 +146,9 @@ def aggregate(rows: list[RowRun], opts: BenchOptions) -> list[ScenarioRecord]:
                 )
             record.server_cpu_s_per_1k_tokens = median_or_none(
                 r.cpu_s_per_1k_tokens(r.server) for r in ran
+            )
+            record.server_cpu_ms_per_request = median_or_none(
+                r.cpu_ms_per_request(r.server) for r in ran
             )
             record.upstream_cpu_s_per_1k_tokens = median_or_none(
                 r.cpu_s_per_1k_tokens(UPSTREAM) for r in ran

@@ -133,13 +133,13 @@ def row_spec(
             model=UPSTREAM_MODEL,
             **common,
         )
-    if scenario.transport == "sse":
+    if scenario.transport in ("sse", "json"):
         return RowSpec(
-            transport="sse",
+            transport=scenario.transport,
             url=ends.gateway_url + "/v1/chat/completions",
             headers=_headers_json(ends.key),
             model=ends.model,
-            keep_alive=scenario is Scenario.SSE,
+            keep_alive=scenario is not Scenario.SSE_NEW_CONN,
             **common,
         )
     mux = scenario is Scenario.WS_MUX
@@ -199,7 +199,8 @@ async def run_row(
         f"{label:<9} {scenario.value:<12} c={concurrency:<5} {m.tokens_per_s:9,.0f} tok/s  "
         f"TTFT p50 {_fmt(m.ttft.p50):>7} p99 {_fmt(m.ttft.p99):>7} ms  "
         f"ITL p99 {_fmt(m.itl.p99):>6} ms  ok {m.completed}/{m.requests}  "
-        f"err {m.errors}  wrong {m.wrong}",
+        f"err {m.errors}  wrong {m.wrong}  CPU {_fmt(row.cpu_ms_per_request(row.server), '.3f')} "
+        "ms/req",
         highlight=False,
     )
     return row

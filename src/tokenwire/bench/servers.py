@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,7 +26,13 @@ from pathlib import Path
 import msgspec
 
 from tokenwire.bench.errors import ServerStartFailed
-from tokenwire.bench.options import DEFAULT_MODEL, UPSTREAM_MODEL, BenchOptions, base_url
+from tokenwire.bench.options import (
+    DEFAULT_MODEL,
+    DEFAULT_REDIS_URL,
+    UPSTREAM_MODEL,
+    BenchOptions,
+    base_url,
+)
 
 
 def free_port() -> int:
@@ -130,19 +137,40 @@ def wait_until(check: Callable[[], bool], server: ServerProcess, what: str, limi
         time.sleep(0.05)
 
 
-def gateway_config(upstream: str, opts: BenchOptions) -> str:
+def redis_url(opts: BenchOptions) -> str | None:
+    """Where the started gateway keeps limits and streams: ``--redis``, or the default Redis
+    when ``--workers`` > 1 (its processes must share them); None: in process memory."""
+    if opts.redis_url is not None:
+        return opts.redis_url
+    return DEFAULT_REDIS_URL if opts.workers > 1 else None
+
+
+def gateway_config(upstream: str, opts: BenchOptions, redis_prefix: str = "") -> str:
     """TOML laid over the defaults: model ``proxied-sim`` served by sim-upstream over HTTP.
 
     The per-socket request cap is raised to ``--mux-streams-per-socket`` when that is larger,
-    and permessage-deflate follows ``--ws-compression``.
+    and permessage-deflate follows ``--ws-compression``. With Redis (:func:`redis_url`),
+    limits and resumable streams live there under ``redis_prefix``.
     """
     max_concurrent = max(32, opts.mux_streams_per_socket)
     deflate = "true" if opts.ws_compression else "false"
+    url = redis_url(opts)
+    shared = (
+        ""
+        if url is None
+        else f"""stream_backend = "redis"
+
+[limits]
+backend = "redis"
+redis_url = "{url}"
+redis_prefix = "{redis_prefix}"
+"""
+    )
     return f"""
 [server]
 ws_max_concurrent_requests = {max_concurrent}
 ws_per_message_deflate = {deflate}
-
+{shared}
 [providers.upstream]
 kind = "openai"
 base_url = "{upstream}/v1"
@@ -213,6 +241,7 @@ class Endpoints:
     gateway_children: bool = False  # sample the gateway's child processes too (granian)
     admin_key: str | None = None  # reads GET /v1/admin/runtime (leak accounting)
     key_max_streams: int | None = None  # the stream limit of the key bench made
+    shared_state: str | None = None  # started gateway: "memory" or "redis"
     notes: list[str] = field(default_factory=list)
 
 
@@ -222,6 +251,8 @@ class ServerStack:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.servers: list[ServerProcess] = []
+        self.redis_prefix = f"tokenwire-bench-{secrets.token_hex(6)}:"
+        self._redis_url: str | None = None  # keys under redis_prefix are removed at the end
 
     def start_upstream(self, opts: BenchOptions) -> ServerProcess:
         """``tokenwire sim-upstream`` on a free port, once ``/v1/models`` answers."""
@@ -245,7 +276,8 @@ class ServerStack:
         ``GET /v1/admin/runtime``.
         """
         config = self.workdir / "gateway.toml"
-        config.write_text(gateway_config(upstream, opts))
+        config.write_text(gateway_config(upstream, opts, self.redis_prefix))
+        self._redis_url = redis_url(opts)
         data_dir = self.workdir / "data"
         key = create_key(config, data_dir, max_streams=stream_limit(opts))
         admin_key = create_key(config, data_dir, name="bench-admin", admin=True)
@@ -257,10 +289,12 @@ class ServerStack:
             env = {"TOKENWIRE_CONFIG": str(config), "TOKENWIRE_DATA_DIR": str(data_dir)}
             argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--factory"]
             argv += ["--loop", "uvloop", "--host", "127.0.0.1", "--port", str(port)]
-            argv += ["--backlog", "4096", "tokenwire.app:app_from_env"]
+            argv += ["--backlog", "4096", "--workers", str(opts.workers)]
+            argv += ["tokenwire.app:app_from_env"]
         else:
             argv = [*tokenwire_argv(), "serve", "--host", "127.0.0.1", "--port", str(port)]
             argv += ["--config", str(config), "--data-dir", str(data_dir), "--no-access-log"]
+            argv += ["--workers", str(opts.workers)]
         server = ServerProcess("gateway", argv, self.workdir / "gateway.log", env)
         server.start()
         self.servers.append(server)
@@ -274,7 +308,7 @@ class ServerStack:
             upstream = self.start_upstream(opts)
             upstream_url = f"http://127.0.0.1:{_port_of(upstream)}"
             gateway, url, key, admin_key = self.start_gateway(upstream_url, opts)
-            return Endpoints(
+            started = Endpoints(
                 mode="started",
                 gateway_url=url,
                 key=key,
@@ -282,10 +316,19 @@ class ServerStack:
                 upstream_url=upstream_url,
                 gateway_pid=gateway.pid,
                 upstream_pid=upstream.pid,
-                gateway_children=opts.gateway_server == "granian",
+                gateway_children=opts.gateway_server == "granian" or opts.workers > 1,
                 admin_key=admin_key,
                 key_max_streams=stream_limit(opts),
+                shared_state="memory" if redis_url(opts) is None else "redis",
             )
+            if opts.workers > 1:  # GET /v1/admin/runtime counts the one process that answers
+                started.admin_key = None
+                started.notes.append(
+                    f"leak accounting skipped: {opts.workers} gateway workers, and "
+                    "GET /v1/admin/runtime counts only the worker that answers; CPU and RSS "
+                    "are the supervisor's and all workers' together"
+                )
+            return started
         endpoints = Endpoints(
             mode="target",
             gateway_url=base_url(opts.target),
@@ -323,9 +366,14 @@ class ServerStack:
         return endpoints
 
     def stop(self) -> None:
-        """Stop every server started, last first."""
+        """Stop every server started, last first; remove the run's Redis keys."""
         for server in reversed(self.servers):
             server.stop()
+        if self._redis_url is not None:
+            from tokenwire.testing_services import delete_keys
+
+            with contextlib.suppress(Exception):  # the keys expire anyway; never fail the run
+                delete_keys(self._redis_url, self.redis_prefix)
 
 
 def _port_of(server: ServerProcess) -> int:

@@ -9,6 +9,7 @@ kernel into one read) share a stamp and show as ITL 0; ``chunks_per_read`` repor
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import msgspec
@@ -54,10 +55,18 @@ async def consume(response: aiohttp.ClientResponse, state: StreamState) -> None:
         handle_line(buffer, time.perf_counter(), state)
 
 
-async def stream_one(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], state: StreamState
+ReadAnswer = Callable[[aiohttp.ClientResponse, StreamState], Awaitable[None]]
+
+
+async def post_one(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    state: StreamState,
+    read: ReadAnswer,
 ) -> None:
-    """Send one streamed completion and record its timeline in ``state``; never raises."""
+    """POST ``state.body``; ``read`` takes a 200 answer, any other status is the request's
+    error; stamps the send; never raises."""
     state.sent = time.perf_counter()
     try:
         async with session.post(url, data=state.body, headers=headers) as response:
@@ -65,6 +74,13 @@ async def stream_one(
                 body = await response.read()
                 state.error = f"HTTP {response.status}: {body[:200].decode(errors='replace')}"
             else:
-                await consume(response, state)
+                await read(response, state)
     except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, OSError) as exc:
         state.error = f"{type(exc).__name__}: {exc}"
+
+
+async def stream_one(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], state: StreamState
+) -> None:
+    """Send one streamed completion and record its timeline in ``state``; never raises."""
+    await post_one(session, url, headers, state, consume)

@@ -28,7 +28,7 @@ from typing import BinaryIO
 import aiohttp
 from websockets.asyncio.client import ClientConnection
 
-from tokenwire.bench import sse, ws
+from tokenwire.bench import plain, sse, ws
 from tokenwire.bench.ipc import (
     Failed,
     Go,
@@ -107,21 +107,19 @@ class Worker:
         self._bodies = None
         if spec.duration_s is None:
             self._bodies = [
-                [
-                    request_body(spec.model, spec.row_id, user, index, spec.tokens)
-                    for index in range(spec.requests_per_user)
-                ]
+                [self._body(spec, user, index) for index in range(spec.requests_per_user)]
                 for user in range(spec.concurrency)
             ]
         prepared = Prepared()
-        if spec.transport == "sse":
+        if spec.transport in ("sse", "json"):
             session = self._session(spec)
+            send = sse.stream_one if spec.transport == "sse" else plain.complete_one
 
             async def post(state: StreamState) -> None:
-                await sse.stream_one(session, spec.url, spec.headers, state)
+                await send(session, spec.url, spec.headers, state)
 
             self._channels = [post] * spec.concurrency
-            self._end_marker = sse.END_MARKER
+            self._end_marker = sse.END_MARKER if spec.transport == "sse" else "a JSON answer"
         else:
             prepared = await self._open_sockets(spec)
         gc.collect()
@@ -131,6 +129,11 @@ class Worker:
             unsupported=prepared.unsupported,
             compression=prepared.compression,
         )
+
+    @staticmethod
+    def _body(spec: RowSpec, user: int, index: int) -> bytes:
+        stream = spec.transport != "json"
+        return request_body(spec.model, spec.row_id, user, index, spec.tokens, stream=stream)
 
     async def _open_sockets(self, spec: RowSpec) -> Prepared:
         """One socket per ``streams_per_socket`` users; the first one tells if WS works."""
@@ -201,7 +204,7 @@ class Worker:
                 if bodies is not None:
                     body = bodies[number][index]
                 else:
-                    body = request_body(spec.model, spec.row_id, number, index, spec.tokens)
+                    body = self._body(spec, number, index)
                 state = StreamState(number, index, body)
                 await channel(state)
                 states.append(state)

@@ -18,17 +18,20 @@ from tokenwire.providers.sim import plan
 from tokenwire.wire.schema import decode_chat_request
 
 
-def request_body(model: str, tag: str, user: int, index: int, tokens: int) -> bytes:
-    """A streamed chat request with usage, ``max_tokens = tokens`` and a distinct prompt."""
-    return msgspec.json.encode(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": f"bench {tag} user {user} request {index}"}],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_tokens": tokens,
-        }
-    )
+def request_body(
+    model: str, tag: str, user: int, index: int, tokens: int, *, stream: bool = True
+) -> bytes:
+    """A chat request with ``max_tokens = tokens`` and a distinct prompt; streamed ones ask
+    for the usage chunk (a JSON answer always has usage)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"bench {tag} user {user} request {index}"}],
+        "stream": stream,
+        "max_tokens": tokens,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return msgspec.json.encode(body)
 
 
 def expected_text(body: bytes) -> str:

@@ -1,9 +1,8 @@
-"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream, bench."""
+"""The ``tokenwire`` command: serve, keys, usage, cost, sim-upstream, bench, chat."""
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import socket
 import sys
@@ -18,7 +17,16 @@ from rich.table import Table
 from tokenwire.accounting.keys import KeyRecord, KeyStore
 from tokenwire.bench.command import bench
 from tokenwire.cli import accounts
-from tokenwire.config import LOG_FORMATS, ConfigError, Settings, check_server, usd_to_micro
+from tokenwire.cli.chat import chat
+from tokenwire.config import (
+    LOG_FORMATS,
+    ConfigError,
+    Settings,
+    check_server,
+    parse_workers,
+    usd_to_micro,
+)
+from tokenwire.serving import freeze_startup_heap, run_server
 
 app = typer.Typer(
     help="tokenwire: an OpenAI-compatible LLM gateway built for streaming.", no_args_is_help=True
@@ -29,6 +37,7 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 accounts.register(app, keys_app)  # keys create/update/topup/rotate/show, usage, cost
 app.command("bench")(bench)  # tokenwire bench: see tokenwire.bench and docs/benchmarks.md
+app.command("chat")(chat)  # tokenwire chat: the SDK from a terminal (tokenwire.cli.chat)
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional at runtime
@@ -86,25 +95,61 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    drain_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            min=0,
+            help="On SIGTERM, let running streams finish this many seconds (default 30; "
+            "server.drain_timeout_s, TOKENWIRE_DRAIN_TIMEOUT).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Processes serving the port: N, or auto (one per CPU). More than 1 needs "
+            "Redis for limits and streams. [default: server.workers or TOKENWIRE_WORKERS, 1]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the gateway. On a first start it creates the database and prints two keys once.
 
     The keys go to stdout, once; logs go to stderr (JSON unless stderr is a terminal).
-    """
-    import uvicorn
 
-    from tokenwire.app import create_app, server_options
+    SIGTERM drains it (docs/operations.md): no new requests, running streams finish for up to
+    the drain timeout, then it exits. SIGHUP does the same for a restart (WebSockets close
+    with 1012, exit status 0).
+    """
+    from tokenwire import workers as multiprocess
     from tokenwire.observability.logs import configure_logging, resolve_format
 
     settings = _serve_settings(
-        _settings(config, data_dir), host, port, log_format, metrics_host, metrics_port
+        _settings(config, data_dir),
+        host,
+        port,
+        log_format,
+        metrics_host,
+        metrics_port,
+        drain_timeout,
     )
     server = settings.server
+    try:
+        count = multiprocess.resolve_workers(
+            server.workers if workers is None else parse_workers(workers, "--workers")
+        )
+        multiprocess.check_shared_state(settings, count)
+    except ConfigError as exc:
+        accounts.fail(exc.message)
     configure_logging(resolve_format(server.log_format, sys.stderr))
-    # Bound first: a port in use stops here, before a database or keys are made.
-    sockets = [_bind(server.host, server.port, "the API")]
-    if server.metrics_port is not None:
-        sockets.append(_bind(server.metrics_host, server.metrics_port, "metrics"))
+    # Bound first: a port in use stops here, before a database or keys are made. Several
+    # workers get a socket each on the same port (SO_REUSEPORT, tokenwire.workers).
+    api = _bind_api(server.host, server.port, count)
+    metrics = (
+        None
+        if server.metrics_port is None
+        else _bind(server.metrics_host, server.metrics_port, "metrics")
+    )
     grant = usd_to_micro(settings.accounting.free_grant_usd, what="accounting.free_grant_usd")
     created = accounts.run(settings, lambda stores: _bootstrap(stores.keys, grant))
     console = Console()  # stdout: what the operator is shown once, never the log stream
@@ -115,25 +160,27 @@ def serve(
             console.print(f"  {role}  {record.id}  {plaintext}", highlight=False, soft_wrap=True)
     console.print(f"data dir: {settings.data_dir}", highlight=False)
     console.print(f"web pages: {_url(server.host, server.port)}/ (paste a key)", highlight=False)
+    sockets = [*api, *([] if metrics is None else [metrics])]
     for sock in sockets:  # connections queue from here, so the line below is true when logged
         sock.listen(BACKLOG)
 
     def started() -> None:
-        freeze_startup_heap()
         log = logging.getLogger("tokenwire.serve")
-        log.info("listening on %s (Press CTRL+C to quit)", _url(server.host, server.port))
+        workers_note = "" if count == 1 else f" with {count} workers"
+        log.info(
+            "listening on %s%s (Press CTRL+C to quit)",
+            _url(server.host, server.port),
+            workers_note,
+        )
         if server.metrics_port is not None:
             url = _url(server.metrics_host, server.metrics_port)
             log.info("metrics on %s/metrics (no key)", url)
 
-    uv_config = uvicorn.Config(
-        create_app(settings, on_started=started),
-        access_log=access_log,
-        log_level="info",
-        log_config=None,  # configure_logging above: uvicorn's lines are formatted like ours
-        **server_options(settings),
-    )
-    _run(uvicorn.Server(uv_config), sockets)
+    if count > 1:  # a supervisor and `count` worker processes (tokenwire.workers)
+        supervisor = multiprocess.Supervisor(settings, api, metrics, access_log, on_ready=started)
+        raise typer.Exit(supervisor.run())
+    if not run_server(settings, sockets, access_log=access_log, on_started=started):
+        raise typer.Exit(3)  # uvicorn logged why
 
 
 def _url(host: str, port: int) -> str:
@@ -147,6 +194,7 @@ def _serve_settings(
     log_format: str | None,
     metrics_host: str | None,
     metrics_port: int | None,
+    drain_timeout: float | None = None,
 ) -> Settings:
     """The settings with ``serve``'s options laid over them (checked like the file)."""
     changes: dict[str, object] = {
@@ -156,6 +204,7 @@ def _serve_settings(
             ("port", port),
             ("metrics_host", metrics_host),
             ("metrics_port", metrics_port),
+            ("drain_timeout_s", drain_timeout),
         )
         if value is not None
     }
@@ -188,26 +237,25 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
+def _bind_api(host: str, port: int, count: int) -> list[socket.socket]:
+    """The API's socket, or one per worker on the same port; one ``error:`` line and exit 1
+    when the port cannot be had."""
+    if count == 1:
+        return [_bind(host, port, "the API")]
+    from tokenwire.workers import bind_sockets
+
+    try:
+        return bind_sockets(host, port, count)
+    except OSError as exc:
+        accounts.fail(f"cannot listen on {host}:{port} for the API: {exc.strerror or exc}")
+
+
 def _run(server: Any, sockets: list[socket.socket]) -> None:
     """Serve on ``sockets`` until stopped; exit 3 (uvicorn's code) if start-up failed."""
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal stop
         server.run(sockets=sockets)
     if not server.started:
         raise typer.Exit(3)  # uvicorn logged why
-
-
-def freeze_startup_heap() -> None:
-    """Keep the garbage collector's full passes off everything loaded at start-up.
-
-    A server process holds a few hundred thousand long-lived objects (modules, classes,
-    SQLAlchemy, Alembic and Starlette internals: about 106,000 tracked objects in the gateway).
-    Each full (generation 2) collection walks all of them, 36 ms with the event loop stopped,
-    and more on a busy host: under 200 streams those pauses were the TTFT p99. ``gc.freeze()``
-    moves them to a permanent generation the collector skips (CPython's advice for
-    long-running servers); a full pass then walks only what serving made.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 @app.command("sim-upstream")

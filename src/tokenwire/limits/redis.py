@@ -33,7 +33,6 @@ import contextlib
 import logging
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
@@ -47,6 +46,7 @@ from tokenwire.limits.base import (
     raise_if_refused,
     rate_headers,
 )
+from tokenwire.redis_client import connect
 
 log = logging.getLogger("tokenwire.limits")
 
@@ -220,8 +220,9 @@ class RedisRateLimiter:
         self._prefix = prefix
         self._window_s = window_s
         self._auth_limit = auth_failures_per_window
-        self._redis = Redis.from_url(
+        self._redis = connect(
             redis_url,
+            wait_s=SOCKET_TIMEOUT_S,
             decode_responses=True,
             socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=SOCKET_TIMEOUT_S,

@@ -24,6 +24,8 @@ from tokenwire.streams.generation import Generation, GenerationState
 def completion_outcome(generation: Generation) -> Outcome:
     """How a finished generation ended, for metrics and its log line (finer than the
     ledger's status: a gateway bug and a shutdown are told apart)."""
+    if generation.interrupted:  # ended by a drain's timeout (tokenwire.drain)
+        return "shutdown"
     if generation.state is GenerationState.FAILED:
         if isinstance(generation.error, InternalError):
             return "internal_error"

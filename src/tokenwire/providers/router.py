@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from tokenwire.config import DeploymentEntry, ModelEntry, RoutingConfig
@@ -114,7 +114,9 @@ class RoutedModel:
         self._rng = rng or random.Random()
 
     def stream(self, call: ProviderCall) -> AsyncIterator[Event]:
-        return self._stream(call)
+        routed = RoutedStream()
+        routed.start(self._stream(call, routed))
+        return routed
 
     async def aclose(self) -> None:
         return None  # the providers belong to the registry
@@ -157,7 +159,7 @@ class RoutedModel:
         backoff = min(self._config.backoff_max_s, self._config.backoff_base_s * 2.0**attempt)
         return backoff * self._rng.uniform(0.5, 1.5)
 
-    async def _stream(self, call: ProviderCall) -> AsyncIterator[Event]:
+    async def _stream(self, call: ProviderCall, routed: RoutedStream) -> AsyncIterator[Event]:
         tried: set[int] = set()
         refused: set[int] = set()  # refused the gateway's key: not worth a second try
         last_error: GatewayError | None = None
@@ -179,6 +181,7 @@ class RoutedModel:
             )
             deployment.in_flight += 1
             events = deployment.provider.stream(routed_call)
+            handed_off = False
             try:
                 try:
                     first = await anext(events)
@@ -204,17 +207,67 @@ class RoutedModel:
                     continue
                 deployment.consecutive_failures = 0
                 yield Routed(deployment.entry.provider, deployment.entry.upstream_model)
+                routed.hand_off(events, deployment)  # the next events come from it directly
+                handed_off = True
                 yield first
-                async for event in events:
-                    yield event
                 return
             finally:
-                deployment.in_flight -= 1
-                aclose = getattr(events, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                if not handed_off:
+                    deployment.in_flight -= 1
+                    await _aclose(events)
         assert last_error is not None
         raise last_error
+
+
+class RoutedStream:
+    """The events of one routed request.
+
+    Until the first output event they come from :meth:`RoutedModel._stream` (attempts,
+    retries, fallback); from then on ``__anext__`` hands out the chosen deployment's own
+    iterator's awaitables, so a token costs no extra generator hop. :meth:`aclose` (the
+    Generation always calls it) closes both and ends the request's count in flight.
+    """
+
+    __slots__ = ("_attempts", "_deployment", "_inner")
+
+    def __init__(self) -> None:
+        self._attempts: AsyncGenerator[Event, None] | None = None
+        self._inner: AsyncIterator[Event] | None = None
+        self._deployment: DeploymentState | None = None
+
+    def start(self, attempts: AsyncIterator[Event]) -> None:
+        assert isinstance(attempts, AsyncGenerator)
+        self._attempts = attempts
+
+    def hand_off(self, events: AsyncIterator[Event], deployment: DeploymentState) -> None:
+        self._inner, self._deployment = events, deployment
+
+    def __aiter__(self) -> RoutedStream:
+        return self
+
+    def __anext__(self) -> Awaitable[Event]:
+        if self._inner is not None:
+            return self._inner.__anext__()
+        assert self._attempts is not None
+        return self._attempts.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            if self._attempts is not None:
+                await self._attempts.aclose()
+        finally:
+            inner, deployment = self._inner, self._deployment
+            self._inner = self._deployment = None
+            if deployment is not None:
+                deployment.in_flight -= 1
+            if inner is not None:
+                await _aclose(inner)
+
+
+async def _aclose(events: AsyncIterator[Event]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def route(

@@ -6,9 +6,11 @@ gateway process rebuilds exactly the events the generating process logged::
     ["t", text]                                   TextDelta
     ["c", index, id, name, arguments]             ToolCallDelta
     ["f", reason]                                 Finish
-    ["u", prompt_tokens, completion_tokens, est,  Usage (the cache counts only when
-     cache_write, cache_read]                    one is not 0; older writers: never)
+    ["u", prompt_tokens, completion_tokens, est,  Usage (trailing items only when needed:
+     cache_write, cache_read, charge_micro]      the cache counts when one is not 0 or a
+                                                  charge follows, the charge when set)
     ["e", status, type, code, message, param]     StreamError (as a RecordedError)
+    ["e", status, type, code, message, param, {…}]  … with fields beyond OpenAI's four
 
 ``Routed`` and ``AttemptFailed`` never reach a log, so they have no form here.
 """
@@ -38,9 +40,14 @@ class CorruptEvent(ValueError):
     """Bytes in a shared stream log that are not an event this version understands."""
 
 
+_OPENAI_ERROR_FIELDS = frozenset({"message", "type", "code", "param"})
+
+
 def _error_fields(error: GatewayError) -> list[Any]:
     body = error.to_body()["error"]
-    return ["e", error.http_status, body["type"], body["code"], body["message"], body["param"]]
+    fields = ["e", error.http_status, body["type"], body["code"], body["message"], body["param"]]
+    extra = {k: v for k, v in body.items() if k not in _OPENAI_ERROR_FIELDS}
+    return [*fields, extra] if extra else fields
 
 
 def encode_event(event: Event) -> bytes:
@@ -52,9 +59,11 @@ def encode_event(event: Event) -> bytes:
     if isinstance(event, Finish):
         return _encode(["f", event.reason])
     if isinstance(event, Usage):
-        item = ["u", event.prompt_tokens, event.completion_tokens, event.estimated]
-        if event.cache_write_tokens or event.cache_read_tokens:
+        item: list[object] = ["u", event.prompt_tokens, event.completion_tokens, event.estimated]
+        if event.cache_write_tokens or event.cache_read_tokens or event.charge_micro is not None:
             item += [event.cache_write_tokens, event.cache_read_tokens]
+        if event.charge_micro is not None:
+            item.append(event.charge_micro)
         return _encode(item)
     if isinstance(event, StreamError):
         return _encode(_error_fields(event.error))
@@ -73,8 +82,14 @@ def decode_event(data: bytes) -> Event:
         if kind == "f":
             return Finish(cast(FinishReason, item[1]))
         if kind == "u":
-            cache = (int(item[4]), int(item[5])) if len(item) > 4 else (0, 0)
-            return Usage(int(item[1]), int(item[2]), bool(item[3]), *cache)
+            return Usage(
+                int(item[1]),
+                int(item[2]),
+                bool(item[3]),
+                cache_write_tokens=int(item[4]) if len(item) > 5 else 0,
+                cache_read_tokens=int(item[5]) if len(item) > 5 else 0,
+                charge_micro=int(item[6]) if len(item) > 6 else None,
+            )
         if kind == "e":
             error = RecordedError(
                 str(item[4]),
@@ -82,6 +97,7 @@ def decode_event(data: bytes) -> Event:
                 error_type=str(item[2]),
                 code=item[3],
                 param=item[5],
+                extra=dict(item[6]) if len(item) > 6 else None,
             )
             return StreamError(error)
     except (msgspec.DecodeError, IndexError, TypeError, ValueError) as exc:

@@ -39,6 +39,10 @@ class Usage(msgspec.Struct, frozen=True):
     written to the provider's prompt cache (Anthropic's ``cache_creation_input_tokens``),
     ``cache_read_tokens`` read from it (``cache_read_input_tokens``, OpenAI's
     ``cached_tokens``, Gemini's ``cachedContentTokenCount``).
+
+    ``charge_micro`` is what the completion is charged (integer micro-dollars, the ledger row's
+    ``charge_micro``), set on the final usage of a request that asked to be told its cost
+    (``X-Tokenwire-Include-Cost``; clients see it as ``usage.cost_micro``); None otherwise.
     """
 
     prompt_tokens: int
@@ -46,6 +50,7 @@ class Usage(msgspec.Struct, frozen=True):
     estimated: bool = False
     cache_write_tokens: int = 0
     cache_read_tokens: int = 0
+    charge_micro: int | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -9,7 +9,8 @@ default), which closes the upstream request. It settles exactly once, whoever wa
 The log always ends in one of two canonical shapes, whatever order the provider used::
 
     deltas…, Finish(reason), Usage        (completed, or cancelled with reason "cancelled")
-    deltas…, StreamError                  (failed; usage so far is on ``Generation.usage``)
+    deltas…, StreamError                  (failed, or interrupted by a drain; usage so far
+                                           is on ``Generation.usage``)
 
 **Every generation ends**, however its provider behaves: a gateway error, a cancel, or any
 other exception (a bug below us, reported as a logged ``500 internal_error``) all lead to one
@@ -37,6 +38,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Literal
 
+import msgspec
+
 from tokenwire.errors import GatewayError, UpstreamError, unexpected
 from tokenwire.observability.logs import completion_id_var
 from tokenwire.streams.events import (
@@ -51,7 +54,7 @@ from tokenwire.streams.events import (
     ToolCallDelta,
     Usage,
 )
-from tokenwire.streams.log import MemoryStreamLog
+from tokenwire.streams.log import Heartbeat, MemoryStreamLog
 
 _log = logging.getLogger("tokenwire.generation")
 END_HOOK_WAIT_S = 0.25
@@ -100,6 +103,7 @@ class Generation:
         include_usage: bool = False,
         completion_limit: int | None = None,
         limit_for_prompt: Callable[[PromptUsage], int] | None = None,
+        price: Callable[[Usage], int] | None = None,
     ) -> None:
         self.id = completion_id
         self.model = model
@@ -127,6 +131,7 @@ class Generation:
         self._on_settle = on_settle
         self._completion_limit = completion_limit if completion_limit is not None else 1 << 62
         self._limit_for_prompt = limit_for_prompt
+        self._price = price  # set when the request asked for its cost in the final usage
         self._usage_seen: Usage | None = None
         self._readers = 0
         self._deltas = 0
@@ -136,6 +141,7 @@ class Generation:
         self._task: asyncio.Task[None] | None = None
         self._running = False
         self._ending = False  # the provider loop is over: a cancel has nothing left to stop
+        self._interrupt: GatewayError | None = None  # the error a drain ends it with
         self._settled = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -169,6 +175,19 @@ class Generation:
             self._task.cancel()
         # else: cancelling a task before its first step would skip _run entirely (no finish,
         # no settle, the reservation held for ever); _run sees cancel_cause and ends instead.
+
+    def interrupt(self, error: GatewayError) -> None:
+        """End it now with ``error`` as its last event (a drain's timeout): a cancel whose
+        readers see an error, billed like a failure (nothing before the first token)."""
+        if self.finished or self._ending or self._task is None:
+            return
+        self._interrupt = error
+        self.cancel("shutdown")
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether it ended with the error given to :meth:`interrupt`."""
+        return self._interrupt is not None and self.error is self._interrupt
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -243,7 +262,9 @@ class Generation:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                usage, finish, error = self._usage_seen, "cancelled", None
+                usage, finish, error = self._usage_seen, "cancelled", self._interrupt
+                if error is not None:
+                    finish = None
             except GatewayError as exc:
                 usage, error = self._usage_seen, exc
             except Exception as exc:  # noqa: BLE001 - a bug below us: logged, reported as a 500
@@ -313,6 +334,8 @@ class Generation:
         """
         self.ended_at = time.perf_counter()
         self.usage = self._final_usage(usage, finish, error)
+        if self._price is not None and error is None:
+            self.usage = msgspec.structs.replace(self.usage, charge_micro=self._price(self.usage))
         try:
             if self._on_end is not None:
                 hook = self._on_end(self)
@@ -321,7 +344,9 @@ class Generation:
             self._close_log(finish, error)
             try:
                 if self._on_settle is not None:
-                    await _run_hook(self._on_settle(self), self.id, "settling")
+                    await self._on_settle(self)  # awaited here: no cancel reaches an ending task
+            except Exception as exc:  # noqa: BLE001 - logged; the generation has ended all the same
+                _log.error("settling %s failed", self.id, exc_info=exc)
             finally:
                 self._settled.set()
 
@@ -375,11 +400,9 @@ class Generation:
         return read_events(self, after=after, heartbeat_s=heartbeat_s)
 
 
-async def _run_hook(
-    hook: Awaitable[None], completion_id: str, what: str, wait_s: float | None = None
-) -> None:
-    """Await a settle or release hook (shielded from a cancel) for up to ``wait_s`` (None: to
-    its end; after that it goes on in the background); log what it raised."""
+async def _run_hook(hook: Awaitable[None], completion_id: str, what: str, wait_s: float) -> None:
+    """Await a hook (shielded from a cancel) for up to ``wait_s``, after which it goes on in
+    the background; log what it raised."""
     task = asyncio.ensure_future(hook)
     task.add_done_callback(partial(_log_hook_failure, completion_id=completion_id, what=what))
     with contextlib.suppress(BaseException):  # its failure is logged by the callback
@@ -414,9 +437,10 @@ async def read_events(
     generation.attach()
     log = generation.log
     seq = after
+    heartbeat = None if heartbeat_s is None else Heartbeat(heartbeat_s)
     try:
         while True:
-            if not await log.wait_beyond(seq, heartbeat_s):
+            if not await log.wait_beyond(seq, heartbeat):
                 yield None
                 continue
             batch = log.read_after(seq)
@@ -426,4 +450,6 @@ async def read_events(
             elif log.closed:
                 return
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         generation.detach()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
-from tokenwire.errors import NotFound, StreamGone
+from tokenwire.errors import GatewayError, NotFound, StreamGone
 from tokenwire.streams.generation import Generation
 from tokenwire.streams.store import (
     check_cursor_sign,
@@ -149,6 +150,16 @@ class MemoryStreamStore:
 
     def holds(self, generation: Generation) -> bool:
         return generation.id in self._live or generation.id in self._finished
+
+    def readable_elsewhere_s(self, generation: Generation) -> float | None:
+        return None  # this process's memory: gone when it exits
+
+    @property
+    def remote_reads(self) -> int:
+        return 0  # every stream here is this process's own
+
+    def interrupt_remote_reads(self, error_for: Callable[[str], GatewayError]) -> int:
+        return 0
 
     @property
     def live_count(self) -> int:

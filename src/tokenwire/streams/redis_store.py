@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+from collections.abc import Callable
 from functools import partial
 from typing import cast
 
@@ -37,7 +38,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.exceptions import RedisError
 
-from tokenwire.errors import NotFound, StreamGone, StreamStoreUnavailable
+from tokenwire.errors import GatewayError, NotFound, StreamGone, StreamStoreUnavailable
+from tokenwire.redis_client import connect
 from tokenwire.streams.codec import encode_event
 from tokenwire.streams.generation import CancelCause, Generation
 from tokenwire.streams.memory_store import MemoryStreamStore
@@ -90,8 +92,8 @@ class RedisStreamStore:
             max_events=max_events,
             max_events_per_stream=max_events_per_stream,
         )
-        self._redis: Redis = Redis.from_url(
-            url, socket_connect_timeout=2.0, health_check_interval=30
+        self._redis: Redis = connect(
+            url, wait_s=2.0, socket_connect_timeout=2.0, health_check_interval=30
         )
         self._prefix = f"{prefix}st:"
         self._retention_ms = int(retention_s * 1000)
@@ -103,6 +105,7 @@ class RedisStreamStore:
         self._mirrors: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._requests: set[asyncio.Task[None]] = set()
+        self._reading: set[RemoteStream] = set()  # reads of streams other processes own
 
     # -- names -------------------------------------------------------------------------------
 
@@ -359,7 +362,24 @@ class RedisStreamStore:
             policy=self._policy,
             owner_alive=partial(self._owner_alive, owner),
             request_cancel=self._request_cancel,
+            reading=self._reading,
         )
+
+    @property
+    def remote_reads(self) -> int:
+        return len(self._reading)
+
+    def interrupt_remote_reads(self, error_for: Callable[[str], GatewayError]) -> int:
+        for stream in list(self._reading):
+            stream.interrupt(error_for(stream.id))
+        return len(self._reading)
 
     def holds(self, generation: Generation) -> bool:
         return self._local.holds(generation)
+
+    def readable_elsewhere_s(self, generation: Generation) -> float | None:
+        # ``extend_grace`` is set exactly when ``add`` shared the stream in Redis (and not
+        # when Redis failed then: such a stream is resumable in this process only).
+        if not self.holds(generation) or generation.extend_grace is None:
+            return None
+        return self._retention_ms / 1000

@@ -8,7 +8,10 @@ lease to one grace window, which is exactly the window a local reader would have
 
 A stream is over after its last event (``Usage`` or ``StreamError``). If the owner process
 disappears (its liveness key expired) before that, the reader ends with a 502
-``stream_owner_lost`` error rather than waiting for ever.
+``stream_owner_lost`` error rather than waiting for ever. When the *reading* process drains
+(tokenwire.drain), :meth:`RemoteStream.interrupt` ends the read (not the stream, which goes on
+in its owner) with the error given, within one ``XREAD`` block; the reader then leaves like
+any reader, so the owner's grace window lets the client resume on another instance.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class RemoteStream:
         policy: LeasePolicy,
         owner_alive: Callable[[], Awaitable[bool]],
         request_cancel: Callable[[str, CancelCause], None],
+        reading: set[RemoteStream] | None = None,
     ) -> None:
         self.id = stream_id
         self.model = meta[b"model"].decode()
@@ -108,6 +112,12 @@ class RemoteStream:
         self._policy = policy
         self._owner_alive = owner_alive
         self._request_cancel = request_cancel
+        self._reading = set() if reading is None else reading  # the store's open reads
+        self._interrupt: GatewayError | None = None
+
+    def interrupt(self, error: GatewayError) -> None:
+        """End this read (this process drains) with ``error``; the stream itself goes on."""
+        self._interrupt = error
 
     def cancel(self, cause: CancelCause) -> None:
         """Ask the owner process to cancel (over Redis pub/sub)."""
@@ -133,9 +143,13 @@ class RemoteStream:
         block_s = policy.refresh_s if heartbeat_s is None else min(heartbeat_s, policy.refresh_s)
         idle_s = 0.0
         lease = asyncio.get_running_loop().create_task(self._keep_lease())
+        self._reading.add(self)
         try:
             await redis.set(keys.lease, b"1", px=policy.reading_ms)
             while True:
+                if self._interrupt is not None:
+                    yield [StreamError(self._interrupt)]
+                    return  # not ended: the owner's grace window starts, for a resume elsewhere
                 reply = await redis.xread(
                     {keys.events: f"0-{cursor}"}, count=1000, block=max(1, int(block_s * 1000))
                 )
@@ -171,6 +185,7 @@ class RemoteStream:
             ended = True
             yield [StreamError(UpstreamError("The shared stream log is unavailable; retry."))]
         finally:
+            self._reading.discard(self)
             lease.cancel()
             if not ended:  # the reader left early: the owner's grace window starts now
                 with contextlib.suppress(RedisError):

@@ -22,11 +22,13 @@ identical requests racing each other start one generation, never two.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
 
 from tokenwire.errors import (
+    GatewayError,
     IdempotencyConflict,
     IdempotencyInProgress,
     InvalidRequest,
@@ -122,4 +124,19 @@ class StreamStore(Protocol):
 
     def holds(self, generation: Generation) -> bool:
         """True when ``generation`` is kept here (it was started resumable)."""
+        ...
+
+    def readable_elsewhere_s(self, generation: Generation) -> float | None:
+        """How long other gateway processes can read ``generation`` after this one exits
+        (its retention), or None when they cannot (not kept, or kept in this process only)."""
+        ...
+
+    @property
+    def remote_reads(self) -> int:
+        """Reads, open in this process, of streams that other processes generate."""
+        ...
+
+    def interrupt_remote_reads(self, error_for: Callable[[str], GatewayError]) -> int:
+        """End those reads (a drain's timeout) with ``error_for(stream id)``; the streams go
+        on in their owners. The number of reads ended."""
         ...

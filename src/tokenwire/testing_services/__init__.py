@@ -8,6 +8,10 @@ helper here starts a server of its own, on a loopback port, in a temp dir it rem
     ``redis-server`` with no persistence. ``kill`` (SIGKILL) and ``start`` again on the same
     port, so clients reconnect to the same URL and find an empty server; ``pause``/``resume``
     (SIGSTOP/SIGCONT) make it hang instead.
+``PrivateNginx``
+    nginx in front of gateway instances, configured from the shipped snippet
+    (``deploy/nginx/tokenwire.conf``), with its access log telling which instance served
+    each request.
 ``PrivatePostgres``
     a throwaway cluster (``initdb``; fsync off, 127.0.0.1 only, trust auth). ``stop`` and
     ``start`` keep port and data; ``terminate_connections`` kills every client backend;
@@ -52,6 +56,7 @@ from tokenwire.testing_services.common import (
     ServiceError,
     service_port,
 )
+from tokenwire.testing_services.nginx_server import AccessLine, PrivateNginx, render_snippet
 from tokenwire.testing_services.postgres_server import (
     DISK_FULL,
     POSTGRES_SETTINGS,
@@ -60,7 +65,7 @@ from tokenwire.testing_services.postgres_server import (
     StopMode,
     postgres_bin_dir,
 )
-from tokenwire.testing_services.redis_server import PrivateRedis
+from tokenwire.testing_services.redis_server import PrivateRedis, delete_keys
 
 __all__ = [
     "DISK_FULL",
@@ -68,11 +73,15 @@ __all__ = [
     "POSTGRES_SETTINGS",
     "STARTUP_TIMEOUT_S",
     "STOP_TIMEOUT_S",
+    "AccessLine",
     "PrivateDatabase",
+    "PrivateNginx",
     "PrivatePostgres",
     "PrivateRedis",
     "ServiceError",
     "StopMode",
+    "delete_keys",
     "postgres_bin_dir",
+    "render_snippet",
     "service_port",
 ]

@@ -153,6 +153,30 @@ class OwnedServer:
         """Start the server process on ``port`` and wait until it answers."""
         raise NotImplementedError
 
+    def _run_until_ready(
+        self,
+        command: list[str],
+        output: Path,
+        wait_ready: Callable[[subprocess.Popen[bytes]], None],
+    ) -> None:
+        """Start ``command`` in the temp dir (a session of its own, output appended to
+        ``output``) and ``wait_ready`` for it; a server that never gets ready is killed."""
+        with output.open("ab") as out:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self._dir(),
+                start_new_session=True,
+            )
+        self._process = process
+        try:
+            wait_ready(process)
+        except BaseException:
+            end_process(process, signal.SIGKILL, 5)
+            raise
+
     def _launch_on_its_port(self) -> None:
         """Launch on the port of the first start; the first time, pick one (three tries: a
         freshly picked port can be taken before the server binds it)."""

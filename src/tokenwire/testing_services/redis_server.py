@@ -22,6 +22,18 @@ from tokenwire.testing_services.common import (
 )
 
 
+def delete_keys(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` on the Redis at ``url`` (a test's or a bench run's
+    own prefix on a shared server, tidied at the end)."""
+    client = redis.Redis.from_url(url)
+    try:
+        stale = list(client.scan_iter(match=prefix + "*", count=1000))
+        for start in range(0, len(stale), 1000):
+            client.delete(*stale[start : start + 1000])
+    finally:
+        client.close()
+
+
 class PrivateRedis(OwnedServer):
     """A ``redis-server`` of its own on a loopback port, without persistence, to break.
 
@@ -75,21 +87,7 @@ class PrivateRedis(OwnedServer):
             "--logfile",
             "",
         ]
-        with self.log_path.open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self._root,
-                start_new_session=True,
-            )
-        self._process = process
-        try:
-            self._wait_ready(process, port)
-        except BaseException:
-            end_process(process, signal.SIGKILL, 5)
-            raise
+        self._run_until_ready(command, self.log_path, lambda p: self._wait_ready(p, port))
 
     def _wait_ready(self, process: subprocess.Popen[bytes], port: int) -> None:
         deadline = time.monotonic() + self._startup_timeout_s

@@ -26,12 +26,15 @@ _encode = msgspec.json.encode
 
 
 def usage_object(usage: Usage) -> dict[str, Any]:
-    """OpenAI's ``usage`` object."""
-    return {
+    """OpenAI's ``usage`` object, plus ``cost_micro`` when the request asked for its cost."""
+    result: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.charge_micro is not None:
+        result["cost_micro"] = usage.charge_micro  # what the key pays: its charge
+    return result
 
 
 class ChunkEncoder:

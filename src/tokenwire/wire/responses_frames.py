@@ -15,11 +15,11 @@ response's output items as the events arrive (a message with one ``output_text``
     response.output_item.done                                       each tool call
     response.completed | response.incomplete | response.failed      the end, with usage
 
-The numbers are a function of the log alone: a merged text delta (WebSocket, a slow client)
-advances the count by the deltas it holds, so its number is the one its last delta would have
-had. A resume therefore replays the log from its start through a new encoder that skips the
-frames up to the client's ``starting_after``: ``output_text.done`` and the final response
-carry everything before them, so an encoder needs the whole log anyway.
+The numbers are a function of the log alone (were text deltas merged, a merged delta would
+advance the count by the deltas it holds; the transports do not merge Responses events, as
+OpenAI's numbers have no gaps). A resume therefore replays the log from its start through a
+new encoder that skips the frames up to the client's ``starting_after``: ``output_text.done``
+and the final response carry everything before them, so an encoder needs the whole log anyway.
 
 With ``framing=None`` the encoder emits nothing and only builds the response (``stream:
 false``, and the stored copy).

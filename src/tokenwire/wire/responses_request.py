@@ -82,18 +82,18 @@ InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem
 ITEM_TYPES = ("message", "function_call", "function_call_output")
 
 
-class FunctionTool(msgspec.Struct, tag_field="type", tag="function", omit_defaults=True):
+class FunctionToolParam(msgspec.Struct, tag_field="type", tag="function", omit_defaults=True):
     name: Name
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class NamedFunction(msgspec.Struct, tag_field="type", tag="function"):
+class ToolChoiceFunction(msgspec.Struct, tag_field="type", tag="function"):
     name: Name
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedFunction
+ToolChoice = Literal["none", "auto", "required"] | ToolChoiceFunction
 
 
 class TextFormatPlain(msgspec.Struct, tag_field="type", tag="text"):
@@ -122,7 +122,7 @@ class ReasoningConfig(msgspec.Struct, omit_defaults=True):
     generate_summary: None = None
 
 
-class StreamOptions(msgspec.Struct):
+class ResponseStreamOptions(msgspec.Struct):
     include_obfuscation: bool | None = None
 
 
@@ -132,7 +132,7 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     input: str | Annotated[list[InputItem], msgspec.Meta(max_length=10_000)] | None = None
     instructions: str | None = None
-    tools: Annotated[list[FunctionTool], msgspec.Meta(max_length=128)] | None = None
+    tools: Annotated[list[FunctionToolParam], msgspec.Meta(max_length=128)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     max_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)] | None = None
@@ -142,7 +142,7 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True):
     store: bool | None = None
     previous_response_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: ResponseStreamOptions | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     service_tier: ShortText | None = None
@@ -171,7 +171,7 @@ UNSUPPORTED: dict[str, str] = {
     "image": "image options are not supported",
     "access_programs": "access programs are not supported",
     "background_options": "background responses are not supported by this gateway",
-    "generate": "generate is not supported; every response.create generates",
+    "generate": "generate false (warming up without output) is not supported",
     "stream_id": "stream_id is only for WebSocket mode",
     "text.verbosity": "verbosity is not supported",
     "reasoning.summary": "reasoning summaries are not supported",
@@ -233,7 +233,12 @@ def responses_request_from(body: Any, *, websocket: bool = False) -> ResponsesPl
     _refuse_unsupported(values)
     if isinstance(values.get("max_output_tokens"), float) and values["max_output_tokens"] % 1 == 0:
         values["max_output_tokens"] = int(values["max_output_tokens"])
+    _require_types(values)
     items = values.get("input")
+    if items == []:
+        raise InvalidRequest(
+            "'input' must hold at least one item.", param="input", code="invalid_value"
+        )
     if isinstance(items, list):
         values["input"] = [_with_item_type(item, index) for index, item in enumerate(items)]
     try:
@@ -267,6 +272,10 @@ def _refuse_unsupported(values: dict[str, Any]) -> None:
         value = values.get(outer)
         if inner:
             value = value.get(inner) if isinstance(value, dict) else None
+        if name == "generate":  # true is the default; false asks for no output
+            value = None if value is True else value
+            if value is False:
+                raise _unsupported(name, why)
         if value is not None and not any(value is n or value == n for n in neutral):
             raise _unsupported(name, why)
     # Known to OpenAI but not to the struct (so not refused above as unknown): drop neutral ones.
@@ -278,14 +287,31 @@ def _refuse_unsupported(values: dict[str, Any]) -> None:
         values.pop(name, None)
 
 
+def _require_types(values: dict[str, Any]) -> None:
+    """A 400 for a tool or a named tool choice without ``type``: msgspec takes a lone tagged
+    struct without its tag, OpenAI does not."""
+    tools = values.get("tools")
+    places = (
+        [(f"tools[{i}]", tool) for i, tool in enumerate(tools)] if isinstance(tools, list) else []
+    )
+    places.append(("tool_choice", values.get("tool_choice")))
+    for param, value in places:
+        if isinstance(value, dict) and "type" not in value:
+            raise InvalidRequest(
+                f"Invalid request: Object missing required field `type` - at `$.{param}`",
+                param=f"{param}.type",
+                code="invalid_value",
+            )
+
+
 def _with_item_type(item: Any, index: int) -> Any:
     """An input item with its ``type``: a bare ``{role, content}`` is a message; a type this
     gateway does not take is a 400 naming it."""
     if not isinstance(item, dict):
         return item
-    kind = item.get("type")
-    if kind is None and "role" in item:
+    if "type" not in item and "role" in item:
         return {**item, "type": "message"}
+    kind = item.get("type")
     if isinstance(kind, str) and kind not in ITEM_TYPES:
         raise InvalidRequest(
             f"Input items of type {kind!r} are not supported; use one of {', '.join(ITEM_TYPES)}.",
@@ -407,7 +433,7 @@ def _chat_fields(request: ResponsesRequest) -> dict[str, Any]:
             for tool in request.tools
         ]
     choice = request.tool_choice
-    if isinstance(choice, NamedFunction):
+    if isinstance(choice, ToolChoiceFunction):
         fields["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
     elif choice is not None:
         fields["tool_choice"] = choice
@@ -431,7 +457,7 @@ def _chat_fields(request: ResponsesRequest) -> dict[str, Any]:
     return fields
 
 
-def _definition(tool: FunctionTool) -> dict[str, Any]:
+def _definition(tool: FunctionToolParam) -> dict[str, Any]:
     definition: dict[str, Any] = {"name": tool.name}
     if tool.description is not None:
         definition["description"] = tool.description
@@ -465,7 +491,9 @@ def _echo(request: ResponsesRequest) -> dict[str, Any]:
         "temperature": 1.0 if request.temperature is None else request.temperature,
         "text": {"format": text_format},
         "tool_choice": (
-            msgspec.to_builtins(choice) if isinstance(choice, NamedFunction) else choice or "auto"
+            msgspec.to_builtins(choice)
+            if isinstance(choice, ToolChoiceFunction)
+            else choice or "auto"
         ),
         "tools": tools,
         "top_logprobs": 0,

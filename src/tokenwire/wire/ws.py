@@ -37,6 +37,7 @@ CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 3000
 CLOSE_FORBIDDEN = 3003
@@ -71,6 +72,7 @@ class CreateMessage(msgspec.Struct, tag_field="type", tag="chat.completion.creat
     body: dict[str, Any]
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
     resumable: bool = False
+    include_cost: bool = False
 
 
 class CancelMessage(msgspec.Struct, tag_field="type", tag="chat.completion.cancel"):
@@ -110,8 +112,12 @@ _MESSAGE_TYPES = (
 )
 
 
-def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
-    """Parse one text message from a client."""
+def decode_client_object(text: str, *, max_bytes: int) -> dict[str, Any]:
+    """One client message as a JSON object: size, JSON, object and nesting checked.
+
+    Raises :class:`ProtocolViolation` (too big, not JSON, not an object) or
+    :class:`RequestFailed` (nested too deep).
+    """
     # Characters <= UTF-8 bytes <= 4 x characters: encode only when the length is ambiguous.
     if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
         raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {max_bytes} bytes")
@@ -127,6 +133,12 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
         request_id = data.get("request_id")
         valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
         raise RequestFailed(_too_deep(field or None), request_id if valid_id else None)
+    return data
+
+
+def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
+    """Parse one text message from a client."""
+    data = decode_client_object(text, max_bytes=max_bytes)
     kind = data.get("type")
     if kind is None:
         return CompatibleRequest(body=data)
@@ -139,14 +151,19 @@ def parse_client_message(text: str, *, max_bytes: int) -> ClientMessage:
     try:
         message: ClientMessage = msgspec.convert(data, _ENVELOPES)
     except msgspec.ValidationError as exc:
-        text_error = str(exc)
-        error = InvalidRequest(
-            f"Invalid {kind} message: {text_error}", param=param_from_message(text_error)
-        )
         request_id = data.get("request_id")
         valid_id = isinstance(request_id, str) and 0 < len(request_id) <= 128
-        raise RequestFailed(error, request_id if valid_id else None) from None
+        raise invalid_message(kind, exc, request_id if valid_id else None) from None
     return message
+
+
+def invalid_message(
+    kind: str, exc: msgspec.ValidationError, request_id: str | None
+) -> RequestFailed:
+    """A message of a known ``type`` that does not validate: a 400 naming the field."""
+    text = str(exc)
+    error = InvalidRequest(f"Invalid {kind} message: {text}", param=param_from_message(text))
+    return RequestFailed(error, request_id)
 
 
 def _too_deep(param: str | None) -> InvalidRequest:
@@ -200,6 +217,22 @@ def error_message(error: GatewayError, request_id: str | None = None) -> bytes:
         message["request_id"] = request_id
     message["error"] = body["error"]
     return _encode(message)
+
+
+def closing_message(reason: str, close_code: int, drain_ms: int) -> bytes:
+    """``session.closing``: the server drains (``reason`` ``shutdown`` or ``restart``).
+
+    Running requests go on for up to ``drain_ms``; new ones are refused; the socket closes
+    with ``close_code`` once none runs (docs/websocket-protocol.md, "Server shutdown").
+    """
+    return _encode(
+        {
+            "type": "session.closing",
+            "reason": reason,
+            "close_code": close_code,
+            "drain_ms": drain_ms,
+        }
+    )
 
 
 PONG = _encode({"type": "pong"})
