@@ -14,6 +14,7 @@ import contextlib
 import enum
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -172,6 +173,10 @@ def chat(
     if system:
         messages.append({"role": "system", "content": system})
     params: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+    # Ctrl-C stops an answer: Python only turns SIGINT into KeyboardInterrupt when it started
+    # with SIGINT at its default, and a shell without job control (CI, `cmd &`) starts
+    # children with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with Client(base_url, api_key, transport=transport.value) as client:
         if prompt is not None:
             answer = _turn(client, model, messages, prompt, as_json, params)
