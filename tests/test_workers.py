@@ -327,6 +327,39 @@ async def test_a_crashed_worker_is_replaced(workers: Workers) -> None:
                 assert response.status == 200
 
 
+async def test_sighup_to_the_supervisor_restarts_every_worker_one_at_a_time(
+    workers: Workers,
+) -> None:
+    """SIGHUP is a rolling restart: both workers are replaced, the second only after the first's
+    replacement is ready, none counted as a crash, and the port answers all along."""
+    before = workers.worker_pids()
+    assert len(before) == 2
+    workers.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession() as session:
+        while True:
+            now = workers.worker_pids()
+            if len(now) == 2 and not now & before:
+                break
+            assert time.monotonic() < deadline, workers.log()
+            async with session.get(workers.url + "/healthz") as response:
+                assert response.status == 200  # a worker always serves the port
+            await asyncio.sleep(0.2)  # polling the process table for the replacements
+    log = workers.log()
+    assert workers.process.poll() is None  # the supervisor goes on
+    assert log.count("rolling restart: worker") == 2
+    first, second = (log.index(f"rolling restart: worker {i}") for i in (0, 1))
+    assert log.count("drained and exited; starting it again") == 2
+    assert log.index("drained and exited; starting it again", first) < second
+    assert "restarting it in" not in log  # no crash backoff
+    async with one_connection_per_worker(workers) as sessions:
+        for session in sessions:
+            async with session.post(
+                workers.url + "/v1/chat/completions", json=_body(), headers=workers.headers()
+            ) as response:
+                assert response.status == 200
+
+
 def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path, redis_prefix: str) -> None:
     """Workers that fail at start-up (their Redis is unreachable) make the supervisor exit 1."""
     config = tmp_path / "tokenwire.toml"

@@ -14,8 +14,11 @@ The supervisor (the process ``serve`` started) never serves a request. It:
    no orphans;
 3. watches them. SIGTERM or SIGINT is forwarded as SIGTERM to every worker, each drains
    (``tokenwire.server.DrainingServer``) and exits, then the supervisor exits 0; a second
-   signal reaches them as SIGINT, which ends what is left of their drains. (SIGHUP to one
-   worker restarts that worker: it drains, exits 0, and is started again.) A worker that
+   signal reaches them as SIGINT, which ends what is left of their drains. SIGHUP to the
+   supervisor is a rolling restart: one worker at a time gets SIGHUP (it drains, its
+   WebSockets close with 1012, it exits 0) and the next only once its replacement is ready,
+   so the port always has a worker. (SIGHUP, or SIGTERM, to one worker restarts that worker:
+   a worker exiting 0 is started again at once, which is not counted as a crash.) A worker that
    fails before it is ready (bad settings, a database it cannot reach at start) stops
    everything, exit 1. A worker that dies after
    being ready is restarted after a backoff (1 s, doubling to 30 s; reset once a worker has
@@ -163,6 +166,7 @@ class _Slot:
     ready: bool = False
     ready_at: float = 0.0
     restart_at: float | None = None
+    replacing: bool = False  # SIGHUP sent by a rolling restart: ready again, the next one goes
 
 
 @dataclass
@@ -183,6 +187,7 @@ class Supervisor:
     crashes: int = 0  # deaths in a row without a stable minute between them
     stopping: int = 0  # signals received
     metrics_dir: str | None = None
+    to_restart: list[_Slot] = field(default_factory=list)  # a rolling restart's next workers
 
     def run(self) -> int:
         """Serve until a signal (0) or a failure the supervisor cannot mend (1)."""
@@ -190,6 +195,7 @@ class Supervisor:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         self.metrics_dir = tempfile.mkdtemp(prefix="tokenwire-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         try:
@@ -215,6 +221,24 @@ class Supervisor:
                     slot.process.send_signal(forwarded)
         for sock in self.sockets:  # with the workers' copies, the port closes: new connections
             sock.close()  # are refused (a load balancer tries another instance) while they drain
+
+    def _on_hangup(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.stopping or self.to_restart or any(s.replacing for s in self.slots):
+            return  # stopping, or a rolling restart is already under way
+        self.to_restart = list(self.slots)
+        self._restart_next()
+
+    def _restart_next(self) -> None:
+        """SIGHUP the next worker of a rolling restart (it drains and exits 0, then is
+        started again; :meth:`_heard_from` calls this again once the new one is ready)."""
+        while self.to_restart:
+            slot = self.to_restart.pop(0)
+            if slot.process is not None and slot.process.poll() is None:
+                log.info("rolling restart: worker %d (pid %d)", slot.index, slot.process.pid)
+                slot.replacing = True
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.send_signal(signal.SIGHUP)
+                return
 
     def _start(self, slot: _Slot) -> None:
         read_fd, write_fd = os.pipe()
@@ -278,6 +302,9 @@ class Supervisor:
         slot.ready_fd = None
         if said:  # an empty read: it closed the pipe without saying (it is dying)
             slot.ready, slot.ready_at = True, now
+            if slot.replacing:  # a rolling restart's new worker: on to the next
+                slot.replacing = False
+                self._restart_next()
         if self.on_ready is not None and all(s.ready for s in self.slots):
             pids = " ".join(str(s.process.pid) for s in self.slots if s.process is not None)
             log.info("supervisor %d: workers %s ready", os.getpid(), pids)
@@ -296,6 +323,13 @@ class Supervisor:
         code = process.returncode
         if not slot.ready:
             return f"worker {slot.index} (pid {process.pid}) exited with {code} before it was ready"
+        slot.ready = False
+        if code == 0:  # it drained on request (SIGHUP or SIGTERM to it): a restart, not a crash
+            log.info(
+                "worker %d (pid %d) drained and exited; starting it again", slot.index, process.pid
+            )
+            slot.restart_at = now
+            return None
         self.crashes += 1
         if self.crashes > MAX_CRASHES:
             return (
@@ -310,7 +344,6 @@ class Supervisor:
             code,
             delay,
         )
-        slot.ready = False
         slot.restart_at = now + delay
         return None
 

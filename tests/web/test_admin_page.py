@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from playwright.sync_api import Page, Request, Route, expect
-from tests.web.conftest import WebGateway, use_key
+from prometheus_client.parser import text_string_to_metric_families
+from tests.web.conftest import WebGateway, use_key, wait_until
 
 SAMPLE_METRICS = """\
 # HELP tokenwire_ttft_seconds Time to first token.
@@ -201,3 +203,80 @@ def test_live_figures_read_prometheus_metrics(web: WebGateway, page: Page) -> No
     expect(
         page.locator("#errors-table tr[data-row='limit refusals (rpm)'] td").nth(1)
     ).to_have_text("7")
+
+
+def _page_usd(micro: int) -> str:
+    """Micro-dollars as the pages write them (common.js formatUSD)."""
+    whole, fraction = divmod(abs(micro), 1_000_000)
+    digits = re.sub("0{1,4}$", "", f"{fraction:06d}").ljust(2, "0")
+    return f"{'-' if micro < 0 else ''}${whole:,}.{digits}"
+
+
+def test_admin_usage_shows_cost_charge_and_margin(web: WebGateway, page: Page) -> None:
+    """The admin console's usage cards are the admin report's cost, charge and margin, and its
+    charts can show the charge and the margin."""
+    _, key = web.new_key("margin-buyer", credits_usd="1.00")
+    answer = web.api(
+        "POST",
+        "/v1/chat/completions",
+        key,
+        json={"model": "priced-sim", "messages": [{"role": "user", "content": "a b c"}]},
+    )
+    assert answer.status_code == 200, answer.text
+    wait_until(lambda: web.usage(key)["total"]["requests"] == 1, "the ledger row")
+    open_admin(web, page)
+    expect(page.locator("#totals [data-card=charge] dd")).not_to_be_empty()
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 29 * 86_400))
+    report = web.api(
+        "GET", f"/v1/admin/usage?start={day}&group_by=day,model,key", web.server.admin_key
+    ).json()
+    total = report["total"]
+    assert total["charge_micro"] > 0
+    for card, figure in (
+        ("cost", "cost_micro"),
+        ("charge", "charge_micro"),
+        ("margin", "margin_micro"),
+    ):
+        expect(page.locator(f"#totals [data-card={card}] dd")).to_have_text(
+            _page_usd(total[figure])
+        )
+    expect(page.locator("#totals [data-card=cost] dt")).to_have_text("Cost (upstream)")
+    for measure in ("charge", "margin"):
+        page.select_option("#measure", measure)
+        figure = page.locator("#by-model")
+        expect(figure).to_have_attribute("data-total", str(total[f"{measure}_micro"]))
+        expect(figure.locator(".chart-total")).to_contain_text(measure)
+
+
+def _ttft_count(web: WebGateway, transport: str) -> int:
+    """The gateway's own TTFT observation count for ``transport`` (all models), from /metrics."""
+    response = web.api("GET", "/metrics", web.server.admin_key)
+    assert response.status_code == 200, response.text
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(response.text)
+            if family.name == "tokenwire_ttft_seconds"
+            for sample in family.samples
+            if sample.name.endswith("_count") and sample.labels.get("transport") == transport
+        )
+    )
+
+
+def test_live_figures_match_the_gateway_s_real_metrics(web: WebGateway, page: Page) -> None:
+    """After real streamed requests, the page's SSE TTFT row counts what the gateway's own /metrics counts."""
+    _, key = web.new_key("live-metrics")
+    before = _ttft_count(web, "sse")
+    for _ in range(2):
+        response = web.api(
+            "POST",
+            "/v1/chat/completions",
+            key,
+            json={"model": "sim", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    wait_until(lambda: _ttft_count(web, "sse") == before + 2, "two more SSE TTFT observations")
+    open_admin(web, page)
+    row = page.locator("#ttft-table tr[data-row=sse] td")
+    expect(row.nth(1)).to_have_text(str(before + 2))
+    assert re.fullmatch(r"[\d.]+ ms", row.nth(2).inner_text())  # a real p50, not a dash

@@ -194,12 +194,13 @@ def test_model_output_with_html_is_shown_as_text(
 
 
 def test_the_model_picker_shows_prices_and_availability(web: WebGateway, page: Page) -> None:
-    """Models come from /v1/models with their prices; unavailable ones are disabled with the reason."""
+    """Models come from /v1/models with their prices on the caller's plan (one figure for a
+    flat price); unavailable ones are disabled with the reason."""
     page.goto(web.base_url + "/")
     use_key(page, web.server.api_key)
     gpt = page.locator("#model option[value='gpt-4.1']")
     expect(gpt).to_be_disabled()
-    assert gpt.inner_text() == "gpt-4.1 · $2.00/$8.00 (unavailable)"
+    assert gpt.inner_text() == "gpt-4.1 · $8.00 (unavailable)"  # the default plan's flat price
     priced = page.locator("#model option[value='priced-sim']")
     expect(priced).to_be_enabled()
     page.select_option("#model", "priced-sim")

@@ -17,7 +17,7 @@ from tokenwire import __version__
 from tokenwire.api import openapi_messages
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
-from tokenwire.api.openapi_parts import errors
+from tokenwire.api.openapi_parts import errors, json_body
 from tokenwire.api.openapi_responses import responses_paths, responses_rules
 from tokenwire.api.signup import SignupRequest
 from tokenwire.api.webhooks import (
@@ -227,10 +227,6 @@ def _query(name: str, description: str, schema: dict[str, Any] | None = None) ->
     }
 
 
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
-
-
 _KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -401,10 +397,7 @@ def openapi_document(
                 "post": {
                     "operationId": "createChatCompletion",
                     "security": bearer,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": request_schema}},
-                    },
+                    "requestBody": json_body(request_schema),
                     "responses": {
                         "200": {
                             "description": "A chat.completion object, or with stream=true an "
@@ -552,7 +545,7 @@ def openapi_document(
                     "operationId": "adminCreateKey",
                     "summary": "Create a key with the free grant plus credits_usd (admin).",
                     "security": bearer,
-                    "requestBody": _body(create_key),
+                    "requestBody": json_body(create_key),
                     "responses": {
                         "201": {
                             **_json("The key, with its plaintext `key` (shown once).", api_key),
@@ -589,7 +582,7 @@ def openapi_document(
                     "summary": "Change the fields present; null clears a limit, models or expiry.",
                     "security": bearer,
                     "parameters": [_KEY_ID],
-                    "requestBody": _body(update_key),
+                    "requestBody": json_body(update_key),
                     "responses": {
                         "200": _json("The updated key.", api_key),
                         **errors(400, 401, 403, 404),
@@ -626,7 +619,7 @@ def openapi_document(
                     "operationId": "adminTopupKey",
                     "security": bearer,
                     "parameters": [_KEY_ID],
-                    "requestBody": _body(topup),
+                    "requestBody": json_body(topup),
                     "responses": {
                         "200": _json(
                             "The amount added and the new balance.",
@@ -713,7 +706,7 @@ def openapi_document(
                     f"`{SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex HMAC-SHA256 of "
                     '"<t>.<raw body>">` header, keyed with TOKENWIRE_WEBHOOK_SECRET.',
                     "security": [{"webhookSignature": []}],
-                    "requestBody": _body(_webhook_body(event)),
+                    "requestBody": json_body(_webhook_body(event)),
                     "responses": {
                         "200": _json(
                             "Received: applied (true, or false for a payment already applied) "
@@ -730,7 +723,7 @@ def openapi_document(
                     "summary": "A key for an email address, with the free grant once per "
                     "mailbox (when the gateway has sign-up turned on).",
                     "security": [],
-                    "requestBody": _body(signup_request),
+                    "requestBody": json_body(signup_request),
                     "responses": {
                         "201": _json(
                             "The new key, with its plaintext `key` (shown once) and its grant.",

@@ -16,3 +16,8 @@ def errors(*statuses: int) -> dict[str, Any]:
         }
         for s in statuses
     }
+
+
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """A required JSON request body with this schema."""
+    return {"required": True, "content": {"application/json": {"schema": schema}}}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenwire.api.openapi_parts import errors
+from tokenwire.api.openapi_parts import errors, json_body
 
 _STREAM_EVENTS = (
     "response.created",
@@ -123,10 +123,7 @@ def responses_paths(request_schema: dict[str, Any]) -> dict[str, Any]:
                 "summary": "Create a response (OpenAI's Responses API); the WebSocket mode is "
                 "GET /v1/responses with an upgrade (docs/apis.md).",
                 "security": bearer,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": request_schema}},
-                },
+                "requestBody": json_body(request_schema),
                 "responses": {
                     "200": {
                         "description": "A response object, or with stream=true an SSE stream "

@@ -326,6 +326,10 @@ async function loadUsage() {
   }
 }
 
+// The admin report has the operator's cost, what keys were charged and the margin.
+byId("measure").querySelector("option[value=cost]").textContent = "Cost (upstream)";
+byId("measure").append(el("option", { value: "charge" }, "Charged"), el("option", { value: "margin" }, "Margin"));
+
 byId("range").addEventListener("change", loadUsage);
 byId("measure").addEventListener("change", renderUsageCharts);
 byId("refresh").addEventListener("click", async () => {

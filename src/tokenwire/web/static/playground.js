@@ -75,8 +75,17 @@ function requestBody() {
   return body;
 }
 
+/** A model's price on the caller's plan: one figure when the plan's price is flat. */
+function shortPrice(pricing) {
+  const input = formatPrice(pricing.input_usd_per_mtok);
+  return pricing.flat ? input : `${input}/${formatPrice(pricing.output_usd_per_mtok)}`;
+}
+
 function describeModel(model) {
-  const price = `${formatPrice(model.pricing.input_usd_per_mtok)} in / ${formatPrice(model.pricing.output_usd_per_mtok)} out per 1M tokens`;
+  const pricing = model.pricing;
+  const price = pricing.flat
+    ? `${formatPrice(pricing.input_usd_per_mtok)} per 1M tokens`
+    : `${formatPrice(pricing.input_usd_per_mtok)} in / ${formatPrice(pricing.output_usd_per_mtok)} out per 1M tokens`;
   return model.available ? `${model.owned_by} · ${price}` : `Unavailable: ${model.unavailable_reason ?? "its provider is not configured"}`;
 }
 
@@ -86,7 +95,7 @@ async function loadModels() {
   const wanted = sessionStorage.getItem(MODEL_ITEM);
   modelSelect.replaceChildren(
     ...list.map((model) => {
-      const label = `${model.id} · ${formatPrice(model.pricing.input_usd_per_mtok)}/${formatPrice(model.pricing.output_usd_per_mtok)}${model.available ? "" : " (unavailable)"}`;
+      const label = `${model.id} · ${shortPrice(model.pricing)}${model.available ? "" : " (unavailable)"}`;
       return el("option", { value: model.id, disabled: !model.available }, label);
     }),
   );

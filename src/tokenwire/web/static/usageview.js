@@ -1,7 +1,9 @@
 /**
  * Usage figures as the usage and admin pages show them: totals as cards, and grouped totals
- * ({day?, model?, key_id?, requests, prompt_tokens, completion_tokens, cost_micro}) as charts
- * by day, model or key. Each chart's figure carries data-total, the sum of its bars.
+ * ({day?, model?, key_id?, requests, prompt_tokens, completion_tokens, cost_micro, and on the
+ * admin report charge_micro and margin_micro}) as charts by day, model or key. Each chart's
+ * figure carries data-total, the sum of its bars. A key's own usage has cost_micro only (what
+ * it was charged); the admin report has the operator's cost, the charge and the margin.
  */
 
 import { barChart, columnChart } from "./charts.js";
@@ -9,6 +11,8 @@ import { el, formatInt, formatUSD } from "./common.js";
 
 export const MEASURES = {
   cost: { name: "cost", value: (row) => row.cost_micro, format: formatUSD },
+  charge: { name: "charge", value: (row) => row.charge_micro, format: formatUSD },
+  margin: { name: "margin", value: (row) => row.margin_micro, format: formatUSD },
   tokens: { name: "tokens", value: (row) => row.prompt_tokens + row.completion_tokens, format: formatInt },
   requests: { name: "requests", value: (row) => row.requests, format: formatInt },
 };
@@ -23,16 +27,20 @@ export function lastDays(count, now = Date.now()) {
   return { days, start: `${days[0]}T00:00:00Z` };
 }
 
+const SUMMED = ["requests", "prompt_tokens", "completion_tokens", "cost_micro", "charge_micro", "margin_micro"];
+
+/** Zero of every figure. */
+function emptyTotals() {
+  return Object.fromEntries(SUMMED.map((name) => [name, 0]));
+}
+
 /** Grouped rows summed by one of their fields: Map(value → totals), in first-seen order. */
 export function totalsBy(rows, field) {
   const totals = new Map();
   for (const row of rows) {
     const key = row[field];
-    const sum = totals.get(key) ?? { requests: 0, prompt_tokens: 0, completion_tokens: 0, cost_micro: 0 };
-    sum.requests += row.requests;
-    sum.prompt_tokens += row.prompt_tokens;
-    sum.completion_tokens += row.completion_tokens;
-    sum.cost_micro += row.cost_micro;
+    const sum = totals.get(key) ?? emptyTotals();
+    for (const name of SUMMED) sum[name] += row[name] ?? 0;
     totals.set(key, sum);
   }
   return totals;
@@ -43,14 +51,23 @@ export function renderCards(list, cards) {
   list.replaceChildren(...cards.map(([key, label, value]) => el("div", { class: "card", "data-card": key }, el("dt", {}, label), el("dd", {}, value))));
 }
 
-/** The overall totals of a usage answer as cards. */
+/** The overall totals of a usage answer as cards (the admin report's with charge and margin). */
 export function renderTotals(list, total) {
-  renderCards(list, [
+  const cards = [
     ["requests", "Requests", formatInt(total.requests)],
     ["prompt_tokens", "Prompt tokens", formatInt(total.prompt_tokens)],
     ["completion_tokens", "Completion tokens", formatInt(total.completion_tokens)],
-    ["cost", "Cost", formatUSD(total.cost_micro)],
-  ]);
+  ];
+  if (total.margin_micro === undefined) {
+    cards.push(["cost", "Cost", formatUSD(total.cost_micro)]);
+  } else {
+    cards.push(
+      ["cost", "Cost (upstream)", formatUSD(total.cost_micro)],
+      ["charge", "Charged", formatUSD(total.charge_micro)],
+      ["margin", "Margin", formatUSD(total.margin_micro)],
+    );
+  }
+  renderCards(list, cards);
 }
 
 /**
@@ -63,7 +80,7 @@ export function renderChart(figure, rows, field, measureName, { days = null, nam
   const totals = totalsBy(rows, field);
   let items;
   if (days) {
-    items = days.map((day) => ({ label: day, value: measure.value(totals.get(day) ?? { requests: 0, prompt_tokens: 0, completion_tokens: 0, cost_micro: 0 }) }));
+    items = days.map((day) => ({ label: day, value: measure.value(totals.get(day) ?? emptyTotals()) }));
   } else {
     items = [...totals].map(([key, sum]) => ({ label: name(key), value: measure.value(sum) })).sort((a, b) => b.value - a.value);
   }
