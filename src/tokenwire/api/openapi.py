@@ -17,6 +17,18 @@ from tokenwire import __version__
 from tokenwire.api import openapi_messages
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
 from tokenwire.api.formats import INSTANT_PATTERN
+from tokenwire.api.openapi_accounting import (
+    API_KEY_SCHEMA,
+    INT_OR_NULL,
+    KEY_LINKS,
+    PAYMENT_RESULT_SCHEMA,
+    REPORT_ROW_SCHEMA,
+    REPORT_TOTAL_SCHEMA,
+    RUNTIME_SCHEMA,
+    SIGNUP_SCHEMA,
+    TOTAL_SCHEMA,
+    USD_STRING,
+)
 from tokenwire.api.openapi_parts import errors, json_body
 from tokenwire.api.openapi_responses import responses_paths, responses_rules
 from tokenwire.api.signup import SignupRequest
@@ -64,142 +76,6 @@ _SSE_EVENT = {
                 {"type": "string", "contentMediaType": "application/json"},
             ]
         },
-    },
-}
-_INT_OR_NULL = {"type": ["integer", "null"]}
-_KEY_LINKS = {
-    name: {"operationId": operation, "parameters": {"key_id": "$response.body#/id"}}
-    for name, operation in (
-        ("GetKey", "adminGetKey"),
-        ("UpdateKey", "adminUpdateKey"),
-        ("TopUpKey", "adminTopupKey"),
-        ("RotateKey", "adminRotateKey"),
-        ("RevokeKey", "adminRevokeKey"),
-    )
-}
-"""What a new key's id leads to: the operations on that key (schemathesis chains them)."""
-_COUNT = {"type": "integer", "minimum": 0}
-_RUNTIME_SCHEMA = {
-    "type": "object",
-    "required": ["pid", "tasks", "live_generations", "stream_slots_held", "ledger_queued"],
-    "properties": {
-        "pid": {"type": "integer"},
-        "tasks": _COUNT,
-        "open_fds": {"type": ["integer", "null"], "minimum": 0},
-        "db_connections_checked_out": {"type": ["integer", "null"]},
-        "live_generations": _COUNT,
-        "stream_slots_held": _COUNT,
-        "ledger_queued": _COUNT,
-        "ledger_held_in_memory": _COUNT,
-        "ledger_outbox_files": _COUNT,
-        "ledger_write_failures": _COUNT,
-    },
-}
-_USD_STRING = {"type": "string", "pattern": r"^-?\d+\.\d{6}$"}
-_API_KEY_SCHEMA = {
-    "type": "object",
-    "required": ["object", "id", "name", "prefix", "admin", "status", "balance_micro"],
-    "properties": {
-        "object": {"const": "api_key"},
-        "id": {"type": "string"},
-        "name": {"type": "string"},
-        "prefix": {"type": "string", "description": "The first 10 characters of the key."},
-        "admin": {"type": "boolean"},
-        "status": {"enum": ["active", "revoked", "expired"]},
-        "created_at": {"type": "integer", "description": "Unix seconds."},
-        "expires_at": _INT_OR_NULL,
-        "revoked_at": _INT_OR_NULL,
-        "models": {"type": ["array", "null"], "items": {"type": "string"}},
-        "rpm": _INT_OR_NULL,
-        "tpm": _INT_OR_NULL,
-        "max_concurrent_streams": _INT_OR_NULL,
-        "balance_micro": {"type": "integer"},
-        "balance_usd": _USD_STRING,
-        "plan": {
-            "type": ["string", "null"],
-            "description": "The plan (price list) the key is charged by; null: the default plan.",
-        },
-        "key": {"type": "string", "description": "The plaintext key: on create and rotate only."},
-    },
-}
-_TOKEN_COUNTS = {
-    "requests": _COUNT,
-    "prompt_tokens": {**_COUNT, "description": "The whole prompt, cached parts included."},
-    "completion_tokens": _COUNT,
-    "cache_write_tokens": {**_COUNT, "description": "Prompt tokens written to the cache."},
-    "cache_read_tokens": {**_COUNT, "description": "Prompt tokens read from the cache."},
-}
-
-
-def _money(name: str, description: str, *, signed: bool = False) -> dict[str, Any]:
-    micro: dict[str, Any] = {"type": "integer", "description": f"{description}, micro-dollars"}
-    if not signed:
-        micro["minimum"] = 0
-    return {f"{name}_micro": micro, f"{name}_usd": _USD_STRING}
-
-
-_TOTAL_SCHEMA = {
-    "type": "object",
-    "description": "A key's own totals: what it was charged (cost_* repeats charge_*).",
-    "required": [*_TOKEN_COUNTS, "charge_micro", "charge_usd", "cost_micro", "cost_usd"],
-    "properties": {
-        **_TOKEN_COUNTS,
-        **_money("charge", "What the key was charged"),
-        **_money("cost", "The same as charge_micro: what the usage cost the key"),
-    },
-}
-_REPORT_FIGURES = {
-    **_TOKEN_COUNTS,
-    **_money("cost", "What the upstreams charge the operator"),
-    **_money("charge", "What the keys were charged"),
-    **_money("margin", "charge - cost (negative: sold below cost)", signed=True),
-}
-_REPORT_TOTAL_SCHEMA = {
-    "type": "object",
-    "description": "Requests, tokens, cost, charge and margin of a group or of the range.",
-    "required": list(_REPORT_FIGURES),
-    "properties": _REPORT_FIGURES,
-}
-_REPORT_ROW_SCHEMA = {
-    "type": "object",
-    "description": "One group: the values it is grouped by (those in group_by), then its figures.",
-    "required": list(_REPORT_FIGURES),
-    "properties": {
-        "key_id": {"type": "string"},
-        "model": {"type": "string"},
-        "provider": {"type": "string"},
-        "plan": {"type": ["string", "null"], "description": "null: rows from before plans."},
-        "day": {"type": "string", "format": "date", "description": "UTC date."},
-        **_REPORT_FIGURES,
-    },
-}
-_SIGNUP_SCHEMA = {
-    "allOf": [
-        {"$ref": "#/components/schemas/ApiKey"},
-        {
-            "type": "object",
-            "required": ["key", "email", "grant_micro", "grant_usd"],
-            "properties": {
-                "email": {"type": "string"},
-                **_money("grant", "The free credit given (0: this mailbox had its grant)"),
-            },
-        },
-    ]
-}
-_PAYMENT_RESULT_SCHEMA = {
-    "type": "object",
-    "required": ["received"],
-    "properties": {
-        "received": {"const": True},
-        "applied": {"type": "boolean"},
-        "ignored": {"type": "boolean"},
-        "key_id": {"type": "string"},
-        "payment_id": {"type": "string"},
-        **_money("amount", "Credited"),
-        "currency": {"type": "string", "description": "What was paid (ISO 4217)."},
-        "original_amount": {"type": "string", "description": "How much of it, 6 decimals."},
-        "rate": {"type": "string", "description": "USD per unit of currency, as configured."},
-        **_money("balance", "The key's balance now"),
     },
 }
 _TIME_DOC = (
@@ -378,10 +254,10 @@ def openapi_document(
     responses_rules(components, served)
     openapi_messages.add_rules(components, served)
     components["ErrorResponse"] = _ERROR_SCHEMA
-    components["ApiKey"] = _API_KEY_SCHEMA
-    components["UsageTotal"] = _TOTAL_SCHEMA
-    components["UsageReportTotal"] = _REPORT_TOTAL_SCHEMA
-    components["UsageReportRow"] = _REPORT_ROW_SCHEMA
+    components["ApiKey"] = API_KEY_SCHEMA
+    components["UsageTotal"] = TOTAL_SCHEMA
+    components["UsageReportTotal"] = REPORT_TOTAL_SCHEMA
+    components["UsageReportRow"] = REPORT_ROW_SCHEMA
     api_key = {"$ref": "#/components/schemas/ApiKey"}
     total = {"$ref": "#/components/schemas/UsageTotal"}
     bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
@@ -488,7 +364,7 @@ def openapi_document(
                                     },
                                     "total": total,
                                     "balance_micro": {"type": "integer"},
-                                    "balance_usd": _USD_STRING,
+                                    "balance_usd": USD_STRING,
                                     "group_by": {"type": "array", "items": {"type": "string"}},
                                     "groups": {"type": "array", "items": {"type": "object"}},
                                 },
@@ -549,7 +425,7 @@ def openapi_document(
                     "responses": {
                         "201": {
                             **_json("The key, with its plaintext `key` (shown once).", api_key),
-                            "links": _KEY_LINKS,
+                            "links": KEY_LINKS,
                         },
                         **errors(400, 401, 403),
                     },
@@ -628,9 +504,9 @@ def openapi_document(
                                 "properties": {
                                     "key_id": {"type": "string"},
                                     "amount_micro": {"type": "integer"},
-                                    "amount_usd": _USD_STRING,
+                                    "amount_usd": USD_STRING,
                                     "balance_micro": {"type": "integer"},
-                                    "balance_usd": _USD_STRING,
+                                    "balance_usd": USD_STRING,
                                 },
                             },
                         ),
@@ -645,7 +521,7 @@ def openapi_document(
                     "database connections, stream slots, unwritten ledger rows (admin).",
                     "security": bearer,
                     "responses": {
-                        "200": _json("The process's counts.", _RUNTIME_SCHEMA),
+                        "200": _json("The process's counts.", RUNTIME_SCHEMA),
                         **errors(401, 403),
                     },
                 }
@@ -684,8 +560,8 @@ def openapi_document(
                                             "enum": ["key_id", "model", "provider", "plan", "day"]
                                         },
                                     },
-                                    "start_ms": _INT_OR_NULL,
-                                    "end_ms": _INT_OR_NULL,
+                                    "start_ms": INT_OR_NULL,
+                                    "end_ms": INT_OR_NULL,
                                     "data": {
                                         "type": "array",
                                         "items": {"$ref": "#/components/schemas/UsageReportRow"},
@@ -711,7 +587,7 @@ def openapi_document(
                         "200": _json(
                             "Received: applied (true, or false for a payment already applied) "
                             "or ignored (another event type).",
-                            _PAYMENT_RESULT_SCHEMA,
+                            PAYMENT_RESULT_SCHEMA,
                         ),
                         **errors(400, 404, 413, 503),
                     },
@@ -727,7 +603,7 @@ def openapi_document(
                     "responses": {
                         "201": _json(
                             "The new key, with its plaintext `key` (shown once) and its grant.",
-                            _SIGNUP_SCHEMA,
+                            SIGNUP_SCHEMA,
                         ),
                         **errors(400, 403, 413, 429),
                     },
