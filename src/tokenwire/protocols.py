@@ -20,11 +20,15 @@ client that stops reading. :func:`server_protocols` returns its ``httptools`` an
   and Redis instead of failing ``accept`` with ``EMFILE``.
 
 Everything here is per connection and per server (:class:`ConnectionGuard`); nothing runs per
-request or per token except two attribute checks in ``data_received``.
+token except two attribute checks in ``data_received``.
 
-The WebSocket protocol also gives the app :class:`FastWebSocket` in
-``scope["extensions"]["tokenwire.ws"]``: text messages framed here and written several per
-system call, and pings whose pong the app can await (compatible mode's ``[DONE]``).
+The HTTP protocol gives every request an :class:`~tokenwire.http_exchange.HttpExchange` in
+``scope["extensions"]["tokenwire.http"]`` (a callback when the connection is lost, so that
+watching for a disconnect needs no task) and writes each response's head together with its
+first body part (:class:`~tokenwire.http_exchange.ResponseWriter`). The WebSocket protocol
+gives the app :class:`FastWebSocket` in ``scope["extensions"]["tokenwire.ws"]``: text
+messages framed here and written several per system call, and pings whose pong the app can
+await (compatible mode's ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 from tokenwire.config import ServerConfig
+from tokenwire.http_exchange import HTTP_EXTENSION, HttpExchange, LostCallbacks, ResponseWriter
 
 log = logging.getLogger("tokenwire.server")
 
@@ -132,7 +137,8 @@ class _StallTimer:
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header-read timeout, a stall abort and a cap."""
+    """uvicorn's httptools protocol with a header-read timeout, a stall abort and a cap, and
+    for each request an :class:`HttpExchange` and a :class:`ResponseWriter`."""
 
     def __init__(
         self,
@@ -147,6 +153,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.guard = guard
         self._header_timer: asyncio.TimerHandle | None = None
         self._stall = _StallTimer(guard.http_send_timeout_s)
+        self._lost_callbacks = LostCallbacks()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -160,6 +167,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         self._stall.resumed()
         super().connection_lost(exc)
+        self._lost_callbacks.connection_lost()
 
     def data_received(self, data: bytes) -> None:
         if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
@@ -168,7 +176,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous:  # a request (not an upgrade): its task has not run yet
+            cycle.transport = ResponseWriter(self.transport, self.loop, cycle)  # type: ignore[assignment]
+            scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
+            scope.setdefault("extensions", {})[HTTP_EXTENSION] = HttpExchange(
+                self._lost_callbacks, cycle
+            )
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -262,6 +262,9 @@ class GatewayServer(ServerThread):
 
     ``overrides`` is TOML laid over the defaults (``FAST_SIM`` makes ``sim`` instant). The
     API key (``api_key``, id ``api_key_id``) starts with ``grant_usd`` of credit.
+    ``plain_uvicorn`` serves through uvicorn's own HTTP and WebSocket protocols (no guards,
+    no ``tokenwire.http``/``tokenwire.ws`` extensions), as a bare ``uvicorn --factory
+    tokenwire.app:app_from_env`` does.
     """
 
     def __init__(
@@ -272,6 +275,7 @@ class GatewayServer(ServerThread):
         env: dict[str, str] | None = None,
         database_url: str | None = None,
         grant_usd: int = 1000,
+        plain_uvicorn: bool = False,
     ) -> None:
         self.env = dict(env or {})
         if database_url is not None:
@@ -280,10 +284,13 @@ class GatewayServer(ServerThread):
         self.admin_key, self.api_key, self.api_key_id = asyncio.run(
             _bootstrap_keys(self.settings, self.env, grant_usd * 1_000_000)
         )
+        options = server_options(self.settings)
+        if plain_uvicorn:
+            options.update(http="httptools", ws="websockets-sansio")
         super().__init__(
             create_app(self.settings, self.env),
             drain_timeout_s=self.settings.server.drain_timeout_s,
-            **server_options(self.settings),
+            **options,
         )
 
     @property

@@ -1,4 +1,6 @@
-"""A client that goes away cancels the upstream request, for JSON and SSE alike."""
+"""A client that goes away cancels the upstream request, for JSON and SSE alike, whether the
+gateway learns of it from its own HTTP protocol (``tokenwire.http``) or, under uvicorn's plain
+protocol, from a task watching ``receive``."""
 
 from __future__ import annotations
 
@@ -26,12 +28,17 @@ upstream_model = "sim"
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["tokenwire-protocol", "plain-uvicorn"])
 def pair(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[tuple[GatewayServer, SimUpstreamServer]]:
+    """A slow upstream behind a gateway served by tokenwire's protocols or uvicorn's own."""
     with SimUpstreamServer(ttft_ms=3000, itl_ms=50) as upstream:  # noqa: SIM117 - gateway needs its URL
-        with GatewayServer(tmp_path_factory.mktemp("disc"), overrides=proxied(upstream)) as gateway:
+        with GatewayServer(
+            tmp_path_factory.mktemp("disc"),
+            overrides=proxied(upstream),
+            plain_uvicorn=request.param == "plain-uvicorn",
+        ) as gateway:
             yield gateway, upstream
 
 

@@ -175,7 +175,7 @@ class JSONCompletion:
         generation = self._generation
         events: list[Event] = []
         batches = generation.read()
-        async with cancel_on_disconnect(receive) as disconnect:
+        async with cancel_on_disconnect(scope, receive) as disconnect:
             try:
                 async for batch in batches:
                     events.extend(batch or ())

@@ -56,7 +56,7 @@ class SSEStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with cancel_on_disconnect(receive):
+            async with cancel_on_disconnect(scope, receive):
                 try:
                     first: list[Event] | None = await anext(self._batches)
                 except StopAsyncIteration:
