@@ -1,9 +1,12 @@
-"""SSE behaviour over real HTTP: heartbeats, in-band errors after the 200, errors before it."""
+"""SSE behaviour over real HTTP: heartbeats, in-band errors after the 200, errors before it;
+and, on a recorded ASGI ``send``, how a stream's events are grouped into messages."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import requests
@@ -11,7 +14,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message
 
+from tokenwire.api.sse_stream import SSEStream
+from tokenwire.streams.events import Event, Finish, TextDelta, Usage
 from tokenwire.testing import GatewayServer, ServerThread
 
 GOOD = {
@@ -125,3 +131,81 @@ def test_stream_id_header_matches_chunk_ids(flaky_gateway: GatewayServer) -> Non
     chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert ids == list(range(1, len(ids) + 1))
     assert {c["id"] for c in chunks} == {response.headers["x-stream-id"]}
+
+
+class Frames:
+    """A FrameEncoder whose frames name what they stand for."""
+
+    def start(self, out: list[bytes]) -> None:
+        out.append(b"start;")
+
+    def event(self, event: Event, number: int, out: list[bytes]) -> None:
+        out.append(b"%s %d;" % (type(event).__name__.encode(), number))
+
+    def ping(self, out: list[bytes]) -> None:
+        out.append(b"ping;")
+
+    def end(self, out: list[bytes]) -> None:
+        out.append(b"[DONE];")
+
+
+async def sent_messages(batches: list[list[Event]]) -> tuple[list[Message], list[str]]:
+    """What an SSEStream over a log read as ``batches`` sends, and what its reader saw
+    (``closed`` once the stream let go of it)."""
+    reader: list[str] = []
+
+    async def read(*, after: int, heartbeat_s: float) -> AsyncGenerator[list[Event] | None, None]:
+        try:
+            for batch in batches:
+                yield batch
+            reader.append("exhausted")
+        finally:
+            reader.append("closed")
+
+    source: Any = SimpleNamespace(id="s1", response_headers={}, read=read)
+    messages: list[Message] = []
+
+    async def send(message: Message) -> None:
+        messages.append(dict(message))
+
+    async def receive() -> Message:
+        raise AssertionError("the stream has no reason to read the request")
+
+    await SSEStream(source, Frames(), heartbeat_s=15)({"type": "http"}, receive, send)
+    return messages, reader
+
+
+def bodies(messages: list[Message]) -> list[tuple[bytes, bool]]:
+    return [(m["body"], m["more_body"]) for m in messages if m["type"] == "http.response.body"]
+
+
+async def test_the_batch_with_the_last_event_goes_with_done_in_the_final_message() -> None:
+    """The log's last event (usage) is in the message that ends the response, with [DONE]:
+    one write for the end instead of two."""
+    messages, reader = await sent_messages(
+        [[TextDelta("a")], [TextDelta("b"), Finish("stop"), Usage(1, 2)]]
+    )
+    assert messages[0]["type"] == "http.response.start"
+    assert bodies(messages) == [
+        (b"start;TextDelta 1;", True),
+        (b"TextDelta 2;Finish 3;Usage 4;[DONE];", False),
+    ]
+    assert reader == ["closed"]  # let go at the last event, not read to its end
+
+
+async def test_a_whole_answer_in_the_first_batch_is_one_message() -> None:
+    """Everything already in the log when the stream starts: the head's one body message."""
+    messages, _ = await sent_messages([[TextDelta("a"), Finish("stop"), Usage(1, 1)]])
+    assert bodies(messages) == [(b"start;TextDelta 1;Finish 2;Usage 3;[DONE];", False)]
+
+
+async def test_a_log_that_ends_without_its_last_event_still_ends_with_done() -> None:
+    """A reader that stops before a last event (a remote stream found ended) gets [DONE] in
+    a message of its own."""
+    messages, reader = await sent_messages([[TextDelta("a")], [TextDelta("b")]])
+    assert bodies(messages) == [
+        (b"start;TextDelta 1;", True),
+        (b"TextDelta 2;", True),
+        (b"[DONE];", False),
+    ]
+    assert reader == ["exhausted", "closed"]

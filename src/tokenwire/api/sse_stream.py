@@ -3,7 +3,8 @@
 An ASGI callable rather than Starlette's ``StreamingResponse`` so that it can (1) stop at once
 when the client disconnects, even while idle (which detaches the reader and lets the
 generation cancel its upstream), and (2) write every batch of events the log holds in one
-``send`` (one event per send while the client keeps up; merged when it falls behind).
+``send`` (one event per send while the client keeps up; merged when it falls behind), the
+last batch with ``data: [DONE]`` and the end of the response.
 
 What the frames say is the encoder's business (``wire/frames.py``): Chat Completions chunks,
 Responses events, Anthropic Messages events all go through this one response.
@@ -19,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from tokenwire.api.disconnect import cancel_on_disconnect
 from tokenwire.api.errors import error_response
 from tokenwire.errors import GatewayError
+from tokenwire.streams.codec import is_last
 from tokenwire.streams.events import Event, StreamError
 from tokenwire.streams.source import StreamSource
 from tokenwire.wire import sse
@@ -102,12 +104,20 @@ class SSEStream:
         return b"".join(frames)
 
     async def _write(self, send: Send, first: list[Event] | None) -> None:
+        """Every batch in one ``send``; the batch holding the log's last event goes with the
+        end (``data: [DONE]``) in the final message, so one write ends the response."""
         frames = self._frames.frames
-        body = {"type": "http.response.body", "body": b"", "more_body": True}
-        body["body"] = self._join(frames(first))
-        await send(body)
-        async for batch in self._batches:
-            body["body"] = self._join(frames(batch)) if self._retry else b"".join(frames(batch))
+        out = frames(first)
+        if not (first and is_last(first[-1])):
+            body = {"type": "http.response.body", "body": self._join(out), "more_body": True}
             await send(body)
-        end = self._join(self._frames.end())
-        await send({"type": "http.response.body", "body": end, "more_body": False})
+            out = []
+            async for batch in self._batches:
+                out = frames(batch)
+                if batch and is_last(batch[-1]):
+                    break
+                body["body"] = self._join(out) if self._retry else b"".join(out)
+                await send(body)
+                out = []
+        out += self._frames.end()
+        await send({"type": "http.response.body", "body": self._join(out), "more_body": False})
