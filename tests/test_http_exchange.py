@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -336,3 +338,55 @@ async def test_entering_the_block_resumes_reading_paused_for_a_pipelined_request
     connection.lose()
     await connection.served()
     assert app.cancelled and app.happened
+
+
+async def test_a_request_has_one_lost_callback_at_a_time() -> None:
+    """A second callback while one is registered is a bug (RuntimeError); after discard()
+    another may be registered, and only that one runs when the connection is lost."""
+    ran: list[str] = []
+    exchanges: list[HttpExchange] = []
+    registered = asyncio.Event()
+    release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = scope["extensions"][HTTP_EXTENSION]
+        exchanges.append(exchange)
+        exchange.on_lost(lambda: ran.append("first"))
+        with pytest.raises(RuntimeError):
+            exchange.on_lost(lambda: ran.append("second"))
+        exchange.discard()
+        exchange.on_lost(lambda: ran.append("third"))
+        registered.set()
+        await release
+
+    connection = Connection("guarded", app)
+    connection.send(GET)
+    await within(registered.wait())
+    connection.lose()
+    assert ran == ["third"]
+    release.set_result(None)
+    await connection.served()
+
+
+@pytest.mark.parametrize("kind", ["guarded", "uvicorn"])
+async def test_a_served_request_is_freed_without_the_garbage_collector(kind: str) -> None:
+    """The exchange and the writer hold the request's cycle weakly: once the next request
+    has replaced it, reference counting alone frees it (no cycle left to the collector)."""
+
+    async def guarded_json(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        async with cancel_on_disconnect(scope, receive):
+            await loop_turn()
+        await json_answer(scope, receive, send)
+
+    connection = Connection(kind, guarded_json)
+    gc.disable()
+    try:
+        connection.send(POST)
+        await connection.served()
+        first = weakref.ref(connection.protocol.cycle)
+        connection.send(POST)
+        await connection.served()
+        assert first() is None
+    finally:
+        gc.enable()

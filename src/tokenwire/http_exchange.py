@@ -13,14 +13,19 @@ its response reaches the socket.
   one system call each (on loopback each costs the kernel's whole TCP path). The writer
   holds the head and sends it with the first body part, which nearly always follows in the
   same event-loop step (a JSON answer; an SSE stream's first events); if none does, the head
-  goes at the end of that step (``call_soon``), so nothing waits longer than the step. The
-  bytes on the wire are the same, in fewer writes.
+  goes at the end of that step (``call_soon``), so nothing waits longer than the step. Then
+  the writer steps out of the way: the cycle writes to the transport itself again. The bytes
+  on the wire are the same, in fewer writes.
+
+Both hold the request's cycle weakly, so that serving a request makes no cycle of references
+(scope → exchange → cycle → scope) and reference counting alone frees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
@@ -33,108 +38,110 @@ LARGE_BODY = 16384  # bytes: a body at least this long is written beside the hea
 log = logging.getLogger("tokenwire.server")
 
 
-class LostCallbacks:
-    """A connection's callbacks for its loss (one per connection, run by its protocol)."""
+class ConnectionWatch:
+    """The requests of one connection that wait to hear it is lost (run by its protocol)."""
 
-    __slots__ = ("_entries", "lost")
+    __slots__ = ("lost", "watching")
 
     def __init__(self) -> None:
         self.lost = False
-        self._entries: list[tuple[RequestResponseCycle, Callable[[], None]]] = []
-
-    def add(self, cycle: RequestResponseCycle, callback: Callable[[], None]) -> None:
-        self._entries.append((cycle, callback))
-
-    def discard(self, cycle: RequestResponseCycle, callback: Callable[[], None]) -> None:
-        entries = self._entries
-        for index, (their_cycle, their_callback) in enumerate(entries):
-            if their_cycle is cycle and their_callback == callback:
-                del entries[index]
-                return
+        self.watching: list[HttpExchange] = []
 
     def connection_lost(self) -> None:
-        """The connection is gone: run the callbacks of requests whose response was not
-        complete (a finished response's client has nothing left to miss)."""
         self.lost = True
-        entries, self._entries = self._entries, []
-        for cycle, callback in entries:
-            if cycle.response_complete:
-                continue
-            try:
-                callback()
-            except Exception:  # one callback's bug must not skip the others
-                log.exception("a connection-lost callback failed")
+        watching, self.watching = self.watching, []
+        for exchange in watching:
+            exchange._connection_lost()
 
 
 class HttpExchange:
     """What the app may do on a request besides ASGI: ``scope["extensions"]["tokenwire.http"]``."""
 
-    __slots__ = ("_callbacks", "_cycle")
+    __slots__ = ("_callback", "_cycle", "_watch")
 
-    def __init__(self, callbacks: LostCallbacks, cycle: RequestResponseCycle) -> None:
-        self._callbacks = callbacks
+    def __init__(self, watch: ConnectionWatch, cycle: weakref.ref[RequestResponseCycle]) -> None:
+        self._watch = watch
         self._cycle = cycle
+        self._callback: Callable[[], None] | None = None
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` (no arguments, from the event loop) if the connection is lost
-        before this request's response is complete; at once if it already is.
+        before this request's response is complete; at once if it already is. One callback
+        per request at a time (:meth:`discard` it first).
 
         Registering resumes reading the socket, as ASGI's ``receive`` does (uvicorn pauses it
         while a pipelined request waits), so that the client's hang-up is seen.
         """
-        cycle = self._cycle
-        if cycle.response_complete:
+        if self._callback is not None:
+            raise RuntimeError("this request already has a connection-lost callback")
+        cycle = self._cycle()
+        if cycle is None or cycle.response_complete:
             return
-        if self._callbacks.lost:
+        if self._watch.lost:
             callback()
             return
-        cycle.flow.resume_reading()
-        self._callbacks.add(cycle, callback)
+        flow = cycle.flow
+        if flow.read_paused:
+            flow.resume_reading()
+        self._callback = callback
+        self._watch.watching.append(self)
 
-    def discard(self, callback: Callable[[], None]) -> None:
-        """Call off ``callback`` (nothing happens if it ran or was never registered)."""
-        self._callbacks.discard(self._cycle, callback)
+    def discard(self) -> None:
+        """Call off the callback (nothing happens if it ran or none is registered)."""
+        if self._callback is not None:
+            self._callback = None
+            self._watch.watching.remove(self)
+
+    def _connection_lost(self) -> None:
+        callback, self._callback = self._callback, None
+        cycle = self._cycle()
+        if callback is None or cycle is None or cycle.response_complete:
+            return  # a complete response's client has nothing left to miss
+        try:
+            callback()
+        except Exception:  # the protocol's other requests must still hear of it
+            log.exception("a connection-lost callback failed")
 
 
 class ResponseWriter:
-    """The transport as one response's uvicorn cycle sees it (``cycle.transport``): the head
-    waits for the first body part, or for the end of the event-loop step, and goes with it.
+    """The transport as one response's uvicorn cycle sees it (``cycle.transport``) until the
+    head is written: the head waits for the first body part, or for the end of the
+    event-loop step, and goes with it; then the cycle writes to the transport itself again.
 
     The head is the first write once the cycle's response has started (before that, only
-    ``100 Continue`` is written, and it goes at once). A ``HEAD`` response has no body: its
-    head goes at once too.
+    ``100 Continue`` is written, and it goes at once). A ``HEAD`` answer has no body to wait
+    for: its cycle gets no writer.
     """
 
-    __slots__ = ("_cycle", "_head", "_head_due", "_loop", "_transport")
+    __slots__ = ("_cycle", "_head", "_loop", "_transport")
 
     def __init__(
         self,
         transport: asyncio.Transport,
         loop: asyncio.AbstractEventLoop,
-        cycle: RequestResponseCycle,
+        cycle: weakref.ref[RequestResponseCycle],
     ) -> None:
         self._transport = transport
         self._loop = loop
         self._cycle = cycle
         self._head: bytes | None = None
-        self._head_due = True
 
     def write(self, data: bytes) -> None:
         head = self._head
-        if head is not None:
+        if head is not None:  # the first body part: both in one write, and out of the way
             self._head = None
+            self._unhook()
             if len(data) < LARGE_BODY:
                 self._transport.write(head + data)
             else:
                 self._transport.writelines((head, data))
             return
-        if self._head_due and self._cycle.response_started:
-            self._head_due = False
-            if self._cycle.scope["method"] != "HEAD":
-                self._head = data
-                self._loop.call_soon(self._flush)
-                return
-        self._transport.write(data)
+        cycle = self._cycle()
+        if cycle is not None and not cycle.response_started:
+            self._transport.write(data)  # 100 Continue
+            return
+        self._head = data
+        self._loop.call_soon(self._flush)
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
@@ -147,5 +154,11 @@ class ResponseWriter:
         head = self._head
         if head is not None:
             self._head = None
+            self._unhook()
             if not self._transport.is_closing():  # the connection went: nobody to tell
                 self._transport.write(head)
+
+    def _unhook(self) -> None:
+        cycle = self._cycle()
+        if cycle is not None:
+            cycle.transport = self._transport

@@ -39,6 +39,7 @@ import logging
 import resource
 import secrets
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 from tokenwire.config import ServerConfig
-from tokenwire.http_exchange import HTTP_EXTENSION, HttpExchange, LostCallbacks, ResponseWriter
+from tokenwire.http_exchange import HTTP_EXTENSION, ConnectionWatch, HttpExchange, ResponseWriter
 
 log = logging.getLogger("tokenwire.server")
 
@@ -153,7 +154,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.guard = guard
         self._header_timer: asyncio.TimerHandle | None = None
         self._stall = _StallTimer(guard.http_send_timeout_s)
-        self._lost_callbacks = LostCallbacks()
+        self._watch = ConnectionWatch()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -167,7 +168,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         self._stall.resumed()
         super().connection_lost(exc)
-        self._lost_callbacks.connection_lost()
+        self._watch.connection_lost()
 
     def data_received(self, data: bytes) -> None:
         if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
@@ -180,10 +181,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not previous:  # a request (not an upgrade): its task has not run yet
-            cycle.transport = ResponseWriter(self.transport, self.loop, cycle)  # type: ignore[assignment]
             scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
+            cycle_ref = weakref.ref(cycle)
+            if scope["method"] != "HEAD":  # a HEAD answer has no body to join its head
+                cycle.transport = ResponseWriter(self.transport, self.loop, cycle_ref)  # type: ignore[assignment]
             scope.setdefault("extensions", {})[HTTP_EXTENSION] = HttpExchange(
-                self._lost_callbacks, cycle
+                self._watch, cycle_ref
             )
 
     def pause_writing(self) -> None:

@@ -88,7 +88,7 @@ class cancel_on_disconnect:  # lower case: used like the context-manager functio
         if self._watcher is not None:
             self._watcher.cancel()
         elif self._exchange is not None:
-            self._exchange.discard(self._lost)
+            self._exchange.discard()
         if kind is not None and issubclass(kind, asyncio.CancelledError) and self._flag.happened:
             self._task.uncancel()
             return True  # the client left: the block's cancellation ends here
