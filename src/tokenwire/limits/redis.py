@@ -194,7 +194,7 @@ class RedisRateLimiter:
                     self._unreleased[call.on_failure.admission.stream_id] = call.on_failure
                 outcomes.append(_unavailable(reply))
             else:
-                outcomes.append([float(v) for v in reply] if isinstance(reply, list) else [])
+                outcomes.append([float(v) for v in reply.split()] if isinstance(reply, str) else [])
         if self._unreleased:
             self._start_renewing()
         return outcomes

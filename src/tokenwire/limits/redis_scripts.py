@@ -1,6 +1,8 @@
 """The Lua scripts of the Redis rate limiter (:mod:`tokenwire.limits.redis`), one per call.
 
-Each runs atomically in Redis and takes the time from Redis (``TIME``). A TAT is stored as
+Each runs atomically in Redis and takes the time from Redis (``TIME``). Numbers come back as
+one string, separated by spaces: one bulk string costs the client a fraction of what parsing
+an array of ten does (pure-Python RESP parsing was most of a batch's CPU). A TAT is stored as
 ``"<server µs when written> <seconds ahead of then>"`` and the GCRA follows
 :func:`tokenwire.limits.base.gcra` step for step, relative to now.
 """
@@ -46,6 +48,7 @@ end
 
 # KEYS: r, t, s. ARGV: window, rpm, tpm, tokens, max_streams (-1: none), stream id, stream ttl.
 # Returns now (µs), the request and token states (allowed -1: not checked), open streams.
+# (as one string of numbers)
 ADMIT = (
     COMMON
     + """
@@ -94,7 +97,7 @@ local out = {fmt(now)}
 push(out, r)
 push(out, t)
 table.insert(out, fmt(open))
-return out
+return table.concat(out, ' ')
 """
 )
 
@@ -124,13 +127,13 @@ end
 return #KEYS
 """
 
-# KEYS: a. ARGV: limit, window, commit (1: count a failure). Returns {allowed, retry after}.
+# KEYS: a. ARGV: limit, window, commit (1: count a failure). Returns "<allowed> <retry after>".
 AUTH = (
     COMMON
     + """
 local now = clock()
 local g = gcra(ahead(KEYS[1], now), 1, tonumber(ARGV[1]), tonumber(ARGV[2]))
 if g[1] == 1 and ARGV[3] == '1' then store(KEYS[1], now, g[2]) end
-return {fmt(g[1]), fmt(g[3])}
+return fmt(g[1]) .. ' ' .. fmt(g[3])
 """
 )
