@@ -1,12 +1,13 @@
 """Reservations many to a transaction: the requests admitted while one is written share the next.
 
 Reserving credit is one database transaction per request (a conditional ``UPDATE`` of the
-balance and the reservation row). On SQLite through aiosqlite every statement is a round trip
-to the database's thread: a reservation cost ~1.7 ms of CPU, four times everything else a
-request does. :class:`Reserver` writes the first reservation at once and gathers those asked
-for while it is being written into the next transaction (:meth:`Ledger.reserve_many`, through
-a :class:`tokenwire.batching.Batcher`), so no request waits for a timer and a burst of N
-requests costs a few transactions, not N.
+balance and the reservation row). When every statement was a round trip to aiosqlite's thread,
+a reservation cost ~1.7 ms of CPU, four times everything else a request does; on SQLite a
+transaction is now one hop to a thread (:mod:`tokenwire.storage.transactions`), and still each
+one has a fixed cost that a batch shares. :class:`Reserver` writes the first reservation at
+once and gathers those asked for while it is being written into the next transaction
+(:meth:`Ledger.reserve_many`, through a :class:`tokenwire.batching.Batcher`), so no request
+waits for a timer and a burst of N requests costs a few transactions, not N.
 
 A caller that goes away while its reservation is being written (a client gone, a shutdown)
 does not leave it held: if the transaction then holds it, it is given back
