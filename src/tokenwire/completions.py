@@ -48,7 +48,7 @@ from tokenwire.accounting.reserver import Reserver
 from tokenwire.accounting.writer import LedgerWriter
 from tokenwire.config import ModelEntry, Plan, Price
 from tokenwire.drain import interrupted
-from tokenwire.errors import GatewayError, PermissionDenied
+from tokenwire.errors import GatewayError, LimiterUnavailable, PermissionDenied
 from tokenwire.limits.base import Admission, LimitSpec, RateLimiter
 from tokenwire.observability.logs import log_completion, log_refusal
 from tokenwire.observability.metrics import Metrics
@@ -336,10 +336,13 @@ class CompletionService:
         """Free the stream slot and correct the token bucket; a failure is logged, not raised.
 
         A slot that cannot be released now (the limiter's store is down) still frees itself:
-        the Redis backend's slots are leases that expire unless their process renews them.
+        the Redis backend sends the release again, and its slots are leases that expire unless
+        their process renews them. That backend logs its failures once per batch, not here.
         """
         try:
             await self._limiter.release(admission, spec, tokens)
+        except LimiterUnavailable:
+            pass  # logged by the limiter, once for all the calls of its failed round trip
         except Exception:  # logged; a slot's lease runs out on its own
             log.exception(
                 "could not release the rate limits of %s",

@@ -29,9 +29,12 @@ def open_fds() -> int | None:
 
 
 def _checked_out(state: AppState) -> int | None:
+    """Connections in use: the async engine's and those of the ledger's writing thread."""
     pool = state.engine.pool
     checkedout = getattr(pool, "checkedout", None)
-    return int(checkedout()) if callable(checkedout) else None
+    if not callable(checkedout):
+        return None
+    return int(checkedout()) + state.ledger.transactions.checked_out()
 
 
 def _outbox_files(directory: Path) -> int:

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +44,17 @@ kind = "sim"
 ttft_ms = 0.0
 itl_ms = 1.0
 """
+
+
+async def eventually(predicate: Callable[[], bool], deadline_s: float = 5.0) -> bool:
+    """Poll an observable condition (one no event signals) until it holds or the deadline
+    passes; whether it held."""
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def priced_model(model_id: str = "priced-sim", provider: str = "sim", *, extra: str = "") -> str:

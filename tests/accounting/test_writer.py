@@ -28,10 +28,11 @@ async def test_concurrent_settlements_batch_and_refund_exactly(
     engine = make_engine(database_url)
     commits: list[int] = []
 
-    @sa.event.listens_for(engine.sync_engine, "commit")
     def count(_conn: object) -> None:
         commits.append(1)
 
+    # every engine: on SQLite the batches are written by the ledger's thread engine
+    sa.event.listen(sa.Engine, "commit", count)
     try:
         await migrate(engine)
         record, _ = await KeyStore(engine, b"s").create("batch", grant_micro=1_000_000)
@@ -45,7 +46,7 @@ async def test_concurrent_settlements_batch_and_refund_exactly(
             *(writer.settle(row(f"c{i}", record.id, 1_000 + i), reserved=True) for i in range(100))
         )
         assert results == [True] * 100
-        assert len(commits) < 100  # batched, not one transaction per row
+        assert 1 <= len(commits) < 100  # batched, not one transaction per row
         expected = 1_000_000 - sum(1_000 + i for i in range(100))
         assert await ledger.balance(record.id) == expected
         assert len(await ledger.rows(key_id=record.id)) == 100
@@ -56,6 +57,7 @@ async def test_concurrent_settlements_batch_and_refund_exactly(
         assert await ledger.balance(record.id) == expected
         await writer.aclose()
     finally:
+        sa.event.remove(sa.Engine, "commit", count)
         await engine.dispose()
 
 

@@ -13,15 +13,12 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tokenwire.errors import LimiterUnavailable
-from tokenwire.limits import redis as redis_limits
 from tokenwire.limits.base import Admission, LimitExceeded, LimitSpec, RateLimiter
 from tokenwire.limits.memory import MemoryRateLimiter
 from tokenwire.limits.redis import RedisRateLimiter, redact_url
@@ -30,52 +27,6 @@ from tokenwire.testing_services import PrivateRedis
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 MakeLimiter = Callable[..., RedisRateLimiter]
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A fresh key prefix; every key under it is deleted after the test."""
-    name = f"tokenwire-test:{secrets.token_hex(8)}:"
-    client = Redis.from_url(REDIS_URL)
-    try:
-        await client.ping()
-    except RedisConnectionError:
-        await client.aclose()
-        pytest.fail(f"no Redis server at {REDIS_URL}: scripts/test starts one")
-    yield name
-    try:
-        keys = [key async for key in client.scan_iter(match=name + "*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def make(prefix: str) -> AsyncIterator[MakeLimiter]:
-    """Build limiters on the test's prefix (as separate gateway processes would); closed after."""
-    made: list[RedisRateLimiter] = []
-
-    def factory(
-        *,
-        window_s: float = 60.0,
-        auth_failures_per_window: int = 30,
-        slot_lease_s: float = redis_limits.SLOT_LEASE_S,
-        url: str = REDIS_URL,
-    ) -> RedisRateLimiter:
-        limiter = RedisRateLimiter(
-            url,
-            prefix=prefix,
-            window_s=window_s,
-            auth_failures_per_window=auth_failures_per_window,
-            slot_lease_s=slot_lease_s,
-        )
-        made.append(limiter)
-        return limiter
-
-    yield factory
-    for limiter in made:
-        await limiter.aclose()
 
 
 async def refused(
@@ -402,31 +353,6 @@ async def test_concurrent_admissions_are_atomic(make: MakeLimiter) -> None:
     )
 
 
-async def test_each_call_is_one_round_trip(
-    make: MakeLimiter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """admit, settle, auth_blocked and auth_failed each send exactly one EVALSHA."""
-    limiter = make()
-    spec = LimitSpec(rpm=5, tpm=1000, max_streams=2)
-    warm = await limiter.admit("warm", spec, 1, "w")  # loads the script if the server lacks it
-    await limiter.release(warm, spec, 1)
-    await limiter.auth_blocked("c")
-    sent: list[str] = []
-    original: Callable[..., Awaitable[Any]] = Redis.execute_command
-
-    async def counting(self: Redis, *args: Any, **options: Any) -> Any:
-        sent.append(str(args[0]).upper())
-        return await original(self, *args, **options)
-
-    monkeypatch.setattr(Redis, "execute_command", counting)
-    admission = await limiter.admit("k", spec, 10, "a")
-    assert sent == ["EVALSHA"]
-    await limiter.release(admission, spec, 5)
-    await limiter.auth_blocked("c")
-    await limiter.auth_failed("c")
-    assert sent == ["EVALSHA"] * 4
-
-
 def closed_port() -> int:
     """A loopback port nothing listens on."""
     with socket.socket() as sock:
@@ -486,6 +412,9 @@ async def test_memory_and_redis_agree_on_a_random_sequence(make: MakeLimiter, se
     rng = random.Random(seed)
     pending: list[tuple[Admission, Admission]] = []
     outcomes: list[tuple[object, ...]] = []
+    # The two backends see each call a little apart in time (a Redis round trip, more on a
+    # loaded machine), so their retry-afters differ by up to the largest such gap so far.
+    widest_gap_s = 0.0
     for step in range(300):
         if pending and rng.random() < 0.4:
             pair = pending.pop(rng.randrange(len(pending)))
@@ -498,6 +427,7 @@ async def test_memory_and_redis_agree_on_a_random_sequence(make: MakeLimiter, se
         seen: list[tuple[object, ...]] = []
         retry_after: list[float] = []
         admissions: list[Admission] = []
+        started = time.monotonic()
         for backend in backends:
             try:
                 admission = await backend.admit(key, specs[key], tokens, f"s{step}")
@@ -510,9 +440,11 @@ async def test_memory_and_redis_agree_on_a_random_sequence(make: MakeLimiter, se
                 headers = admission.headers
                 seen.append(("ok",))
             seen[-1] += tuple(v for k, v in sorted(headers.items()) if "remaining" in k.lower())
+        widest_gap_s = max(widest_gap_s, time.monotonic() - started)
         assert seen[0] == seen[1], f"step {step}: {seen}"
         if retry_after:
-            assert retry_after[0] == pytest.approx(retry_after[1], abs=0.05), f"step {step}"
+            tolerance = 0.05 + 2 * widest_gap_s
+            assert retry_after[0] == pytest.approx(retry_after[1], abs=tolerance), f"step {step}"
         outcomes.append(seen[0])
         if len(admissions) == 2:
             pending.append((admissions[0], admissions[1]))

@@ -20,6 +20,7 @@ from tokenwire.observability.logs import (
     TextFormatter,
     completion_fields,
     completion_id_var,
+    log_completion,
     logging_config,
     redact,
     resolve_format,
@@ -63,6 +64,23 @@ def test_json_line_has_the_standard_fields_first_then_extras() -> None:
     assert parsed["message"] == "hello world"
     assert parsed["model"] == "sim" and parsed["n"] == 3
     assert parsed["ts"].endswith("Z") and "T" in parsed["ts"]
+
+
+def test_timestamps_are_utc_milliseconds_whichever_second_came_before() -> None:
+    """``ts`` is the record's own UTC time to the millisecond, also when a record of another
+    second (earlier or later) was formatted just before by the same formatter."""
+    formatter = JSONFormatter()
+    stamps = []
+    for created in (0.5, 86_400.25, 0.999, 0.001):
+        record = make_record("tokenwire.x", "tick")
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        stamps.append(json.loads(formatter.format(record))["ts"])
+    assert stamps == [
+        "1970-01-01T00:00:00.500Z",
+        "1970-01-02T00:00:00.250Z",
+        "1970-01-01T00:00:00.999Z",
+        "1970-01-01T00:00:00.001Z",
+    ]
 
 
 def test_access_line_is_taken_apart() -> None:
@@ -259,3 +277,33 @@ def test_one_configuration_formats_tokenwire_and_uvicorn(
         "aiohttp.client",
     ]
     assert lines[0]["a"] == 1 and lines[2]["status"] == 200
+
+
+def test_log_completion_writes_one_line_with_every_field(
+    restore_logging: None, capsys: pytest.CaptureFixture[str], completion: RecordFactory
+) -> None:
+    """``log_completion`` writes one JSON line per completion: the standard keys, then exactly
+    the completion's fields; WARNING when the upstream failed; nothing when the level is off."""
+    logging.config.dictConfig(logging_config("json"))
+    done = completion(completion_id="chatcmpl-ok")
+    failed = completion(
+        completion_id="chatcmpl-502", outcome="upstream_error", error_code="x", error_status=502
+    )
+    log_completion(done)
+    log_completion(failed)
+    logging.getLogger("tokenwire").setLevel(logging.WARNING)
+    log_completion(completion(completion_id="chatcmpl-quiet"))  # INFO is off now
+    log_completion(completion(completion_id="chatcmpl-loud", outcome="upstream_error"))
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["completion_id"] for line in lines] == [
+        "chatcmpl-ok",
+        "chatcmpl-502",
+        "chatcmpl-loud",
+    ]
+    assert [line["level"] for line in lines] == ["info", "warning", "warning"]
+    for line, record in zip(lines, (done, failed), strict=False):
+        assert list(line)[:4] == ["ts", "level", "logger", "message"]
+        assert line["logger"] == "tokenwire.completion" and line["message"] == "completion"
+        assert {k: v for k, v in line.items() if k not in list(line)[:4]} == completion_fields(
+            record
+        )

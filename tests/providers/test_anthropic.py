@@ -41,7 +41,7 @@ from tokenwire.providers.anthropic import (
 from tokenwire.providers.base import ProviderCall
 from tokenwire.providers.http import credentials_refused
 from tokenwire.streams.events import Event, Finish, PromptUsage, TextDelta, ToolCallDelta, Usage
-from tokenwire.testing import GatewayServer
+from tokenwire.testing import GatewayServer, eventually
 from tokenwire.testing_upstreams.anthropic_fake import AnthropicFake, plan_reply, validate
 from tokenwire.wire.schema import decode_chat_request
 from tokenwire.wire.sse import SSEParser
@@ -656,16 +656,6 @@ async def test_connection_refused_is_an_upstream_error() -> None:
         await provider.aclose()
 
 
-async def wait_for(predicate: Callable[[], bool], deadline_s: float = 5.0) -> bool:
-    """Poll an observable condition until it holds or the deadline passes."""
-    end = time.monotonic() + deadline_s
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 async def test_closing_the_iterator_closes_the_upstream_connection(
     fake: AnthropicFake, provider: Callable[..., AnthropicProvider]
 ) -> None:
@@ -675,7 +665,7 @@ async def test_closing_the_iterator_closes_the_upstream_connection(
     assert await anext(iterator) == TextDelta("Echo:")
     assert fake.stats.streams_open == 1 and fake.stats.connections_open == 1
     await iterator.aclose()  # type: ignore[attr-defined]
-    assert await wait_for(
+    assert await eventually(
         lambda: fake.stats.streams_cancelled == 1 and fake.stats.connections_open == 0
     )
     assert fake.stats.streams_open == 0

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from tokenwire.providers.gemini import (
     tool_call_id,
 )
 from tokenwire.streams.events import Event, Finish, PromptUsage, TextDelta, ToolCallDelta, Usage
-from tokenwire.testing import GatewayServer
+from tokenwire.testing import GatewayServer, eventually
 from tokenwire.testing_upstreams.gemini_fake import (
     REPLY_TOKENS,
     THOUGHT_TOKENS,
@@ -85,16 +84,6 @@ def text_chunk(text: str, finish: str | None = None) -> _Chunk:
     if finish:
         candidate["finishReason"] = finish
     return chunk({"candidates": [candidate]})
-
-
-async def wait_for(predicate: Callable[[], bool], deadline_s: float = 2.0) -> bool:
-    """Poll an observable condition until it holds or the deadline passes."""
-    end = time.monotonic() + deadline_s
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 @pytest.fixture
@@ -598,7 +587,7 @@ async def test_cancelling_mid_stream_closes_the_upstream_connection(
     assert first == TextDelta(reply(2))
     assert fake.open_streams == 1
     await events.aclose()  # type: ignore[attr-defined]
-    assert await wait_for(lambda: fake.disconnects == 1 and fake.open_streams == 0)
+    assert await eventually(lambda: fake.disconnects == 1 and fake.open_streams == 0)
 
 
 async def test_cancelling_before_the_first_token_closes_the_upstream_connection(
@@ -607,12 +596,12 @@ async def test_cancelling_before_the_first_token_closes_the_upstream_connection(
     """Cancelling a consumer still waiting for the first token drops the connection too."""
     events = (await provider()).stream(call_for(chat("FAULT:stall")))
     task = asyncio.ensure_future(anext(events))
-    assert await wait_for(lambda: fake.open_streams == 1)
+    assert await eventually(lambda: fake.open_streams == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await events.aclose()  # type: ignore[attr-defined]
-    assert await wait_for(lambda: fake.disconnects == 1 and fake.open_streams == 0)
+    assert await eventually(lambda: fake.disconnects == 1 and fake.open_streams == 0)
 
 
 async def test_pooled_connection_is_reused_after_a_complete_stream(

@@ -31,12 +31,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokenwire.accounting.currency import Credit, usd_credit
 from tokenwire.errors import InsufficientQuota, NotFound
 from tokenwire.storage.engine import database_errors, insert_ignoring_duplicates
 from tokenwire.storage.tables import api_keys, credit_events, reservations, usage_ledger
+from tokenwire.storage.transactions import Transactions
 
 ABANDONED = "abandoned"
 LEDGER_STATUSES = ("completed", "cancelled", "client_disconnected", "upstream_error", ABANDONED)
@@ -124,14 +125,152 @@ class Reservation:
         )
 
 
-async def _take(conn: AsyncConnection, key_id: str, amount_micro: int) -> bool:
+def _take(conn: sa.Connection, key_id: str, amount_micro: int) -> bool:
     """Take ``amount_micro`` off the key's balance if it covers it (one conditional UPDATE)."""
-    result = await conn.execute(
+    result = conn.execute(
         api_keys.update()
         .where(api_keys.c.id == key_id, api_keys.c.balance_micro >= amount_micro)
         .values(balance_micro=api_keys.c.balance_micro - amount_micro)
     )
     return bool(result.rowcount == 1)
+
+
+def _add(conn: sa.Connection, key_id: str, amount_micro: int) -> None:
+    """Add ``amount_micro`` (negative: take it) to the key's balance, unconditionally."""
+    conn.execute(
+        api_keys.update()
+        .where(api_keys.c.id == key_id)
+        .values(balance_micro=api_keys.c.balance_micro + amount_micro)
+    )
+
+
+def _reserve_batch(conn: sa.Connection, items: list[Reservation]) -> list[bool]:
+    """The transaction of :meth:`Ledger.reserve_many`."""
+    granted = [False] * len(items)
+    by_key: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        by_key.setdefault(item.key_id, []).append(index)
+    for key_id, indexes in by_key.items():
+        total = sum(items[i].amount_micro for i in indexes)
+        if _take(conn, key_id, total):
+            for i in indexes:
+                granted[i] = True
+            continue
+        for i in indexes if len(indexes) > 1 else ():
+            granted[i] = _take(conn, key_id, items[i].amount_micro)
+    now = int(time.time())
+    held = [item.row(now) for item, ok in zip(items, granted, strict=True) if ok]
+    if held:
+        conn.execute(reservations.insert(), held)
+    return granted
+
+
+def _release_batch(conn: sa.Connection, completion_ids: list[str]) -> int:
+    """The transaction of :meth:`Ledger.release`."""
+    found = conn.execute(
+        sa.select(
+            reservations.c.completion_id,
+            reservations.c.key_id,
+            reservations.c.amount_micro,
+        ).where(reservations.c.completion_id.in_(completion_ids))
+    )
+    held = [(str(cid), str(key_id), int(amount)) for cid, key_id, amount in found]
+    if not held:
+        return 0
+    conn.execute(
+        reservations.delete().where(reservations.c.completion_id.in_([cid for cid, _, _ in held]))
+    )
+    refunds: dict[str, int] = {}
+    for _, key_id, amount in held:
+        refunds[key_id] = refunds.get(key_id, 0) + amount
+    for key_id, refund in refunds.items():
+        _add(conn, key_id, refund)
+    return len(held)
+
+
+def _settle_batch(conn: sa.Connection, items: list[tuple[LedgerRow, bool]]) -> set[str]:
+    """The transaction of :meth:`Ledger.settle_many`."""
+    ids = [row.completion_id for row, _ in items]
+    found = conn.execute(
+        sa.select(usage_ledger.c.completion_id, usage_ledger.c.status).where(
+            usage_ledger.c.completion_id.in_(ids)
+        )
+    )
+    existing = {str(cid): str(status) for cid, status in found}
+    late = [
+        row
+        for row, _ in items
+        if existing.get(row.completion_id) == ABANDONED and row.status != ABANDONED
+    ]
+    replaced = _replace_abandoned(conn, late)
+    new = {}
+    for row, reserved in items:
+        if row.completion_id not in existing and row.completion_id not in new:
+            new[row.completion_id] = (row, reserved)
+    if not new:
+        return replaced
+    inserted = conn.execute(
+        insert_ignoring_duplicates(conn, usage_ledger).returning(usage_ledger.c.completion_id),
+        [row.columns() for row, _ in new.values()],
+    )
+    written = {str(cid) for cid in inserted.scalars()}  # not inserted meanwhile
+    held_ids = [cid for cid in written if new[cid][1]]
+    held: dict[str, int] = {}
+    if held_ids:
+        result = conn.execute(
+            reservations.delete()
+            .where(reservations.c.completion_id.in_(held_ids))
+            .returning(reservations.c.completion_id, reservations.c.amount_micro)
+        )
+        held = {str(cid): int(amount) for cid, amount in result}
+    refunds: dict[str, int] = {}
+    for cid in written:
+        row = new[cid][0]
+        refund = held.get(cid, 0) - row.charge_micro
+        if refund:
+            refunds[row.key_id] = refunds.get(row.key_id, 0) + refund
+    for key_id, refund in refunds.items():
+        _add(conn, key_id, refund)
+    return written | replaced
+
+
+def _replace_abandoned(conn: sa.Connection, rows: list[LedgerRow]) -> set[str]:
+    """The real rows of completions abandoned earlier: they replace the free ``abandoned``
+    rows, and their charge is taken now (the abandonment gave the reservation back).
+    Returns the ids replaced by this call (another may have replaced one meanwhile)."""
+    replaced = set()
+    for row in rows:
+        result = conn.execute(
+            usage_ledger.update()
+            .where(
+                usage_ledger.c.completion_id == row.completion_id,
+                usage_ledger.c.status == ABANDONED,
+            )
+            .values(**row.columns())
+        )
+        if result.rowcount != 1:
+            continue
+        replaced.add(row.completion_id)
+        if row.charge_micro:
+            _add(conn, row.key_id, -row.charge_micro)
+    return replaced
+
+
+def _credit(conn: sa.Connection, event: dict[str, Any]) -> tuple[int, bool]:
+    """The transaction of :meth:`Ledger.credit`: the ``credit_events`` row ``event`` and the
+    balance change, unless its payment id was applied before; (new balance, applied)."""
+    key_id = event["key_id"]
+    if conn.scalar(_balance_of(key_id)) is None:
+        raise NotFound(f"No API key with id {key_id!r}.", param="key_id")
+    inserted = conn.execute(insert_ignoring_duplicates(conn, credit_events).values(**event))
+    applied = inserted.rowcount == 1
+    if applied:
+        _add(conn, key_id, event["amount_micro"])
+    return int(conn.scalar(_balance_of(key_id)) or 0), applied
+
+
+def _balance_of(key_id: str) -> sa.Select[int]:
+    return sa.select(api_keys.c.balance_micro).where(api_keys.c.id == key_id)
 
 
 def _filtered(
@@ -154,13 +293,12 @@ class Ledger:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self.transactions = Transactions(engine)  # the writes: one hop to a thread on SQLite
 
     async def balance(self, key_id: str) -> int:
         """The key's balance in micro-dollars (open reservations already taken off)."""
         async with self._engine.connect() as conn:
-            value = await conn.scalar(
-                sa.select(api_keys.c.balance_micro).where(api_keys.c.id == key_id)
-            )
+            value = await conn.scalar(_balance_of(key_id))
         if value is None:
             raise NotFound(f"No API key with id {key_id!r}.", param="id")
         return int(value)
@@ -194,56 +332,14 @@ class Ledger:
         still covers it (as separate calls in that order would). Either way no balance goes
         below zero, and a database failure holds nothing (``DatabaseUnavailable``).
         """
-        granted = [False] * len(items)
-        by_key: dict[str, list[int]] = {}
-        for index, item in enumerate(items):
-            by_key.setdefault(item.key_id, []).append(index)
         with database_errors("reserving credit for the request"):
-            async with self._engine.begin() as conn:
-                for key_id, indexes in by_key.items():
-                    total = sum(items[i].amount_micro for i in indexes)
-                    if await _take(conn, key_id, total):
-                        for i in indexes:
-                            granted[i] = True
-                        continue
-                    for i in indexes if len(indexes) > 1 else ():
-                        granted[i] = await _take(conn, key_id, items[i].amount_micro)
-                now = int(time.time())
-                held = [item.row(now) for item, ok in zip(items, granted, strict=True) if ok]
-                if held:
-                    await conn.execute(reservations.insert(), held)
-        return granted
+            return await self.transactions.run(_reserve_batch, items)
 
     async def release(self, completion_ids: list[str]) -> int:
         """Give back reservations whose request never started (no ledger row: nothing was
         used); returns how many were still held."""
         with database_errors("giving back a reservation"):
-            async with self._engine.begin() as conn:
-                found = await conn.execute(
-                    sa.select(
-                        reservations.c.completion_id,
-                        reservations.c.key_id,
-                        reservations.c.amount_micro,
-                    ).where(reservations.c.completion_id.in_(completion_ids))
-                )
-                held = [(str(cid), str(key_id), int(amount)) for cid, key_id, amount in found]
-                if not held:
-                    return 0
-                await conn.execute(
-                    reservations.delete().where(
-                        reservations.c.completion_id.in_([cid for cid, _, _ in held])
-                    )
-                )
-                refunds: dict[str, int] = {}
-                for _, key_id, amount in held:
-                    refunds[key_id] = refunds.get(key_id, 0) + amount
-                for key_id, refund in refunds.items():
-                    await conn.execute(
-                        api_keys.update()
-                        .where(api_keys.c.id == key_id)
-                        .values(balance_micro=api_keys.c.balance_micro + refund)
-                    )
-        return len(held)
+            return await self.transactions.run(_release_batch, completion_ids)
 
     async def settle(self, row: LedgerRow, *, reserved: bool = True) -> bool:
         """Write the ledger row and settle its reservation, once. True if this call did it.
@@ -264,81 +360,7 @@ class Ledger:
         """
         if not items:
             return set()
-        ids = [row.completion_id for row, _ in items]
-        async with self._engine.begin() as conn:
-            found = await conn.execute(
-                sa.select(usage_ledger.c.completion_id, usage_ledger.c.status).where(
-                    usage_ledger.c.completion_id.in_(ids)
-                )
-            )
-            existing = {str(cid): str(status) for cid, status in found}
-            late = [
-                row
-                for row, _ in items
-                if existing.get(row.completion_id) == ABANDONED and row.status != ABANDONED
-            ]
-            replaced = await self._replace_abandoned(conn, late)
-            new = {}
-            for row, reserved in items:
-                if row.completion_id not in existing and row.completion_id not in new:
-                    new[row.completion_id] = (row, reserved)
-            if not new:
-                return replaced
-            inserted = await conn.execute(
-                insert_ignoring_duplicates(conn, usage_ledger).returning(
-                    usage_ledger.c.completion_id
-                ),
-                [row.columns() for row, _ in new.values()],
-            )
-            written = {str(cid) for cid in inserted.scalars()}  # not inserted meanwhile
-            held_ids = [cid for cid in written if new[cid][1]]
-            held: dict[str, int] = {}
-            if held_ids:
-                result = await conn.execute(
-                    reservations.delete()
-                    .where(reservations.c.completion_id.in_(held_ids))
-                    .returning(reservations.c.completion_id, reservations.c.amount_micro)
-                )
-                held = {str(cid): int(amount) for cid, amount in result}
-            refunds: dict[str, int] = {}
-            for cid in written:
-                row = new[cid][0]
-                refund = held.get(cid, 0) - row.charge_micro
-                if refund:
-                    refunds[row.key_id] = refunds.get(row.key_id, 0) + refund
-            for key_id, refund in refunds.items():
-                await conn.execute(
-                    api_keys.update()
-                    .where(api_keys.c.id == key_id)
-                    .values(balance_micro=api_keys.c.balance_micro + refund)
-                )
-        return written | replaced
-
-    @staticmethod
-    async def _replace_abandoned(conn: AsyncConnection, rows: list[LedgerRow]) -> set[str]:
-        """The real rows of completions abandoned earlier: they replace the free ``abandoned``
-        rows, and their charge is taken now (the abandonment gave the reservation back).
-        Returns the ids replaced by this call (another may have replaced one meanwhile)."""
-        replaced = set()
-        for row in rows:
-            result = await conn.execute(
-                usage_ledger.update()
-                .where(
-                    usage_ledger.c.completion_id == row.completion_id,
-                    usage_ledger.c.status == ABANDONED,
-                )
-                .values(**row.columns())
-            )
-            if result.rowcount != 1:
-                continue
-            replaced.add(row.completion_id)
-            if row.charge_micro:
-                await conn.execute(
-                    api_keys.update()
-                    .where(api_keys.c.id == row.key_id)
-                    .values(balance_micro=api_keys.c.balance_micro - row.charge_micro)
-                )
-        return replaced
+        return await self.transactions.run(_settle_batch, items)
 
     async def credit(
         self,
@@ -357,32 +379,16 @@ class Ledger:
         if paid is not None and paid.amount_micro != amount_micro:
             raise ValueError("the credit and the payment's value in micro-dollars differ")
         source = usd_credit(amount_micro) if paid is None else paid.columns()
-        async with self._engine.begin() as conn:
-            exists = await conn.scalar(sa.select(api_keys.c.id).where(api_keys.c.id == key_id))
-            if exists is None:
-                raise NotFound(f"No API key with id {key_id!r}.", param="key_id")
-            inserted = await conn.execute(
-                insert_ignoring_duplicates(conn, credit_events).values(
-                    key_id=key_id,
-                    kind=kind,
-                    amount_micro=amount_micro,
-                    payment_id=payment_id,
-                    note=note,
-                    created_at=int(time.time()),
-                    **source,
-                )
-            )
-            applied = inserted.rowcount == 1
-            if applied:
-                await conn.execute(
-                    api_keys.update()
-                    .where(api_keys.c.id == key_id)
-                    .values(balance_micro=api_keys.c.balance_micro + amount_micro)
-                )
-            balance = await conn.scalar(
-                sa.select(api_keys.c.balance_micro).where(api_keys.c.id == key_id)
-            )
-        return int(balance or 0), applied
+        event = {
+            "key_id": key_id,
+            "kind": kind,
+            "amount_micro": amount_micro,
+            "payment_id": payment_id,
+            "note": note,
+            "created_at": int(time.time()),
+            **source,
+        }
+        return await self.transactions.run(_credit, event)
 
     async def abandon_stale_reservations(self, older_than_s: float) -> int:
         """Settle reservations left by a process that died mid-completion: one ``abandoned``

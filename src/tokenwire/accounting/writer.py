@@ -4,9 +4,10 @@ A settle call queues its row and waits until the row is durable: committed to th
 or, when the database keeps refusing, written to the outbox on local disk
 (:mod:`tokenwire.accounting.outbox`). One background task drains the queue: it waits
 ``_FLUSH_DELAY_S`` after the first queued row, then writes every row queued by then in one
-transaction. The delay keeps the write (about 1 ms of event-loop time, more under load) off
-the moment a client that just read ``[DONE]`` sends its next request; under load it also
-makes batches larger.
+transaction (:meth:`Ledger.settle_many`: on SQLite the whole transaction in one hop to a
+worker thread, see :mod:`tokenwire.storage.transactions`). The delay keeps the write off the
+moment a client that just read ``[DONE]`` sends its next request; under load it also makes
+batches larger, and a batch's cost is mostly fixed (the hop, the statements, the commit).
 
 A batch the database refuses is tried again after ``RETRY_DELAYS_S``; if it still fails, it
 goes to the outbox, and a replay task settles the outbox into the database as soon as it

@@ -238,6 +238,8 @@ class Metrics:
         self._circuits_seen: set[str] = set()
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._outcomes: dict[tuple[str, str, str, str, str], tuple[Counter, Histogram]] = {}
+        # (provider, upstream model, outcome) -> (deployment, its attempts counter)
+        self._attempt_series: dict[tuple[str, str, str], tuple[str, Counter]] = {}
         self._sampling: asyncio.Task[None] | None = None
         for transport in TRANSPORTS:  # the fixed label sets exist from the start, at zero
             self.open_streams.labels(transport)
@@ -286,12 +288,17 @@ class Metrics:
         another deployment than the attempt before it)."""
         previous: str | None = None
         for attempt in attempts:
-            provider = attempt.provider
-            deployment = deployment_name(provider, attempt.upstream_model)
             outcome = "ok" if isinstance(attempt, Routed) else attempt.outcome
-            self.upstream_attempts.labels(provider, deployment, outcome).inc()
+            key = (attempt.provider, attempt.upstream_model, outcome)
+            known = self._attempt_series.get(key)
+            if known is None:
+                deployment = deployment_name(attempt.provider, attempt.upstream_model)
+                counter = self.upstream_attempts.labels(attempt.provider, deployment, outcome)
+                known = self._attempt_series[key] = (deployment, counter)
+            deployment, counter = known
+            counter.inc()
             if previous is not None:
-                self.retries.labels(provider, deployment).inc()
+                self.retries.labels(attempt.provider, deployment).inc()
                 if deployment != previous:
                     self.fallbacks.labels(model).inc()
             previous = deployment

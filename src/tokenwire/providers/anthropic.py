@@ -70,7 +70,8 @@ from tokenwire.errors import (
     UpstreamStatusError,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import MAX_TOKEN_COUNT, UpstreamPool, stream_events
+from tokenwire.providers.connections import UpstreamPool
+from tokenwire.providers.http import MAX_TOKEN_COUNT, stream_events
 from tokenwire.providers.openai_compat import upstream_error
 from tokenwire.streams.events import (
     Event,

@@ -78,7 +78,8 @@ from tokenwire.errors import (
     UpstreamStatusError,
 )
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import MAX_TOKEN_COUNT, TokenCount, UpstreamPool, stream_events
+from tokenwire.providers.connections import UpstreamPool
+from tokenwire.providers.http import MAX_TOKEN_COUNT, TokenCount, stream_events
 from tokenwire.providers.openai_compat import parse_retry_after
 from tokenwire.streams.events import (
     Event,
@@ -461,7 +462,7 @@ class GeminiStream:
 
 
 class GeminiProvider:
-    """Streams chat completions from the Gemini API over HTTP (one aiohttp pool)."""
+    """Streams chat completions from the Gemini API over HTTP (one connection pool)."""
 
     def __init__(
         self,

@@ -1,8 +1,8 @@
-"""The HTTP plumbing every upstream provider shares: a pool, a safe POST, the SSE read loop.
+"""The HTTP plumbing every upstream provider shares: a safe POST and the SSE read loop.
 
 Providers that speak HTTP (OpenAI-compatible, Anthropic, Gemini) own one :class:`UpstreamPool`
-each and keep only their wire format: request translation, and an :class:`EventTranslator`
-that :func:`stream_events` feeds with the reply's SSE events.
+each (``providers/connections.py``) and keep only their wire format: request translation, and
+an :class:`EventTranslator` that :func:`stream_events` feeds with the reply's SSE events.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Annotated, Protocol
 
-import aiohttp
 import msgspec
-from yarl import URL
 
 from tokenwire.errors import (
     GatewayError,
@@ -22,6 +20,12 @@ from tokenwire.errors import (
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
+)
+from tokenwire.providers.connections import (
+    ConnectFailed,
+    ReplyBroken,
+    UpstreamPool,
+    UpstreamResponse,
 )
 from tokenwire.streams.events import Event, PromptUsage
 from tokenwire.wire.sse import SSEParser, SSETooLarge
@@ -38,77 +42,6 @@ A reply translator refuses a count outside ``0..MAX_TOKEN_COUNT`` as a malformed
 negative count would make the completion's cost negative, a refund paid by the upstream.
 """
 TokenCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_COUNT)]
-
-
-class UpstreamPool:
-    """A lazily created aiohttp session with a large connection pool and the upstream timeouts.
-
-    ``connect_timeout_s`` bounds the TCP connect, ``idle_timeout_s`` the silence between two
-    reads of a response (the mid-stream stall guard), ``keepalive_timeout_s`` how long an idle
-    connection stays pooled. The first-token timeout belongs to the provider's read loop,
-    which knows what a first token is.
-    """
-
-    def __init__(
-        self,
-        *,
-        connect_timeout_s: float,
-        idle_timeout_s: float,
-        max_connections: int,
-        keepalive_timeout_s: float = 4.0,
-    ) -> None:
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
-        )
-        self._max_connections = max_connections
-        self._keepalive_timeout_s = keepalive_timeout_s
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}  # parsed once: a provider posts to one or two URLs
-
-    def session(self) -> aiohttp.ClientSession:
-        """The session (made in the running loop on first use).
-
-        Its cookie jar keeps nothing: the pool serves every user's requests, so a cookie one
-        upstream reply sets must never ride along on another user's request (and not parsing
-        or matching cookies saves work on every request).
-        """
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=0,
-                ttl_dns_cache=300,
-                keepalive_timeout=self._keepalive_timeout_s,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
-            )
-        return self._session
-
-    def _url(self, url: str) -> URL:
-        parsed = self._urls.get(url)
-        if parsed is None:
-            if len(self._urls) > 1024:  # per-model URLs (Gemini): bounded, not a leak
-                self._urls.clear()
-            parsed = self._urls[url] = URL(url)
-        return parsed
-
-    async def post(
-        self, url: str, payload: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
-        """POST once; never retried here.
-
-        A POST that failed after its connection was made may have reached the upstream (and
-        be generating, and billed there), so it is not sent again: the error says whether the
-        request was provably never sent (the connection could not be made) and the router
-        retries only those. Pooled connections idle for ``keepalive_timeout_s`` are dropped
-        before the upstream drops them, so a request rarely meets a connection being closed.
-        """
-        return await self.session().post(self._url(url), data=payload, headers=headers)
-
-    async def aclose(self) -> None:
-        """Close the pool's connections."""
-        if self._session is not None:
-            await self._session.close()
 
 
 class EventTranslator(Protocol):
@@ -133,13 +66,13 @@ ErrorForStatus = Callable[[str, int, bytes, str | None], GatewayError]
 
 async def _post(
     pool: UpstreamPool, name: str, url: str, payload: bytes, headers: dict[str, str]
-) -> aiohttp.ClientResponse:
+) -> UpstreamResponse:
     """The POST; a connection that could not be made is an error whose request was not sent."""
     try:
         return await pool.post(url, payload, headers)
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+    except ConnectFailed as exc:
         raise UpstreamError(
-            f"Upstream {name!r} could not be reached: {type(exc).__name__}", request_sent=False
+            f"Upstream {name!r} could not be reached: {exc}", request_sent=False
         ) from None
 
 
@@ -190,7 +123,7 @@ async def stream_events(
     to the pool.
     """
     parser = SSEParser()
-    response: aiohttp.ClientResponse | None = None
+    response: UpstreamResponse | None = None
     complete = False  # the body was read to its end
     deadline = asyncio.get_running_loop().time() + first_token_timeout_s
     try:
@@ -200,12 +133,12 @@ async def stream_events(
             async with asyncio.timeout_at(deadline):
                 response = await _post(pool, name, url, payload, headers)
                 if response.status >= 400:
-                    body = await response.content.read(65536)
-                    retry_after = response.headers.get("Retry-After")
+                    body = await response.read(65536)
+                    retry_after = response.headers.get("retry-after")
                     raise error_for_status(name, response.status, body, retry_after)
             while not pending and late_error is None and not translator.done:
                 async with asyncio.timeout_at(deadline):
-                    data = await response.content.readany()
+                    data = await response.readany()
                 if not data:
                     complete = True
                     pending.extend(translator.end())
@@ -232,7 +165,7 @@ async def stream_events(
         if late_error is not None:
             raise late_error
         while not translator.done and not complete:
-            data = await response.content.readany()
+            data = await response.readany()
             if not data:
                 complete = True
                 for event in translator.end():
@@ -254,11 +187,11 @@ async def stream_events(
         raise UpstreamError(f"Upstream {name!r} sent a chunk nested too deeply.") from None
     except SSETooLarge as exc:
         raise UpstreamError(f"Upstream {name!r} sent {exc}; the stream was cut.") from None
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+    except TimeoutError:
         raise UpstreamTimeout(f"Upstream {name!r} went silent mid-stream.") from None
-    except aiohttp.ClientError as exc:
+    except ReplyBroken as exc:
         raise UpstreamError(
-            f"Upstream {name!r} connection failed: {type(exc).__name__}", request_sent=True
+            f"Upstream {name!r} connection failed: {exc}", request_sent=True
         ) from None
     finally:
         if response is not None:

@@ -6,8 +6,8 @@ the upstream's own figure, and the admitted token limit added when the client se
 The SSE reply is parsed incrementally into typed events; the part of the prompt the upstream
 read from its prompt cache (OpenAI's ``prompt_tokens_details.cached_tokens``, DeepSeek's
 ``prompt_cache_hit_tokens``) is kept apart in the usage, priced at the model's cache-read price.
-Connections come from one aiohttp pool per provider; closing the event iterator (a cancel or
-a client gone) closes the upstream connection at once.
+Connections come from one pool per provider (``providers/connections.py``); closing the event
+iterator (a cancel or a client gone) closes the upstream connection at once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import msgspec
 
 from tokenwire.errors import UpstreamError, UpstreamStatusError
 from tokenwire.providers.base import ProviderCall
-from tokenwire.providers.http import MAX_TOKEN_COUNT, TokenCount, UpstreamPool, stream_events
+from tokenwire.providers.connections import UpstreamPool
+from tokenwire.providers.http import MAX_TOKEN_COUNT, TokenCount, stream_events
 from tokenwire.streams.events import Event, Finish, FinishReason, TextDelta, ToolCallDelta, Usage
 from tokenwire.wire.sse import DONE_DATA
 

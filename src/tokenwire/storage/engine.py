@@ -34,11 +34,24 @@ def database_errors(what: str) -> Iterator[None]:
         ) from exc
 
 
-def insert_ignoring_duplicates(conn: AsyncConnection, table: sa.Table) -> Any:
+def insert_ignoring_duplicates(conn: AsyncConnection | sa.Connection, table: sa.Table) -> Any:
     """``INSERT … ON CONFLICT DO NOTHING`` into ``table``, on either database."""
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     return sqlite.insert(table).on_conflict_do_nothing()
+
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long a SQLite connection waits for another's write lock before it gives up."""
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
+    """Every SQLite connection, async or not: WAL, ``synchronous=NORMAL``, foreign keys."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -47,16 +60,8 @@ def make_engine(url: str) -> AsyncEngine:
         database = sa.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @sa.event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_connection: object, _record: object) -> None:
-            cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
         url,
@@ -66,6 +71,29 @@ def make_engine(url: str) -> AsyncEngine:
         pool_timeout=CONNECT_TIMEOUT_S,
         connect_args={"timeout": CONNECT_TIMEOUT_S, "command_timeout": STATEMENT_TIMEOUT_S},
     )
+
+
+def sqlite_thread_engine(engine: AsyncEngine) -> sa.Engine | None:
+    """A synchronous engine (the standard library's ``sqlite3``) on ``engine``'s SQLite file,
+    for transactions run whole in one hop to a thread (:mod:`tokenwire.storage.transactions`).
+
+    Its connections get the same pragmas and busy timeout as ``engine``'s, and it is disposed
+    when ``engine`` is. None for PostgreSQL, and for an in-memory SQLite database (another
+    connection would open another database).
+    """
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    threaded = sa.create_engine(
+        url.set(drivername="sqlite"), connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}
+    )
+    sa.event.listen(threaded, "connect", _sqlite_pragmas)
+
+    def _dispose(_engine: sa.Engine) -> None:
+        threaded.dispose()
+
+    sa.event.listen(engine.sync_engine, "engine_disposed", _dispose)
+    return threaded
 
 
 def _upgrade(connection: sa.Connection) -> None:
