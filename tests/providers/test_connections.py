@@ -383,3 +383,25 @@ async def test_a_header_with_a_line_break_is_refused(serve: Callable[..., Any]) 
     with pytest.raises(ValueError, match="line break"):
         await upstream.post(f"http://127.0.0.1:{server.port}/", b"{}", {"x": "a\r\nevil: 1"})
     assert server.connections == 0
+
+
+async def test_a_waiter_cancelled_as_it_is_woken_passes_its_turn_on(
+    serve: Callable[..., Any],
+) -> None:
+    """At ``max_connections``, a waiting request cancelled just as a connection comes free
+    does not take the wake-up with it: the next waiting request gets the connection."""
+    server = await serve(sse_reply)
+    upstream = pool(max_connections=1)
+    url = f"http://127.0.0.1:{server.port}/"
+    first = await upstream.post(url, b"{}", {})
+    second = asyncio.create_task(upstream.post(url, b"{}", {}))
+    third = asyncio.create_task(upstream.post(url, b"{}", {}))
+    assert await eventually(lambda: upstream.waiting_requests == 2)
+    await read_all(first)
+    first.release()  # wakes the second...
+    second.cancel()  # ...which is cancelled before it runs
+    reply = await asyncio.wait_for(third, 5)
+    assert await read_all(reply) == b"data: {}\n\ndata: [DONE]\n\n"
+    reply.release()
+    assert second.cancelled() and server.connections == 1
+    await upstream.aclose()

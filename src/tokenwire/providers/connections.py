@@ -483,6 +483,10 @@ class UpstreamPool:
             self._waiting.append(waiter)
             try:
                 await waiter  # a connection was pooled or closed
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken as it was cancelled: pass the turn on
+                raise
             finally:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
