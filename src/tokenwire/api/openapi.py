@@ -16,28 +16,18 @@ from starlette.responses import Response
 from tokenwire import __version__
 from tokenwire.api import openapi_messages
 from tokenwire.api.admin import CreateKeyRequest, TopupRequest, UpdateKeyRequest
-from tokenwire.api.formats import INSTANT_PATTERN
+from tokenwire.api.openapi_account import account_paths
 from tokenwire.api.openapi_accounting import (
     API_KEY_SCHEMA,
-    INT_OR_NULL,
-    KEY_LINKS,
-    PAYMENT_RESULT_SCHEMA,
     REPORT_ROW_SCHEMA,
     REPORT_TOTAL_SCHEMA,
-    RUNTIME_SCHEMA,
-    SIGNUP_SCHEMA,
     TOTAL_SCHEMA,
-    USD_STRING,
 )
-from tokenwire.api.openapi_parts import errors, json_body
+from tokenwire.api.openapi_admin import admin_paths
+from tokenwire.api.openapi_parts import BEARER, errors, json_body, json_reply
 from tokenwire.api.openapi_responses import responses_paths, responses_rules
 from tokenwire.api.signup import SignupRequest
-from tokenwire.api.webhooks import (
-    PAYMENT_SUCCEEDED,
-    SIGNATURE_HEADER,
-    PaymentSucceeded,
-    WebhookEvent,
-)
+from tokenwire.api.webhooks import SIGNATURE_HEADER, PaymentSucceeded, WebhookEvent
 from tokenwire.state import get_state
 from tokenwire.wire.responses_request import ResponsesRequest
 from tokenwire.wire.schema import ChatRequest
@@ -78,47 +68,6 @@ _SSE_EVENT = {
         },
     },
 }
-_TIME_DOC = (
-    "Unix seconds or ISO 8601 (UTC unless a zone is given); 'end' must be later than 'start' "
-    "(400 empty_time_range otherwise)"
-)
-# Empty means no bound, as if the parameter were left out.
-_INSTANT = {"type": "string", "pattern": f"(?:{INSTANT_PATTERN})|^$"}
-
-
-def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": schema or {"type": "object"}}},
-    }
-
-
-def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": schema or {"type": "string"},
-    }
-
-
-_KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
-
-
-def _webhook_body(event: dict[str, Any]) -> dict[str, Any]:
-    """A ``payment.succeeded`` event must carry a PaymentSucceeded ``data``; others anything."""
-    payment = {
-        "type": "object",
-        "required": ["id", "type", "data"],
-        "properties": {
-            "id": {"type": "string", "minLength": 1, "maxLength": 255},
-            "type": {"const": PAYMENT_SUCCEEDED},
-            "data": {"$ref": "#/components/schemas/PaymentSucceeded"},
-        },
-    }
-    other = {"allOf": [event, {"properties": {"type": {"not": {"const": PAYMENT_SUCCEEDED}}}}]}
-    return {"oneOf": [payment, other]}
 
 
 def _allow_models(components: dict[str, Any], model_ids: tuple[str, ...]) -> None:
@@ -150,15 +99,6 @@ def _payment_rules(components: dict[str, Any], currencies: tuple[str, ...]) -> N
     }
     foreign = {"required": ["amount", "currency"], "not": {"required": ["amount_usd"]}}
     payment["oneOf"] = [usd_only, foreign]
-
-
-def _group_by_pattern(names: str) -> str:
-    group = f"(?:{names})"
-    return rf"^ *(?:{group} *)?(?:, *(?:{group} *)?)*$"
-
-
-GROUP_BY_PATTERN = _group_by_pattern("key|key_id|model|provider|plan|day")
-OWN_GROUP_BY_PATTERN = _group_by_pattern("model|day")
 
 
 class CatalogModel(NamedTuple):
@@ -258,9 +198,6 @@ def openapi_document(
     components["UsageTotal"] = TOTAL_SCHEMA
     components["UsageReportTotal"] = REPORT_TOTAL_SCHEMA
     components["UsageReportRow"] = REPORT_ROW_SCHEMA
-    api_key = {"$ref": "#/components/schemas/ApiKey"}
-    total = {"$ref": "#/components/schemas/UsageTotal"}
-    bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
     return {
         "openapi": "3.1.0",
         "info": {
@@ -272,7 +209,7 @@ def openapi_document(
             "/v1/chat/completions": {
                 "post": {
                     "operationId": "createChatCompletion",
-                    "security": bearer,
+                    "security": BEARER,
                     "requestBody": json_body(request_schema),
                     "responses": {
                         "200": {
@@ -292,7 +229,7 @@ def openapi_document(
             "/v1/models": {
                 "get": {
                     "operationId": "listModels",
-                    "security": bearer,
+                    "security": BEARER,
                     "responses": {
                         "200": {
                             "description": "The model catalog in OpenAI's list format.",
@@ -305,7 +242,7 @@ def openapi_document(
             "/v1/models/{model_id}": {
                 "get": {
                     "operationId": "retrieveModel",
-                    "security": bearer,
+                    "security": BEARER,
                     "parameters": [
                         {
                             "name": "model_id",
@@ -323,74 +260,12 @@ def openapi_document(
                     },
                 }
             },
-            "/v1/usage": {
-                "get": {
-                    "operationId": "getUsage",
-                    "summary": "The calling key's own ledger rows, totals and balance.",
-                    "security": bearer,
-                    "parameters": [
-                        _query("start", f"From this time (inclusive): {_TIME_DOC}.", _INSTANT),
-                        _query("end", f"Until this time (exclusive): {_TIME_DOC}.", _INSTANT),
-                        _query("model", "Only this model."),
-                        _query(
-                            "limit",
-                            "Rows to return, newest first (totals cover the whole range).",
-                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                        ),
-                        _query(
-                            "group_by",
-                            "Comma-separated: model and/or day (UTC). The answer then also "
-                            "holds `groups`, the totals per group over the range.",
-                            {"type": "string", "pattern": OWN_GROUP_BY_PATTERN},
-                        ),
-                    ],
-                    "responses": {
-                        "200": _json(
-                            "Ledger rows (created_at in Unix ms), totals and the balance; with "
-                            "group_by, the groups too.",
-                            {
-                                "type": "object",
-                                "required": ["object", "data", "total", "balance_micro"],
-                                "properties": {
-                                    "object": {"const": "list"},
-                                    "data": {
-                                        "type": "array",
-                                        "items": {
-                                            "type": "object",
-                                            "description": "A ledger row: what the key was "
-                                            "charged (charge_*, repeated as cost_*), never "
-                                            "the operator's cost.",
-                                        },
-                                    },
-                                    "total": total,
-                                    "balance_micro": {"type": "integer"},
-                                    "balance_usd": USD_STRING,
-                                    "group_by": {"type": "array", "items": {"type": "string"}},
-                                    "groups": {"type": "array", "items": {"type": "object"}},
-                                },
-                            },
-                        ),
-                        **errors(400, 401),
-                    },
-                }
-            },
-            "/v1/key": {
-                "get": {
-                    "operationId": "getOwnKey",
-                    "summary": "The calling key: name, limits, allowed models, expiry, balance.",
-                    "security": bearer,
-                    "responses": {
-                        "200": _json("The caller's key (never its secret).", api_key),
-                        **errors(401),
-                    },
-                }
-            },
             "/v1/chat/completions/{stream_id}/cancel": {
                 "post": {
                     "operationId": "cancelChatCompletionStream",
                     "summary": "Stop a resumable stream of the caller's; its readers get "
                     'finish_reason "cancelled", the usage so far, then [DONE].',
-                    "security": bearer,
+                    "security": BEARER,
                     "parameters": [
                         {
                             "name": "stream_id",
@@ -400,7 +275,7 @@ def openapi_document(
                         }
                     ],
                     "responses": {
-                        "200": _json(
+                        "200": json_reply(
                             "The cancel was requested (already_ended: the stream had ended).",
                             {
                                 "type": "object",
@@ -416,199 +291,8 @@ def openapi_document(
                     },
                 }
             },
-            "/v1/admin/keys": {
-                "post": {
-                    "operationId": "adminCreateKey",
-                    "summary": "Create a key with the free grant plus credits_usd (admin).",
-                    "security": bearer,
-                    "requestBody": json_body(create_key),
-                    "responses": {
-                        "201": {
-                            **_json("The key, with its plaintext `key` (shown once).", api_key),
-                            "links": KEY_LINKS,
-                        },
-                        **errors(400, 401, 403),
-                    },
-                },
-                "get": {
-                    "operationId": "adminListKeys",
-                    "summary": "Every key, oldest first (admin).",
-                    "security": bearer,
-                    "responses": {
-                        "200": _json(
-                            "A list of keys.",
-                            {
-                                "type": "object",
-                                "properties": {"data": {"type": "array", "items": api_key}},
-                            },
-                        ),
-                        **errors(401, 403),
-                    },
-                },
-            },
-            "/v1/admin/keys/{key_id}": {
-                "get": {
-                    "operationId": "adminGetKey",
-                    "security": bearer,
-                    "parameters": [_KEY_ID],
-                    "responses": {"200": _json("One key.", api_key), **errors(401, 403, 404)},
-                },
-                "patch": {
-                    "operationId": "adminUpdateKey",
-                    "summary": "Change the fields present; null clears a limit, models or expiry.",
-                    "security": bearer,
-                    "parameters": [_KEY_ID],
-                    "requestBody": json_body(update_key),
-                    "responses": {
-                        "200": _json("The updated key.", api_key),
-                        **errors(400, 401, 403, 404),
-                    },
-                },
-            },
-            "/v1/admin/keys/{key_id}/revoke": {
-                "post": {
-                    "operationId": "adminRevokeKey",
-                    "security": bearer,
-                    "parameters": [_KEY_ID],
-                    "responses": {
-                        "200": _json("The revoked key.", api_key),
-                        **errors(401, 403, 404, 409),
-                    },
-                }
-            },
-            "/v1/admin/keys/{key_id}/rotate": {
-                "post": {
-                    "operationId": "adminRotateKey",
-                    "summary": "A new secret for the same key; the old one stops working.",
-                    "security": bearer,
-                    "parameters": [_KEY_ID],
-                    "responses": {
-                        "200": _json(
-                            "The key, with its new plaintext `key` (shown once).", api_key
-                        ),
-                        **errors(401, 403, 404, 409),
-                    },
-                }
-            },
-            "/v1/admin/keys/{key_id}/topup": {
-                "post": {
-                    "operationId": "adminTopupKey",
-                    "security": bearer,
-                    "parameters": [_KEY_ID],
-                    "requestBody": json_body(topup),
-                    "responses": {
-                        "200": _json(
-                            "The amount added and the new balance.",
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "key_id": {"type": "string"},
-                                    "amount_micro": {"type": "integer"},
-                                    "amount_usd": USD_STRING,
-                                    "balance_micro": {"type": "integer"},
-                                    "balance_usd": USD_STRING,
-                                },
-                            },
-                        ),
-                        **errors(400, 401, 403, 404),
-                    },
-                }
-            },
-            "/v1/admin/runtime": {
-                "get": {
-                    "operationId": "adminRuntime",
-                    "summary": "What this gateway process holds now: tasks, open files, "
-                    "database connections, stream slots, unwritten ledger rows (admin).",
-                    "security": bearer,
-                    "responses": {
-                        "200": _json("The process's counts.", RUNTIME_SCHEMA),
-                        **errors(401, 403),
-                    },
-                }
-            },
-            "/v1/admin/usage": {
-                "get": {
-                    "operationId": "adminUsage",
-                    "summary": "Requests, tokens, cost, charge and margin grouped by key, "
-                    "model, provider, plan and day (admin).",
-                    "security": bearer,
-                    "parameters": [
-                        _query("start", f"From this time (inclusive): {_TIME_DOC}.", _INSTANT),
-                        _query("end", f"Until this time (exclusive): {_TIME_DOC}.", _INSTANT),
-                        _query(
-                            "group_by",
-                            "Comma-separated: any of key, model, provider, plan, day (UTC). "
-                            "Default: key,model,day.",
-                            {"type": "string", "pattern": GROUP_BY_PATTERN},
-                        ),
-                        _query("key_id", "Only this key."),
-                        _query("model", "Only this model."),
-                    ],
-                    "responses": {
-                        "200": _json(
-                            "One row per group (cost: what the upstreams charge the "
-                            "operator; charge: what keys paid; margin: the difference), and "
-                            "the total over the range.",
-                            {
-                                "type": "object",
-                                "required": ["object", "group_by", "data", "total"],
-                                "properties": {
-                                    "object": {"const": "list"},
-                                    "group_by": {
-                                        "type": "array",
-                                        "items": {
-                                            "enum": ["key_id", "model", "provider", "plan", "day"]
-                                        },
-                                    },
-                                    "start_ms": INT_OR_NULL,
-                                    "end_ms": INT_OR_NULL,
-                                    "data": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/UsageReportRow"},
-                                    },
-                                    "total": {"$ref": "#/components/schemas/UsageReportTotal"},
-                                },
-                            },
-                        ),
-                        **errors(400, 401, 403),
-                    },
-                }
-            },
-            "/v1/billing/webhook": {
-                "post": {
-                    "operationId": "billingWebhook",
-                    "summary": "A signed payment event; payment.succeeded credits a key once.",
-                    "description": "No bearer key: the body is authenticated by the "
-                    f"`{SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex HMAC-SHA256 of "
-                    '"<t>.<raw body>">` header, keyed with TOKENWIRE_WEBHOOK_SECRET.',
-                    "security": [{"webhookSignature": []}],
-                    "requestBody": json_body(_webhook_body(event)),
-                    "responses": {
-                        "200": _json(
-                            "Received: applied (true, or false for a payment already applied) "
-                            "or ignored (another event type).",
-                            PAYMENT_RESULT_SCHEMA,
-                        ),
-                        **errors(400, 404, 413, 503),
-                    },
-                }
-            },
-            "/v1/signup": {
-                "post": {
-                    "operationId": "signup",
-                    "summary": "A key for an email address, with the free grant once per "
-                    "mailbox (when the gateway has sign-up turned on).",
-                    "security": [],
-                    "requestBody": json_body(signup_request),
-                    "responses": {
-                        "201": _json(
-                            "The new key, with its plaintext `key` (shown once) and its grant.",
-                            SIGNUP_SCHEMA,
-                        ),
-                        **errors(400, 403, 413, 429),
-                    },
-                }
-            },
+            **account_paths(event, signup_request),
+            **admin_paths(create_key, update_key, topup),
             "/healthz": {
                 "get": {
                     "operationId": "health",
