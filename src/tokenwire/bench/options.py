@@ -18,6 +18,7 @@ class Scenario(StrEnum):
     """One row kind of the benchmark."""
 
     DIRECT = "direct"
+    BARE = "bare"
     SSE = "sse"
     SSE_NEW_CONN = "sse-new-conn"
     JSON = "json"
@@ -31,14 +32,11 @@ class Scenario(StrEnum):
             return "ws"
         return "json" if self is Scenario.JSON else "sse"
 
-    @property
-    def via_gateway(self) -> bool:
-        """Whether the row goes through the gateway (every row but ``direct``)."""
-        return self is not Scenario.DIRECT
-
 
 SCENARIO_DESCRIPTIONS: dict[Scenario, str] = {
     Scenario.DIRECT: "SSE straight to sim-upstream, keep-alive (the baseline)",
+    Scenario.BARE: "SSE through a bare pass-through on the gateway's stack (uvicorn, httptools, "
+    "uvloop, its upstream client) doing nothing else: the floor under the gateway rows",
     Scenario.SSE: "SSE through the gateway, keep-alive connection pool",
     Scenario.SSE_NEW_CONN: "SSE through the gateway, a new TCP connection per request",
     Scenario.JSON: "one JSON answer per request (stream: false) through the gateway, keep-alive",
@@ -57,7 +55,8 @@ DEFAULT_SCENARIOS = (
     Scenario.WS,
     Scenario.WS_MUX,
 )
-"""Every scenario but ``json`` (asked for by name: it is for per-request cost)."""
+"""Every scenario but ``json`` and ``bare``, asked for by name: ``json`` is for per-request
+cost, ``bare`` for how much of the gateway's overhead its HTTP stack alone costs."""
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 INSTALL_HINT = "plots need matplotlib: pip install 'tokenwire[bench]' (or run with --no-plots)"
 COLORS = {
     Scenario.DIRECT: "#555555",
+    Scenario.BARE: "#9467bd",
     Scenario.SSE: "#1f77b4",
     Scenario.SSE_NEW_CONN: "#17becf",
     Scenario.JSON: "#2ca02c",

@@ -17,9 +17,9 @@ from tokenwire.bench.leak_report import rounded as _round
 from tokenwire.bench.leaks import RUNTIME_PATH, TOLERANCE
 from tokenwire.bench.metrics import DIST_STATS, Dist, Overhead, RowMetrics, dist_dict
 from tokenwire.bench.options import SCENARIO_DESCRIPTIONS, BenchOptions, Scenario
-from tokenwire.bench.results import RowRun, RunOutcome, ScenarioRecord
+from tokenwire.bench.results import RowRun, RunOutcome, ScenarioRecord, server_of
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CLIENT_DESCRIPTION = (
     "one load-generator process per scenario on uvloop: aiohttp for SSE, websockets for "
     "WebSocket; every chunk decoded with msgspec; stamps are time.perf_counter() on receipt"
@@ -188,7 +188,7 @@ def record_json(record: ScenarioRecord, save_itl: bool) -> dict[str, Any]:
         "rounds": len(measured),
         "expected_requests": record.expected_requests,
         **_metrics_json(record.metrics),
-        "server": "gateway" if scenario.via_gateway else "upstream",
+        "server": server_of(scenario),
         "server_cpu_s_per_1k_tokens": _round(record.server_cpu_s_per_1k_tokens, 4),
         "server_cpu_ms_per_request": _round(record.server_cpu_ms_per_request, 4),
         "server_peak_rss_mib": _round(record.server_peak_rss_mib, 1),
@@ -221,6 +221,8 @@ def build_document(outcome: RunOutcome) -> dict[str, Any]:
             "model": ends.model,
             "gateway_pid": ends.gateway_pid,
             "upstream_pid": ends.upstream_pid,
+            "passthrough_url": ends.passthrough_url,
+            "passthrough_pid": ends.passthrough_pid,
             "gateway_server": opts.gateway_server if ends.mode == "started" else None,
             "gateway_workers": opts.workers if ends.mode == "started" else None,
             "gateway_shared_state": ends.shared_state,
@@ -397,7 +399,7 @@ def markdown(outcome: RunOutcome) -> str:
         "",
         "Latencies in ms (medians over rounds of each round's percentile); Δ = this row - the "
         "direct row of the same round and concurrency; server = sim-upstream for `direct`, the "
-        "gateway otherwise.",
+        "bare pass-through for `bare`, the gateway otherwise.",
         "",
         "| " + " | ".join(MARKDOWN_COLUMNS) + " |",
         "|" + "---|" * len(MARKDOWN_COLUMNS),

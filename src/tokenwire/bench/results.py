@@ -28,7 +28,15 @@ from tokenwire.bench.ws import IdleResult
 
 GATEWAY = "gateway"
 UPSTREAM = "upstream"
+PASSTHROUGH = "passthrough"
 CLIENT = "client"
+
+
+def server_of(scenario: Scenario) -> str:
+    """The process a scenario's client talks to (whose CPU and RSS are its row's server's)."""
+    if scenario is Scenario.DIRECT:
+        return UPSTREAM
+    return PASSTHROUGH if scenario is Scenario.BARE else GATEWAY
 
 
 @dataclass(slots=True)
@@ -49,8 +57,9 @@ class RowRun:
 
     @property
     def server(self) -> str:
-        """The process the client talks to: sim-upstream for ``direct``, else the gateway."""
-        return GATEWAY if self.scenario.via_gateway else UPSTREAM
+        """The process the client talks to: sim-upstream for ``direct``, the pass-through for
+        ``bare``, else the gateway."""
+        return server_of(self.scenario)
 
     def cpu_s_per_1k_tokens(self, process: str) -> float | None:
         """CPU seconds of ``process`` per 1,000 output tokens in this row."""

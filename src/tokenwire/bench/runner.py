@@ -57,6 +57,7 @@ from tokenwire.bench.resources import ProcessWatch, host_facts, raise_nofile_lim
 from tokenwire.bench.results import (
     CLIENT,
     GATEWAY,
+    PASSTHROUGH,
     UPSTREAM,
     RowRun,
     RunOutcome,
@@ -129,6 +130,16 @@ def row_spec(
         return RowSpec(
             transport="sse",
             url=ends.upstream_url + "/v1/chat/completions",
+            headers=_headers_json("sim"),
+            model=UPSTREAM_MODEL,
+            **common,
+        )
+    if scenario is Scenario.BARE:
+        if ends.passthrough_url is None:
+            return "no upstream to pass through to (--target without --upstream)"
+        return RowSpec(
+            transport="sse",
+            url=ends.passthrough_url + "/v1/chat/completions",
             headers=_headers_json("sim"),
             model=UPSTREAM_MODEL,
             **common,
@@ -389,6 +400,8 @@ async def measure(ctx: RunContext, outcome: RunOutcome) -> None:
         )
     if ends.upstream_pid is not None:
         ctx.server_watches[UPSTREAM] = ProcessWatch(ends.upstream_pid)
+    if ends.passthrough_pid is not None:
+        ctx.server_watches[PASSTHROUGH] = ProcessWatch(ends.passthrough_pid)
     try:
         await start_loadgens(ctx)
         probe = await runtime_probe(ctx, outcome)

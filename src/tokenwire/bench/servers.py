@@ -31,6 +31,7 @@ from tokenwire.bench.options import (
     DEFAULT_REDIS_URL,
     UPSTREAM_MODEL,
     BenchOptions,
+    Scenario,
     base_url,
 )
 
@@ -238,6 +239,8 @@ class Endpoints:
     upstream_url: str | None
     gateway_pid: int | None
     upstream_pid: int | None
+    passthrough_url: str | None = None  # the bare scenario's server, when bench started one
+    passthrough_pid: int | None = None
     gateway_children: bool = False  # sample the gateway's child processes too (granian)
     admin_key: str | None = None  # reads GET /v1/admin/runtime (leak accounting)
     key_max_streams: int | None = None  # the stream limit of the key bench made
@@ -302,8 +305,30 @@ class ServerStack:
         wait_until(lambda: gateway_ready(url, key, DEFAULT_MODEL), server, "/v1/models", limit_s=60)
         return server, url, key, admin_key
 
+    def start_passthrough(self, upstream_url: str) -> ServerProcess:
+        """The ``bare`` row's pass-through (:mod:`tokenwire.bench.passthrough`) in front of
+        ``upstream_url``, once it answers."""
+        port = free_port()
+        argv = [sys.executable, "-m", "tokenwire.bench.passthrough", "--port", str(port)]
+        argv += ["--upstream", upstream_url]
+        server = ServerProcess("passthrough", argv, self.workdir / "passthrough.log")
+        server.start()
+        self.servers.append(server)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_get(url + "/")[0] == 200, server, "GET /", 30)
+        return server
+
     def start(self, opts: BenchOptions) -> Endpoints:
-        """Start what ``opts`` needs: both servers, or an upstream for a target's direct row."""
+        """Start what ``opts`` needs: both servers, or an upstream for a target's direct row;
+        and the pass-through of the ``bare`` rows, in front of the same upstream."""
+        endpoints = self._start_servers(opts)
+        if Scenario.BARE in opts.scenarios and endpoints.upstream_url is not None:
+            passthrough = self.start_passthrough(endpoints.upstream_url)
+            endpoints.passthrough_url = f"http://127.0.0.1:{_port_of(passthrough)}"
+            endpoints.passthrough_pid = passthrough.pid
+        return endpoints
+
+    def _start_servers(self, opts: BenchOptions) -> Endpoints:
         if opts.target is None:
             upstream = self.start_upstream(opts)
             upstream_url = f"http://127.0.0.1:{_port_of(upstream)}"
