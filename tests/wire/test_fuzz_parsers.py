@@ -135,6 +135,29 @@ def test_sse_split_anywhere_gives_the_same_events(stream: bytes, data: st.DataOb
     assert feed_all([bytes([b]) for b in stream]) == whole
 
 
+WHOLE_DATA_EVENT = st.text(max_size=20).map(
+    lambda text: b"data: " + text.replace("\r", "").replace("\n", "").encode() + b"\n\n"
+)
+SSE_LINES = st.sampled_from(
+    [b"event: x\n", b"id: 7\n", b"retry: 15\n", b": ping\n", b"data: a\n", b"\n", b"data: \r\n"]
+)
+
+
+@fuzz_settings(300)
+@given(st.lists(st.one_of(WHOLE_DATA_EVENT, WHOLE_DATA_EVENT, SSE_LINES), max_size=12), st.data())
+def test_sse_chunks_of_whole_events_give_the_same_events_as_bytes(
+    pieces: list[bytes], data: st.DataObject
+) -> None:
+    """Chunks that are whole ``data:`` events, as an upstream sends them (the parser's quick
+    path), between ``event:``/``id:``/``retry:`` lines, comments and partial events (the line
+    parser), give the same events and last id as the same stream fed one byte at a time."""
+    stream = [b"data: first\n\n", *pieces]  # the first chunk goes through the line parser
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(stream)), max_size=len(stream)))))
+    chunks = [b"".join(stream[a:b]) for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    whole = b"".join(stream)
+    assert feed_all([c for c in chunks if c]) == feed_all([bytes([b]) for b in whole])
+
+
 def test_sse_bom_split_across_chunks_is_still_skipped() -> None:
     """A UTF-8 BOM cut after its first or second byte is skipped as when it arrives whole (found by the fuzzer)."""
     stream = b"\xef\xbb\xbfdata: x\n\n"
