@@ -1,4 +1,4 @@
-"""``WSSession`` request tasks in isolation: they close their log readers however they end.
+"""``ChatSession`` request tasks in isolation: they close their log readers however they end.
 
 A reader registration (``StreamSource.read``) must end with the request that made it; leaving
 it to garbage collection lets it outlive the request whenever anything else still refers to
@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Callable
 from types import SimpleNamespace
 from typing import Any
 
-from tokenwire.api.ws import WSSession
+from tokenwire.api.ws import ChatSession
 from tokenwire.config import ServerConfig
 from tokenwire.streams.events import Event, TextDelta
 
@@ -68,7 +68,7 @@ class EndlessSource:
         return None
 
 
-class Session(WSSession):
+class Session(ChatSession):
     """A session whose compatible requests are served by ``source`` (no service needed)."""
 
     def __init__(self, source: EndlessSource) -> None:

@@ -1,6 +1,6 @@
 """``GET /v1/responses`` (WebSocket): OpenAI's WebSocket mode for the Responses API.
 
-The socket is a :class:`~tokenwire.api.ws.WSSession` (one writer, flow control, limits,
+The socket is a :class:`~tokenwire.api.ws_session.WSSession` (one writer, flow control, limits,
 timeouts, close codes and authentication as on ``/v1/ws/chat``) that speaks the Responses
 protocol (``wire/responses_ws.py``): each ``response.create`` waits its turn on its lane
 (``stream_id``; none: the socket's one lane), then streams the same events as SSE through a
@@ -19,7 +19,8 @@ from starlette.websockets import WebSocket
 
 from tokenwire.accounting.keys import KeyRecord
 from tokenwire.api.auth import client_address
-from tokenwire.api.ws import WSSession, serve_socket
+from tokenwire.api.ws_accept import serve_socket
+from tokenwire.api.ws_session import WSSession
 from tokenwire.errors import AuthenticationError, GatewayError, InvalidRequest, NotFound
 from tokenwire.state import AppState
 from tokenwire.streams.source import StreamSource
