@@ -180,9 +180,17 @@ def logging_config(log_format: LogFormat, level: str = "INFO") -> dict[str, Any]
 
 
 def configure_logging(log_format: LogFormat, level: str = "INFO") -> None:
-    """Apply :func:`logging_config` to this process; Python's warnings become log lines too."""
+    """Apply :func:`logging_config` to this process; Python's warnings become log lines too.
+
+    Records no longer note the process id, thread and process name: no formatter of ours
+    shows them, and on Python 3.11 the process id is a system call per record (one log line
+    per completion: about 1.3 us a record, a third of making it).
+    """
     logging.config.dictConfig(logging_config(log_format, level))
     logging.captureWarnings(True)
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
 
 
 _completion_log = logging.getLogger(COMPLETION_LOGGER)
