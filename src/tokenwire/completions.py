@@ -343,17 +343,22 @@ class CompletionService:
             await self._limiter.release(admission, spec, tokens)
         except LimiterUnavailable:
             pass  # logged by the limiter, once for all the calls of its failed round trip
-        except Exception:  # logged; a slot's lease runs out on its own
-            log.exception(
-                "could not release the rate limits of %s",
-                completion_id,
-                extra={"fields": {"completion_id": completion_id}},
-            )
+        except Exception:  # noqa: BLE001 - logged; a slot's lease runs out on its own
+            _release_failed(completion_id)
 
-    async def _on_end(self, context: _Context, generation: Generation) -> None:
+    def _on_end(self, context: _Context, generation: Generation) -> Awaitable[None] | None:
+        """Release the limits: at once when the limiter can (in process), else a round trip
+        to await (the generation awaits it, bounded, before readers see the end)."""
         usage = generation.usage
         tokens = 0 if usage is None else usage.total_tokens
-        await self._release_limits(context.admission, context.spec, tokens, generation.id)
+        admission, spec = context.admission, context.spec
+        try:
+            if self._limiter.release_nowait(admission, spec, tokens):
+                return None
+        except Exception:  # noqa: BLE001 - logged; a slot's lease runs out on its own
+            _release_failed(generation.id)
+            return None
+        return self._release_limits(admission, spec, tokens, generation.id)
 
     async def _settle(self, context: _Context, generation: Generation) -> None:
         try:
@@ -470,3 +475,12 @@ class _Admit:
     api: Api
     on_settled: SettledHook | None
     include_cost: bool = False  # the final usage carries the charge
+
+
+def _release_failed(completion_id: str) -> None:
+    """Log the exception being handled: a completion's limits could not be released."""
+    log.exception(
+        "could not release the rate limits of %s",
+        completion_id,
+        extra={"fields": {"completion_id": completion_id}},
+    )

@@ -186,3 +186,15 @@ async def test_failed_authentications_are_throttled_per_client(clock: FakeClock)
     clock.now = START + 20.0
     assert await limiter.auth_blocked("1.2.3.4") is None
     await limiter.aclose()
+
+
+async def test_release_nowait_frees_the_slot_and_corrects_tokens_at_once(clock: FakeClock) -> None:
+    """The in-process limiter releases without I/O: ``release_nowait`` says so (True), the
+    slot is free at once, and the token bucket is corrected as ``release`` would."""
+    limiter = MemoryRateLimiter(window_s=60.0)
+    spec = LimitSpec(max_streams=1, tpm=100)
+    admission = await limiter.admit("k", spec, 90, "a")
+    await refused(limiter, "k", spec, 5, "b")  # the slot is taken
+    assert limiter.release_nowait(admission, spec, 10) is True  # 80 of the 90 given back
+    assert limiter.held_slots == 0
+    await limiter.admit("k", spec, 85, "b")  # 10 + 85 <= 100

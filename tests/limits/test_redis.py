@@ -245,6 +245,19 @@ async def test_slots_of_a_process_that_stopped_renewing_age_out(make: MakeLimite
     await refused(alive, "k", spec, 0)
 
 
+async def test_release_nowait_is_never_taken_and_leaves_the_slot_held(make: MakeLimiter) -> None:
+    """Releasing needs a round trip to Redis: ``release_nowait`` does nothing and says so
+    (False), the slot stays taken, and the awaited ``release`` frees it."""
+    limiter = make()
+    spec = LimitSpec(max_streams=1)
+    admission = await limiter.admit("k", spec, 0, "a")
+    assert limiter.release_nowait(admission, spec, 0) is False
+    assert limiter.held_slots == 1
+    await refused(limiter, "k", spec, 0)
+    await limiter.release(admission, spec, 0)
+    await limiter.admit("k", spec, 0, "b")
+
+
 async def test_a_renewed_slot_outlives_its_lease(make: MakeLimiter) -> None:
     """While its process renews it, a slot stays taken for several leases."""
     limiter = make(slot_lease_s=0.3)

@@ -186,6 +186,11 @@ class RateLimiter(Protocol):
         """Release the stream slot and correct the token bucket by actual - estimated."""
         ...
 
+    def release_nowait(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> bool:
+        """:meth:`release` at once if this backend needs no I/O for it (True); False, having
+        done nothing, if it does (then :meth:`release` is awaited)."""
+        ...
+
     @property
     def held_slots(self) -> int:
         """Stream slots this process holds (admitted, not yet released)."""

@@ -89,6 +89,10 @@ class MemoryRateLimiter:
         return BucketState(limit, state.remaining, state.reset_s)
 
     async def release(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> None:
+        self.release_nowait(admission, spec, actual_tokens)
+
+    def release_nowait(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> bool:
+        """Release at once: all of it is in this process's memory."""
         streams = self._streams.get(admission.key_id)
         if streams is not None:
             streams.discard(admission.stream_id)
@@ -100,6 +104,7 @@ class MemoryRateLimiter:
             interval = self._window_s / spec.tpm
             current = max(self._tat.get(name, now), now)
             self._tat[name] = max(now, current + (actual_tokens - admission.tokens) * interval)
+        return True
 
     @property
     def held_slots(self) -> int:

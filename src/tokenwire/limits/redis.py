@@ -315,6 +315,10 @@ class RedisRateLimiter:
         self._held.pop(admission.stream_id, None)
         await self._call(self._settle_call(_Release(admission, spec, actual_tokens)))
 
+    def release_nowait(self, admission: Admission, spec: LimitSpec, actual_tokens: int) -> bool:
+        """Never: a release is a round trip to Redis (:meth:`release`)."""
+        return False
+
     def _start_renewing(self) -> None:
         if self._renewer is None or self._renewer.done():
             loop = asyncio.get_running_loop()

@@ -82,6 +82,9 @@ _TRANSITIONS: dict[GenerationState, frozenset[GenerationState]] = {
 
 CancelCause = Literal["client_cancelled", "client_disconnected", "shutdown"]
 SettleHook = Callable[["Generation"], Awaitable[None]]
+EndHook = Callable[["Generation"], Awaitable[None] | None]
+"""Run as a generation ends, before readers see the end: None when its work is already done
+(nothing to await: the stream's end waits for no task), else what to await."""
 GraceHook = Callable[[], Awaitable[float]]
 """Asked when the grace window ends: seconds to wait more (readers elsewhere), or 0 to cancel."""
 
@@ -97,7 +100,7 @@ class Generation:
         events: AsyncIterator[Event],
         prompt_tokens_estimate: int,
         disconnect_grace_s: float = 0.0,
-        on_end: SettleHook | None = None,
+        on_end: EndHook | None = None,
         on_settle: SettleHook | None = None,
         key_id: str = "",
         include_usage: bool = False,
@@ -337,8 +340,8 @@ class Generation:
         if self._price is not None and error is None:
             self.usage = msgspec.structs.replace(self.usage, charge_micro=self._price(self.usage))
         try:
-            if self._on_end is not None:
-                hook = self._on_end(self)
+            hook = None if self._on_end is None else self._on_end(self)
+            if hook is not None:
                 await _run_hook(hook, self.id, "releasing the limits of", END_HOOK_WAIT_S)
         finally:
             self._close_log(finish, error)
