@@ -21,7 +21,8 @@ import pytest
 import requests
 from websockets.asyncio.client import ClientConnection, connect
 
-from tokenwire.testing import FAST_SIM, GatewayServer
+from tokenwire.testing import FAST_SIM, GatewayServer, sim_plan
+from tokenwire.wire.sse import SSEParser
 
 SLOW_CLIENTS = 300
 
@@ -213,6 +214,12 @@ async def small_socket(port: int) -> socket.socket:
 
 async def stuck_sse(gateway: GatewayServer, content: str) -> socket.socket:
     """Start an SSE stream, read its first bytes, then read nothing more."""
+    sock, _ = await start_sse(gateway, content)
+    return sock
+
+
+async def start_sse(gateway: GatewayServer, content: str) -> tuple[socket.socket, bytes]:
+    """Start an SSE stream of ``TOKENS`` tokens on a small socket: it and its first bytes."""
     sock = await small_socket(gateway.port)
     body = json.dumps(
         {
@@ -231,7 +238,77 @@ async def stuck_sse(gateway: GatewayServer, content: str) -> socket.socket:
     await loop.sock_sendall(sock, head + body)
     first = await loop.sock_recv(sock, 64)
     assert first.startswith(b"HTTP/1.1 200"), first
-    return sock
+    return sock, first
+
+
+def dechunk(body: bytes) -> bytes:
+    """The payload of a complete chunked HTTP body."""
+    out = bytearray()
+    position = 0
+    while True:
+        end = body.index(b"\r\n", position)
+        size = int(body[position:end], 16)
+        position = end + 2
+        if size == 0:
+            return bytes(out)
+        out += body[position : position + size]
+        position += size + 2
+
+
+@pytest.fixture
+def backpressure_gateway(tmp_path: Path) -> Iterator[GatewayServer]:
+    """Small socket send buffers (as ``stall_gateway``), an instant simulator, and send
+    timeouts long enough for a client that pauses."""
+    overrides = """
+[providers.sim]
+kind = "sim"
+ttft_ms = 0.0
+itl_ms = 0.0
+
+[server]
+sse_send_timeout_s = 30.0
+"""
+    with GatewayServer(tmp_path, overrides=overrides) as gateway:
+        for listening in gateway._server.servers[0].sockets:
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        yield gateway
+
+
+async def test_an_sse_client_that_pauses_gets_every_event_once(
+    backpressure_gateway: GatewayServer,
+) -> None:
+    """A client that reads nothing until its whole answer is generated, then reads on: the
+    answer (~180 KB) cannot fit in the small socket buffers and the transport's, so the
+    connection stops taking data while the log holds the rest; the client then gets every
+    token once, in order, and ``[DONE]``."""
+    gateway = backpressure_gateway
+    sock, first = await start_sse(gateway, "pause")
+    loop = asyncio.get_running_loop()
+    assert await until(lambda: not gateway.state.completions.live, 30.0)  # all generated
+    received = bytearray(first)
+    async with asyncio.timeout(30):
+        while not received.endswith(b"0\r\n\r\n"):
+            data = await loop.sock_recv(sock, 65536)
+            assert data, "the gateway closed the connection"
+            received += data
+    sock.close()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    events = SSEParser().feed(dechunk(body))
+    assert events[-1].data == "[DONE]"
+    ids = [int(event.id) for event in events[:-1] if event.id is not None]
+    assert ids == sorted(set(ids)), "an event repeated or out of order"
+    text = "".join(
+        choice["delta"].get("content") or ""
+        for event in events[:-1]
+        for choice in json.loads(event.data)["choices"]
+    )
+    request = {
+        "model": "sim",
+        "max_tokens": TOKENS,
+        "messages": [{"role": "user", "content": "pause"}],
+    }
+    assert text == sim_plan(request).text
 
 
 async def stuck_ws(gateway: GatewayServer, content: str) -> ClientConnection:

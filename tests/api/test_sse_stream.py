@@ -68,6 +68,15 @@ kind = "sim"
 ttft_ms = 400.0
 itl_ms = 1.0
 
+[providers.slow]
+kind = "sim"
+ttft_ms = 0.0
+itl_ms = 200.0
+
+[[models]]
+id = "slow-sim"
+provider = "slow"
+
 [providers.flaky]
 kind = "openai"
 base_url = "{up.base_url}/v1"
@@ -98,6 +107,30 @@ def test_heartbeat_comments_while_waiting_for_the_first_token(flaky_gateway: Gat
     assert first_field > 0
     assert all(line == ": ping" for line in lines[:first_field])
     assert lines[first_field] == "id: 1"
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_heartbeat_comments_between_tokens(flaky_gateway: GatewayServer) -> None:
+    """Tokens 200 ms apart with sse_heartbeat_s = 0.05: ': ping' comments come between them
+    too, not only before the first, and every token arrives once, then [DONE]."""
+    response = requests.post(
+        flaky_gateway.base_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {flaky_gateway.api_key}"},
+        json={
+            "model": "slow-sim",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hello"}],
+            "stream": True,
+        },
+        stream=True,
+        timeout=10,
+    )
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    data = [i for i, line in enumerate(lines) if line.startswith("data: {")]
+    contents = [json.loads(lines[i][6:])["choices"][0]["delta"].get("content") for i in data]
+    assert len([c for c in contents if c]) == 3
+    assert ": ping" in lines[data[0] : data[1]]
+    assert ": ping" in lines[data[1] : data[2]]
     assert lines[-1] == "data: [DONE]"
 
 
