@@ -31,18 +31,15 @@ from typing import Any, Literal
 import aiohttp
 import asyncpg
 import pytest
-import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from tests.accounting.conftest import Accounts, accounts
 from websockets.asyncio.client import ClientConnection, connect
 
 from tokenwire.accounting.budget import estimate_prompt_tokens, prompt_token_bound
-from tokenwire.accounting.keys import KeyStore, load_server_secret
-from tokenwire.accounting.ledger import Ledger, LedgerRow
+from tokenwire.accounting.ledger import LedgerRow
 from tokenwire.config import DEFAULT_CONTEXT_TOKENS as CONTEXT
 from tokenwire.providers.sim import plan
-from tokenwire.storage.engine import make_engine
-from tokenwire.storage.tables import credit_events, reservations
 from tokenwire.testing import GatewayServer
 from tokenwire.wire.schema import decode_chat_request
 
@@ -359,42 +356,9 @@ async def run_ws(gw: GatewayServer, key: str, index: int, op: Op, progress: Prog
                     cancel_sent = True
 
 
-@dataclass
-class Accounts:
-    keys: KeyStore
-    ledger: Ledger
-    engine: Any
-
-    async def open_reservations(self, key_id: str) -> int:
-        async with self.engine.connect() as conn:
-            value = await conn.scalar(
-                sa.select(sa.func.count())
-                .select_from(reservations)
-                .where(reservations.c.key_id == key_id)
-            )
-        return int(value or 0)
-
-    async def credited(self, key_id: str) -> int:
-        async with self.engine.connect() as conn:
-            value = await conn.scalar(
-                sa.select(sa.func.sum(credit_events.c.amount_micro)).where(
-                    credit_events.c.key_id == key_id
-                )
-            )
-        return int(value or 0)
-
-
 async def run_scenario(gw: GatewayServer, scenario: Scenario) -> None:
-    engine = make_engine(gw.settings.database_url)
-    try:
-        acc = Accounts(
-            KeyStore(engine, load_server_secret(gw.settings.data_dir, gw.env)),
-            Ledger(engine),
-            engine,
-        )
+    async with accounts(gw) as acc:
         await check_scenario(gw, acc, scenario)
-    finally:
-        await engine.dispose()
 
 
 async def check_scenario(gw: GatewayServer, acc: Accounts, scenario: Scenario) -> None:
@@ -526,7 +490,7 @@ async def check_scenario(gw: GatewayServer, acc: Accounts, scenario: Scenario) -
 
     balance = await acc.ledger.balance(record.id)
     billed = sum(r.charge_micro for r in rows)
-    assert await acc.credited(record.id) == grant + applied_topups
+    assert await acc.credits(record.id) == grant + applied_topups
     assert balance == grant + applied_topups - billed, (balance, grant, applied_topups, billed)
     assert balance >= 0
     assert lowest >= 0, f"the balance went down to {lowest}"
@@ -549,10 +513,7 @@ def test_every_completion_billed_once_and_balance_adds_up(
 
 async def test_cancel_right_behind_create_settles(gateway: GatewayServer) -> None:
     """WS cancels sent right behind their creates still end each request with done and settle it: one ledger row each, no reservation left."""
-    engine = make_engine(gateway.settings.database_url)
-    try:
-        secret = load_server_secret(gateway.settings.data_dir, gateway.env)
-        acc = Accounts(KeyStore(engine, secret), Ledger(engine), engine)
+    async with accounts(gateway) as acc:
         record, key = await acc.keys.create("cancel-at-once", grant_micro=10_000_000)
         url = "ws" + gateway.base_url.removeprefix("http") + "/v1/ws/chat"
         body = body_for(0, Op("ws", 8, "cancel", 0, None))
@@ -584,5 +545,3 @@ async def test_cancel_right_behind_create_settles(gateway: GatewayServer) -> Non
         rows = await acc.ledger.rows(key_id=record.id)
         assert len(rows) == len(request_ids)
         assert await acc.ledger.balance(record.id) == 10_000_000 - sum(r.charge_micro for r in rows)
-    finally:
-        await engine.dispose()

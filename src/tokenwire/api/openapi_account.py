@@ -8,8 +8,7 @@ from tokenwire.api.openapi_accounting import PAYMENT_RESULT_SCHEMA, SIGNUP_SCHEM
 from tokenwire.api.openapi_parts import (
     API_KEY_REF,
     BEARER,
-    INSTANT,
-    TIME_DOC,
+    TIME_RANGE,
     errors,
     group_by_pattern,
     json_body,
@@ -48,8 +47,7 @@ def account_paths(event: dict[str, Any], signup_request: dict[str, Any]) -> dict
                 "summary": "The calling key's own ledger rows, totals and balance.",
                 "security": BEARER,
                 "parameters": [
-                    query("start", f"From this time (inclusive): {TIME_DOC}.", INSTANT),
-                    query("end", f"Until this time (exclusive): {TIME_DOC}.", INSTANT),
+                    *TIME_RANGE,
                     query("model", "Only this model."),
                     query(
                         "limit",

@@ -13,9 +13,8 @@ from tokenwire.api.openapi_accounting import (
 from tokenwire.api.openapi_parts import (
     API_KEY_REF,
     BEARER,
-    INSTANT,
     KEY_ID,
-    TIME_DOC,
+    TIME_RANGE,
     errors,
     group_by_pattern,
     json_body,
@@ -149,8 +148,7 @@ def admin_paths(
                 "model, provider, plan and day (admin).",
                 "security": BEARER,
                 "parameters": [
-                    query("start", f"From this time (inclusive): {TIME_DOC}.", INSTANT),
-                    query("end", f"Until this time (exclusive): {TIME_DOC}.", INSTANT),
+                    *TIME_RANGE,
                     query(
                         "group_by",
                         "Comma-separated: any of key, model, provider, plan, day (UTC). "

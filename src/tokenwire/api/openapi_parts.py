@@ -60,3 +60,10 @@ def group_by_pattern(names: str) -> str:
     """A comma-separated ``group_by`` of ``names`` (an alternation), blanks allowed."""
     group = f"(?:{names})"
     return rf"^ *(?:{group} *)?(?:, *(?:{group} *)?)*$"
+
+
+TIME_RANGE = (
+    query("start", f"From this time (inclusive): {TIME_DOC}.", INSTANT),
+    query("end", f"Until this time (exclusive): {TIME_DOC}.", INSTANT),
+)
+"""The ``start`` and ``end`` query parameters of a usage report."""

@@ -124,22 +124,16 @@ def row_spec(
         "ramp_s": opts.ramp_s,
         "timeout_s": opts.timeout_s,
     }
-    if scenario is Scenario.DIRECT:
-        if ends.upstream_url is None:
-            return "no upstream to measure directly (--target without --upstream)"
-        return RowSpec(
-            transport="sse",
-            url=ends.upstream_url + "/v1/chat/completions",
-            headers=_headers_json("sim"),
-            model=UPSTREAM_MODEL,
-            **common,
-        )
-    if scenario is Scenario.BARE:
-        if ends.passthrough_url is None:
+    if scenario in (Scenario.DIRECT, Scenario.BARE):  # the simulator's own model name
+        direct = scenario is Scenario.DIRECT
+        base = ends.upstream_url if direct else ends.passthrough_url
+        if base is None:
+            if direct:
+                return "no upstream to measure directly (--target without --upstream)"
             return "no upstream to pass through to (--target without --upstream)"
         return RowSpec(
             transport="sse",
-            url=ends.passthrough_url + "/v1/chat/completions",
+            url=base + "/v1/chat/completions",
             headers=_headers_json("sim"),
             model=UPSTREAM_MODEL,
             **common,

@@ -257,17 +257,21 @@ class ServerStack:
         self.redis_prefix = f"tokenwire-bench-{secrets.token_hex(6)}:"
         self._redis_url: str | None = None  # keys under redis_prefix are removed at the end
 
+    def _start_ready(self, name: str, argv: list[str], port: int, ready_path: str) -> ServerProcess:
+        """Start ``argv`` (listening on ``port``) and wait until ``GET ready_path`` is 200."""
+        server = ServerProcess(name, argv, self.workdir / f"{name}.log")
+        server.start()
+        self.servers.append(server)
+        url = f"http://127.0.0.1:{port}{ready_path}"
+        wait_until(lambda: http_get(url)[0] == 200, server, ready_path, 30)
+        return server
+
     def start_upstream(self, opts: BenchOptions) -> ServerProcess:
         """``tokenwire sim-upstream`` on a free port, once ``/v1/models`` answers."""
         port = free_port()
         argv = [*tokenwire_argv(), "sim-upstream", "--port", str(port)]
         argv += ["--ttft-ms", str(opts.ttft_ms), "--itl-ms", str(opts.itl_ms)]
-        server = ServerProcess("sim-upstream", argv, self.workdir / "sim-upstream.log")
-        server.start()
-        self.servers.append(server)
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_get(url + "/v1/models")[0] == 200, server, "/v1/models", 30)
-        return server
+        return self._start_ready("sim-upstream", argv, port, "/v1/models")
 
     def start_gateway(
         self, upstream: str, opts: BenchOptions
@@ -311,12 +315,7 @@ class ServerStack:
         port = free_port()
         argv = [sys.executable, "-m", "tokenwire.bench.passthrough", "--port", str(port)]
         argv += ["--upstream", upstream_url]
-        server = ServerProcess("passthrough", argv, self.workdir / "passthrough.log")
-        server.start()
-        self.servers.append(server)
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_get(url + "/")[0] == 200, server, "GET /", 30)
-        return server
+        return self._start_ready("passthrough", argv, port, "/")
 
     def start(self, opts: BenchOptions) -> Endpoints:
         """Start what ``opts`` needs: both servers, or an upstream for a target's direct row;
