@@ -31,7 +31,7 @@ from tokenwire.accounting.ledger import Ledger
 from tokenwire.providers.sim import SimPlan, plan
 from tokenwire.storage.engine import make_engine
 from tokenwire.storage.tables import credit_events, reservations, usage_ledger
-from tokenwire.testing import FAST_SIM, GatewayServer
+from tokenwire.testing import FAST_SIM, GatewayServer, priced_model
 from tokenwire.testing_services import delete_keys
 from tokenwire.wire.schema import decode_chat_request
 
@@ -47,14 +47,8 @@ itl_ms = 10.0
 id = "slow-sim"
 provider = "slow"
 upstream_model = "sim"
-
-[[models]]
-id = "priced-sim"
-provider = "sim"
-upstream_model = "sim"
-input_usd_per_mtok = "3.00"
-output_usd_per_mtok = "15.00"
 """
+    + priced_model()
 )
 SHORT_WINDOW_S = 2.0
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -31,7 +31,7 @@ from tokenwire.config import DEFAULT_CONTEXT_TOKENS
 from tokenwire.providers.sim import plan
 from tokenwire.storage.engine import make_engine
 from tokenwire.storage.tables import credit_events, reservations, usage_ledger
-from tokenwire.testing import FAST_SIM
+from tokenwire.testing import FAST_SIM, priced_model
 from tokenwire.testing_cluster import Cluster, GatewayProcess
 from tokenwire.wire.schema import decode_chat_request
 
@@ -43,14 +43,8 @@ OUTPUT_MICRO_PER_TOKEN = 15
 def config_text(prefix: str) -> str:
     return (
         FAST_SIM
+        + priced_model()
         + f"""
-[[models]]
-id = "priced-sim"
-provider = "sim"
-upstream_model = "sim"
-input_usd_per_mtok = "3.00"
-output_usd_per_mtok = "15.00"
-
 [limits]
 backend = "redis"
 redis_url = "{REDIS_URL}"

@@ -21,7 +21,7 @@ from tokenwire.config import load_settings
 from tokenwire.providers.sim import plan
 from tokenwire.storage.engine import make_engine
 from tokenwire.streams.memory_store import MemoryStreamStore
-from tokenwire.testing import GatewayServer, SimUpstreamServer
+from tokenwire.testing import GatewayServer, SimUpstreamServer, priced_model
 from tokenwire.wire.schema import decode_chat_request
 
 OVERRIDES = """
@@ -33,14 +33,7 @@ stream_retention_s = 300.0
 kind = "sim"
 ttft_ms = 0.0
 itl_ms = 2.0
-
-[[models]]
-id = "priced-sim"
-provider = "sim"
-upstream_model = "sim"
-input_usd_per_mtok = "3.00"
-output_usd_per_mtok = "15.00"
-"""
+""" + priced_model()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from tests.providers.anthropic_common import REQUESTS, WEATHER_TOOL, make_call
+from tests.providers.stream_common import collect_events
 
 from tokenwire.errors import (
     GatewayError,
@@ -63,14 +64,7 @@ async def collect(
     provider: AnthropicProvider, body: dict[str, Any]
 ) -> tuple[list[Event], GatewayError | None]:
     """The stream's events but PromptUsage (checked on its own), and the error that ended it."""
-    events: list[Event] = []
-    try:
-        async for event in provider.stream(make_call(body)):
-            if not isinstance(event, PromptUsage):
-                events.append(event)
-    except GatewayError as exc:
-        return events, exc
-    return events, None
+    return await collect_events(provider.stream(make_call(body)))
 
 
 def with_text(text: str, **extra: Any) -> dict[str, Any]:

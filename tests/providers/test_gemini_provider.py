@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from tests.providers.gemini_common import MODEL, TOOLS, call_for, chat, reply
+from tests.providers.stream_common import collect_events
 
 from tokenwire.errors import (
     GatewayError,
@@ -60,14 +61,7 @@ async def collect(
     provider: GeminiProvider, body: dict[str, Any]
 ) -> tuple[list[Event], GatewayError | None]:
     """Every event of a stream, and the error that ended it (if any)."""
-    events: list[Event] = []
-    try:
-        async for event in provider.stream(call_for(body)):
-            if not isinstance(event, PromptUsage):  # bookkeeping, checked on its own
-                events.append(event)
-    except GatewayError as exc:
-        return events, exc
-    return events, None
+    return await collect_events(provider.stream(call_for(body)))
 
 
 async def test_streams_text_and_sends_the_documented_request(
