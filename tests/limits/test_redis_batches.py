@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenwire.errors import LimiterUnavailable
 from tokenwire.limits.base import Admission, LimitExceeded, LimitSpec, RateLimiter
@@ -242,3 +243,40 @@ async def test_scripts_redis_lost_are_loaded_again(
     ]
     third = await outcome(limiter, "k", spec, 0, "s3")
     assert third[0][0] == "concurrent_streams_exceeded"
+
+
+async def test_a_release_resent_after_a_lost_reply_corrects_the_tokens_once(
+    make: MakeLimiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release (estimate 600 tokens, used 100) that Redis runs but whose reply is lost (a
+    read timing out after Redis ran the batch) fails; the renewal sends it again. The slot is
+    free and the token bucket was given back the 500 once: 100 are counted, so 950 more do
+    not fit in the 1,000 a window while 850 do (given back twice, 950 would fit)."""
+    limiter = make(window_s=3600.0)
+    spec = LimitSpec(tpm=1000, max_streams=1)
+    admission = await limiter.admit("k", spec, 600, "s")
+    original = Pipeline.execute
+    sent: list[int] = []
+
+    async def reply_lost(self: Pipeline, raise_on_error: bool = True) -> list[Any]:
+        sent.append(len(self.command_stack))
+        await original(self, raise_on_error)  # Redis runs the batch...
+        raise RedisTimeoutError("Timeout reading from Redis")  # ...and its answer is lost
+
+    monkeypatch.setattr(Pipeline, "execute", reply_lost)
+    with pytest.raises(LimiterUnavailable):
+        await limiter.release(admission, spec, 100)
+    monkeypatch.setattr(Pipeline, "execute", original)
+    assert sent == [1] and limiter.held_slots == 0
+    await limiter.renew_once()  # sends the unconfirmed release again
+    refused, _ = await outcome(limiter, "k", LimitSpec(tpm=1000), 950, "t")
+    assert refused[0] == "rate_limit_exceeded", refused
+    admitted, _ = await outcome(limiter, "k", LimitSpec(tpm=1000), 850, "u")
+    assert admitted[0] == "ok", admitted
+    await slot_is_free(limiter, spec)
+
+
+async def slot_is_free(limiter: RedisRateLimiter, spec: LimitSpec) -> None:
+    """The key's one stream slot is free: a stream-only admission gets it."""
+    admission = await limiter.admit("k", LimitSpec(max_streams=spec.max_streams), 0, "v")
+    await limiter.release(admission, LimitSpec(max_streams=spec.max_streams), 0)

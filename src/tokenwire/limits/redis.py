@@ -28,11 +28,12 @@ all-or-nothing admission), kept in Redis so several processes agree:
   all of its slots every third of a lease). Expired entries are removed before counting, so
   the slots of a crashed process, or ones whose release failed while Redis was unreachable,
   free themselves within a lease; a release that failed is sent again at the head of every
-  later batch until Redis takes it, and a Redis that restarted empty gets the live slots
-  back from the renewal. An admission whose batch failed may still have run when Redis
-  answers again: its slot is taken back like a failed release (at the head of a batch, so
-  before the admissions of that batch count the slots). So is the slot of an admission
-  whose caller went away while it was being decided.
+  later batch until Redis takes it (the slot only: its token correction may already have
+  been applied by a batch that timed out, and is not applied twice), and a Redis that
+  restarted empty gets the live slots back from the renewal. An admission whose batch
+  failed may still have run when Redis answers again: its slot is taken back like a failed
+  release (at the head of a batch, so before the admissions of that batch count the
+  slots). So is the slot of an admission whose caller went away while it was being decided.
 * Keys: ``{prefix}r:{key_id}`` (requests), ``{prefix}t:{key_id}`` (tokens),
   ``{prefix}s:{key_id}`` (streams), ``{prefix}a:{client}`` (failed authentications).
 """
@@ -52,7 +53,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from tokenwire.batching import Batcher
 from tokenwire.errors import LimiterUnavailable
@@ -110,6 +111,12 @@ class _Release:
     admission: Admission
     spec: LimitSpec
     actual_tokens: int
+
+    def slot_only(self) -> _Release:
+        """This release without its token correction: what is sent again after a failure.
+        A batch that timed out may still have run, and freeing a slot twice is harmless
+        where correcting the token bucket twice is not."""
+        return _Release(self.admission, self.spec, self.admission.tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +198,8 @@ class RedisRateLimiter:
         for call, reply in zip(calls, replies[len(retried) :], strict=True):
             if isinstance(reply, Exception):
                 if call.on_failure is not None:
-                    self._unreleased[call.on_failure.admission.stream_id] = call.on_failure
+                    release = call.on_failure.slot_only()
+                    self._unreleased[release.admission.stream_id] = release
                 outcomes.append(_unavailable(reply))
             else:
                 outcomes.append([float(v) for v in reply.split()] if isinstance(reply, str) else [])
@@ -203,7 +211,7 @@ class RedisRateLimiter:
         """Each call's reply or error (the batch's error for all, if it failed); logged once."""
         try:
             replies = await self._pipeline(calls)
-        except RedisError as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; every call of the batch fails with it
             log.error(
                 "rate limiter: Redis at %s failed (a batch of %d scripts): %s: %s",
                 self._url,
