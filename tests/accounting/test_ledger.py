@@ -101,6 +101,26 @@ async def test_settle_twice_writes_once(books: Books) -> None:
     assert stored == row
 
 
+async def test_release_gives_back_each_reservation_once(books: Books) -> None:
+    """release refunds reservations still held and nothing else: releasing again, or one
+    already settled, or one never made, changes no balance; two at once refund both."""
+    record, _ = await books.keys.create("release", grant_micro=10_000)
+    other, _ = await books.keys.create("release-other", grant_micro=10_000)
+    await books.ledger.reserve(record.id, "chatcmpl-r1", 1_000)
+    await books.ledger.reserve(record.id, "chatcmpl-r2", 2_000)
+    await books.ledger.reserve(other.id, "chatcmpl-r3", 3_000)
+    await books.ledger.reserve(record.id, "chatcmpl-s", 500)
+    assert await books.ledger.settle(ledger_row(record.id, "chatcmpl-s", 100)) is True
+    assert await books.ledger.balance(record.id) == 10_000 - 3_000 - 100
+    ids = ["chatcmpl-r1", "chatcmpl-r2", "chatcmpl-r3", "chatcmpl-s", "chatcmpl-none"]
+    assert await books.ledger.release(ids) == 3
+    assert await books.ledger.balance(record.id) == 10_000 - 100
+    assert await books.ledger.balance(other.id) == 10_000
+    assert await books.ledger.release(ids) == 0
+    assert await books.ledger.balance(record.id) == 10_000 - 100
+    assert await books.count(reservations, record.id) == 0
+
+
 async def test_settle_without_reservation_charges_the_cost(books: Books) -> None:
     """A row settled with no reservation (e.g. released as stale first) still takes its cost off the balance."""
     record, _ = await books.keys.create("late", grant_micro=5_000)

@@ -166,26 +166,19 @@ def _reserve_batch(conn: sa.Connection, items: list[Reservation]) -> list[bool]:
 
 
 def _release_batch(conn: sa.Connection, completion_ids: list[str]) -> int:
-    """The transaction of :meth:`Ledger.release`."""
-    found = conn.execute(
-        sa.select(
-            reservations.c.completion_id,
-            reservations.c.key_id,
-            reservations.c.amount_micro,
-        ).where(reservations.c.completion_id.in_(completion_ids))
-    )
-    held = [(str(cid), str(key_id), int(amount)) for cid, key_id, amount in found]
-    if not held:
-        return 0
-    conn.execute(
-        reservations.delete().where(reservations.c.completion_id.in_([cid for cid, _, _ in held]))
-    )
+    """The transaction of :meth:`Ledger.release`: refund what the delete removed, so a
+    reservation settled or released meanwhile by another writer is never refunded twice."""
+    removed = conn.execute(
+        reservations.delete()
+        .where(reservations.c.completion_id.in_(completion_ids))
+        .returning(reservations.c.key_id, reservations.c.amount_micro)
+    ).all()
     refunds: dict[str, int] = {}
-    for _, key_id, amount in held:
-        refunds[key_id] = refunds.get(key_id, 0) + amount
+    for key_id, amount in removed:
+        refunds[str(key_id)] = refunds.get(str(key_id), 0) + int(amount)
     for key_id, refund in refunds.items():
         _add(conn, key_id, refund)
-    return len(held)
+    return len(removed)
 
 
 def _settle_batch(conn: sa.Connection, items: list[tuple[LedgerRow, bool]]) -> set[str]:
