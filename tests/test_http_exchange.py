@@ -283,6 +283,35 @@ async def test_a_connection_lost_before_the_block_cancels_it_at_once() -> None:
     assert app.cancelled and app.happened
 
 
+async def test_a_block_that_never_waits_after_the_client_left_leaves_no_cancel_behind() -> None:
+    """Entering the block after the client left, a block that ends without waiting (a stream
+    that had already ended) is not cancelled, and no cancellation is left pending on the
+    request's task: it can await after the block as any handler may."""
+    after: list[str] = []
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await gate
+        async with cancel_on_disconnect(scope, receive) as disconnect:
+            pass  # nothing to wait for
+        try:
+            await loop_turn()
+            after.append("awaited")
+        except asyncio.CancelledError:
+            after.append("cancelled")
+            raise
+        after.append(f"happened={disconnect.happened}")
+
+    connection = Connection("guarded", app)
+    connection.send(POST)
+    await loop_turn()
+    connection.lose()
+    gate.set_result(None)
+    await connection.served()
+    assert after == ["awaited", "happened=False"]
+
+
 async def test_a_lost_connection_after_the_response_is_complete_cancels_nothing() -> None:
     """The block wrote the whole response: a client that leaves afterwards misses nothing,
     so the block is not cancelled."""

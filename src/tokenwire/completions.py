@@ -343,7 +343,7 @@ class CompletionService:
             await self._limiter.release(admission, spec, tokens)
         except LimiterUnavailable:
             pass  # logged by the limiter, once for all the calls of its failed round trip
-        except Exception:  # noqa: BLE001 - logged; a slot's lease runs out on its own
+        except Exception:  # noqa: BLE001 - logged; a Redis slot's lease runs out on its own
             _release_failed(completion_id)
 
     def _on_end(self, context: _Context, generation: Generation) -> Awaitable[None] | None:
@@ -355,7 +355,7 @@ class CompletionService:
         try:
             if self._limiter.release_nowait(admission, spec, tokens):
                 return None
-        except Exception:  # noqa: BLE001 - logged; a slot's lease runs out on its own
+        except Exception:  # noqa: BLE001 - logged (a bug: the in-process slot stays held)
             _release_failed(generation.id)
             return None
         return self._release_limits(admission, spec, tokens, generation.id)

@@ -66,8 +66,10 @@ class HttpExchange:
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` (no arguments, from the event loop) if the connection is lost
-        before this request's response is complete; at once if it already is. One callback
-        per request at a time (:meth:`discard` it first).
+        before this request's response is complete; if it already is, in the loop's next
+        step (never from within this call: the caller's block may end before it waits, and
+        must not be left with a cancel pending). One callback per request at a time
+        (:meth:`discard` it first).
 
         Registering resumes reading the socket, as ASGI's ``receive`` does (uvicorn pauses it
         while a pipelined request waits), so that the client's hang-up is seen.
@@ -77,20 +79,21 @@ class HttpExchange:
         cycle = self._cycle()
         if cycle is None or cycle.response_complete:
             return
-        if self._watch.lost:
-            callback()
+        self._callback = callback
+        if self._watch.lost:  # the protocol has told its requests already
+            asyncio.get_running_loop().call_soon(self._connection_lost)
             return
         flow = cycle.flow
         if flow.read_paused:
             flow.resume_reading()
-        self._callback = callback
         self._watch.watching.append(self)
 
     def discard(self) -> None:
         """Call off the callback (nothing happens if it ran or none is registered)."""
         if self._callback is not None:
             self._callback = None
-            self._watch.watching.remove(self)
+            if self in self._watch.watching:  # not if the connection was lost already
+                self._watch.watching.remove(self)
 
     def _connection_lost(self) -> None:
         callback, self._callback = self._callback, None
