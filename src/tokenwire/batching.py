@@ -28,6 +28,8 @@ log = logging.getLogger("tokenwire.batching")
 T = TypeVar("T")
 R = TypeVar("R")
 MAX_BATCH = 256
+"""Calls one batch carries at most (the rest wait for the next): a reservation transaction,
+a Redis pipeline."""
 
 
 class Batcher(Generic[T, R]):

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +33,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
-from tests.accounting.conftest import Accounts, accounts
+from tests.accounting.conftest import Accounts, accounts, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 
 from tokenwire.accounting.budget import estimate_prompt_tokens, prompt_token_bound
@@ -215,17 +215,6 @@ class Progress:
     async def reached(self, index: int, tokens: int) -> None:
         async with self._changed:
             await self._changed.wait_for(lambda: self.tokens[index] >= tokens or self.ended[index])
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], deadline_s: float) -> bool:
-    """Poll an async condition until it holds or the deadline passes."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while loop.time() < end:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.01)  # the polling interval
-    return await predicate()
 
 
 def words(text: str) -> int:

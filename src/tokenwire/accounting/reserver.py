@@ -25,7 +25,6 @@ from tokenwire.batching import Batcher
 from tokenwire.errors import DatabaseUnavailable
 
 log = logging.getLogger("tokenwire.ledger")
-MAX_BATCH = 256
 UNAVAILABLE = (
     "The database is unavailable, so reserving credit for the request is not possible right "
     "now; retry shortly."
@@ -42,7 +41,6 @@ class Reserver:
             name="reserver",
             unavailable=lambda: DatabaseUnavailable("The gateway is shutting down."),
             abandoned=self._give_back,
-            max_batch=MAX_BATCH,
         )
 
     async def reserve(self, reservation: Reservation) -> None:

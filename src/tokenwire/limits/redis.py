@@ -55,7 +55,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
-from tokenwire.batching import Batcher
+from tokenwire.batching import MAX_BATCH, Batcher
 from tokenwire.errors import LimiterUnavailable
 from tokenwire.limits import redis_scripts
 from tokenwire.limits.base import (
@@ -71,7 +71,6 @@ log = logging.getLogger("tokenwire.limits")
 
 SLOT_LEASE_S = 30.0  # a stream slot its process stops renewing is freed after this
 SOCKET_TIMEOUT_S = 2.0  # for each reply, each connection wait, each connect
-MAX_BATCH = 256  # scripts in one pipeline (besides the releases sent again)
 UNAVAILABLE = "The rate limiter is unavailable; the request was not admitted."
 
 
@@ -171,7 +170,6 @@ class RedisRateLimiter:
             name="limits-redis",
             unavailable=_unavailable,
             abandoned=self._abandoned,
-            max_batch=MAX_BATCH,
         )
         self._lease_s = slot_lease_s
         # Stream slots this process holds (stream id → key id), renewed until released, and
